@@ -1,0 +1,1 @@
+"""ONNX export of MLA checkpoints (fused MultiHeadLatentAttention op) and the kernel library."""

@@ -1,0 +1,1 @@
+"""MHA -> MLA conversion and the remote-code model files shipped in every checkpoint."""

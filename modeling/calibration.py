@@ -1,0 +1,135 @@
+"""Calibration data and the statistics the converter gathers from it.
+
+Two statistics are read off the SOURCE model while it runs over calibration tokens:
+* per-pair norms of queries and keys before RoPE (for the 2-norm partial-RoPE strategy);
+* the second moment X X^T of each attention block's input (for activation-aware SVD).
+Without a calibration text the model's own samples are used (data-free), and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CHAT_PROMPTS = [
+    "Tell me a short story about a lighthouse keeper.",
+    "Explain how photosynthesis works.",
+    "What are some tips for learning a new language?",
+    "Write a paragraph about the history of the printing press.",
+    "Describe your ideal weekend.",
+    "How does a computer store information?",
+    "Why is the sky blue?",
+    "Give me a recipe for a simple vegetable soup.",
+]
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
+    """Tokenise `text` and cut the first n_tokens into rows of seq_len: [rows, seq_len]."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < 2:
+        raise CalibrationError("the calibration text is empty")
+    ids = ids[:n_tokens]
+    seq_len = min(seq_len, ids.numel())
+    rows = ids.numel() // seq_len
+    return ids[: rows * seq_len].view(rows, seq_len)
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration text not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationError(f"the calibration text {path} is empty")
+    return text
+
+
+@torch.no_grad()
+def self_samples(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Data-free calibration: sample from the model itself, in its chat format if it has one."""
+    torch.manual_seed(seed)
+    batch = max(1, min(len(CHAT_PROMPTS), -(-n_tokens // seq_len)))
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in CHAT_PROMPTS[:batch]
+        ]
+    else:
+        prompts = [tokenizer.bos_token or ""] * batch
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(
+        **enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=seq_len,
+        min_new_tokens=seq_len, pad_token_id=tokenizer.pad_token_id,
+    )
+    return out[:, -seq_len:]  # [batch, seq_len] of generated tokens
+
+
+@dataclass
+class AttentionStats:
+    """Running sums per layer: q/k pair norms and the attention input's second moment."""
+
+    q_norm_sum: list = field(default_factory=list)  # [n_heads, half] per layer
+    k_norm_sum: list = field(default_factory=list)  # [n_kv, half] per layer
+    xxt: list = field(default_factory=list)  # [hidden, hidden] float64 per layer
+    tokens: int = 0
+
+    def pair_norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(q / self.tokens, k / self.tokens) for q, k in zip(self.q_norm_sum, self.k_norm_sum)]
+
+    def second_moments(self) -> list[torch.Tensor]:
+        return [x / self.tokens for x in self.xxt]
+
+
+def _pair_norm(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Sum over tokens of ||(x_i, x_{i+half})|| per head and pair: [heads, half]."""
+    x = x.reshape(-1, heads, 2, x.shape[-1] // heads // 2).float()  # [N, heads, 2, half]
+    return x.pow(2).sum(dim=2).sqrt().sum(dim=0)
+
+
+@torch.no_grad()
+def collect_stats(model, batches: torch.Tensor, want_moments: bool, batch_size: int = 4) -> AttentionStats:
+    """Run the source model over calibration rows and accumulate `AttentionStats` via hooks."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers = model.model.layers
+    stats = AttentionStats(
+        q_norm_sum=[torch.zeros(cfg.num_attention_heads, head_dim // 2) for _ in layers],
+        k_norm_sum=[torch.zeros(cfg.num_key_value_heads, head_dim // 2) for _ in layers],
+        xxt=[torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float64) for _ in layers] if want_moments else [],
+    )
+    hooks = []
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+
+        def q_hook(_m, _inp, out, i=i):
+            stats.q_norm_sum[i] += _pair_norm(out, cfg.num_attention_heads)
+
+        def k_hook(_m, _inp, out, i=i):
+            stats.k_norm_sum[i] += _pair_norm(out, cfg.num_key_value_heads)
+
+        hooks += [attn.q_proj.register_forward_hook(q_hook), attn.k_proj.register_forward_hook(k_hook)]
+        if want_moments:
+            def x_hook(_m, inp, i=i):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()  # [N, hidden]
+                stats.xxt[i] += x.T @ x
+
+            hooks.append(attn.q_proj.register_forward_pre_hook(x_hook))
+    try:
+        for start in tqdm(range(0, len(batches), batch_size), desc="calibration", unit="batch", leave=False):
+            rows = batches[start : start + batch_size].to(model.device)
+            model(input_ids=rows, use_cache=False)
+            stats.tokens += rows.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats

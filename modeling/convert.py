@@ -1,0 +1,324 @@
+"""MHA2MLA: convert a Llama-family checkpoint (MHA or GQA) to Multi-head Latent Attention.
+
+Per attention layer (Ji et al. 2025, arXiv 2502.14837):
+1. partial RoPE: each KV head keeps RoPE on R frequency pairs (`partial_rope`); the query heads
+   of its group keep the same pairs. Rows of W_q / W_k are permuted per head to
+   [rope pairs' first halves | their second halves | NoPE dims], the layout the model file uses.
+2. low rank: the NoPE key rows and all value rows, stacked per KV head, are factorised into one
+   shared latent (`lowrank`): down-projection -> `kv_a_proj` (cached), up -> `kv_b_proj`.
+Everything else (embeddings, MLPs, norms, LM head) is copied unchanged.
+
+`convert_model` works in memory; `save_checkpoint` writes the checkpoint atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import calibration, lowrank, partial_rope
+from .configuration_llama_mla import LlamaMLAConfig
+from .modeling_llama_mla import LlamaMLAForCausalLM
+
+REMOTE_CODE = ("configuration_llama_mla.py", "modeling_llama_mla.py")
+LLAMA_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
+    "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters", "mlp_bias",
+    "head_dim",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """Settings that do not fit the source model; the message gives the valid range."""
+
+
+@dataclass
+class ConvertSettings:
+    kv_rank: int | None = None  # TOTAL latent width (kv_lora_rank); None -> kv_rank_per_head * n_kv
+    kv_rank_per_head: int | None = None  # the paper's d_kv; None -> head_dim // 2
+    rope_pairs: int | None = None  # R per head; None -> head_dim // 16 (the paper's default)
+    rope_strategy: str = "2-norm"
+    svd: str = "joint"
+    calib_text: str | None = None
+    calib_tokens: int = 4096
+    calib_seq_len: int = 512
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the source's dtype, float32 if unknown)
+    seed: int = 0
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
+    """Fill defaults from the model shape and check every value against its valid range."""
+    s = ConvertSettings(**asdict(settings))
+    d, n_kv = head_dim_of(config), config.num_key_value_heads
+    half = d // 2
+    if s.rope_strategy not in partial_rope.STRATEGIES:
+        raise ConversionError(f"--rope-strategy must be one of {', '.join(partial_rope.STRATEGIES)}")
+    if s.svd not in lowrank.METHODS:
+        raise ConversionError(f"--svd must be one of {', '.join(lowrank.METHODS)}")
+    if s.dtype != "auto" and s.dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be auto or one of {', '.join(DTYPES)}")
+    s.rope_pairs = max(1, d // 16) if s.rope_pairs is None else s.rope_pairs
+    if not 1 <= s.rope_pairs <= half:
+        raise ConversionError(f"--rope-pairs must be in [1, {half}] for head_dim {d}, got {s.rope_pairs}")
+    rows_per_head = (d - 2 * s.rope_pairs) + d  # NoPE key dims + value dims
+    max_rank = min(n_kv * rows_per_head, config.hidden_size)
+    if s.kv_rank is not None and s.kv_rank_per_head is not None:
+        if s.kv_rank != s.kv_rank_per_head * n_kv:
+            raise ConversionError(f"--kv-rank {s.kv_rank} != --kv-rank-per-head {s.kv_rank_per_head} x {n_kv} KV heads")
+    if s.kv_rank is None:
+        per_head = half if s.kv_rank_per_head is None else s.kv_rank_per_head
+        s.kv_rank = per_head * n_kv
+    if not 1 <= s.kv_rank <= max_rank:
+        raise ConversionError(
+            f"--kv-rank (total latent width) must be in [1, {max_rank}] for this model "
+            f"({n_kv} KV heads x {rows_per_head} NoPE-key+value dims, hidden {config.hidden_size}), "
+            f"i.e. --kv-rank-per-head in [1, {max_rank // n_kv}]; got {s.kv_rank}"
+        )
+    s.kv_rank_per_head = s.kv_rank / n_kv if s.kv_rank % n_kv else s.kv_rank // n_kv
+    if s.calib_tokens < 1:
+        raise ConversionError("--calib-tokens must be positive")
+    return s
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
+    """KV-cache bytes per token (all layers) of the source model and of its MLA conversion."""
+    n_layers, n_kv = config.num_hidden_layers, config.num_key_value_heads
+    before = 2 * n_kv * head_dim_of(config) * n_layers * dtype_bytes
+    if isinstance(config, LlamaMLAConfig):
+        after = config.kv_cache_values_per_token() * dtype_bytes
+        return {"before": before, "after": after, "reduction": 1 - after / before}
+    return {"before": before, "after": before, "reduction": 0.0}
+
+
+def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str) -> LlamaMLAConfig:
+    src = source_config.to_dict()
+    fields = {k: src[k] for k in LLAMA_FIELDS if k in src}
+    fields["head_dim"] = head_dim_of(source_config)
+    qkv_bias = source_config.model_type == "qwen2" or bool(src.get("attention_bias", False))
+    o_bias = bool(src.get("attention_bias", False)) and source_config.model_type != "qwen2"
+    return LlamaMLAConfig(
+        **fields,
+        attention_bias=qkv_bias,
+        attention_output_bias=o_bias,
+        kv_lora_rank=s.kv_rank,
+        rope_pairs=pairs,
+        rope_strategy=s.rope_strategy,
+        source_model=source_name,
+        architectures=["LlamaMLAForCausalLM"],
+    )
+
+
+def head_permutation(pairs: list[int], head_dim: int) -> tuple[list[int], list[int]]:
+    """(rope dims, nope dims) of one head: rope = first halves of the kept pairs, then second halves."""
+    half = head_dim // 2
+    rope = list(pairs) + [p + half for p in pairs]
+    kept = set(rope)
+    return rope, [i for i in range(head_dim) if i not in kept]
+
+
+@torch.no_grad()
+def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment) -> float:
+    """Fill one MLA attention block from a source attention block; returns the retained energy."""
+    cfg = mla_attn.config
+    d, n_kv, g = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    wq, wk, wv = (p.weight.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    bias = attn.q_proj.bias is not None
+    perms = [head_permutation(p, d) for p in layer_pairs]  # per KV head
+
+    q_rows, kr_rows, kn_rows = [], [], []
+    for h in range(cfg.num_attention_heads):
+        rope, nope = perms[h // g]
+        q_rows += [h * d + i for i in rope + nope]
+    for kv in range(n_kv):
+        rope, nope = perms[kv]
+        kr_rows += [kv * d + i for i in rope]
+        kn_rows.append([kv * d + i for i in nope])
+
+    stacked = torch.cat([torch.cat((wk[rows], wv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)])
+    if s.svd == "joint":
+        up, down, energy = lowrank.joint(stacked, s.kv_rank)
+    elif s.svd == "split":
+        up, down, energy = lowrank.split(stacked, s.kv_rank, n_kv, d - 2 * s.rope_pairs, d)
+    else:
+        up, down, energy = lowrank.whitened(stacked, s.kv_rank, second_moment)
+
+    mla_attn.q_proj.weight.copy_(wq[q_rows])
+    mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
+    mla_attn.kv_a_proj.weight.copy_(down)
+    mla_attn.kv_b_proj.weight.copy_(up)
+    mla_attn.o_proj.weight.copy_(attn.o_proj.weight)
+    if bias:
+        bq, bk, bv = attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias
+        mla_attn.q_proj.bias.copy_(bq[q_rows])
+        mla_attn.k_rope_proj.bias.copy_(bk[kr_rows])
+        mla_attn.kv_b_proj.bias.copy_(torch.cat([torch.cat((bk[r], bv[kv * d : (kv + 1) * d])) for kv, r in enumerate(kn_rows)]))
+    if mla_attn.o_proj.bias is not None:
+        mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
+    return energy
+
+
+def calibrate(model, tokenizer, s: ConvertSettings):
+    """Calibration statistics when the settings need them, and a description of their source."""
+    need_norms = s.rope_strategy == "2-norm"
+    need_moments = s.svd == "whitened"
+    if not (need_norms or need_moments):
+        return None, None
+    if s.calib_text:
+        rows = calibration.text_batches(tokenizer, calibration.read_text(s.calib_text), s.calib_tokens, s.calib_seq_len)
+        source = {"kind": "text", "file": str(s.calib_text)}
+    else:
+        rows = calibration.self_samples(model, tokenizer, s.calib_tokens, min(s.calib_seq_len, 256), s.seed)
+        source = {"kind": "self-samples", "note": "data-free: no --calib-text, the model's own samples were used"}
+    stats = calibration.collect_stats(model, rows, want_moments=need_moments)
+    source["tokens"] = stats.tokens
+    return stats, source
+
+
+def convert_model(model, tokenizer, source_info, settings: ConvertSettings, progress: bool = True):
+    """Convert a loaded source model; returns (MLA model, report dict). Nothing is written."""
+    started = time.time()
+    src_cfg = model.config
+    if src_cfg.model_type == "mistral" and getattr(src_cfg, "sliding_window", None):
+        sliding = src_cfg.sliding_window
+    elif src_cfg.model_type == "qwen2" and getattr(src_cfg, "use_sliding_window", False):
+        sliding = src_cfg.sliding_window
+    else:
+        sliding = None
+    s = resolve_settings(settings, src_cfg)
+    torch.manual_seed(s.seed)
+    stats, calib_source = calibrate(model, tokenizer, s)
+    d = head_dim_of(src_cfg)
+    pairs = partial_rope.select_pairs(
+        s.rope_strategy, src_cfg.num_hidden_layers, src_cfg.num_key_value_heads, d, s.rope_pairs,
+        stats.pair_norms() if stats is not None and s.rope_strategy == "2-norm" else None,
+    )
+    config = mla_config(src_cfg, s, pairs, source_info.name)
+    mla = LlamaMLAForCausalLM(config).to(torch.float32).eval()
+    # Everything outside attention keeps its name and value.
+    own = mla.state_dict()
+    copied = {k: v for k, v in model.state_dict().items() if k in own and ".self_attn." not in k}
+    mla.load_state_dict(copied, strict=False)
+    if config.tie_word_embeddings:
+        mla.tie_weights()
+    moments = stats.second_moments() if stats is not None and s.svd == "whitened" else None
+    energies = []
+    layers = zip(model.model.layers, mla.model.layers)
+    for i, (src_layer, dst_layer) in enumerate(
+        tqdm(list(layers), desc="converting layers", unit="layer", disable=not progress)
+    ):
+        energies.append(convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], s,
+                                      moments[i] if moments else None))
+    out_dtype = DTYPES[s.dtype] if s.dtype != "auto" else _source_dtype(src_cfg)
+    mla = mla.to(out_dtype)
+    nbytes = torch.finfo(out_dtype).bits // 8
+    kv = kv_bytes_per_token(config, nbytes)
+    report = {
+        "settings": {**asdict(s), "kv_lora_rank": s.kv_rank, "dtype": str(out_dtype).replace("torch.", "")},
+        "kv_cache": {
+            "bytes_per_token_before": kv["before"],
+            "bytes_per_token_after": kv["after"],
+            "reduction": kv["reduction"],
+            "values_per_token_per_layer_before": 2 * src_cfg.num_key_value_heads * d,
+            "values_per_token_per_layer_after": s.kv_rank + src_cfg.num_key_value_heads * 2 * s.rope_pairs,
+        },
+        "svd_retained_energy": energies,
+        "rope_pairs": pairs,
+        "calibration": calib_source,
+        "source": source_info.to_dict(),
+        "source_sliding_window": sliding,
+        "seconds": round(time.time() - started, 2),
+    }
+    if sliding:
+        report["warnings"] = [f"the source uses a {sliding}-token sliding window; the MLA model attends to the "
+                              "whole context (identical up to that length)"]
+    return mla, report
+
+
+def _source_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in DTYPES.values() else torch.float32
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
+def save_checkpoint(model, tokenizer, report: dict, out: str | Path, overwrite: bool = False) -> Path:
+    """Write weights, config, remote code, tokenizer and conversion.json; all or nothing.
+
+    Everything goes into a temporary sibling directory that is renamed into place at the end, so
+    an interrupted run leaves no partial checkpoint (and an existing one stays until replaced).
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        model.save_pretrained(tmp)
+        here = Path(__file__).parent
+        for name in REMOTE_CODE:  # verbatim: a checkpoint loads without mla-zoo installed
+            shutil.copyfile(here / name, tmp / name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def format_report(report: dict) -> str:
+    """The human summary `mla-zoo convert` prints."""
+    s, kv = report["settings"], report["kv_cache"]
+    energy = report["svd_retained_energy"]
+    lines = [
+        f"source          {report['source']['name']}",
+        f"partial RoPE    {s['rope_pairs']} pairs per head, strategy {s['rope_strategy']}",
+        f"latent          kv_lora_rank {s['kv_rank']} total = {s['kv_rank_per_head']} per KV head (d_kv), svd {s['svd']}",
+        f"calibration     {_calib_line(report['calibration'])}",
+        f"KV cache        {kv['values_per_token_per_layer_before']} -> {kv['values_per_token_per_layer_after']} values "
+        f"per token per layer; {kv['bytes_per_token_before']:,} -> {kv['bytes_per_token_after']:,} bytes per token "
+        f"({s['dtype']}, all layers): -{100 * kv['reduction']:.2f}%",
+        f"SVD energy kept mean {sum(energy) / len(energy):.4f}, min {min(energy):.4f} (layer {energy.index(min(energy))})",
+        f"time            {report['seconds']:.1f} s",
+    ]
+    if "one_shot" in report:
+        o = report["one_shot"]
+        lines.append(f"perplexity      {o['perplexity_before']:.3f} -> {o['perplexity_after']:.3f} on {o['text']} "
+                     f"({o['tokens']} tokens, one-shot, no fine-tuning)")
+    lines += [f"warning         {w}" for w in report.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def _calib_line(c: dict | None) -> str:
+    if c is None:
+        return "none needed (fixed strategy, weight-only SVD)"
+    if c["kind"] == "text":
+        return f"{c['tokens']} tokens of {c['file']}"
+    return f"{c['tokens']} tokens of the model's own samples ({c['note']})"

@@ -1,0 +1,68 @@
+"""Low-rank factorisation of the NoPE-key and value projections into one shared latent.
+
+All functions take W [rows, hidden] (the stacked projections; rows ordered per KV head as
+[k_nope_g; v_g]) and return (up [rows, r], down [r, hidden], retained energy), with up @ down ~ W:
+down is the new `kv_a_proj` (hidden -> latent, what gets cached) and up the new `kv_b_proj`.
+
+Where the singular values go: W = U S V^T is split symmetrically, up = U_r sqrt(S_r) and
+down = sqrt(S_r) V_r^T. The product is the same wherever S goes; the balanced split keeps both
+factors on the same scale, which fine-tuning (and bf16) likes. (The official MHA2MLA code puts
+all of S into up, down = V^T.)
+
+* joint: one SVD of [K_nope; V] (MHA2MLA's best): keys and values share every latent dim.
+* split: separate SVDs of K_nope and V, half of the latent each (the paper's ablation).
+* whitened: activation-aware joint SVD. With C = E[x x^T] = L L^T (Cholesky) over calibration
+  inputs, ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
+  W L = U S V^T, W' = U_r S_r V_r^T L^{-1}; up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T L^{-1}.
+  It keeps the directions the inputs actually use rather than those of largest weight norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("joint", "split", "whitened")
+
+
+def _svd_factor(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    energy = float((s[:rank] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
+    return u[:, :rank] * root, root[:, None] * vh[:rank], energy
+
+
+def joint(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return _svd_factor(w, rank)
+
+
+def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Activation-aware joint SVD; `second_moment` is E[x x^T] of the block's input, [hidden, hidden]."""
+    c = second_moment.double()
+    damp = 1e-6 * c.diagonal().mean().clamp_min(1e-12)  # keeps the Cholesky defined for unused directions
+    chol = torch.linalg.cholesky(c + damp * torch.eye(c.shape[0], dtype=c.dtype))  # C = L L^T
+    up, down_white, energy = _svd_factor(w.double() @ chol, rank)  # (W L) ~ up @ down_white
+    # down = down_white @ L^{-1} = (L^{-T} down_white^T)^T, and L^{-T} y solves L^T z = y
+    down = torch.linalg.solve_triangular(chol.T, down_white.T, upper=True).T
+    return up, down, energy
+
+
+def split(
+    w: torch.Tensor, rank: int, num_kv_heads: int, nope_dim: int, v_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Separate SVDs of the key and value rows, each with half of the latent (values get the rest)."""
+    rows = w.view(num_kv_heads, nope_dim + v_dim, -1)
+    k, v = rows[:, :nope_dim].reshape(-1, w.shape[1]), rows[:, nope_dim:].reshape(-1, w.shape[1])
+    rank_k = min(rank // 2, k.shape[0], k.shape[1]) if nope_dim else 0
+    rank_v = rank - rank_k
+    up = torch.zeros(num_kv_heads, nope_dim + v_dim, rank, dtype=torch.float64)
+    downs, kept, total = [], 0.0, 0.0
+    for part, r, sl, cols in ((k, rank_k, slice(0, nope_dim), slice(0, rank_k)),
+                              (v, rank_v, slice(nope_dim, None), slice(rank_k, rank))):
+        if r == 0:
+            continue
+        u_p, d_p, e_p = _svd_factor(part, r)
+        up[:, sl, cols] = u_p.view(num_kv_heads, -1, r)
+        downs.append(d_p)
+        norm2 = float(part.double().pow(2).sum())
+        kept, total = kept + e_p * norm2, total + norm2
+    return up.view(-1, rank), torch.cat(downs), kept / max(total, 1e-300)
