@@ -50,7 +50,7 @@ class ConvertSettings:
     rope_strategy: str = "2-norm"
     svd: str = "joint"
     calib_text: str | None = None
-    calib_tokens: int = 4096
+    calib_tokens: int | None = None  # None -> 4096 of a text, 1024 of self-samples (sampling is slow on CPU)
     calib_seq_len: int = 512
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the source's dtype, float32 if unknown)
     seed: int = 0
@@ -89,6 +89,8 @@ def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
             f"i.e. --kv-rank-per-head in [1, {max_rank // n_kv}]; got {s.kv_rank}"
         )
     s.kv_rank_per_head = s.kv_rank / n_kv if s.kv_rank % n_kv else s.kv_rank // n_kv
+    if s.calib_tokens is None:
+        s.calib_tokens = 4096 if s.calib_text else 1024
     if s.calib_tokens < 1:
         raise ConversionError("--calib-tokens must be positive")
     return s
@@ -181,7 +183,7 @@ def calibrate(model, tokenizer, s: ConvertSettings):
         rows = calibration.text_batches(tokenizer, calibration.read_text(s.calib_text), s.calib_tokens, s.calib_seq_len)
         source = {"kind": "text", "file": str(s.calib_text)}
     else:
-        rows = calibration.self_samples(model, tokenizer, s.calib_tokens, min(s.calib_seq_len, 256), s.seed)
+        rows = calibration.self_samples(model, tokenizer, s.calib_tokens, min(s.calib_seq_len, 128), s.seed)
         source = {"kind": "self-samples", "note": "data-free: no --calib-text, the model's own samples were used"}
     stats = calibration.collect_stats(model, rows, want_moments=need_moments)
     source["tokens"] = stats.tokens

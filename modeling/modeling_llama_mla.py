@@ -162,19 +162,21 @@ def mla_explicit_attention(
 
 
 def make_attention_mask(
-    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device
+    attention_mask: torch.Tensor | None, q_len: int, past_len: int, device: torch.device, allow_none: bool
 ) -> torch.Tensor | None:
     """Causal + padding mask, [B or 1, 1, S, T] bool, True where a query may attend.
 
     Query i sits at cache slot past_len + i. A padded query (left padding) would attend to nothing
     and produce NaNs that then leak into real tokens through 0 * NaN, so every query may always
-    see its own slot; for real tokens that changes nothing. Returns None when plain causal
-    attention without padding suffices (the SDPA fast path).
+    see its own slot; for real tokens that changes nothing. With `allow_none`, returns None when
+    there is nothing to mask or plain causal attention from slot 0 suffices (SDPA's fast path).
     """
     kv_len = past_len + q_len
     if attention_mask is None or bool(attention_mask[:, -kv_len:].all()):
-        if q_len == 1 or past_len == 0:
-            return None if past_len == 0 else torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=device)
+        if q_len == 1:
+            return None if allow_none else torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=device)
+        if past_len == 0 and allow_none:
+            return None
     q_pos = torch.arange(past_len, kv_len, device=device)[:, None]  # [S, 1]
     k_pos = torch.arange(kv_len, device=device)[None, :]  # [1, T]
     mask = (k_pos <= q_pos)[None, None]  # [1, 1, S, T]
@@ -260,15 +262,15 @@ class LlamaMLAAttention(nn.Module):
             c_kv, k_rope = c_all[:, 0], k_all.transpose(1, 2)  # [B, T, r], [B, T, n_kv, 2R]
 
         w_uk, w_uv, b_uk, b_uv = self.up_projections()
-        mask = make_attention_mask(attention_mask, s, past_len, hidden_states.device)
         if self.use_absorbed(s, past_len):
-            if mask is not None:
-                mask = mask.expand(b, 1, s, c_kv.shape[1])
+            mask = make_attention_mask(attention_mask, s, past_len, hidden_states.device, allow_none=False)
             out = mla_absorbed_attention(q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, self.scaling)
         else:
+            # None = causal from slot 0 (is_causal) or nothing to mask (one query): SDPA's fast paths
+            mask = make_attention_mask(attention_mask, s, past_len, hidden_states.device, allow_none=True)
             dropout = self.config.attention_dropout if self.training else 0.0
             out = mla_explicit_attention(
-                q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, self.scaling, True, b_uk, dropout
+                q_nope, q_rope, c_kv, k_rope, w_uk, w_uv, mask, self.scaling, s > 1, b_uk, dropout
             )
         if b_uv is not None:
             out = out + b_uv[:, None]  # [n_kv, 1, d_v] broadcast over the group

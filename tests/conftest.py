@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random source models of every supported family, a small real tokenizer,
+and the bundled SmolLM2-135M (materialised once into the mla-zoo cache)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"
+
+# family -> (config class name, extra config fields)
+FAMILIES = {
+    "llama-mha": ("LlamaConfig", {"num_key_value_heads": 4}),
+    "llama-gqa": ("LlamaConfig", {"num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2-bias": ("Qwen2Config", {"num_key_value_heads": 2}),
+}
+
+
+def tiny_source(family: str, seed: int = 0, vocab_size: int = 384):
+    """A random tiny model of a family, with non-zero biases (Qwen2) so biases are really tested."""
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    config = getattr(transformers, cls_name)(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real byte-level BPE tokenizer trained on the calibration text (384 tokens, has a chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([(DATA / "calib.txt").read_text()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    return fast
+
+
+@pytest.fixture(scope="session")
+def source_dir(tmp_path_factory, tokenizer):
+    """Save a tiny source checkpoint (with tokenizer) of a family; cached per family."""
+    made: dict[str, Path] = {}
+
+    def make(family: str) -> Path:
+        if family not in made:
+            path = tmp_path_factory.mktemp(family)
+            tiny_source(family).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+            made[family] = path
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The bundled real model: (model fp32, tokenizer, SourceInfo)."""
+    from mla_zoo.modeling import sources
+
+    return sources.resolve("smollm2-135m")
+
+
+def convert_tiny(model, **settings):
+    """Convert an in-memory tiny model; returns (mla model in fp32, report)."""
+    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+    from mla_zoo.modeling.sources import SourceInfo
+
+    info = SourceInfo("tiny", "tiny", "tiny", model.config.model_type, "0")
+    settings.setdefault("rope_strategy", "high")
+    mla, report = convert_model(model, None, info, ConvertSettings(dtype="float32", **settings), progress=False)
+    return mla.eval(), report

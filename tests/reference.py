@@ -1,0 +1,53 @@
+"""Plain float64 references the fast paths are checked against.
+
+`partial_rope_attention` is what MHA2MLA's first step means, written directly on the SOURCE
+model's weights with no permutation, no latent and no cache: ordinary GQA attention in which RoPE
+rotates only the kept pairs of each head and leaves the other dims as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def partial_rope_attention(attn, x: torch.Tensor, positions: torch.Tensor, pairs: list[list[int]],
+                           inv_freq: torch.Tensor) -> torch.Tensor:
+    """Source attention block with partial RoPE, float64, causal. x: [B, S, hidden] -> [B, S, hidden]."""
+    cfg = attn.config
+    n_h, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = attn.head_dim
+    half = d // 2
+    x = x.double()
+
+    def proj(linear, heads):
+        y = x @ linear.weight.double().T
+        if linear.bias is not None:
+            y = y + linear.bias.double()
+        return y.view(*x.shape[:2], heads, d)  # [B, S, heads, d]
+
+    q, k, v = proj(attn.q_proj, n_h), proj(attn.k_proj, n_kv), proj(attn.v_proj, n_kv)
+    angles = positions.double()[..., None] * inv_freq.double()  # [B, S, half]
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotate(t, head_pairs):  # t: [B, S, d] one head; rotate the kept pairs only
+        t = t.clone()
+        for i in head_pairs:
+            a, b = t[..., i].clone(), t[..., i + half].clone()
+            t[..., i] = a * cos[..., i] - b * sin[..., i]
+            t[..., i + half] = b * cos[..., i] + a * sin[..., i]
+        return t
+
+    group = n_h // n_kv
+    out = torch.zeros(*x.shape[:2], n_h, d, dtype=torch.float64)
+    s = x.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    for h in range(n_h):
+        g = h // group
+        qh, kh = rotate(q[:, :, h], pairs[g]), rotate(k[:, :, g], pairs[g])
+        scores = (qh @ kh.transpose(1, 2)) * d**-0.5  # [B, S, S]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[:, :, h] = scores.softmax(-1) @ v[:, :, g]
+    y = out.reshape(*x.shape[:2], n_h * d) @ attn.o_proj.weight.double().T
+    if attn.o_proj.bias is not None:
+        y = y + attn.o_proj.bias.double()
+    return y

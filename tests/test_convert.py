@@ -1,0 +1,128 @@
+"""MHA2MLA conversion against references: the source model's logits, a float64 partial-RoPE
+attention written on the source weights, and the optimality of each low-rank factorisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, convert_tiny, tiny_source
+from reference import partial_rope_attention
+
+from mla_zoo.modeling import calibration, lowrank, partial_rope
+from mla_zoo.modeling.convert import ConversionError, ConvertSettings, head_dim_of, resolve_settings
+
+
+def full_rank(model) -> int:
+    cfg = model.config
+    return min(cfg.num_key_value_heads * head_dim_of(cfg), cfg.hidden_size)  # all pairs kept: only V rows
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lossless_settings_reproduce_source_logits(family):
+    model = tiny_source(family)
+    half = head_dim_of(model.config) // 2
+    mla, report = convert_tiny(model, rope_pairs=half, kv_rank=full_rank(model), svd="joint")
+    ids = torch.randint(3, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        diff = (model(ids).logits - mla(ids).logits).abs().max().item()
+    assert diff < 1e-4
+    assert min(report["svd_retained_energy"]) > 1 - 1e-9
+
+
+@pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("strategy", ["high", "low", "uniform"])
+def test_partial_rope_block_equals_float64_reference(family, strategy):
+    """Full-rank latent, R < head_dim/2: the MLA block equals partial-RoPE attention on the source weights."""
+    model = tiny_source(family).double()
+    cfg = model.config
+    r = 3
+    rows = cfg.num_key_value_heads * (2 * head_dim_of(cfg) - 2 * r)
+    mla, report = convert_tiny(model, rope_pairs=r, kv_rank=min(rows, cfg.hidden_size), rope_strategy=strategy)
+    assert rows <= cfg.hidden_size and min(report["svd_retained_energy"]) > 1 - 1e-12  # full rank: exact
+    mla = mla.double()
+    x = torch.randn(2, 12, cfg.hidden_size, dtype=torch.float64)
+    positions = torch.arange(12)[None].expand(2, -1)
+    pairs = report["rope_pairs"][1]
+    want = partial_rope_attention(model.model.layers[1].self_attn, x, positions, pairs, model.model.rotary_emb.inv_freq)
+    cos_sin = mla.model.rotary_emb(x, positions)
+    got = mla.model.layers[1].self_attn(x, cos_sin)
+    assert (got - want).abs().max().item() < 1e-6  # cos/sin come in float32
+
+
+def test_fixed_strategies_pick_documented_pairs():
+    assert partial_rope.fixed_pairs("high", 64, 4) == [0, 1, 2, 3]
+    assert partial_rope.fixed_pairs("low", 64, 4) == [28, 29, 30, 31]
+    assert partial_rope.fixed_pairs("uniform", 64, 4) == [0, 8, 16, 24]
+
+
+def test_two_norm_picks_the_pairs_that_dominate_scores(tokenizer):
+    """Blow up pairs 2 and 5 of KV head 0's keys (and their queries): 2-norm must keep exactly them."""
+    model = tiny_source("llama-gqa")
+    cfg = model.config
+    d = head_dim_of(cfg)
+    half = d // 2
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for pair in (2, 5):
+                for dim in (pair, pair + half):
+                    layer.self_attn.k_proj.weight[dim] *= 40  # KV head 0 only
+                    for h in range(cfg.num_attention_heads // cfg.num_key_value_heads):  # its query heads
+                        layer.self_attn.q_proj.weight[h * d + dim] *= 40
+    rows = calibration.text_batches(tokenizer, "It is a truth universally acknowledged. " * 40, 256, 64)
+    stats = calibration.collect_stats(model, rows, want_moments=False)
+    pairs = partial_rope.select_pairs("2-norm", 2, 2, d, 2, stats.pair_norms())
+    assert all(layer[0] == [2, 5] for layer in pairs)
+    assert all(layer[1] != [2, 5] for layer in pairs)
+
+
+def _stacked(rank_dims=(6, 8), rows=40, hidden=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, hidden, generator=g, dtype=torch.float64)
+
+
+def test_joint_svd_is_the_best_rank_r_approximation():
+    w = _stacked()
+    up, down, energy = lowrank.joint(w, 10)
+    s = torch.linalg.svdvals(w)
+    assert torch.allclose((w - up @ down).norm(), s[10:].norm(), rtol=1e-9)
+    assert energy == pytest.approx(float((s[:10] ** 2).sum() / (s**2).sum()))
+    # where the singular values go: split evenly, so both factors carry sqrt(S)
+    assert torch.allclose(up.norm(dim=0), down.norm(dim=1), rtol=1e-9)
+
+
+def test_whitened_svd_minimises_output_error_on_the_calibration_inputs():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 32, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 32, dtype=torch.float64)
+    moment = x.T @ x / len(x)
+    up_w, down_w, _ = lowrank.whitened(w, 8, moment)
+    up_j, down_j, _ = lowrank.joint(w, 8)
+    err = lambda up, down: ((w - up @ down) @ x.T).norm()  # noqa: E731
+    assert err(up_w, down_w) < 0.5 * err(up_j, down_j)
+    # and it is optimal: equal to the tail singular values of W L
+    chol = torch.linalg.cholesky(moment + 1e-6 * moment.diagonal().mean() * torch.eye(32, dtype=torch.float64))
+    tail = torch.linalg.svdvals(w @ chol)[8:].norm()
+    assert ((w - up_w @ down_w) @ chol).norm() == pytest.approx(float(tail), rel=1e-6)
+
+
+def test_split_svd_keeps_keys_and_values_on_separate_latents():
+    n_kv, nope, v = 2, 6, 8
+    w = _stacked(rows=n_kv * (nope + v))
+    up, down, _ = lowrank.split(w, 12, n_kv, nope, v)
+    per_head = up.view(n_kv, nope + v, 12)
+    assert per_head[:, :nope, 6:].abs().max() == 0  # keys read only the first half of the latent
+    assert per_head[:, nope:, :6].abs().max() == 0  # values only the second
+    up, down, energy = lowrank.split(w, 2 * n_kv * v, n_kv, nope, v)  # full rank: exact
+    assert torch.allclose(up @ down, w, atol=1e-10) and energy == pytest.approx(1.0)
+
+
+def test_settings_out_of_range_name_the_valid_range():
+    cfg = tiny_source("llama-gqa").config  # head_dim 16, 2 KV heads, hidden 64
+    with pytest.raises(ConversionError, match=r"\[1, 8\]"):
+        resolve_settings(ConvertSettings(rope_pairs=9), cfg)
+    with pytest.raises(ConversionError, match=r"\[1, 52\]"):
+        resolve_settings(ConvertSettings(rope_pairs=2, kv_rank=53), cfg)
+    with pytest.raises(ConversionError, match="kv-rank-per-head"):
+        resolve_settings(ConvertSettings(kv_rank=8, kv_rank_per_head=5), cfg)
+    s = resolve_settings(ConvertSettings(kv_rank_per_head=4), cfg)
+    assert (s.kv_rank, s.kv_rank_per_head, s.rope_pairs) == (8, 4, 1)

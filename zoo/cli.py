@@ -1,0 +1,117 @@
+"""The `mla-zoo` command line: one subcommand per stage of recipe -> convert -> ... -> publish."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+
+
+def _expected_errors():
+    from mla_zoo.modeling.calibration import CalibrationError
+    from mla_zoo.modeling.convert import ConversionError
+    from mla_zoo.modeling.sources import SourceError
+
+    return (SourceError, ConversionError, CalibrationError, FileNotFoundError)
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from mla_zoo.modeling import convert, sources
+
+    convert.check_output_dir(args.output, args.overwrite)  # fail before the slow part
+    settings = convert.ConvertSettings(
+        kv_rank=args.kv_rank, kv_rank_per_head=args.kv_rank_per_head, rope_pairs=args.rope_pairs,
+        rope_strategy=args.rope_strategy, svd=args.svd, calib_text=args.calib_text,
+        calib_tokens=args.calib_tokens, dtype=args.dtype, seed=args.seed,
+    )
+    if args.calib_text:  # check it before loading the model
+        from mla_zoo.modeling.calibration import read_text
+
+        read_text(args.calib_text)
+    model, tokenizer, info = sources.resolve(args.source, dtype=torch.float32)
+    convert.resolve_settings(settings, model.config)  # range errors before any calibration work
+    mla, report = convert.convert_model(model, tokenizer, info, settings)
+    if args.eval_text:
+        from mla_zoo.zoo.evaluate import perplexity
+        from mla_zoo.modeling.calibration import read_text
+
+        text = read_text(args.eval_text)
+        before = perplexity(model, tokenizer, text, args.eval_seq_len, args.eval_tokens)
+        after = perplexity(mla.float(), tokenizer, text, args.eval_seq_len, args.eval_tokens)
+        mla = mla.to(getattr(torch, report["settings"]["dtype"]))
+        report["one_shot"] = {"text": args.eval_text, "tokens": before["tokens"], "seq_len": args.eval_seq_len,
+                              "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"]}
+    out = convert.save_checkpoint(mla, tokenizer, report, args.output, args.overwrite)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(convert.format_report(report))
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from mla_zoo.zoo.evaluate import evaluate
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    result = evaluate(args.model, args.text, args.seq_len, args.max_tokens, dtype)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of "
+              f"{result['text']}; KV cache {result['kv_cache_bytes_per_token']:,} bytes/token ({result['kv_cache_dtype']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mla-zoo", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a Llama/Mistral/Qwen2 checkpoint to MLA (MHA2MLA)")
+    c.add_argument("source", nargs="?", default="smollm2-135m",
+                   help="local checkpoint dir, .gguf file, Hub id, or the bundled 'smollm2-135m' (default)")
+    c.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    c.add_argument("--kv-rank", type=int, help="TOTAL latent width (kv_lora_rank) = d_kv x n_kv_heads")
+    c.add_argument("--kv-rank-per-head", type=int, help="the paper's d_kv (default head_dim/2)")
+    c.add_argument("--rope-pairs", type=int, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
+    c.add_argument("--rope-strategy", default="2-norm", choices=["high", "low", "uniform", "2-norm"])
+    c.add_argument("--svd", default="joint", choices=["joint", "split", "whitened"])
+    c.add_argument("--calib-text", help="calibration text (2-norm, whitened); default: the model's own samples")
+    c.add_argument("--calib-tokens", type=int, help="calibration tokens (default 4096 of a text, 1024 self-sampled)")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    c.add_argument("--eval-text", help="also measure one-shot perplexity before/after on this text")
+    c.add_argument("--eval-tokens", type=int, default=None, help="score at most this many tokens of --eval-text")
+    c.add_argument("--eval-seq-len", type=int, default=1024)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
+    c.set_defaults(func=cmd_convert)
+
+    e = sub.add_parser("eval", help="perplexity and KV-cache size of an MLA checkpoint or an original model")
+    e.add_argument("model", help="MLA checkpoint dir, or any SOURCE accepted by convert (e.g. smollm2-135m)")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--seq-len", type=int, default=1024)
+    e.add_argument("--max-tokens", type=int, default=None)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, *_expected_errors()) as e:
+        print(f"mla-zoo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
