@@ -55,10 +55,10 @@ class LlamaMLAConfig(LlamaConfig):
             "AutoModel": "modeling_llama_mla.LlamaMLAModel",
             "AutoModelForCausalLM": "modeling_llama_mla.LlamaMLAForCausalLM",
         }
+        self.check_mla_fields()
 
-    def validate_architecture(self):
-        """Checks the MLA fields against the model shape; a wrong checkpoint should fail at load."""
-        super().validate_architecture()
+    def check_mla_fields(self):
+        """Checks the MLA fields against the model shape, so a wrong checkpoint fails at load."""
         half = self.head_dim // 2
         if len(self.rope_pairs) != self.num_hidden_layers:
             raise ValueError(f"rope_pairs has {len(self.rope_pairs)} layers, expected {self.num_hidden_layers}")

@@ -100,7 +100,7 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
     """KV-cache bytes per token (all layers) of the source model and of its MLA conversion."""
     n_layers, n_kv = config.num_hidden_layers, config.num_key_value_heads
     before = 2 * n_kv * head_dim_of(config) * n_layers * dtype_bytes
-    if isinstance(config, LlamaMLAConfig):
+    if config.model_type == "llama_mla":  # also configs loaded through remote code (another class)
         after = config.kv_cache_values_per_token() * dtype_bytes
         return {"before": before, "after": after, "reduction": 1 - after / before}
     return {"before": before, "after": before, "reduction": 0.0}

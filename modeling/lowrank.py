@@ -52,8 +52,11 @@ def split(
     """Separate SVDs of the key and value rows, each with half of the latent (values get the rest)."""
     rows = w.view(num_kv_heads, nope_dim + v_dim, -1)
     k, v = rows[:, :nope_dim].reshape(-1, w.shape[1]), rows[:, nope_dim:].reshape(-1, w.shape[1])
-    rank_k = min(rank // 2, k.shape[0], k.shape[1]) if nope_dim else 0
-    rank_v = rank - rank_k
+    k_max, v_max = min(k.shape) if nope_dim else 0, min(v.shape)
+    rank_v = min(rank - min(rank // 2, k_max), v_max)  # half each; a side that cannot use its half
+    rank_k = rank - rank_v  # gives the rest to the other
+    if rank_k > k_max:
+        raise ValueError(f"rank {rank} exceeds what split SVD can use ({k_max + v_max})")
     up = torch.zeros(num_kv_heads, nope_dim + v_dim, rank, dtype=torch.float64)
     downs, kept, total = [], 0.0, 0.0
     for part, r, sl, cols in ((k, rank_k, slice(0, nope_dim), slice(0, rank_k)),

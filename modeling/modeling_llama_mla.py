@@ -118,7 +118,7 @@ def mla_absorbed_attention(
     q_lat = torch.einsum("bsgqd,gdr->bsgqr", q_nope, w_uk)  # [B, S, n_kv, G, r]
     scores = torch.einsum("bsgqr,btr->bgqst", q_lat, c_kv)  # [B, n_kv, G, S, T]
     scores = scores + torch.einsum("bsgqe,btge->bgqst", q_rope, k_rope)
-    scores = scores.float() * scale
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale  # softmax in >= fp32
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask[:, :, None], float("-inf"))  # mask: [B, 1, 1, S, T]
     probs = scores.softmax(dim=-1).to(c_kv.dtype)

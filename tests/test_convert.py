@@ -6,10 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FAMILIES, convert_tiny, tiny_source
-from reference import partial_rope_attention
-
 from mla_zoo.modeling import calibration, lowrank, partial_rope
 from mla_zoo.modeling.convert import ConversionError, ConvertSettings, head_dim_of, resolve_settings
+from reference import partial_rope_attention
 
 
 def full_rank(model) -> int:
@@ -112,7 +111,7 @@ def test_split_svd_keeps_keys_and_values_on_separate_latents():
     per_head = up.view(n_kv, nope + v, 12)
     assert per_head[:, :nope, 6:].abs().max() == 0  # keys read only the first half of the latent
     assert per_head[:, nope:, :6].abs().max() == 0  # values only the second
-    up, down, energy = lowrank.split(w, 2 * n_kv * v, n_kv, nope, v)  # full rank: exact
+    up, down, energy = lowrank.split(w, n_kv * (nope + v), n_kv, nope, v)  # full rank: exact
     assert torch.allclose(up @ down, w, atol=1e-10) and energy == pytest.approx(1.0)
 
 
@@ -120,8 +119,8 @@ def test_settings_out_of_range_name_the_valid_range():
     cfg = tiny_source("llama-gqa").config  # head_dim 16, 2 KV heads, hidden 64
     with pytest.raises(ConversionError, match=r"\[1, 8\]"):
         resolve_settings(ConvertSettings(rope_pairs=9), cfg)
-    with pytest.raises(ConversionError, match=r"\[1, 52\]"):
-        resolve_settings(ConvertSettings(rope_pairs=2, kv_rank=53), cfg)
+    with pytest.raises(ConversionError, match=r"\[1, 56\]"):  # 2 KV heads x (12 NoPE + 16 value dims)
+        resolve_settings(ConvertSettings(rope_pairs=2, kv_rank=57), cfg)
     with pytest.raises(ConversionError, match="kv-rank-per-head"):
         resolve_settings(ConvertSettings(kv_rank=8, kv_rank_per_head=5), cfg)
     s = resolve_settings(ConvertSettings(kv_rank_per_head=4), cfg)

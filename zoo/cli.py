@@ -7,8 +7,6 @@ import json
 import sys
 
 
-
-
 def _expected_errors():
     from mla_zoo.modeling.calibration import CalibrationError
     from mla_zoo.modeling.convert import ConversionError
@@ -19,7 +17,6 @@ def _expected_errors():
 
 def cmd_convert(args) -> int:
     import torch
-
     from mla_zoo.modeling import convert, sources
 
     convert.check_output_dir(args.output, args.overwrite)  # fail before the slow part
@@ -36,8 +33,8 @@ def cmd_convert(args) -> int:
     convert.resolve_settings(settings, model.config)  # range errors before any calibration work
     mla, report = convert.convert_model(model, tokenizer, info, settings)
     if args.eval_text:
-        from mla_zoo.zoo.evaluate import perplexity
         from mla_zoo.modeling.calibration import read_text
+        from mla_zoo.zoo.evaluate import perplexity
 
         text = read_text(args.eval_text)
         before = perplexity(model, tokenizer, text, args.eval_seq_len, args.eval_tokens)
@@ -56,7 +53,6 @@ def cmd_convert(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-
     from mla_zoo.zoo.evaluate import evaluate
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -101,7 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    for register in _plugin_registrars():
+        register(sub)
     return p
+
+
+def _plugin_registrars():
+    """Subcommands that live in their own modules (zoo publishing, fine-tuning, ...), if present."""
+    import importlib
+
+    found = []
+    for name in ("mla_zoo.zoo.zoo_cli", "mla_zoo.zoo.train_cli"):
+        try:
+            found.append(importlib.import_module(name).register)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from mla_zoo.modeling import sources
 from mla_zoo.modeling.calibration import read_text
 from mla_zoo.modeling.convert import kv_bytes_per_token
+from tqdm.auto import tqdm
 
 
 def is_mla_checkpoint(path: str | Path) -> bool:
