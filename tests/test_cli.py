@@ -1,0 +1,139 @@
+"""`mla-zoo convert` end to end on tiny checkpoints: every strategy and SVD variant yields a checkpoint
+that loads through its own remote code in a process where mla-zoo is NOT importable; bad input gets
+a clear error and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA
+
+from mla_zoo.zoo.cli import main
+
+REMOTE_LOAD = r"""
+import importlib.util, json, sys
+assert importlib.util.find_spec("mla_zoo") is None, "mla_zoo must not be importable here"
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
+ids = torch.tensor([json.loads(sys.argv[2])])
+with torch.no_grad():
+    logits = model(ids).logits
+out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+print(json.dumps({"class": type(model).__module__, "logits": logits[0, -1].tolist(), "gen": out[0].tolist()}))
+"""
+
+
+def load_in_clean_process(ckpt: Path, ids: list[int]) -> dict:
+    """Python without site-packages' .pth hooks (so no editable mla_zoo) and cwd outside the repo."""
+    import transformers
+
+    site = str(Path(transformers.__file__).parents[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=site, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(ckpt.parent / "hf_modules"))
+    proc = subprocess.run([sys.executable, "-S", "-c", REMOTE_LOAD, str(ckpt), json.dumps(ids)],
+                          capture_output=True, text=True, env=env, cwd=ckpt.parent, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def convert(src, out, *extra) -> int:
+    return main(["convert", str(src), "-o", str(out), "--dtype", "float32", *extra])
+
+
+@pytest.mark.parametrize("strategy", ["high", "low", "uniform", "2-norm"])
+@pytest.mark.parametrize("svd", ["joint", "split", "whitened"])
+def test_every_strategy_and_svd_gives_a_loadable_checkpoint(source_dir, tmp_path, strategy, svd):
+    out = tmp_path / "mla"
+    calib = ["--calib-text", str(DATA / "calib.txt"), "--calib-tokens", "512"] if strategy == "2-norm" else []
+    assert convert(source_dir("llama-gqa"), out, "--rope-strategy", strategy, "--svd", svd,
+                   "--kv-rank-per-head", "8", "--rope-pairs", "2", *calib) == 0
+    for name in ("model.safetensors", "config.json", "configuration_llama_mla.py", "modeling_llama_mla.py",
+                 "tokenizer.json", "generation_config.json", "conversion.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["settings"]["rope_strategy"] == strategy and report["settings"]["svd"] == svd
+    assert report["settings"]["kv_lora_rank"] == 16 and report["settings"]["kv_rank_per_head"] == 8
+    assert report["kv_cache"]["reduction"] == pytest.approx(1 - (16 + 2 * 4) / (2 * 2 * 16))
+    if svd == "joint" and strategy == "2-norm":  # one full clean-process load is enough per svd
+        from transformers import AutoModelForCausalLM
+
+        ids = [5, 17, 42, 99, 7, 250]
+        remote = load_in_clean_process(out, ids)
+        assert remote["class"].startswith("transformers_modules")
+        local = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        with torch.no_grad():
+            want = local(torch.tensor([ids])).logits[0, -1]
+        assert (torch.tensor(remote["logits"]) - want).abs().max() < 1e-5
+
+
+def test_lossless_checkpoint_matches_source_logits_after_reload(source_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = source_dir("qwen2-bias")
+    out = tmp_path / "mla"
+    assert convert(src, out, "--rope-strategy", "high", "--rope-pairs", "8", "--kv-rank", "32") == 0
+    ids = torch.randint(3, 384, (2, 16))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()(ids).logits
+    assert (want - got).abs().max() < 1e-4
+
+
+def error_of(capsys, *argv) -> str:
+    assert main(list(argv)) == 2
+    return capsys.readouterr().err
+
+
+def test_bad_input_gets_clear_errors_and_leaves_nothing(source_dir, tmp_path, capsys):
+    src = source_dir("llama-gqa")
+    out = tmp_path / "out"
+    assert "rope-pairs must be in [1, 8]" in error_of(capsys, "convert", str(src), "-o", str(out), "--rope-pairs", "9")
+    assert "in [1, 60]" in error_of(capsys, "convert", str(src), "-o", str(out), "--kv-rank", "999",
+                                    "--rope-strategy", "high")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "is empty" in error_of(capsys, "convert", str(src), "-o", str(out), "--calib-text", str(empty))
+    assert "not found" in error_of(capsys, "convert", str(tmp_path / "nope.gguf"), "-o", str(out))
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+    gpt2 = tmp_path / "gpt2"
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(gpt2)
+    err = error_of(capsys, "convert", str(gpt2), "-o", str(out))
+    assert "unsupported architecture 'gpt2'" in err and "LlamaForCausalLM" in err and "Qwen2ForCausalLM" in err
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for f in Path(src).iterdir():
+        (corrupt / f.name).write_bytes(f.read_bytes())
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert "missing or corrupt" in error_of(capsys, "convert", str(corrupt), "-o", str(out))
+
+    out.mkdir()
+    assert "--overwrite" in error_of(capsys, "convert", str(src), "-o", str(out))
+    assert list(out.iterdir()) == []
+
+
+def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
+    """A failure while writing (here: the tokenizer cannot be saved) removes the temporary dir."""
+    from conftest import convert_tiny, tiny_source
+
+    from mla_zoo.modeling.convert import save_checkpoint
+
+    mla, report = convert_tiny(tiny_source("llama-gqa"), rope_pairs=2, kv_rank=8)
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(mla, BrokenTokenizer(), report, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
