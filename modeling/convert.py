@@ -48,7 +48,7 @@ class ConvertSettings:
     kv_rank_per_head: int | None = None  # the paper's d_kv; None -> head_dim // 2
     rope_pairs: int | None = None  # R per head; None -> head_dim // 16 (the paper's default)
     rope_strategy: str = "2-norm"
-    svd: str = "joint"
+    svd: str = "whitened"  # activation-aware: an order of magnitude better one-shot (bench/RESULTS.md)
     calib_text: str | None = None
     calib_tokens: int | None = None  # None -> 4096 of a text, 1024 of self-samples (sampling is slow on CPU)
     calib_seq_len: int = 512

@@ -98,5 +98,6 @@ def convert_tiny(model, **settings):
 
     info = SourceInfo("tiny", "tiny", "tiny", model.config.model_type, "0")
     settings.setdefault("rope_strategy", "high")
+    settings.setdefault("svd", "joint")  # fixed strategy + weight-only SVD: no calibration data needed
     mla, report = convert_model(model, None, info, ConvertSettings(dtype="float32", **settings), progress=False)
     return mla.eval(), report

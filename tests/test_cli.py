@@ -34,9 +34,9 @@ def load_in_clean_process(ckpt: Path, ids: list[int]) -> dict:
     """Python without site-packages' .pth hooks (so no editable mla_zoo) and cwd outside the repo."""
     import transformers
 
-    site = str(Path(transformers.__file__).parents[1])
+    sites = dict.fromkeys(str(Path(m.__file__).parents[1]) for m in (transformers, torch))  # in order, no dups
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(PYTHONPATH=site, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(ckpt.parent / "hf_modules"))
+    env.update(PYTHONPATH=os.pathsep.join(sites), HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(ckpt.parent / "hf_modules"))
     proc = subprocess.run([sys.executable, "-S", "-c", REMOTE_LOAD, str(ckpt), json.dumps(ids)],
                           capture_output=True, text=True, env=env, cwd=ckpt.parent, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--kv-rank-per-head", type=int, help="the paper's d_kv (default head_dim/2)")
     c.add_argument("--rope-pairs", type=int, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
     c.add_argument("--rope-strategy", default="2-norm", choices=["high", "low", "uniform", "2-norm"])
-    c.add_argument("--svd", default="joint", choices=["joint", "split", "whitened"])
+    c.add_argument("--svd", default="whitened", choices=["joint", "split", "whitened"],
+                   help="low-rank method: whitened = activation-aware joint SVD (default), joint, split")
     c.add_argument("--calib-text", help="calibration text (2-norm, whitened); default: the model's own samples")
     c.add_argument("--calib-tokens", type=int, help="calibration tokens (default 4096 of a text, 1024 self-sampled)")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
