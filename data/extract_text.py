@@ -231,6 +231,12 @@ def main():
         with open(os.path.join(dst, fname), "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
         print(f"{fname}: {novel} chapters 1-{n}, {len(text.encode())} bytes")
+    # train.txt: the four other novels, whole, for fine-tuning on in-domain real prose
+    whole = [take(chapters(novels[name]), 10**9, 10**10)[0]
+             for name in ("prideprejudice", "sensesensibility", "mansfieldpark", "emma")]
+    with open(os.path.join(dst, "train.txt"), "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n\n".join(whole))
+    print(f"train.txt: 4 novels, {len(open(os.path.join(dst, 'train.txt'), 'rb').read())} bytes")
 
 
 if __name__ == "__main__":
