@@ -137,3 +137,25 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(mla, BrokenTokenizer(), report, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_from_a_hub_id(source_dir, tmp_path):
+    """SOURCE as a Hub id: the real huggingface_hub client downloads it from the local test Hub."""
+    from hub_server import HubServer
+    from huggingface_hub import HfApi
+
+    with HubServer() as hub:
+        api = HfApi(endpoint=hub.endpoint, token="test-token")
+        api.create_repo("mla-zoo/tiny-llama")
+        api.upload_folder(repo_id="mla-zoo/tiny-llama", folder_path=str(source_dir("llama-gqa")))
+        out = tmp_path / "mla"
+        proc = subprocess.run(
+            [sys.executable, "-m", "mla_zoo.zoo.cli", "convert", "mla-zoo/tiny-llama", "-o", str(out),
+             "--rope-strategy", "high", "--svd", "joint", "--json"],
+            capture_output=True, text=True, env=hub.client_env(tmp_path / "hf_home"), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout[proc.stdout.index("{"):])
+        assert report["source"]["spec"] == "mla-zoo/tiny-llama"
+        assert report["source"]["base_model"] == "mla-zoo/tiny-llama"
+        assert (out / "model.safetensors").is_file()
+        assert not hub.errors
