@@ -120,8 +120,8 @@ def collect_stats(model, batches: torch.Tensor, want_moments: bool, batch_size: 
         hooks += [attn.q_proj.register_forward_hook(q_hook), attn.k_proj.register_forward_hook(k_hook)]
         if want_moments:
             def x_hook(_m, inp, i=i):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).double()  # [N, hidden]
-                stats.xxt[i] += x.T @ x
+                x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # [N, hidden]
+                stats.xxt[i] += (x.T @ x).double()  # fp32 per batch (fast), fp64 across batches
 
             hooks.append(attn.q_proj.register_forward_pre_hook(x_hook))
     try:
