@@ -1,0 +1,270 @@
+"""Fine-tuning by distillation: the losses against plain references, the layer-wise targets, a
+short global run, exact resume, input errors, and a 2-process (gloo) DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA, REPO, convert_tiny, tiny_source
+from mla_zoo.zoo.cli import main
+from mla_zoo.zoo.data import pack_rows
+from mla_zoo.zoo.distill import LayerwiseStudent, distill_loss, reference_kl, teacher_layer_io
+
+
+def peaked_source(seed: int = 0):
+    """A tiny GQA model whose next-token distributions are far from uniform (a random model's are
+    nearly flat, which makes every KL tiny)."""
+    model = tiny_source("llama-gqa", seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tokenizer):
+    """Teacher dir, a lossy and a lossless conversion of it (written by `mla-zoo convert`)."""
+    root = tmp_path_factory.mktemp("ft")
+    teacher = root / "teacher"
+    peaked_source().save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    lossy = root / "lossy"
+    assert main(["convert", str(teacher), "-o", str(lossy), "--rope-pairs", "1", "--kv-rank", "8",
+                 "--rope-strategy", "high", "--svd", "joint"]) == 0
+    other = root / "other"  # another model of the same shape: a different conversion
+    assert main(["convert", str(teacher), "-o", str(other), "--rope-pairs", "2", "--kv-rank", "8",
+                 "--rope-strategy", "high", "--svd", "joint"]) == 0
+    return {"root": root, "teacher": teacher, "lossy": lossy, "other": other}
+
+
+@torch.no_grad()
+def kl_to_teacher(student, teacher, rows) -> float:
+    return float(reference_kl(student(rows).logits.double(), teacher(rows).logits.double()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_chunked_kl_equals_unchunked_with_gradients(ce_weight):
+    g = torch.Generator().manual_seed(0)
+    b, s, h, v, temp = 2, 7, 6, 11, 2.0
+    s_head = torch.nn.Linear(h, v, bias=False).double()
+    t_head = torch.nn.Linear(h, v, bias=False).double()
+    s_hidden = torch.randn(b, s, h, generator=g, dtype=torch.float64, requires_grad=True)
+    t_hidden = torch.randn(b, s, h, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, 5:] = 0  # right padding
+
+    loss, parts = distill_loss(s_hidden, t_hidden, s_head, t_head, ids, mask, temp, ce_weight, chunk_size=3)
+    grads = torch.autograd.grad(loss, [s_hidden, s_head.weight])
+
+    keep = mask.bool()
+    s_logits, t_logits = s_head(s_hidden), t_head(t_hidden)
+    want = reference_kl(s_logits[keep], t_logits[keep], temp)
+    if ce_weight:
+        targets = ids[:, 1:][mask[:, 1:].bool()]
+        ce = torch.nn.functional.cross_entropy(s_logits[:, :-1][mask[:, 1:].bool()], targets)
+        want = want + ce_weight * ce
+    want_grads = torch.autograd.grad(want, [s_hidden, s_head.weight])
+    # chunks compute their softmax in fp32, so agreement is to fp32 precision
+    assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, want.item())
+    for got, ref in zip(grads, want_grads):
+        assert (got - ref).abs().max().item() < 1e-5
+    assert set(parts) == ({"kl", "ce"} if ce_weight else {"kl"})
+
+
+def test_layerwise_loss_is_zero_for_a_lossless_conversion():
+    teacher = peaked_source()
+    cfg = teacher.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    student, _ = convert_tiny(teacher, rope_pairs=head_dim // 2,
+                              kv_rank=min(cfg.num_key_value_heads * head_dim, cfg.hidden_size))
+    ids = torch.randint(3, cfg.vocab_size, (2, 20))
+    inputs, targets = teacher_layer_io(teacher, ids)
+    with torch.no_grad():
+        loss, parts = LayerwiseStudent(student)(inputs, targets)
+        # the hooked targets are the teacher's attention outputs: the residual stream adds up
+        h1 = inputs[0] + targets[0] + teacher.model.layers[0].mlp(
+            teacher.model.layers[0].post_attention_layernorm(inputs[0] + targets[0]))
+    assert torch.allclose(h1, inputs[1], atol=1e-5)
+    assert float(loss) < 1e-8
+    assert parts["per_layer"].shape == (cfg.num_hidden_layers,)
+
+
+def test_layerwise_loss_decreases_for_a_lossy_conversion():
+    teacher = peaked_source()
+    student, _ = convert_tiny(teacher, rope_pairs=1, kv_rank=8)
+    wrapper = LayerwiseStudent(student)
+    student.requires_grad_(False)
+    for layer in student.model.layers:
+        layer.self_attn.requires_grad_(True)
+    opt = torch.optim.Adam([p for p in wrapper.parameters() if p.requires_grad], lr=3e-3)
+    ids = torch.randint(3, teacher.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    inputs, targets = teacher_layer_io(teacher, ids)
+    losses = []
+    for _ in range(8):
+        loss, _ = wrapper(inputs, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[0] > 0.05
+    assert losses[-1] < 0.7 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_run_both_stages_lowers_kl_and_writes_a_checkpoint(dirs, tokenizer):
+    from mla_zoo.zoo.evaluate import load_model
+
+    out = dirs["root"] / "run"
+    code = main(["finetune", str(dirs["lossy"]), "-o", str(out), "--teacher", str(dirs["teacher"]),
+                 "--data", str(DATA / "calib.txt"), "--seq-len", "48", "--batch-size", "4", "--max-steps", "8",
+                 "--lr", "3e-4", "--stages", "layerwise,global", "--layerwise-steps", "4", "--layerwise-lr", "2e-3",
+                 "--warmup-ratio", "0", "--logging-steps", "1", "--save-steps", "100", "--eval-text",
+                 str(DATA / "heldout.txt"), "--eval-every", "4", "--eval-tokens", "240", "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "training.json").read_text())
+    assert (out / "training.png").is_file() and (out / "modeling_llama_mla.py").is_file()
+    assert (out / "conversion.json").read_text() == (dirs["lossy"] / "conversion.json").read_text()
+    assert report["stage_steps"] == {"layerwise": 4, "global": 8}
+    assert report["tokens_seen"] == 12 * 4 * 48
+    layer_losses = [h["loss"] for h in report["stages"]["layerwise"]["log_history"] if "loss" in h]
+    assert layer_losses[-1] < layer_losses[0]
+    assert [p["step"] for p in report["perplexity_curve"]] == [0, 4, 0, 4, 8]
+    assert report["throughput_tokens_per_second"]["global"] > 0
+    assert not list(out.glob("checkpoints/*/checkpoint-*/training_args.bin"))  # no pickles left
+
+    teacher, _ = load_model(str(dirs["teacher"]))
+    before, _ = load_model(str(dirs["lossy"]))
+    after, _ = load_model(str(out))  # through the remote code, as users load it
+    rows = pack_rows(str(DATA / "calib.txt"), tokenizer, 48, max_rows=32, progress=False).long()  # the rows it saw
+    kl_before, kl_after = kl_to_teacher(before, teacher, rows), kl_to_teacher(after, teacher, rows)
+    assert kl_after < 0.85 * kl_before, (kl_before, kl_after)
+
+
+class CrashAt:
+    """Simulates a crash right after the Trainer saved checkpoint-`step`."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class _Crash(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise KeyboardInterrupt("simulated crash")
+
+        return _Crash()
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(dirs):
+    from mla_zoo.zoo.finetune import FinetuneSettings, run_finetune
+    from safetensors.torch import load_file
+
+    def settings(**kw):
+        return FinetuneSettings(data=str(DATA / "calib.txt"), seq_len=32, batch_size=2, max_steps=6, save_steps=3,
+                                lr=2e-3, logging_steps=1, progress=False, **kw)
+
+    full = dirs["root"] / "full"
+    run_finetune(dirs["lossy"], full, str(dirs["teacher"]), settings())
+    crashed = dirs["root"] / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings(), callbacks=[CrashAt(3)])
+    assert (crashed / "checkpoints" / "global" / "checkpoint-3").is_dir()
+    assert not (crashed / "training.json").exists()
+    report = run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings(resume=True))
+    assert report["stages"]["global"]["resumed_from"].endswith("checkpoint-3")
+    assert report["stages"]["global"]["session_steps"] == 3
+
+    def final_loss(path):
+        history = json.loads((path / "training.json").read_text())["stages"]["global"]["log_history"]
+        return [h for h in history if "loss" in h][-1]
+
+    a, b = final_loss(full), final_loss(crashed)
+    assert a["step"] == b["step"] == 6
+    assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, a["loss"])
+    wa, wb = load_file(full / "model.safetensors"), load_file(crashed / "model.safetensors")
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_input_errors_are_clear(dirs, tmp_path, capsys, tokenizer):
+    base = ["finetune", str(dirs["lossy"]), "--teacher", str(dirs["teacher"]), "--max-steps", "1", "--no-progress",
+            "--seq-len", "32"]
+    code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", str(tmp_path / "*.jsonl"))
+    assert code == 2 and "matches no files" in err
+    code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", str(DATA / "calib.txt"),
+                        "--seq-len", "512")
+    assert code == 2 and "max_position_embeddings (256)" in err
+
+    # a teacher whose tokenizer encodes text differently (same vocabulary size)
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([(DATA / "heldout.txt").read_text()[::-1]], trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrong = tmp_path / "wrong-teacher"
+    peaked_source().save_pretrained(wrong)
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(
+        wrong)
+    code, err = run_cli(capsys, "finetune", str(dirs["lossy"]), "--teacher", str(wrong), "--max-steps", "1",
+                        "-o", str(tmp_path / "b"), "--data", str(DATA / "calib.txt"), "--seq-len", "32", "--no-progress")
+    assert code == 2 and "encodes text differently" in err
+
+    # --resume into a run directory whose checkpoints come from another model
+    first = tmp_path / "first"
+    args = ["--teacher", str(dirs["teacher"]), "--data", str(DATA / "calib.txt"), "--seq-len", "32",
+            "--batch-size", "2", "--max-steps", "1", "--no-progress", "-o", str(first)]
+    assert main(["finetune", str(dirs["lossy"]), *args]) == 0
+    capsys.readouterr()
+    code, err = run_cli(capsys, "finetune", str(dirs["other"]), *args, "--resume")
+    assert code == 2 and "trained from another model" in err
+    code, err = run_cli(capsys, "finetune", str(dirs["lossy"]), *args)  # neither --resume nor --overwrite
+    assert code == 2 and "--overwrite" in err
+    code, err = run_cli(capsys, "finetune", str(dirs["lossy"]), *args[:-1], str(tmp_path / "none"), "--resume")
+    assert code == 2 and "nothing to resume" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (DDP over gloo on CPU)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_two_process_gloo_run(dirs):
+    out = dirs["root"] / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mla_zoo.zoo.cli", "finetune", str(dirs["lossy"]), "-o", str(out), "--teacher", str(dirs["teacher"]),
+           "--data", str(DATA / "calib.txt"), "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
+           "--stages", "layerwise,global", "--layerwise-steps", "2", "--save-steps", "2", "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "training.json").read_text())
+    assert report["world_size"] == 2 and report["replicas_in_sync"]
+    assert report["tokens_per_step"] == 2 * 2 * 32
+    assert report["stages"]["global"]["steps"] == 3
+    assert (out / "model.safetensors").is_file()
+    assert Path(out / "checkpoints" / "global" / "checkpoint-3").is_dir()

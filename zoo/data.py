@@ -1,0 +1,266 @@
+"""Training data for `mla-zoo finetune`: data specs, tokenisation and packing into fixed-length rows.
+
+A data SPEC is one of:
+* a local file: `.txt` / `.md` (one document per file), `.jsonl` (one document per line, field
+  `text`, or `messages` rendered with the tokenizer's chat template), `.parquet` (column `text`);
+* a directory (all such files under it, sorted) or a glob (`data/*.jsonl`, `corpus/**/*.txt`);
+* a directory written by `mla-zoo synth-data` (its `shard-*.safetensors`, already tokenised);
+* `hf:NAME[:CONFIG][:SPLIT]`: a Hugging Face `datasets` dataset, streamed (needs `datasets` and
+  a network; split defaults to `train`), field `text` or `messages`.
+
+Documents are tokenised without special tokens and concatenated with EOS after each one; the
+stream is cut into rows of exactly `seq_len` tokens (the remainder is dropped). Only as many
+rows as the run needs are made, so a large corpus is read only as far as required.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+SYNTH_MARKER = "synth.json"
+TEXT_BLOCK = 1 << 20  # read large text files in ~1 MB pieces (split at line ends)
+TOKENIZE_BATCH = 256
+
+
+class DataError(ValueError):
+    """A data spec that cannot be read or does not fit the model; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs -> sources
+# ----------------------------------------------------------------------------------------------
+
+
+def is_synth_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / SYNTH_MARKER).is_file() or any(path.glob("shard-*.safetensors")))
+
+
+def resolve_files(spec: str) -> list[Path]:
+    """The local files a (non-hf:) spec names, sorted; raises DataError if there are none."""
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            if is_synth_dir(path):
+                files = sorted(path.glob("shard-*.safetensors"))
+            else:
+                files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DataError(f"--data {spec}: no such file or directory")
+    if not files:
+        raise DataError(f"--data {spec} matches no files (readable: {', '.join(FILE_SUFFIXES)}, "
+                        f"a synth-data directory, or hf:NAME[:CONFIG][:SPLIT])")
+    unknown = [f for f in files if not f.name.endswith((*FILE_SUFFIXES, ".safetensors"))]
+    if unknown:
+        raise DataError(f"--data {spec}: cannot read {unknown[0]} (readable: {', '.join(FILE_SUFFIXES)})")
+    return files
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    parts = spec[len("hf:"):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise DataError(f"--data {spec}: expected hf:NAME[:CONFIG][:SPLIT]")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 and parts[2] else "train"
+    return name, config, split
+
+
+def describe(spec: str) -> dict:
+    """What a spec resolves to, for run reports (files and their count, or the hf dataset)."""
+    if spec.startswith("hf:"):
+        name, config, split = parse_hf_spec(spec)
+        return {"spec": spec, "kind": "hf", "name": name, "config": config, "split": split}
+    files = resolve_files(spec)
+    kind = "synth" if files[0].suffix == ".safetensors" else "files"
+    return {"spec": spec, "kind": kind, "files": len(files), "first": str(files[0])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources -> documents (text pieces or token lists)
+# ----------------------------------------------------------------------------------------------
+
+
+def _render(record: dict, tokenizer, where: str) -> str:
+    if "text" in record and isinstance(record["text"], str):
+        return record["text"]
+    if "messages" in record:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where}: `messages` need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(list(record["messages"]), tokenize=False)
+    raise DataError(f"{where}: a record needs a `text` string or a `messages` list")
+
+
+def _text_pieces(path: Path) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_document): a text file in ~1 MB pieces cut at line ends."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        buf: list[str] = []
+        size = 0
+        for line in fh:
+            buf.append(line)
+            size += len(line)
+            if size >= TEXT_BLOCK:
+                yield "".join(buf), False
+                buf, size = [], 0
+        yield "".join(buf), True
+
+
+def _jsonl_docs(path: Path, tokenizer) -> Iterator[tuple[str, bool]]:
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not JSON ({e})") from e
+            yield _render(record, tokenizer, f"{path}:{n}"), True
+
+
+def _parquet_docs(path: Path) -> Iterator[tuple[str, bool]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError("reading .parquet needs pyarrow: pip install pyarrow (or pip install 'mla-zoo[train]')") from e
+    pf = pq.ParquetFile(path)
+    if "text" not in pf.schema_arrow.names:
+        raise DataError(f"{path}: no `text` column (columns: {', '.join(pf.schema_arrow.names)})")
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            if text:
+                yield text, True
+
+
+def _hf_docs(spec: str, tokenizer) -> Iterator[tuple[str, bool]]:
+    name, config, split = parse_hf_spec(spec)
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"--data {spec} needs the `datasets` package: pip install datasets "
+                        "(or pip install 'mla-zoo[train]')") from e
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as e:
+        raise DataError(f"--data {spec}: cannot open the dataset ({type(e).__name__}: {e})") from e
+    for n, record in enumerate(ds):
+        yield _render(record, tokenizer, f"{spec} record {n}"), True
+
+
+def _synth_tokens(files: list[Path]) -> Iterator[torch.Tensor]:
+    """Token rows of synth-data shards, padding removed."""
+    from safetensors.torch import load_file
+
+    for f in files:
+        shard = load_file(f)
+        if "input_ids" not in shard:
+            raise DataError(f"{f}: not a synth-data shard (no input_ids tensor)")
+        ids, mask = shard["input_ids"], shard.get("attention_mask")
+        for i in range(ids.shape[0]):
+            yield ids[i] if mask is None else ids[i][mask[i].bool()]
+
+
+def iter_token_pieces(spec: str, tokenizer) -> Iterator[list[int] | torch.Tensor]:
+    """Token pieces of the data in order; EOS already follows each document."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to separate documents")
+    if spec.startswith("hf:"):
+        sources = [_hf_docs(spec, tokenizer)]
+    else:
+        files = resolve_files(spec)
+        if files[0].suffix == ".safetensors":
+            yield from _synth_tokens(files)
+            return
+        sources = []
+        for f in files:
+            if f.name.endswith(TEXT_SUFFIXES):
+                sources.append(_text_pieces(f))
+            elif f.suffix == ".jsonl":
+                sources.append(_jsonl_docs(f, tokenizer))
+            else:
+                sources.append(_parquet_docs(f))
+    batch: list[tuple[str, bool]] = []
+
+    def flush():
+        ids = tokenizer([t for t, _ in batch], add_special_tokens=False)["input_ids"]
+        for (_, end), piece in zip(batch, ids):
+            yield list(piece) + [eos] if end else list(piece)
+        batch.clear()
+
+    for source in sources:
+        for item in source:
+            batch.append(item)
+            if len(batch) >= TOKENIZE_BATCH:
+                yield from flush()
+    if batch:
+        yield from flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------
+
+
+def check_seq_len(seq_len: int, config) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if seq_len < 2:
+        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
+    if limit is not None and seq_len > limit:
+        raise DataError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings ({limit})")
+
+
+def pack_rows(spec: str, tokenizer, seq_len: int, max_rows: int | None = None, progress: bool = True) -> torch.Tensor:
+    """Tokenise and pack the data into [rows, seq_len] int32 (at most max_rows rows)."""
+    rows: list[torch.Tensor] = []
+    buf: list[torch.Tensor] = []
+    held = 0
+    bar = tqdm(total=max_rows, desc="packing data", unit="row", disable=not progress, leave=False)
+    try:
+        for piece in iter_token_pieces(spec, tokenizer):
+            t = piece if isinstance(piece, torch.Tensor) else torch.tensor(piece, dtype=torch.int32)
+            buf.append(t.to(torch.int32))
+            held += t.numel()
+            if held >= seq_len:
+                flat = torch.cat(buf)
+                n = flat.numel() // seq_len
+                if max_rows is not None:
+                    n = min(n, max_rows - len(rows))
+                rows.extend(flat[: n * seq_len].view(n, seq_len))
+                bar.update(n)
+                rest = flat[n * seq_len :]
+                buf, held = [rest], rest.numel()
+                if max_rows is not None and len(rows) >= max_rows:
+                    break
+    finally:
+        bar.close()
+    if not rows:
+        raise DataError(f"--data {spec} holds {held} tokens, fewer than one row of --seq-len {seq_len}")
+    return torch.stack(rows)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of packed token ids; items are {"input_ids": LongTensor[seq_len]}."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.rows[i].long()}
+
+
+def collate(items: list[dict]) -> dict:
+    return {"input_ids": torch.stack([it["input_ids"] for it in items])}

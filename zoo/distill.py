@@ -1,0 +1,183 @@
+"""Distillation losses for recovering an MLA conversion from its original model.
+
+Two losses, one per fine-tuning stage:
+
+* `distill_loss` (global stage): KL(teacher || student) on next-token distributions at
+  temperature T (scaled by T^2), optionally plus next-token cross-entropy. The vocabulary-sized
+  part is computed in chunks of positions from the two models' final hidden states: each chunk
+  applies the LM heads, takes log-softmax in fp32 and is reduced to a scalar, and is wrapped in
+  `torch.utils.checkpoint` so that its logits are recomputed in backward instead of kept. Full
+  logits of the whole batch are never held at once.
+* `layerwise_loss` (layer-wise stage): every converted attention block against the original block
+  on the teacher's own hidden states, all layers at once as independent problems:
+  sum_l ||student_l - target_l||^2 / ||target_l||^2 (both as means over positions and dims).
+  `teacher_layer_io` records the inputs and attention outputs of the teacher's layers with hooks
+  during one ordinary forward, so the targets are exactly what the teacher computes (its own
+  causal mask and RoPE included).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 1024  # positions per chunk: logits of 1024 x vocab in fp32 (200 MB at 49k vocab)
+
+
+def _chunk_loss(s_h, t_h, targets, student_head, teacher_head, temperature, want_ce):
+    """(sum of KL over the chunk's positions, sum of CE over its labelled positions), fp32."""
+    s_logits = student_head(s_h).float()  # [n, V]
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher_head(t_h).float() / temperature, dim=-1)
+    s_logp = F.log_softmax(s_logits / temperature, dim=-1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum()
+    if want_ce:
+        ce = F.cross_entropy(s_logits, targets, ignore_index=-100, reduction="sum")
+    else:
+        ce = s_logits.new_zeros(())
+    return kl, ce
+
+
+def distill_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: nn.Module,
+    teacher_head: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    chunk_size: int = DEFAULT_CHUNK,
+    use_checkpoint: bool = True,
+) -> tuple[torch.Tensor, dict]:
+    """Chunked KL(teacher || student) * T^2 (+ ce_weight * next-token CE), means over positions.
+
+    student_hidden: [B, S, H] final (post-norm) hidden states of the student, with grad
+    teacher_hidden: [B, S, H'] the teacher's (no grad needed)
+    student_head, teacher_head: the LM heads (hidden -> vocab); the vocab sizes must match
+    input_ids: [B, S] the tokens, needed only for the CE term (position i predicts token i+1)
+    mask: [B, S] 1 = real token, 0 = padding (excluded), or None
+    Returns (loss, {"kl": ..., "ce": ...}) with detached parts.
+    """
+    b, s, _ = student_hidden.shape
+    want_ce = ce_weight > 0
+    if want_ce and input_ids is None:
+        raise ValueError("the CE term needs input_ids")
+    s_flat = student_hidden.reshape(b * s, -1)
+    t_flat = teacher_hidden.reshape(b * s, -1)
+    if want_ce:
+        targets = torch.full_like(input_ids, -100)
+        targets[:, :-1] = input_ids[:, 1:]
+        if mask is not None:
+            targets[:, :-1][mask[:, 1:] == 0] = -100
+        targets = targets.reshape(-1)
+    else:
+        targets = torch.zeros(b * s, dtype=torch.long, device=student_hidden.device)
+    if mask is not None:
+        keep = mask.reshape(-1).nonzero().squeeze(1)
+        s_flat, t_flat, targets = s_flat[keep], t_flat[keep], targets[keep]
+    n = s_flat.shape[0]
+    if n == 0:
+        raise ValueError("no unmasked positions to distill on")
+    fn = partial(_chunk_loss, student_head=student_head, teacher_head=teacher_head,
+                 temperature=float(temperature), want_ce=want_ce)
+    recompute = use_checkpoint and torch.is_grad_enabled()
+    kl_sum = ce_sum = None
+    for start in range(0, n, chunk_size):
+        part = (s_flat[start : start + chunk_size], t_flat[start : start + chunk_size],
+                targets[start : start + chunk_size])
+        kl, ce = checkpoint(fn, *part, use_reentrant=False) if recompute else fn(*part)
+        kl_sum = kl if kl_sum is None else kl_sum + kl
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+    kl = kl_sum / n * temperature**2
+    loss = kl
+    parts = {"kl": kl.detach()}
+    if want_ce:
+        ce = ce_sum / (targets != -100).sum().clamp(min=1)
+        loss = loss + ce_weight * ce
+        parts["ce"] = ce.detach()
+    return loss, parts
+
+
+def reference_kl(student_logits, teacher_logits, temperature=1.0) -> torch.Tensor:
+    """Unchunked KL(teacher || student) * T^2, mean over positions (for tests)."""
+    t = F.log_softmax(teacher_logits / temperature, dim=-1)
+    s = F.log_softmax(student_logits / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-wise stage
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def teacher_layer_io(teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Inputs h_l of every decoder layer and the outputs of its attention block, from one forward.
+
+    teacher: a Llama-family *ForCausalLM (transformers' own attention). Returns two lists of
+    [B, S, H] tensors (layer inputs before input_layernorm; attention outputs before o-residual).
+    """
+    layers = teacher.model.layers
+    inputs: list = [None] * len(layers)
+    targets: list = [None] * len(layers)
+    hooks = []
+    for i, layer in enumerate(layers):
+
+        def pre(_m, args, kwargs, i=i):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        def post(_m, _args, out, i=i):
+            targets[i] = out[0] if isinstance(out, tuple) else out
+
+        hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(layer.self_attn.register_forward_hook(post))
+    try:
+        teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs, targets
+
+
+class LayerwiseStudent(nn.Module):
+    """The student's attention blocks (and their input norms) as one module for the layer-wise stage.
+
+    Its forward runs every block on the teacher's layer inputs and returns the normalised loss,
+    so under DDP the whole stage is one ordinary wrapped forward. The submodules are the
+    student's own (shared, not copied): training this trains the student.
+    """
+
+    def __init__(self, student):
+        super().__init__()
+        base = student.model
+        self.attn = nn.ModuleList(layer.self_attn for layer in base.layers)
+        self.norms = nn.ModuleList(layer.input_layernorm for layer in base.layers)
+        self.rotary = base.rotary_emb
+
+    def forward(self, inputs: list, targets: list, attention_mask: torch.Tensor | None = None):
+        b, s = inputs[0].shape[:2]
+        position_ids = torch.arange(s, device=inputs[0].device)[None].expand(b, -1)
+        cos_sin = self.rotary(inputs[0], position_ids)
+        mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        outputs = [attn(norm(h), cos_sin, mask) for attn, norm, h in zip(self.attn, self.norms, inputs)]
+        return layerwise_loss(outputs, targets, mask)
+
+
+def layerwise_loss(outputs: list, targets: list, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """sum over layers of mean((out - target)^2) / mean(target^2), fp32; masked positions excluded."""
+    total = None
+    per_layer = []
+    for out, tgt in zip(outputs, targets):
+        out, tgt = out.float(), tgt.float()
+        if mask is not None:
+            keep = mask.bool()
+            out, tgt = out[keep], tgt[keep]
+        rel = (out - tgt).pow(2).mean() / tgt.pow(2).mean().clamp(min=1e-12)
+        per_layer.append(rel.detach())
+        total = rel if total is None else total + rel
+    return total, {"per_layer": torch.stack(per_layer)}
