@@ -77,7 +77,7 @@ def test_chunked_kl_equals_unchunked_with_gradients(ce_weight):
     want_grads = torch.autograd.grad(want, [s_hidden, s_head.weight])
     # chunks compute their softmax in fp32, so agreement is to fp32 precision
     assert abs(loss.item() - want.item()) < 1e-5 * max(1.0, want.item())
-    for got, ref in zip(grads, want_grads):
+    for got, ref in zip(grads, want_grads, strict=True):
         assert (got - ref).abs().max().item() < 1e-5
     assert set(parts) == ({"kl", "ce"} if ce_weight else {"kl"})
 
@@ -231,7 +231,8 @@ def test_input_errors_are_clear(dirs, tmp_path, capsys, tokenizer):
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>").save_pretrained(
         wrong)
     code, err = run_cli(capsys, "finetune", str(dirs["lossy"]), "--teacher", str(wrong), "--max-steps", "1",
-                        "-o", str(tmp_path / "b"), "--data", str(DATA / "calib.txt"), "--seq-len", "32", "--no-progress")
+                        "-o", str(tmp_path / "b"), "--data", str(DATA / "calib.txt"), "--seq-len", "32",
+                        "--no-progress")
     assert code == 2 and "encodes text differently" in err
 
     # --resume into a run directory whose checkpoints come from another model

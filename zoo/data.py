@@ -194,7 +194,7 @@ def iter_token_pieces(spec: str, tokenizer) -> Iterator[list[int] | torch.Tensor
 
     def flush():
         ids = tokenizer([t for t, _ in batch], add_special_tokens=False)["input_ids"]
-        for (_, end), piece in zip(batch, ids):
+        for (_, end), piece in zip(batch, ids, strict=True):
             yield list(piece) + [eos] if end else list(piece)
         batch.clear()
 

@@ -164,7 +164,7 @@ class LayerwiseStudent(nn.Module):
         position_ids = torch.arange(s, device=inputs[0].device)[None].expand(b, -1)
         cos_sin = self.rotary(inputs[0], position_ids)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        outputs = [attn(norm(h), cos_sin, mask) for attn, norm, h in zip(self.attn, self.norms, inputs)]
+        outputs = [attn(norm(h), cos_sin, mask) for attn, norm, h in zip(self.attn, self.norms, inputs, strict=True)]
         return layerwise_loss(outputs, targets, mask)
 
 
@@ -172,7 +172,7 @@ def layerwise_loss(outputs: list, targets: list, mask: torch.Tensor | None = Non
     """sum over layers of mean((out - target)^2) / mean(target^2), fp32; masked positions excluded."""
     total = None
     per_layer = []
-    for out, tgt in zip(outputs, targets):
+    for out, tgt in zip(outputs, targets, strict=True):
         out, tgt = out.float(), tgt.float()
         if mask is not None:
             keep = mask.bool()

@@ -393,7 +393,8 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
     ckpt, out = Path(ckpt), Path(out)
     s.stages = tuple(s.stages)
     if not s.stages or any(st not in STAGES for st in s.stages):
-        raise FinetuneError(f"--stages must be a comma-separated subset of {','.join(STAGES)}, got {','.join(s.stages)}")
+        raise FinetuneError(f"--stages must be a comma-separated subset of {','.join(STAGES)}, "
+                            f"got {','.join(s.stages)}")
     s.stages = tuple(st for st in STAGES if st in s.stages)  # layer-wise first
     if not is_mla_checkpoint(ckpt):
         raise FinetuneError(f"{ckpt} is not an mla-zoo checkpoint (no config.json with model_type llama_mla); "
@@ -475,7 +476,8 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
             student.requires_grad_(False)
             for layer in student.model.layers:
                 layer.self_attn.requires_grad_(True)
-            model, trainer_cls, lr, grad_ckpt = LayerwiseStudent(student), LayerwiseTrainer, s.layerwise_lr or s.lr, False
+            model, trainer_cls, grad_ckpt = LayerwiseStudent(student), LayerwiseTrainer, False
+            lr = s.layerwise_lr or s.lr
         else:
             student.requires_grad_(True)
             model, trainer_cls, lr, grad_ckpt = student, GlobalTrainer, s.lr, s.gradient_checkpointing
@@ -603,7 +605,7 @@ def plot_training(report: dict, path: Path) -> bool:
     for stage, r in report["stages"].items():
         pts = [(h.get("tokens", h["step"]), h["loss"]) for h in r.get("log_history", []) if "loss" in h]
         if pts:
-            ax.plot(*zip(*pts), label=f"{stage} loss", marker=".")
+            ax.plot(*zip(*pts, strict=True), label=f"{stage} loss", marker=".")
     ax.set_xlabel("tokens seen (per stage)")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -614,7 +616,7 @@ def plot_training(report: dict, path: Path) -> bool:
         for stage in report["stages"]:
             pts = [(c["tokens"], c["perplexity"]) for c in curve if c["stage"] == stage]
             if pts:
-                ax.plot(*zip(*pts), label=stage, marker="o")
+                ax.plot(*zip(*pts, strict=True), label=stage, marker="o")
         ax.set_xlabel("tokens seen (per stage)")
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
