@@ -360,6 +360,12 @@ def _prepare_out(out: Path, s: FinetuneSettings, ckpt_hash: str, is_main: bool) 
     return {}
 
 
+def _steady(logs: list[dict]) -> float | None:
+    """Median of the logged tokens/s, the first interval (start-up, compilation) left out."""
+    rates = sorted(h["tokens_per_second"] for h in logs[1:] if "tokens_per_second" in h)
+    return rates[len(rates) // 2] if rates else None
+
+
 def _sync_check(model, device) -> bool:
     """Under DDP: are the replicas' weights identical after training?"""
     import torch.distributed as dist
@@ -518,6 +524,7 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
             "session_seconds": round(seconds, 2),
             "session_steps": done_steps,
             "tokens_per_second": round(done_steps * rows_per_step * s.seq_len / max(seconds, 1e-9), 1),
+            "steady_tokens_per_second": _steady(losses),
             "resumed_from": resume_from,
             "log_history": history,
         }
@@ -546,6 +553,7 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
             for st, r in results.items() for h in r.get("log_history", []) if "perplexity" in h
         ],
         "throughput_tokens_per_second": {k: r["tokens_per_second"] for k, r in results.items()},
+        "steady_tokens_per_second": {k: r.get("steady_tokens_per_second") for k, r in results.items()},
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "wall_seconds": round(time.time() - started, 2),
         "device_seconds": round((time.time() - started) * world, 2) if cuda else None,
