@@ -1,0 +1,298 @@
+"""The model card of a release: `README.md` (huggingface_hub `ModelCard`) and a KV-cache plot.
+
+The YAML front matter carries the Hub's metadata (license inherited from the base, `base_model`,
+`library_name`, `pipeline_tag`, tags, `model-index` with the MLA model's perplexity) and a
+`mla_zoo:` mapping that `mla-zoo list` reads back through `list_models(cardData=True)`:
+version, d_kv, KV-cache bytes and reduction, perplexity of base and MLA.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TAGS = ["mla", "mha2mla", "kv-cache-compression", "custom_code", "mla-zoo"]
+PLOT = "kv_cache.png"
+CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+GIB = 1024**3
+CITATION = """\
+@article{ji2025mha2mla,
+  title   = {Towards Economical Inference: Enabling DeepSeek's Multi-Head Latent Attention
+             in Any Transformer-based LLMs},
+  author  = {Ji, Tao and Guo, Bin and Wu, Yuanbin and Guo, Qipeng and Shen, Lixing and Chen, Zhan
+             and Qiu, Xipeng and Zhang, Qi and Gui, Tao},
+  journal = {arXiv preprint arXiv:2502.14837},
+  year    = {2025}
+}
+
+@article{deepseekv2,
+  title   = {DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model},
+  author  = {{DeepSeek-AI}},
+  journal = {arXiv preprint arXiv:2405.04434},
+  year    = {2024}
+}"""
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def contexts(max_positions: int) -> list[int]:
+    found = [c for c in CONTEXTS if c <= max_positions]
+    return found if max_positions in found else [*found, max_positions]
+
+
+def plot_kv_cache(path: Path, before: int, after: int, max_positions: int, title: str) -> None:
+    """KV cache (GiB, batch 1) against context length, base vs MLA; a small deterministic PNG."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        from .build import BuildError
+
+        raise BuildError("the card stage draws its plot with matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [0, max_positions]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    try:
+        ax.plot(x, [0, before * max_positions / GIB], label="base (MHA/GQA)", color="#888888", linewidth=2)
+        ax.plot(x, [0, after * max_positions / GIB], label="MLA", color="#d6336c", linewidth=2)
+        ax.fill_between(x, [0, after * max_positions / GIB], [0, before * max_positions / GIB],
+                        color="#d6336c", alpha=0.08, label=f"saved: {100 * (1 - after / before):.1f}%")
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("KV cache (GiB, batch 1)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, max_positions)
+        ax.set_ylim(0, None)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(path, format="png", metadata={"Software": None})
+    finally:
+        plt.close(fig)
+
+
+def zoo_metadata(recipe, conversion: dict, metrics: dict, finetuned: bool, onnx: bool) -> dict:
+    s, kv = conversion["settings"], conversion["kv_cache"]
+    return {
+        "version": recipe.release.version,
+        "name": recipe.release.name,
+        "recipe": recipe.name,
+        "d_kv": s["kv_rank_per_head"],
+        "kv_lora_rank": s["kv_rank"],
+        "rope_pairs": s["rope_pairs"],
+        "rope_strategy": s["rope_strategy"],
+        "svd": s["svd"],
+        "dtype": s["dtype"],
+        "kv_bytes_per_token_base": kv["bytes_per_token_before"],
+        "kv_bytes_per_token_mla": kv["bytes_per_token_after"],
+        "kv_reduction": round(kv["reduction"], 6),
+        "perplexity_base": round(metrics["base"]["perplexity"], 4),
+        "perplexity_mla": round(metrics["mla"]["perplexity"], 4),
+        "perplexity_delta": round(metrics["perplexity_delta"], 6),
+        "eval_text": Path(metrics["text"]).name,
+        "finetuned": finetuned,
+        "onnx": onnx,
+    }
+
+
+def card_data(recipe, conversion, metrics, license: str, base_model: str | None, meta: dict) -> ModelCardData:
+    text = Path(metrics["text"]).name
+    return ModelCardData(
+        license=license,
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=TAGS,
+        model_name=recipe.release.name,
+        eval_results=[
+            EvalResult(task_type="text-generation", task_name="Language modelling", dataset_type="text",
+                       dataset_name=text, metric_type="perplexity", metric_value=round(metrics["mla"]["perplexity"], 4),
+                       metric_name=f"Perplexity ({metrics['mla']['tokens']} tokens, seq_len {metrics['seq_len']})"),
+        ],
+        mla_zoo=meta,
+    )
+
+
+def _kv_section(conversion: dict, config: dict) -> str:
+    s, kv = conversion["settings"], conversion["kv_cache"]
+    before, after = kv["bytes_per_token_before"], kv["bytes_per_token_after"]
+    rows = [
+        "| context (tokens) | base | MLA | saved |",
+        "|---:|---:|---:|---:|",
+        f"| 1 (per token, all layers) | {human_bytes(before)} | {human_bytes(after)} | {human_bytes(before - after)} |",
+    ]
+    for n in contexts(config.get("max_position_embeddings") or 4096):
+        saved = human_bytes((before - after) * n)
+        rows.append(f"| {n:,} | {human_bytes(before * n)} | {human_bytes(after * n)} | {saved} |")
+    return "\n".join([
+        "## KV-cache savings",
+        "",
+        f"Per token and layer the cache holds {kv['values_per_token_per_layer_after']} values instead of "
+        f"{kv['values_per_token_per_layer_before']}: a latent of {s['kv_rank']} "
+        f"({s['kv_rank_per_head']} per KV head, the paper's d_kv) plus {2 * s['rope_pairs']} RoPE dims per KV head. "
+        f"In {s['dtype']}, batch 1, that is **{100 * kv['reduction']:.2f}% less KV cache**:",
+        "",
+        *rows,
+        "",
+        f"![KV cache vs context length, base vs MLA]({PLOT})",
+    ])
+
+
+def _eval_section(metrics: dict, gates: list[dict], finetune: dict | None) -> str:
+    base, mla = metrics["base"], metrics["mla"]
+    lines = [
+        "## Evaluation",
+        "",
+        f"Perplexity on `{Path(metrics['text']).name}` ({mla['tokens']:,} tokens scored, windows of "
+        f"{metrics['seq_len']} tokens, {metrics['dtype']}); lower is better. "
+        + ("The MLA model was fine-tuned after conversion." if finetune is not None
+           else "One-shot conversion: no fine-tuning after conversion."),
+        "",
+        "| model | perplexity | KV cache bytes / token |",
+        "|---|---:|---:|",
+        f"| base | {base['perplexity']:.3f} | {base['kv_cache_bytes_per_token']:,} |",
+        f"| MLA (this model) | {mla['perplexity']:.3f} ({100 * metrics['perplexity_delta']:+.2f}%) | "
+        f"{mla['kv_cache_bytes_per_token']:,} |",
+        "",
+        f"(KV bytes here are for the {base['kv_cache_dtype']} evaluation.)",
+    ]
+    if gates:
+        lines += ["", "Release gates:", "", "| gate | result | passed |", "|---|---|:-:|"]
+        lines += [f"| `{g['gate']}` | {g['text']} | {'yes' if g['passed'] else 'no'} |" for g in gates]
+    return "\n".join(lines)
+
+
+def _usage_section(repo_id: str, tag: str, export: dict | None) -> str:
+    lines = [
+        "## Usage",
+        "",
+        "The attention is custom code shipped in this repo (`modeling_llama_mla.py`), so loading needs "
+        "`trust_remote_code=True`; pin `revision` to the release tag so the code you run cannot change under you.",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'repo, revision = "{repo_id}", "{tag}"',
+        "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)",
+        "model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True)",
+        'inputs = tokenizer("The key-value cache of this model", return_tensors="pt")',
+        "output = model.generate(**inputs, max_new_tokens=40)",
+        "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        "```",
+        "",
+        f"Or with the mla-zoo CLI: `mla-zoo pull {repo_id}@{tag}`.",
+        "",
+        "### onnxruntime",
+        "",
+    ]
+    if export is None:
+        lines.append("This release has no ONNX export (the recipe's `[export]` stage is disabled).")
+        return "\n".join(lines)
+    onnx_model = export.get("onnx_model", "model.onnx")
+    kernel = export.get("kernel_library")
+    lines += [
+        "The ONNX graph in `onnx/` uses a fused MultiHeadLatentAttention op; register the mla-zoo kernel library "
+        "with onnxruntime before creating the session.",
+        "",
+        "```python",
+        "import onnxruntime as ort",
+        "from huggingface_hub import snapshot_download",
+        *([f"import {kernel.split('.')[0]}"] if kernel and "." in kernel else []),
+        "",
+        f'path = snapshot_download("{repo_id}", revision="{tag}", allow_patterns=["onnx/*"])',
+        "options = ort.SessionOptions()",
+        f"options.register_custom_ops_library({kernel or 'KERNEL_LIBRARY_PATH'})",
+        f'session = ort.InferenceSession(f"{{path}}/onnx/{onnx_model}", options)',
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+def _limitations(conversion: dict, finetune: dict | None) -> str:
+    lines = [
+        "## Limitations",
+        "",
+        "- The conversion changes the attention of the base model: expect some loss of quality "
+        + ("even after fine-tuning" if finetune is not None else "(this release is a one-shot conversion, "
+           "without the fine-tuning that recovers most of it)")
+        + "; the perplexity above is one small English text, not a benchmark suite.",
+        "- It inherits the base model's biases, knowledge cut-off, languages and license.",
+        "- Loading runs the remote code of this repo (`trust_remote_code=True`); review it and pin the revision.",
+        "- KV-cache sizes are for the cache layout of the shipped code (latent + decoupled RoPE keys); "
+        "other runtimes may store more.",
+    ]
+    lines += [f"- {w}" for w in conversion.get("warnings", [])]
+    return "\n".join(lines)
+
+
+def _details(conversion: dict) -> str:
+    s, energy = conversion["settings"], conversion["svd_retained_energy"]
+    calib = conversion.get("calibration")
+    calib_text = ("none needed" if calib is None else
+                  f"{calib['tokens']} tokens of `{calib['file']}`" if calib.get("kind") == "text" else
+                  f"{calib['tokens']} tokens of the model's own samples")
+    return "\n".join([
+        "## Conversion",
+        "",
+        f"- source: `{conversion['source']['name']}` (weights sha256 `{conversion['source']['sha256'][:16]}…`)",
+        f"- partial RoPE: {s['rope_pairs']} frequency pairs kept per head, strategy `{s['rope_strategy']}`",
+        f"- low rank: `kv_lora_rank` {s['kv_rank']} ({s['kv_rank_per_head']} per KV head), SVD `{s['svd']}`; "
+        f"energy kept per layer: mean {sum(energy) / len(energy):.4f}, min {min(energy):.4f}",
+        f"- calibration: {calib_text}",
+        f"- dtype: {s['dtype']}; `conversion.json` in this repo has every detail.",
+    ])
+
+
+def render(recipe, conversion: dict, config: dict, convert_result: dict, metrics: dict, gates: list[dict],
+           finetune: dict | None, export: dict | None) -> ModelCard:
+    r = recipe.release
+    meta = zoo_metadata(recipe, conversion, metrics, finetune is not None, export is not None)
+    data = card_data(recipe, conversion, metrics, convert_result["license"], convert_result["base_model"], meta)
+    base = convert_result["base_model"] or conversion["source"]["name"]
+    s, kv = conversion["settings"], conversion["kv_cache"]
+    intro = [
+        f"# {r.name}",
+        "",
+        r.description or "",
+        "",
+        f"`{base}` with its attention converted to DeepSeek's **Multi-head Latent Attention** (MLA) by "
+        "[MHA2MLA](https://arxiv.org/abs/2502.14837): each KV head keeps rotary position embeddings on a few "
+        "frequency pairs only (partial RoPE), and the remaining keys and all values are compressed into one "
+        "low-rank latent per token, the only thing the KV cache stores. "
+        f"Here d_kv = {s['kv_rank_per_head']}: the KV cache is {100 * kv['reduction']:.1f}% smaller "
+        f"and perplexity changes by {100 * metrics['perplexity_delta']:+.1f}%.",
+        "",
+        f"Release `{r.tag}` of the mla-zoo model zoo (`mla-zoo list --org {r.repo_id.split('/')[0]}`), "
+        f"built from the recipe `{recipe.name}` below.",
+    ]
+    body = "\n\n".join([
+        "\n".join(intro),
+        _kv_section(conversion, config),
+        _eval_section(metrics, gates, finetune),
+        _usage_section(r.repo_id, r.tag, export),
+        _details(conversion),
+        "## Recipe\n\n```toml\n" + recipe.text.rstrip() + "\n```",
+        _limitations(conversion, finetune),
+        "## Citation\n\n```bibtex\n" + CITATION + "\n```",
+    ])
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def write_card(out_dir: Path, *, recipe, conversion: dict, config: dict, convert_result: dict, metrics: dict,
+               gates: list[dict], finetune: dict | None, export: dict | None) -> dict:
+    """Write README.md and the plot into out_dir; returns the card stage's result."""
+    out_dir = Path(out_dir)
+    kv = conversion["kv_cache"]
+    max_positions = config.get("max_position_embeddings") or 4096
+    plot_kv_cache(out_dir / PLOT, kv["bytes_per_token_before"], kv["bytes_per_token_after"], max_positions,
+                  f"{recipe.release.name}: KV cache ({conversion['settings']['dtype']})")
+    card = render(recipe, conversion, config, convert_result, metrics, gates, finetune, export)
+    card.save(out_dir / "README.md")
+    return {"files": ["README.md", PLOT], "mla_zoo": json.loads(json.dumps(card.data.to_dict()["mla_zoo"]))}
