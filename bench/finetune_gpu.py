@@ -52,7 +52,9 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/ftbench")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--synth-tokens", type=int, default=150_000)
+    p.add_argument("--synth-batch", type=int, nargs="+", default=[64])
     p.add_argument("--data", default="data/train.txt")
+    p.add_argument("--only-synth", action="store_true")
     args = p.parse_args()
     import transformers
     from mla_zoo.zoo.finetune import FinetuneError, FinetuneSettings, run_finetune
@@ -64,17 +66,21 @@ def main() -> None:
     say(device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__)
     tdir, mdir = make_models(work, args.tokenizer)
 
-    for cache in ("static", "dynamic"):
+    for cache, batch in [("static", b) for b in args.synth_batch] + [("dynamic", args.synth_batch[0])]:
         t0 = time.time()
         try:
-            r = synth_data(str(tdir), work / f"synth-{cache}", args.synth_tokens, seq_len=512, batch_size=64,
+            r = synth_data(str(tdir), work / f"synth-{cache}-{batch}", args.synth_tokens, seq_len=512, batch_size=batch,
                            max_new_tokens=256, cache=cache, progress=False)
-            say(check=f"synth-data {cache}", generated_tokens_per_second=r["generated_tokens_per_second"],
+            say(check=f"synth-data {cache} batch {batch}", generated_tokens_per_second=r["generated_tokens_per_second"],
+                steady=r["steady_generated_tokens_per_second"],
                 tokens=r["tokens"], seconds=r["seconds"], cache_used=r["settings"]["cache"],
                 dtype=r["settings"]["dtype"])
         except Exception as e:  # noqa: BLE001 - report and go on
-            say(check=f"synth-data {cache}", error=f"{type(e).__name__}: {e}", seconds=round(time.time() - t0, 1))
+            say(check=f"synth-data {cache} batch {batch}", error=f"{type(e).__name__}: {e}",
+                seconds=round(time.time() - t0, 1))
 
+    if args.only_synth:
+        return
     runs = [
         ("global bs8 seq2048", dict(stages=("global",), batch_size=8, seq_len=2048)),
         ("global bs8 seq2048 grad-ckpt", dict(stages=("global",), batch_size=8, seq_len=2048,

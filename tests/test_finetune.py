@@ -260,7 +260,8 @@ def test_two_process_gloo_run(dirs):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mla_zoo.zoo.cli", "finetune", str(dirs["lossy"]), "-o", str(out), "--teacher", str(dirs["teacher"]),
            "--data", str(DATA / "calib.txt"), "--seq-len", "32", "--batch-size", "2", "--max-steps", "3",
-           "--stages", "layerwise,global", "--layerwise-steps", "2", "--save-steps", "2", "--no-progress"]
+           "--stages", "layerwise,global", "--layerwise-steps", "2", "--save-steps", "2", "--gradient-checkpointing",
+           "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "training.json").read_text())

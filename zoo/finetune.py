@@ -277,12 +277,15 @@ def _training_args(output_dir: Path, s: FinetuneSettings, steps: int, lr: float,
         logging_first_step=True, save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
         bf16=bf16, seed=s.seed, data_seed=s.seed, report_to="none", disable_tqdm=not s.progress,
         dataloader_drop_last=True, dataloader_num_workers=0, remove_unused_columns=False,
-        ddp_find_unused_parameters=False, gradient_checkpointing=grad_ckpt,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
+        ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # lets accelerate run several CPU processes (gloo) under torchrun
         save_safetensors=True,  # the default, and gone from newer versions: passed only where it exists
     )
     known = inspect.signature(TrainingArguments.__init__).parameters
+    # the new name (transformers >= 5.2x) where it exists; its deprecated alias elsewhere
+    ckpt_name = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
+    kwargs[ckpt_name] = grad_ckpt
+    kwargs[f"{ckpt_name}_kwargs"] = {"use_reentrant": False} if grad_ckpt else None
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in known})
 
 

@@ -186,6 +186,8 @@ def synth_data(
     torch.manual_seed(seed)
     written = generated = samples = 0
     gen_seconds = 0.0
+    batch_times: list[float] = []
+    batch_counts: list[int] = []
     started = time.time()
     bar = tqdm(total=tokens, desc="synth-data", unit="tok", unit_scale=True, disable=not progress)
     order = itertools.cycle(range(len(texts)))
@@ -209,7 +211,9 @@ def synth_data(
             if cuda:
                 torch.cuda.synchronize()
             gen_seconds += time.time() - t0
+            batch_times.append(time.time() - t0)
             out_ids = out_ids.cpu()
+            batch_generated = 0
             mask = batch["attention_mask"].cpu()
             for row in range(len(idx)):
                 prompt = out_ids[row, :prompt_len][mask[row].bool()].tolist()
@@ -217,6 +221,7 @@ def synth_data(
                 cut = next((k for k, t in enumerate(answer) if t in eos_ids), None)
                 answer = answer if cut is None else answer[: cut + 1]
                 generated += len(answer)
+                batch_generated += len(answer)
                 sample = prompt + answer
                 if sample[-1] != tokenizer.eos_token_id:
                     sample.append(tokenizer.eos_token_id)
@@ -224,6 +229,7 @@ def synth_data(
                 written += len(sample)
                 samples += 1
                 bar.update(len(sample))
+            batch_counts.append(batch_generated)
             bar.set_postfix(gen_tok_s=f"{generated / max(gen_seconds, 1e-9):.0f}")
         writer.close()
         seconds = time.time() - started
@@ -239,6 +245,9 @@ def synth_data(
             "generation_seconds": round(gen_seconds, 2),
             "generated_tokens_per_second": round(generated / max(gen_seconds, 1e-9), 1),
             "tokens_per_second": round(written / max(seconds, 1e-9), 1),
+            # without the first batch (a static cache compiles there)
+            "steady_generated_tokens_per_second": round(sum(batch_counts[1:]) / sum(batch_times[1:]), 1)
+            if len(batch_times) > 1 else None,
             "prompt_count": len(prompts),
             "chat": chat,
             "device": torch.cuda.get_device_name() if cuda else "cpu",
