@@ -199,6 +199,27 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(dirs):
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
 
 
+def test_build_hook_runs_a_recipe_section_and_is_idempotent(dirs):
+    from types import SimpleNamespace
+
+    from mla_zoo.zoo.finetune import FinetuneError, run_recipe_stage
+
+    spec = SimpleNamespace(enabled=True, data_file=DATA / "calib.txt", dataset=None, dataset_config=None,
+                           dataset_split="train", steps=2, tokens=None, learning_rate=1e-4, batch_size=2, seq_len=32,
+                           warmup_ratio=0.0, options={"stages": "layerwise,global", "layerwise-steps": 1,
+                                                      "progress": False})
+    out = dirs["root"] / "build-stage"
+    out.mkdir()
+    result = run_recipe_stage(dirs["lossy"], out, spec)  # teacher: the source named in conversion.json
+    assert result["stage_steps"] == {"layerwise": 1, "global": 2}
+    assert (out / "config.json").is_file() and (out / "modeling_llama_mla.py").is_file()
+    json.dumps(result)
+    assert run_recipe_stage(dirs["lossy"], out, spec)["tokens_seen"] == result["tokens_seen"]  # finished: kept
+    spec.options = {"no_such_knob": 1}
+    with pytest.raises(FinetuneError, match="unknown"):
+        run_recipe_stage(dirs["lossy"], out, spec)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------

@@ -637,3 +637,49 @@ def plot_training(report: dict, path: Path) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Hook for `mla-zoo build` (zoo/build.py): a recipe's [finetune] section
+# ----------------------------------------------------------------------------------------------
+
+RECIPE_SUMMARY = ("tokens_seen", "stage_steps", "final_losses", "throughput_tokens_per_second",
+                  "steady_tokens_per_second", "perplexity_curve", "device", "world_size", "wall_seconds")
+
+
+def recipe_settings(spec, resume: bool) -> FinetuneSettings:
+    """FinetuneSettings from a recipe's FinetuneSpec (data_file | dataset (+ config, split), steps | tokens,
+    learning_rate, batch_size, seq_len, warmup_ratio, and `options`: any other FinetuneSettings field,
+    e.g. stages = "layerwise,global", ce_weight, temperature, grad_accum, eval_text, save_steps)."""
+    from dataclasses import fields
+
+    if getattr(spec, "data_file", None):
+        data = str(spec.data_file)
+    elif getattr(spec, "dataset", None):
+        config, split = getattr(spec, "dataset_config", None) or "", getattr(spec, "dataset_split", None) or "train"
+        data = f"hf:{spec.dataset}:{config}:{split}"
+    else:
+        raise FinetuneError("the recipe's [finetune] needs data_file or dataset")
+    options = {str(k).replace("-", "_"): v for k, v in dict(getattr(spec, "options", None) or {}).items()}
+    settable = {f.name for f in fields(FinetuneSettings)} - {"data", "resume", "overwrite", "extra"}
+    unknown = sorted(set(options) - settable)
+    if unknown:
+        raise FinetuneError(f"unknown [finetune.options] {', '.join(unknown)}; known: {', '.join(sorted(settable))}")
+    if isinstance(options.get("stages"), str):
+        options["stages"] = tuple(x.strip() for x in options["stages"].split(",") if x.strip())
+    base = dict(seq_len=spec.seq_len, tokens=spec.tokens, max_steps=spec.steps, batch_size=spec.batch_size,
+                lr=spec.learning_rate, warmup_ratio=spec.warmup_ratio)
+    return FinetuneSettings(data=data, **{**base, **options}, resume=resume, overwrite=not resume)
+
+
+def run_recipe_stage(model_dir, out_dir, spec, recipe=None, teacher: str | None = None) -> dict:
+    """`mla-zoo build`'s finetune stage: distil `model_dir` into `out_dir` (resuming what an
+    interrupted run left there); the checkpoint lands at the top level of `out_dir`. The teacher
+    defaults to the source recorded in the checkpoint's conversion.json. Returns a summary."""
+    out = Path(out_dir)
+    if teacher is None:
+        teacher = _read_json(Path(model_dir) / "conversion.json").get("source", {}).get("spec")
+        if not teacher:
+            raise FinetuneError(f"{model_dir}/conversion.json names no source model: pass the teacher")
+    report = run_finetune(model_dir, out, str(teacher), recipe_settings(spec, resume=(out / "run.json").is_file()))
+    return {k: report.get(k) for k in RECIPE_SUMMARY}
