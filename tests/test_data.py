@@ -131,3 +131,18 @@ def test_prompt_set_is_varied():
     assert any("capital of" in p for p in chat) and any("short story" in p for p in chat)
     assert build_prompts(chat=True, seed=1) != chat
     assert len(build_prompts(chat=False)) > 50
+
+
+def test_a_mix_takes_an_equal_share_of_rows_from_each_part(tmp_path, tokenizer):
+    from mla_zoo.zoo.data import describe, pack_rows
+
+    long, short = tmp_path / "long.txt", tmp_path / "short.txt"
+    long.write_text("It is a truth universally acknowledged. " * 200)
+    short.write_text("The capital of France is Paris. " * 10)
+    alone = pack_rows(str(short), tokenizer, 16, progress=False)
+    rows = pack_rows(f"{long},{short}", tokenizer, 16, max_rows=40, progress=False)
+    assert rows.shape == (40, 16)
+    assert describe(f"{long},{short}")["kind"] == "mix"
+    # the second half is the short part, repeated to its share
+    assert all(any(torch.equal(r, a) for a in alone) for r in rows[20:])
+    assert not any(any(torch.equal(r, a) for a in alone) for r in rows[:20])

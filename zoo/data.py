@@ -6,7 +6,10 @@ A data SPEC is one of:
 * a directory (all such files under it, sorted) or a glob (`data/*.jsonl`, `corpus/**/*.txt`);
 * a directory written by `mla-zoo synth-data` (its `shard-*.safetensors`, already tokenised);
 * `hf:NAME[:CONFIG][:SPLIT]`: a Hugging Face `datasets` dataset, streamed (needs `datasets` and
-  a network; split defaults to `train`), field `text` or `messages`.
+  a network; split defaults to `train`), field `text` or `messages`;
+* several of these joined by commas (`synth/,data/train.txt`): a mix with an equal share of rows
+  from each (a part that runs short is repeated), e.g. the teacher's chat samples to keep its chat
+  behaviour plus in-domain real text.
 
 Documents are tokenised without special tokens and concatenated with EOS after each one; the
 stream is cut into rows of exactly `seq_len` tokens (the remainder is dropped). Only as many
@@ -77,8 +80,14 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return name, config, split
 
 
+def split_spec(spec: str) -> list[str]:
+    return [part for part in spec.split(",") if part]
+
+
 def describe(spec: str) -> dict:
     """What a spec resolves to, for run reports (files and their count, or the hf dataset)."""
+    if "," in spec:
+        return {"spec": spec, "kind": "mix", "parts": [describe(part) for part in split_spec(spec)]}
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)
         return {"spec": spec, "kind": "hf", "name": name, "config": config, "split": split}
@@ -222,6 +231,12 @@ def check_seq_len(seq_len: int, config) -> None:
 
 def pack_rows(spec: str, tokenizer, seq_len: int, max_rows: int | None = None, progress: bool = True) -> torch.Tensor:
     """Tokenise and pack the data into [rows, seq_len] int32 (at most max_rows rows)."""
+    if "," in spec:  # a mix: an equal share of rows from each part, short parts repeated
+        parts = split_spec(spec)
+        packed = [pack_rows(p, tokenizer, seq_len, -(-max_rows // len(parts)) if max_rows else None, progress)
+                  for p in parts]
+        share = max(len(r) for r in packed)
+        return torch.cat([r.repeat((share + len(r) - 1) // len(r), 1)[:share] for r in packed])[:max_rows]
     rows: list[torch.Tensor] = []
     buf: list[torch.Tensor] = []
     held = 0
