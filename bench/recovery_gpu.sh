@@ -49,6 +49,7 @@ finetune() {  # finetune NAME CKPT STAGES [extra flags]
 
 env() { :; }
 ft32() { finetune ft32 /tmp/mla32 layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${STEPS:-300}"; }
+ft16() { finetune ft16 /tmp/mla16 layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${STEPS:-300}"; }
 ft8() { finetune ft8 /tmp/mla8 layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${STEPS:-300}"; }
 ft32-global() { finetune ft32g /tmp/mla32 global --max-steps "${STEPS:-300}"; }
 

@@ -159,3 +159,18 @@ def test_convert_from_a_hub_id(source_dir, tmp_path):
         assert report["source"]["base_model"] == "mla-zoo/tiny-llama"
         assert (out / "model.safetensors").is_file()
         assert not hub.errors
+
+
+def test_eval_reports_teacher_agreement_and_behaviour(source_dir, tmp_path, capsys):
+    """`mla-zoo eval --teacher --prompts`: a lossless conversion agrees with its teacher everywhere."""
+    src = source_dir("llama-gqa")
+    out = tmp_path / "mla"
+    assert convert(src, out, "--rope-strategy", "high", "--rope-pairs", "8", "--kv-rank", "32") == 0
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", str(DATA / "heldout.txt"), "--max-tokens", "600", "--seq-len", "200",
+                 "--teacher", str(src), "--prompts", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1_agreement"] > 0.99
+    assert result["perplexity"] == pytest.approx(result["teacher_perplexity"], rel=1e-4)
+    assert len(result["behaviour"]) == 5 and all("answer" in b for b in result["behaviour"])
+    assert result["tokens"] == 597  # 3 windows of 200 tokens, each scoring 199

@@ -56,12 +56,22 @@ def cmd_eval(args) -> int:
     from mla_zoo.zoo.evaluate import evaluate
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    result = evaluate(args.model, args.text, args.seq_len, args.max_tokens, dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    result = evaluate(args.model, args.text, args.seq_len, args.max_tokens, dtype, teacher=args.teacher,
+                      prompts=args.prompts, tasks=tasks, device=device)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of "
-              f"{result['text']}; KV cache {result['kv_cache_bytes_per_token']:,} bytes/token ({result['kv_cache_dtype']})")
+        return 0
+    print(f"{result['model']}: perplexity {result['perplexity']:.3f} over {result['tokens']} tokens of "
+          f"{result['text']}; KV cache {result['kv_cache_bytes_per_token']:,} bytes/token ({result['kv_cache_dtype']})")
+    if "top1_agreement" in result:
+        print(f"teacher {result['teacher']}: perplexity {result['teacher_perplexity']:.3f}; "
+              f"top-1 agreement {100 * result['top1_agreement']:.1f}%")
+    for b in result.get("behaviour", []):
+        print(f"[{'ok' if b['ok'] else '--'}] {b['prompt']} -> {b['answer']!r}")
+    for task, metrics in result.get("tasks", {}).items():
+        print(f"{task}: {metrics}")
     return 0
 
 
@@ -96,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--max-tokens", type=int, default=None)
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--teacher", help="the original model: adds its perplexity and the top-1 agreement with it")
+    e.add_argument("--prompts", action="store_true", help="answer a fixed set of behaviour prompts (greedy)")
+    e.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (needs lm-eval and a network)")
+    e.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 

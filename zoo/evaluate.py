@@ -57,18 +57,93 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int
     return {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll / count}
 
 
+# A fixed set of behaviour prompts, answered greedily: a quick look at whether a conversion kept
+# what the model knew and how it talks (the first one is the project's smoke test: "Paris").
+BEHAVIOUR_PROMPTS = [
+    ("What is the capital of France?", "Paris"),
+    ("How many days are there in a week?", "seven|7"),
+    ("What is the opposite of hot?", "cold"),
+    ("Name a primary colour.", "red|blue|yellow"),
+    ("Translate 'thank you' into French.", "merci"),
+]
+
+
+@torch.no_grad()
+def behaviour(model, tokenizer, max_new_tokens: int = 32) -> list[dict]:
+    """Greedy answers to BEHAVIOUR_PROMPTS (chat template when the tokenizer has one)."""
+    import re
+
+    results = []
+    for prompt, expected in BEHAVIOUR_PROMPTS:
+        if getattr(tokenizer, "chat_template", None):
+            enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+        else:
+            enc = tokenizer(f"Question: {prompt}\nAnswer:", return_tensors="pt")
+        enc = {k: v.to(model.device) for k, v in enc.items()}
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        ok = re.search(expected, text, flags=re.IGNORECASE) is not None
+        results.append({"prompt": prompt, "answer": text, "expected": expected, "ok": ok})
+    return results
+
+
+@torch.no_grad()
+def top1_agreement(model, teacher, tokenizer, text: str, seq_len: int = 1024, max_tokens: int | None = None) -> float:
+    """Fraction of positions where the model's and the teacher's most likely next tokens agree."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    same = total = 0
+    for start in range(0, ids.numel() - 1, seq_len):
+        window = ids[start : start + seq_len][None]  # [1, L]
+        a = model(input_ids=window.to(model.device), use_cache=False).logits.argmax(-1).cpu()
+        b = teacher(input_ids=window.to(teacher.device), use_cache=False).logits.argmax(-1).cpu()
+        same += int((a == b).sum())
+        total += window.numel()
+    return same / total
+
+
+def lm_eval_tasks(spec: str, tasks: list[str], device: str) -> dict:
+    """An lm-evaluation-harness run (needs `lm_eval` and a network for its datasets)."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise ValueError("--tasks needs lm-evaluation-harness: pip install lm-eval (and a network)") from e
+    out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={spec},trust_remote_code=True",
+                                  tasks=tasks, device=device)
+    return out["results"]
+
+
 def evaluate(spec: str, text_file: str, seq_len: int = 1024, max_tokens: int | None = None,
-             dtype: torch.dtype = torch.float32) -> dict:
+             dtype: torch.dtype = torch.float32, teacher: str | None = None, prompts: bool = False,
+             tasks: list[str] | None = None, device: str = "cpu") -> dict:
+    """Everything `mla-zoo eval` reports for one model; the teacher, prompts and tasks are optional."""
     started = time.time()
     model, tokenizer = load_model(spec, dtype)
-    result = perplexity(model, tokenizer, read_text(text_file), seq_len, max_tokens)
+    model = model.to(device)
+    text = read_text(text_file)
+    result = perplexity(model, tokenizer, text, seq_len, max_tokens)
     kv = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
-    return {
+    report = {
         "model": str(spec),
         "text": str(text_file),
         "seq_len": seq_len,
         **result,
         "kv_cache_bytes_per_token": kv["after"],
         "kv_cache_dtype": str(dtype).replace("torch.", ""),
-        "seconds": round(time.time() - started, 2),
     }
+    if teacher:
+        teacher_model, teacher_tok = load_model(teacher, dtype)
+        from mla_zoo.zoo.finetune import check_tokenizers
+
+        check_tokenizers(tokenizer, teacher_tok, model.config, teacher_model.config)
+        teacher_model = teacher_model.to(device)
+        report["teacher"] = str(teacher)
+        report["teacher_perplexity"] = perplexity(teacher_model, tokenizer, text, seq_len, max_tokens)["perplexity"]
+        report["top1_agreement"] = top1_agreement(model, teacher_model, tokenizer, text, seq_len, max_tokens)
+    if prompts:
+        report["behaviour"] = behaviour(model, tokenizer)
+    if tasks:
+        report["tasks"] = lm_eval_tasks(str(spec), tasks, device)
+    report["seconds"] = round(time.time() - started, 2)
+    return report

@@ -60,7 +60,7 @@ class FinetuneSettings:
     weight_decay: float = 0.0
     temperature: float = 1.0
     ce_weight: float = 0.0
-    stages: tuple[str, ...] = ("global",)
+    stages: tuple[str, ...] = ("layerwise", "global")  # layer-wise first measured better (bench/RESULTS.md)
     layerwise_steps: int | None = None  # default: 10% of the global stage (all of it when alone)
     layerwise_lr: float | None = None  # default: lr
     save_steps: int = 500

@@ -85,7 +85,8 @@ def register(sub) -> None:
     f.add_argument("--weight-decay", type=float, default=0.0)
     f.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (KL scaled by T^2)")
     f.add_argument("--ce-weight", type=float, default=0.0, help="weight of next-token CE added to the KL")
-    f.add_argument("--stages", default="global", help="comma-separated: layerwise,global (layerwise runs first)")
+    f.add_argument("--stages", default="layerwise,global",
+                   help="comma-separated: layerwise,global (default; layer-wise runs first) or global alone")
     f.add_argument("--layerwise-steps", type=int, help="default: 10%% of the global stage (all steps when alone)")
     f.add_argument("--layerwise-lr", type=float, help="default: --lr")
     f.add_argument("--save-steps", type=int, default=500)
