@@ -120,8 +120,10 @@ def collect_stats(model, batches: torch.Tensor, want_moments: bool, batch_size: 
         hooks += [attn.q_proj.register_forward_hook(q_hook), attn.k_proj.register_forward_hook(k_hook)]
         if want_moments:
             def x_hook(_m, inp, i=i):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).float()  # [N, hidden]
-                stats.xxt[i] += (x.T @ x).double()  # fp32 per batch (fast), fp64 across batches
+                # fp64: hidden states have outlier dims (eigenvalues 1e4x the mean), and fp32 rounding
+                # of X^T X then leaves the small directions negative, breaking the whitening
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()  # [N, hidden]
+                stats.xxt[i] += x.T @ x
 
             hooks.append(attn.q_proj.register_forward_pre_hook(x_hook))
     try:

@@ -11,8 +11,7 @@ all of S into up, down = V^T.)
 
 * joint: one SVD of [K_nope; V] (MHA2MLA's best): keys and values share every latent dim.
 * split: separate SVDs of K_nope and V, half of the latent each (the paper's ablation).
-* whitened: activation-aware joint SVD. With C = E[x x^T] = L L^T (Cholesky) over calibration
-  inputs, ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
+* whitened: activation-aware joint SVD. With C = E[x x^T] = L L^T over calibration inputs, ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
   W L = U S V^T, W' = U_r S_r V_r^T L^{-1}; up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T L^{-1}.
   It keeps the directions the inputs actually use rather than those of largest weight norm.
 """
@@ -36,13 +35,18 @@ def joint(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float
 
 
 def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Activation-aware joint SVD; `second_moment` is E[x x^T] of the block's input, [hidden, hidden]."""
+    """Activation-aware joint SVD; `second_moment` is E[x x^T] of the block's input, [hidden, hidden].
+
+    The square root of C is taken by eigendecomposition, C = Q diag(l) Q^T, L = Q diag(sqrt(l)), which
+    (unlike a Cholesky factor) exists also when fewer calibration tokens than hidden dims make C
+    singular; the damping keeps unseen directions from being divided by zero.
+    """
     c = second_moment.double()
-    damp = 1e-6 * c.diagonal().mean().clamp_min(1e-12)  # keeps the Cholesky defined for unused directions
-    chol = torch.linalg.cholesky(c + damp * torch.eye(c.shape[0], dtype=c.dtype))  # C = L L^T
-    up, down_white, energy = _svd_factor(w.double() @ chol, rank)  # (W L) ~ up @ down_white
-    # down = down_white @ L^{-1} = (L^{-T} down_white^T)^T, and L^{-T} y solves L^T z = y
-    down = torch.linalg.solve_triangular(chol.T, down_white.T, upper=True).T
+    damp = 1e-6 * c.diagonal().mean().clamp_min(1e-12)
+    evals, q = torch.linalg.eigh(c + damp * torch.eye(c.shape[0], dtype=c.dtype))
+    root = evals.clamp_min(damp).sqrt()  # C + damp I = L L^T with L = Q diag(root)
+    up, down_white, energy = _svd_factor(w.double() @ (q * root), rank)  # (W L) ~ up @ down_white
+    down = (down_white / root) @ q.T  # down_white @ L^{-1} = down_white diag(1/root) Q^T
     return up, down, energy
 
 

@@ -125,3 +125,15 @@ def test_settings_out_of_range_name_the_valid_range():
         resolve_settings(ConvertSettings(kv_rank=8, kv_rank_per_head=5), cfg)
     s = resolve_settings(ConvertSettings(kv_rank_per_head=4), cfg)
     assert (s.kv_rank, s.kv_rank_per_head, s.rope_pairs) == (8, 4, 1)
+
+
+def test_whitened_svd_survives_fewer_calibration_tokens_than_hidden_dims():
+    """A singular second moment (rank 10 < 32 dims) with an outlier direction still factorises."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    x[:, 0] *= 300  # an outlier dim, as LLM hidden states have
+    up, down, _ = lowrank.whitened(w, 8, x.T @ x / len(x))
+    assert torch.isfinite(up).all() and torch.isfinite(down).all()
+    err = lambda u, d: ((w - u @ d) @ x.T).norm()  # noqa: E731
+    assert err(up, down) < err(*lowrank.joint(w, 8)[:2])
