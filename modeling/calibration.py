@@ -84,7 +84,7 @@ class AttentionStats:
     tokens: int = 0
 
     def pair_norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(q / self.tokens, k / self.tokens) for q, k in zip(self.q_norm_sum, self.k_norm_sum)]
+        return [(q / self.tokens, k / self.tokens) for q, k in zip(self.q_norm_sum, self.k_norm_sum, strict=True)]
 
     def second_moments(self) -> list[torch.Tensor]:
         return [x / self.tokens for x in self.xxt]
@@ -105,7 +105,8 @@ def collect_stats(model, batches: torch.Tensor, want_moments: bool, batch_size: 
     stats = AttentionStats(
         q_norm_sum=[torch.zeros(cfg.num_attention_heads, head_dim // 2) for _ in layers],
         k_norm_sum=[torch.zeros(cfg.num_key_value_heads, head_dim // 2) for _ in layers],
-        xxt=[torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float64) for _ in layers] if want_moments else [],
+        xxt=[torch.zeros(cfg.hidden_size, cfg.hidden_size, dtype=torch.float64) for _ in layers]
+        if want_moments else [],
     )
     hooks = []
     for i, layer in enumerate(layers):

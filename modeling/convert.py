@@ -167,7 +167,8 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
         bq, bk, bv = attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias
         mla_attn.q_proj.bias.copy_(bq[q_rows])
         mla_attn.k_rope_proj.bias.copy_(bk[kr_rows])
-        mla_attn.kv_b_proj.bias.copy_(torch.cat([torch.cat((bk[r], bv[kv * d : (kv + 1) * d])) for kv, r in enumerate(kn_rows)]))
+        kv_bias = [torch.cat((bk[rows], bv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)]
+        mla_attn.kv_b_proj.bias.copy_(torch.cat(kv_bias))
     if mla_attn.o_proj.bias is not None:
         mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
     return energy
@@ -218,7 +219,7 @@ def convert_model(model, tokenizer, source_info, settings: ConvertSettings, prog
         mla.tie_weights()
     moments = stats.second_moments() if stats is not None and s.svd == "whitened" else None
     energies = []
-    layers = zip(model.model.layers, mla.model.layers)
+    layers = zip(model.model.layers, mla.model.layers, strict=True)
     for i, (src_layer, dst_layer) in enumerate(
         tqdm(list(layers), desc="converting layers", unit="layer", disable=not progress)
     ):
@@ -302,12 +303,14 @@ def format_report(report: dict) -> str:
     lines = [
         f"source          {report['source']['name']}",
         f"partial RoPE    {s['rope_pairs']} pairs per head, strategy {s['rope_strategy']}",
-        f"latent          kv_lora_rank {s['kv_rank']} total = {s['kv_rank_per_head']} per KV head (d_kv), svd {s['svd']}",
+        f"latent          kv_lora_rank {s['kv_rank']} total = {s['kv_rank_per_head']} per KV head (d_kv), "
+        f"svd {s['svd']}",
         f"calibration     {_calib_line(report['calibration'])}",
         f"KV cache        {kv['values_per_token_per_layer_before']} -> {kv['values_per_token_per_layer_after']} values "
         f"per token per layer; {kv['bytes_per_token_before']:,} -> {kv['bytes_per_token_after']:,} bytes per token "
         f"({s['dtype']}, all layers): -{100 * kv['reduction']:.2f}%",
-        f"SVD energy kept mean {sum(energy) / len(energy):.4f}, min {min(energy):.4f} (layer {energy.index(min(energy))})",
+        f"SVD energy kept mean {sum(energy) / len(energy):.4f}, "
+        f"min {min(energy):.4f} (layer {energy.index(min(energy))})",
         f"time            {report['seconds']:.1f} s",
     ]
     if "one_shot" in report:

@@ -11,7 +11,8 @@ all of S into up, down = V^T.)
 
 * joint: one SVD of [K_nope; V] (MHA2MLA's best): keys and values share every latent dim.
 * split: separate SVDs of K_nope and V, half of the latent each (the paper's ablation).
-* whitened: activation-aware joint SVD. With C = E[x x^T] = L L^T over calibration inputs, ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
+* whitened: activation-aware joint SVD. With C = E[x x^T] = L L^T over calibration inputs,
+  ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
   W L = U S V^T, W' = U_r S_r V_r^T L^{-1}; up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T L^{-1}.
   It keeps the directions the inputs actually use rather than those of largest weight norm.
 """

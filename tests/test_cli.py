@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DATA
-
 from mla_zoo.zoo.cli import main
 
 REMOTE_LOAD = r"""
@@ -125,7 +124,6 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(source_dir, tmp_path, ca
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
     """A failure while writing (here: the tokenizer cannot be saved) removes the temporary dir."""
     from conftest import convert_tiny, tiny_source
-
     from mla_zoo.modeling.convert import save_checkpoint
 
     mla, report = convert_tiny(tiny_source("llama-gqa"), rope_pairs=2, kv_rank=8)
