@@ -10,10 +10,9 @@ import json
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from mla_zoo.modeling.convert import ConvertSettings, convert_model
 from mla_zoo.modeling.sources import SourceInfo
+from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def smollm2_shaped(layers: int = 30) -> LlamaForCausalLM:

@@ -11,7 +11,6 @@ import json
 import sys
 
 import torch
-
 from mla_zoo.zoo.evaluate import evaluate
 
 
