@@ -57,7 +57,7 @@ def test_shipped_recipes_validate():
     small = load_recipe("smollm2-135m-dkv16")
     assert small.source.kind == "bundled" and not small.finetune.enabled and not small.export.enabled
     assert small.conversion.calib_text == REPO / "data" / "calib.txt"
-    assert small.finetune.tokens == 1_600_000  # a budget is recorded even while the stage is off
+    assert small.finetune.steps == 300  # a budget is recorded even while the stage is off
     assert small.finetune.data_file == REPO / "data" / "train.txt"
 
 
