@@ -67,6 +67,7 @@ class FinetuneSettings:
     save_total_limit: int | None = 2
     bf16: bool | None = None  # None: on CUDA
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile the student (Trainer's torch_compile) and the teacher's body
     eval_text: str | None = None
     eval_every: int = 100
     eval_tokens: int = 16384
@@ -280,6 +281,7 @@ def _training_args(output_dir: Path, s: FinetuneSettings, steps: int, lr: float,
         ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # lets accelerate run several CPU processes (gloo) under torchrun
         save_safetensors=True,  # the default, and gone from newer versions: passed only where it exists
+        torch_compile=s.compile,
     )
     known = inspect.signature(TrainingArguments.__init__).parameters
     # the new name (transformers >= 5.2x) where it exists; its deprecated alias elsewhere
@@ -471,6 +473,8 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
     device = state.device
     teacher_model.requires_grad_(False).eval()
     teacher_model.to(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    if s.compile:  # the frozen teacher's body runs every step: compile it too
+        teacher_model.model = torch.compile(teacher_model.model)
     GlobalTrainer, LayerwiseTrainer, PerplexityCallback, DropPickledArgs = _trainer_classes()
     results = dict(run.get("stage_results", {}))
     in_sync = True

@@ -29,7 +29,8 @@ def cmd_finetune(args) -> int:
         weight_decay=args.weight_decay, temperature=args.temperature, ce_weight=args.ce_weight,
         stages=tuple(x.strip() for x in args.stages.split(",") if x.strip()), layerwise_steps=args.layerwise_steps,
         layerwise_lr=args.layerwise_lr, save_steps=args.save_steps, save_total_limit=args.save_total_limit,
-        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, eval_text=args.eval_text,
+        bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing, compile=args.compile,
+        eval_text=args.eval_text,
         eval_every=args.eval_every, eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len, seed=args.seed,
         chunk_size=args.kl_chunk, logging_steps=args.logging_steps, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -96,6 +97,7 @@ def register(sub) -> None:
     f.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast and a bf16 teacher (default: on CUDA)")
     f.add_argument("--gradient-checkpointing", action="store_true")
+    f.add_argument("--compile", action="store_true", help="torch.compile student and teacher (GPU; see bench/RESULTS.md)")
     f.add_argument("--eval-text", help="measure perplexity on this text during training")
     f.add_argument("--eval-every", type=int, default=100, help="steps between perplexity measurements")
     f.add_argument("--eval-tokens", type=int, default=16384, help="tokens of --eval-text scored each time")
