@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 from finetune_gpu import make_models
-
 from mla_zoo.zoo.finetune import FinetuneSettings, run_finetune
 
 

@@ -97,7 +97,8 @@ def register(sub) -> None:
     f.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast and a bf16 teacher (default: on CUDA)")
     f.add_argument("--gradient-checkpointing", action="store_true")
-    f.add_argument("--compile", action="store_true", help="torch.compile student and teacher (GPU; see bench/RESULTS.md)")
+    f.add_argument("--compile", action="store_true",
+                   help="torch.compile student and teacher: faster past ~1000 steps (bench/RESULTS.md)")
     f.add_argument("--eval-text", help="measure perplexity on this text during training")
     f.add_argument("--eval-every", type=int, default=100, help="steps between perplexity measurements")
     f.add_argument("--eval-tokens", type=int, default=16384, help="tokens of --eval-text scored each time")
