@@ -35,6 +35,7 @@ SUPPORTED = {
     "qwen2": "Qwen2ForCausalLM (q/k/v biases)",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
 class SourceError(ValueError):
@@ -125,6 +126,13 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
+def download_hub_source(repo_id: str, revision: str | None = None) -> Path:
+    """A Hub checkpoint's config, tokenizer and safetensors weights (never pickled .bin files)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+
+
 def check_architecture(config) -> None:
     if config.model_type not in SUPPORTED:
         names = ", ".join(SUPPORTED.values())
@@ -160,10 +168,8 @@ def resolve(spec: str, dtype: torch.dtype = torch.float32):
             raise SourceError(f"{spec} has no .safetensors weights (mla-zoo never loads pickled .bin files)")
         sha = _hash_files(weights)
     else:  # a Hub id
-        from huggingface_hub import snapshot_download
-
         try:
-            path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            path = download_hub_source(spec)
         except Exception as e:
             raise SourceError(f"{spec!r} is not a local path, a .gguf file, a bundled name "
                               f"({', '.join(BUNDLED)}) or a reachable Hub id: {e}") from e

@@ -52,7 +52,6 @@ from .recipe import GateSpec, Recipe
 
 STAGES = ("convert", "finetune", "eval", "export", "card")
 HOOKS = {"finetune": "mla_zoo.zoo.finetune", "export": "mla_zoo.export"}
-HUB_SOURCE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 FORMAT = 1
 
 
@@ -273,12 +272,11 @@ class Builder:
             elif s.kind in ("gguf", "local"):
                 self._source_path = str(s.path)
             else:
-                from huggingface_hub import snapshot_download
+                from mla_zoo.modeling.sources import download_hub_source
 
                 revision = self.source_identity().get("commit") or s.revision
                 try:
-                    self._source_path = snapshot_download(s.model, revision=revision,
-                                                          allow_patterns=HUB_SOURCE_PATTERNS)
+                    self._source_path = str(download_hub_source(s.model, revision))
                 except Exception as e:
                     raise BuildError(f"cannot download the source {s.model}@{revision or 'main'}: {e}") from e
         return self._source_path
