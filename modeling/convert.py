@@ -25,10 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import calibration, lowrank, partial_rope
-from .configuration_llama_mla import LlamaMLAConfig
-from .modeling_llama_mla import LlamaMLAForCausalLM
+from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
+from .remote.configuration_llama_mla import LlamaMLAConfig
+from .remote.modeling_llama_mla import LlamaMLAForCausalLM
 
-REMOTE_CODE = ("configuration_llama_mla.py", "modeling_llama_mla.py")
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
@@ -277,9 +277,8 @@ def save_checkpoint(model, tokenizer, report: dict, out: str | Path, overwrite: 
     try:
         os.chmod(tmp, 0o755)
         model.save_pretrained(tmp)
-        here = Path(__file__).parent
-        for name in REMOTE_CODE:  # verbatim: a checkpoint loads without mla-zoo installed
-            shutil.copyfile(here / name, tmp / name)
+        for name in REMOTE_CODE_FILES:  # verbatim: a checkpoint loads without mla-zoo installed
+            shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")

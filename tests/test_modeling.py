@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import convert_tiny, tiny_source
 from mla_zoo.modeling.convert import kv_bytes_per_token
-from mla_zoo.modeling.modeling_llama_mla import MLACache, mla_absorbed_attention, mla_explicit_attention
+from mla_zoo.modeling.remote.modeling_llama_mla import MLACache, mla_absorbed_attention, mla_explicit_attention
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_left_padded_batch_generates_like_each_prompt_alone(mla):
 
 
 def test_config_rejects_inconsistent_mla_fields():
-    from mla_zoo.modeling.configuration_llama_mla import LlamaMLAConfig
+    from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
 
     base = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
     with pytest.raises(ValueError, match="kv_lora_rank"):

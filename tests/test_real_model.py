@@ -50,7 +50,7 @@ def test_real_cache_bytes_equal_the_report(paper_setting, smollm2):
     cache = out.past_key_values
     t = cache.get_seq_length()
     assert t == out.sequences.shape[1] - 1  # the last token is never fed back
-    from mla_zoo.modeling.modeling_llama_mla import cache_nbytes
+    from mla_zoo.modeling.remote.modeling_llama_mla import cache_nbytes
 
     assert cache_nbytes(cache) == 2 * t * report["kv_cache"]["bytes_per_token_after"]
     assert report["kv_cache"]["bytes_per_token_after"] == kv_bytes_per_token(mla.config, 4)["after"] == 30 * 120 * 4

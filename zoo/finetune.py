@@ -334,7 +334,7 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def _load_student(path):
-    from mla_zoo.modeling.modeling_llama_mla import LlamaMLAForCausalLM
+    from mla_zoo.modeling.remote.modeling_llama_mla import LlamaMLAForCausalLM
 
     return LlamaMLAForCausalLM.from_pretrained(path, dtype=torch.float32)
 
@@ -393,7 +393,7 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
     from accelerate import PartialState
     from mla_zoo.modeling import sources
     from mla_zoo.modeling.calibration import read_text
-    from mla_zoo.modeling.configuration_llama_mla import LlamaMLAConfig
+    from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
