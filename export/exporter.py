@@ -1,0 +1,343 @@
+"""`mla-zoo export CKPT -o DIR`: an MLA checkpoint -> one ONNX decoder-with-past graph.
+
+Flow: load the checkpoint -> DecoderWithPast (export/wrapper.py) -> `torch.onnx.export(dynamo=True)`
+with a custom translation that writes each attention block as ONE `mla_zoo.MultiHeadLatentAttention`
+node -> rename inputs/outputs as optimum-onnx does -> attach the op's portable function body (the
+exporter would inline it, so it goes in afterwards), or inline it with `portable` -> save the model,
+the tokenizer and genai_config.json into DIR (atomically: a failed export leaves no half DIR).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16"}
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+
+
+class ExportError(ValueError):
+    """Bad export input (unsupported dtype, existing output, ...)."""
+
+
+@dataclass
+class ExportSettings:
+    checkpoint: str = field(metadata={"help": "a converted MLA checkpoint directory (config.json with llama_mla)"})
+    output_dir: str = field(metadata={"help": "where the ONNX model, tokenizer and genai_config.json go"})
+    portable: bool = field(default=False, metadata={
+        "help": "inline the op's standard-ONNX body (runs anywhere; no custom node, no fused kernel)"})
+    dtype: str = field(default="fp32", metadata={"help": "fp32 (CPU) or fp16 (GPU, issue 17); weights and cache"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
+
+
+@dataclass
+class ExportReport:
+    output_dir: str
+    model_path: str
+    dtype: str
+    portable: bool
+    num_layers: int
+    mla_nodes: int  # MultiHeadLatentAttention nodes in the main graph (0 when portable)
+    latent_dim: int  # r = kv_lora_rank
+    key_rope_dim: int  # n_kv * 2R
+    cache_bytes_per_token: int  # all layers, in dtype
+    external_data: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def input_names(num_layers: int) -> list[str]:
+    names = ["input_ids", "attention_mask", "position_ids"]
+    for i in range(num_layers):
+        names += [f"past_key_values.{i}.latent", f"past_key_values.{i}.key_rope"]
+    return names
+
+
+def output_names(num_layers: int) -> list[str]:
+    names = ["logits"]
+    for i in range(num_layers):
+        names += [f"present.{i}.latent", f"present.{i}.key_rope"]
+    return names
+
+
+def check_settings(settings: ExportSettings) -> None:
+    if settings.dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {settings.dtype!r}: choose one of {', '.join(DTYPES)} "
+                          "(onnxruntime's CPU provider has no bfloat16 MatMul)")
+    ckpt = Path(settings.checkpoint)
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(f"{ckpt} has no config.json: not a checkpoint directory")
+    from .wrapper import check_mla_config
+
+    class _Config:  # read the fields the check needs without loading remote code
+        def __init__(self, d):
+            self.__dict__.update(d)
+
+    check_mla_config(_Config(json.loads((ckpt / "config.json").read_text())))
+    out = Path(settings.output_dir)
+    if out.exists() and any(out.iterdir()) and not settings.overwrite:
+        raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def load_checkpoint(path: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=getattr(torch, DTYPES[dtype]))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# torch -> ONNX IR
+# ----------------------------------------------------------------------------------------------
+
+
+def export_ir(model, dtype: str = "fp32"):
+    """The decoder-with-past as an onnx_ir.Model with one MultiHeadLatentAttention node per layer
+    (the node's function body is NOT attached yet: see attach_body)."""
+    import torch
+
+    from . import op
+    from .wrapper import DecoderWithPast
+
+    wrapper = DecoderWithPast(model).eval()
+    n = len(wrapper.attns)
+    batch, seq, past = 2, 3, 4  # >= 2 each: sizes 0 and 1 get specialised by torch.export
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    pos = torch.arange(past, past + seq)[None].expand(batch, -1).contiguous()
+    past_tensors = wrapper.empty_past(batch, past)
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
+    total = torch.export.Dim("total")  # = past + sequence; the op checks it at run time
+    dynamic_shapes = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: total},
+        "position_ids": {0: b, 1: s},
+        "past": [{0: b, 2: p} for _ in range(2 * n)],
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            wrapper, (ids, mask, pos, past_tensors), dynamo=True, opset_version=op.ONNX_OPSET,
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table={torch.ops.mla_zoo.multi_head_latent_attention.default: op.translate},
+            optimize=True, verbose=False, report=False,
+        )
+    ir_model = program.model
+    graph = ir_model.graph
+    for value, name in zip(graph.inputs, input_names(n), strict=True):
+        value.name = name
+    for value, name in zip(graph.outputs, output_names(n), strict=True):
+        value.name = name
+    _name_dims(graph)
+    ir_model.producer_name = "mla-zoo"
+    return ir_model
+
+
+def _name_dims(graph) -> None:
+    """Symbolic dim names users expect (batch_size, sequence_length, past/total_sequence_length)."""
+    import onnx_ir as ir
+
+    def rename(value, dims: dict[int, str]):
+        if value.shape is None:
+            return
+        shape = list(value.shape)
+        for axis, name in dims.items():
+            if not isinstance(shape[axis], int):
+                shape[axis] = ir.SymbolicDim(name)
+        value.shape = ir.Shape(shape)
+
+    for v in graph.inputs:
+        if v.name in ("input_ids", "position_ids"):
+            rename(v, {0: "batch_size", 1: "sequence_length"})
+        elif v.name == "attention_mask":
+            rename(v, {0: "batch_size", 1: "total_sequence_length"})
+        else:
+            rename(v, {0: "batch_size", 2: "past_sequence_length"})
+    for v in graph.outputs:
+        if v.name == "logits":
+            rename(v, {0: "batch_size", 1: "sequence_length"})
+        else:
+            rename(v, {0: "batch_size", 2: "total_sequence_length"})
+
+
+def count_mla_nodes(ir_model) -> int:
+    from . import op
+
+    return sum(1 for node in ir_model.graph if node.domain == op.DOMAIN and node.op_type == op.OP_NAME)
+
+
+def attach_body(ir_model) -> None:
+    """Adds the op's function body (and helpers) as model-local functions + the domain's opset import."""
+    import onnx_ir as ir
+
+    from . import op
+
+    for proto in op.function_protos():
+        fn = ir.serde.deserialize_function(proto)
+        ir_model.functions[fn.identifier()] = fn
+    ir_model.opset_imports[op.DOMAIN] = op.OP_VERSION
+
+
+def inline_body(ir_model) -> None:
+    """Replaces every MultiHeadLatentAttention node by its body (standard ops only)."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import InlinePass, RemoveUnusedOpsetsPass
+
+    from . import op
+
+    attach_body(ir_model)
+    InlinePass()(ir_model)
+    ir_model.functions.clear()
+    RemoveUnusedOpsetsPass()(ir_model)
+    ir_model.opset_imports.pop(op.DOMAIN, None)
+    assert not any(node.domain == op.DOMAIN for node in ir.traversal.RecursiveGraphIterator(ir_model.graph))
+
+
+def initializer_bytes(ir_model) -> int:
+    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+
+
+def save_model(ir_model, directory: Path) -> bool:
+    """Writes model.onnx (+ model.onnx.data when large); returns whether external data was used."""
+    import onnx_ir as ir
+
+    external = initializer_bytes(ir_model) > EXTERNAL_DATA_BYTES
+    ir.save(ir_model, directory / MODEL_FILE, external_data=DATA_FILE if external else None)
+    return external
+
+
+# ----------------------------------------------------------------------------------------------
+# Side files: tokenizer, genai_config.json
+# ----------------------------------------------------------------------------------------------
+
+
+def genai_config(config, dtype: str, latent_dim: int, key_rope_dim: int, library: str | None,
+                 context_length: int | None = None) -> dict:
+    """onnxruntime-genai's config for this model (see README: genai cannot run this cache layout)."""
+    eos = config.eos_token_id
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": MODEL_FILE,
+        "head_size": latent_dim,
+        "hidden_size": config.hidden_size,
+        "inputs": {
+            "input_ids": "input_ids",
+            "attention_mask": "attention_mask",
+            "position_ids": "position_ids",
+            "past_key_names": "past_key_values.%d.latent",
+            "past_value_names": "past_key_values.%d.key_rope",
+        },
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.latent",
+            "present_value_names": "present.%d.key_rope",
+        },
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": 1,
+    }
+    if library:
+        decoder["session_options"]["custom_ops_library"] = library
+    return {
+        "model": {
+            "bos_token_id": config.bos_token_id,
+            "context_length": context_length or config.max_position_embeddings,
+            "decoder": decoder,
+            "eos_token_id": eos,
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else (
+                eos[0] if isinstance(eos, list) else eos),
+            "type": "llama",
+            "vocab_size": config.vocab_size,
+        },
+        "search": {
+            "do_sample": False, "early_stopping": True, "max_length": context_length or config.max_position_embeddings,
+            "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+        "mla_zoo": {"dtype": dtype, "latent_dim": latent_dim, "key_rope_dim": key_rope_dim,
+                    "note": "past/present hold [B, 1, T, latent_dim] and [B, 1, T, key_rope_dim]: "
+                            "key and value widths differ, which onnxruntime-genai's KV cache cannot allocate"},
+    }
+
+
+def copy_tokenizer(checkpoint: Path, directory: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:  # a checkpoint without a tokenizer still exports
+        warnings.warn(f"no tokenizer copied from {checkpoint}: {e}", stacklevel=2)
+        return
+    tokenizer.save_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bool = False,
+                 checkpoint: str | Path | None = None) -> ExportReport:
+    """Exports an in-memory MLA model into `directory` (created; must be empty or absent)."""
+    import onnx
+
+    from .kernels.build import KernelLibraryNotBuilt, get_library_path
+
+    start = time.perf_counter()
+    directory = Path(directory)
+    ir_model = export_ir(model, dtype)
+    n_layers = model.config.num_hidden_layers
+    mla_nodes = count_mla_nodes(ir_model)
+    if mla_nodes != n_layers:
+        raise RuntimeError(f"expected one MultiHeadLatentAttention node per layer ({n_layers}), found {mla_nodes}")
+    latent_dim = ir_model.graph.inputs[3].shape[3]
+    key_rope_dim = ir_model.graph.inputs[4].shape[3]
+    if portable:
+        inline_body(ir_model)
+        mla_nodes = 0
+    else:
+        attach_body(ir_model)
+
+    staging = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        external = save_model(ir_model, staging)
+        onnx.checker.check_model(str(staging / MODEL_FILE), full_check=False)
+        try:
+            library = None if portable else get_library_path()
+        except KernelLibraryNotBuilt:
+            library = None
+        cfg = genai_config(model.config, dtype, latent_dim, key_rope_dim, library)
+        (staging / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if checkpoint is not None:
+            copy_tokenizer(Path(checkpoint), staging)
+        if directory.exists():
+            shutil.rmtree(directory)
+        staging.rename(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    itemsize = 4 if dtype == "fp32" else 2
+    return ExportReport(
+        output_dir=str(directory), model_path=str(directory / MODEL_FILE), dtype=dtype, portable=portable,
+        num_layers=n_layers, mla_nodes=mla_nodes, latent_dim=latent_dim, key_rope_dim=key_rope_dim,
+        cache_bytes_per_token=n_layers * (latent_dim + key_rope_dim) * itemsize, external_data=external,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def run_export(settings: ExportSettings) -> ExportReport:
+    """`mla-zoo export`: checks the input first (fast, clear errors), then loads and exports."""
+    check_settings(settings)
+    model = load_checkpoint(settings.checkpoint, settings.dtype)
+    return export_model(model, settings.output_dir, settings.dtype, settings.portable, settings.checkpoint)

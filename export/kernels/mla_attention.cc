@@ -1,0 +1,371 @@
+// onnxruntime CPU kernel of mla_zoo.MultiHeadLatentAttention (contract: export/op_spec.md).
+//
+// Absorbed multi-head latent attention over the latent KV cache. Per call:
+//   A. per query token (b, s): rotate the new RoPE key and write it and the new latent into the
+//      presents; rotate the query's RoPE dims and absorb W_uk into its NoPE dims (q_lat), pre-scaled;
+//   B. copy the past cache rows into the presents;
+//   C. per (b, s, KV chunk): scores of all H heads against the chunk (the latent row is read once
+//      for all heads), masked softmax partials (max, sum, weighted latent): split-K, so one decode
+//      token at batch 1 still spreads over every thread;
+//   D. per (b, s): merge the chunk partials (log-sum-exp) and apply W_uv.
+// Math in float32; inputs and outputs float32 or float16. Threads: onnxruntime's intra-op pool.
+// The CPU and (later, issue 17) CUDA kernels are registered from this one library: RegisterCustomOps
+// at the bottom is the single entry point.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "onnxruntime_lite_custom_op.h"
+
+namespace {
+
+constexpr const char* kDomain = "mla_zoo";
+constexpr const char* kOpName = "MultiHeadLatentAttention";
+constexpr int kOpVersion = 1;
+
+// ---------------------------------------------------------------------------------------------
+// float / float16 element access
+// ---------------------------------------------------------------------------------------------
+
+inline float to_float(float x) { return x; }
+inline float to_float(Ort::Float16_t x) { return x.ToFloat(); }
+template <typename T>
+inline T from_float(float x);
+template <>
+inline float from_float<float>(float x) { return x; }
+template <>
+inline Ort::Float16_t from_float<Ort::Float16_t>(float x) { return Ort::Float16_t(x); }
+
+// A float view of n contiguous elements: the data itself for float, a converted copy for float16.
+inline const float* as_float(const float* src, size_t, std::vector<float>&) { return src; }
+inline const float* as_float(const Ort::Float16_t* src, size_t n, std::vector<float>& buf) {
+  buf.resize(n);
+  for (size_t i = 0; i < n; ++i) buf[i] = src[i].ToFloat();
+  return buf.data();
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// Runs f(i) for i in [0, n) on onnxruntime's intra-op thread pool.
+template <typename F>
+void parallel_for(Ort::KernelContext& ctx, size_t n, F& f) {
+  if (n == 0) return;
+  if (n == 1) {
+    f(0);
+    return;
+  }
+  ctx.ParallelFor([](void* data, size_t i) { (*static_cast<F*>(data))(i); }, n, 0, &f);
+}
+
+struct ShapeError {
+  std::string message;
+};
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << "]";
+  return s.str();
+}
+
+void expect(bool ok, const std::string& what) {
+  if (!ok) throw ShapeError{what};
+}
+
+void expect_shape(const char* name, const std::vector<int64_t>& got, const std::vector<int64_t>& want) {
+  bool ok = got.size() == want.size();
+  for (size_t i = 0; ok && i < got.size(); ++i) ok = want[i] < 0 || got[i] == want[i];
+  if (!ok) {
+    std::ostringstream s;
+    s << "input '" << name << "' has shape " << shape_str(got) << ", expected " << shape_str(want)
+      << " (-1 = any; see mla_zoo export/op_spec.md)";
+    throw ShapeError{s.str()};
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct MultiHeadLatentAttention {
+  int64_t num_heads = 0, num_kv_heads = 0;
+  std::vector<int64_t> rope_pairs;  // [n_kv, R] row-major
+  float scale = 1.f;
+
+  MultiHeadLatentAttention(const OrtApi*, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    num_heads = ki.GetAttribute<int64_t>("num_heads");
+    num_kv_heads = ki.GetAttribute<int64_t>("num_kv_heads");
+    rope_pairs = ki.GetAttributes<int64_t>("rope_pairs");
+    scale = ki.GetAttribute<float>("scale");
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query,
+                      const Ort::Custom::Tensor<T>& latent, const Ort::Custom::Tensor<T>& key_rope,
+                      const Ort::Custom::Tensor<T>& past_latent, const Ort::Custom::Tensor<T>& past_key_rope,
+                      const Ort::Custom::Tensor<int64_t>& attention_mask, const Ort::Custom::Tensor<T>& cos,
+                      const Ort::Custom::Tensor<T>& sin, const Ort::Custom::Tensor<T>& w_uk,
+                      const Ort::Custom::Tensor<T>& w_uv, Ort::Custom::Tensor<T>& output,
+                      Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope) {
+    try {
+      Run(context, query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+          output, present_latent, present_key_rope);
+    } catch (const ShapeError& e) {
+      return Ort::Status((std::string(kOpName) + ": " + e.message).c_str(), ORT_INVALID_ARGUMENT);
+    } catch (const std::exception& e) {
+      return Ort::Status((std::string(kOpName) + ": " + e.what()).c_str(), ORT_FAIL);
+    }
+    return Ort::Status{nullptr};
+  }
+
+  void Run(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query, const Ort::Custom::Tensor<T>& latent,
+           const Ort::Custom::Tensor<T>& key_rope, const Ort::Custom::Tensor<T>& past_latent,
+           const Ort::Custom::Tensor<T>& past_key_rope, const Ort::Custom::Tensor<int64_t>& attention_mask,
+           const Ort::Custom::Tensor<T>& cos, const Ort::Custom::Tensor<T>& sin, const Ort::Custom::Tensor<T>& w_uk,
+           const Ort::Custom::Tensor<T>& w_uv, Ort::Custom::Tensor<T>& output,
+           Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope) {
+    // ---- shapes (every mismatch is a clear error, never a crash) ----
+    const int64_t H = num_heads, n_kv = num_kv_heads;
+    expect(H > 0 && n_kv > 0 && H % n_kv == 0, "num_heads must be a positive multiple of num_kv_heads");
+    expect(!rope_pairs.empty() && rope_pairs.size() % n_kv == 0, "rope_pairs must hold n_kv * R >= 1 indices");
+    const int64_t R = static_cast<int64_t>(rope_pairs.size()) / n_kv, E = 2 * R, G = H / n_kv;
+    const auto qs = query.Shape();
+    expect(qs.size() == 3 && qs[2] % H == 0, "input 'query' must be [B, S, num_heads * head_dim], got " + shape_str(qs));
+    const int64_t B = qs[0], S = qs[1], hd = qs[2] / H, dn = hd - E;
+    expect(dn >= 0, "head_dim is smaller than the RoPE dims 2R");
+    const auto ls = latent.Shape();
+    expect(ls.size() == 3, "input 'latent' must be [B, S, r], got " + shape_str(ls));
+    const int64_t r = ls[2];
+    expect_shape("latent", ls, {B, S, r});
+    expect_shape("key_rope", key_rope.Shape(), {B, S, n_kv * E});
+    const auto ps = past_latent.Shape();
+    expect(ps.size() == 4, "input 'past_latent' must be [B, 1, P, r], got " + shape_str(ps));
+    const int64_t P = ps[2], Tt = P + S;
+    expect_shape("past_latent", ps, {B, 1, P, r});
+    expect_shape("past_key_rope", past_key_rope.Shape(), {B, 1, P, n_kv * E});
+    expect_shape("attention_mask", attention_mask.Shape(), {B, Tt});
+    const int64_t half = *std::max_element(rope_pairs.begin(), rope_pairs.end()) + 1;
+    const auto cs = cos.Shape();
+    expect(cs.size() == 3 && cs[0] == B && cs[1] == S && cs[2] >= half,
+           "input 'cos' must be [B, S, >= max(rope_pairs) + 1], got " + shape_str(cs));
+    expect_shape("sin", sin.Shape(), cs);
+    expect_shape("w_uk", w_uk.Shape(), {n_kv, dn, r});
+    const auto vs = w_uv.Shape();
+    expect(vs.size() == 3, "input 'w_uv' must be [n_kv, d_v, r], got " + shape_str(vs));
+    const int64_t dv = vs[1];
+    expect_shape("w_uv", vs, {n_kv, dv, r});
+    const int64_t C = cs[2], KR = n_kv * E;
+
+    const T* q_in = query.Data();
+    const T* lat_in = latent.Data();
+    const T* kr_in = key_rope.Data();
+    const T* plat = past_latent.Data();
+    const T* pkr = past_key_rope.Data();
+    const int64_t* mask = attention_mask.Data();
+    const T* cos_in = cos.Data();
+    const T* sin_in = sin.Data();
+    T* out = output.Allocate({B, S, H * dv});
+    T* lat_out = present_latent.Allocate({B, 1, Tt, r});
+    T* kr_out = present_key_rope.Allocate({B, 1, Tt, KR});
+    if (B == 0 || S == 0) return;
+
+    std::vector<float> wuk_buf, wuv_buf;
+    const float* wuk = as_float(w_uk.Data(), static_cast<size_t>(n_kv * dn * r), wuk_buf);  // [n_kv, dn, r]
+    const float* wuv = as_float(w_uv.Data(), static_cast<size_t>(n_kv * dv * r), wuv_buf);  // [n_kv, dv, r]
+    Ort::KernelContext ctx(context);
+
+    // ---- A. new rows of the presents; rotated, absorbed, pre-scaled queries ----
+    const int64_t QW = r + E;  // per head: [q_lat (r) | q_rope (2R)]
+    std::vector<float> qbuf(static_cast<size_t>(B * S * H * QW));
+    auto phase_a = [&](size_t i) {
+      const int64_t b = static_cast<int64_t>(i) / S, s = static_cast<int64_t>(i) % S;
+      const T* q = q_in + (b * S + s) * H * hd;
+      const T* k = kr_in + (b * S + s) * KR;
+      const T* cs_row = cos_in + (b * S + s) * C;
+      const T* sn_row = sin_in + (b * S + s) * C;
+      const int64_t row = b * Tt + P + s;
+      std::copy(lat_in + (b * S + s) * r, lat_in + (b * S + s + 1) * r, lat_out + row * r);
+      std::vector<float> c(R), sn(R), qn(dn);
+      for (int64_t g = 0; g < n_kv; ++g) {
+        for (int64_t j = 0; j < R; ++j) {
+          c[j] = to_float(cs_row[rope_pairs[g * R + j]]);
+          sn[j] = to_float(sn_row[rope_pairs[g * R + j]]);
+        }
+        for (int64_t j = 0; j < R; ++j) {  // y = x * [c, c] + rotate_half(x) * [s, s]
+          const float x1 = to_float(k[g * E + j]), x2 = to_float(k[g * E + R + j]);
+          kr_out[row * KR + g * E + j] = from_float<T>(x1 * c[j] - x2 * sn[j]);
+          kr_out[row * KR + g * E + R + j] = from_float<T>(x2 * c[j] + x1 * sn[j]);
+        }
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+          const T* qh = q + h * hd;  // [rope 2R | nope dn]
+          float* dst = qbuf.data() + (i * H + h) * QW;
+          float* q_lat = dst;
+          float* q_rope = dst + r;
+          for (int64_t j = 0; j < R; ++j) {
+            const float x1 = to_float(qh[j]), x2 = to_float(qh[R + j]);
+            q_rope[j] = scale * (x1 * c[j] - x2 * sn[j]);
+            q_rope[R + j] = scale * (x2 * c[j] + x1 * sn[j]);
+          }
+          for (int64_t d = 0; d < dn; ++d) qn[d] = scale * to_float(qh[E + d]);
+          std::fill(q_lat, q_lat + r, 0.f);
+          for (int64_t d = 0; d < dn; ++d) axpy(q_lat, qn[d], wuk + (g * dn + d) * r, r);  // W_uk^T q_nope
+        }
+      }
+    };
+    parallel_for(ctx, static_cast<size_t>(B * S), phase_a);
+
+    // ---- B. past rows of the presents ----
+    const int64_t copy_rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, r + KR));
+    const int64_t copy_chunks = (P + copy_rows - 1) / copy_rows;
+    auto phase_b = [&](size_t i) {
+      const int64_t b = static_cast<int64_t>(i) / copy_chunks, t0 = (static_cast<int64_t>(i) % copy_chunks) * copy_rows;
+      const int64_t t1 = std::min(P, t0 + copy_rows);
+      std::memcpy(lat_out + (b * Tt + t0) * r, plat + (b * P + t0) * r, sizeof(T) * (t1 - t0) * r);
+      std::memcpy(kr_out + (b * Tt + t0) * KR, pkr + (b * P + t0) * KR, sizeof(T) * (t1 - t0) * KR);
+    };
+    parallel_for(ctx, static_cast<size_t>(B * copy_chunks), phase_b);
+
+    // ---- C. split-K partial attention: per (b, s, chunk) and head: max, sum, weighted latent ----
+    const int64_t queries = B * S;
+    const int64_t want_tasks = 64;
+    const int64_t n_chunks = std::max<int64_t>(
+        1, std::min<int64_t>((Tt + 127) / 128, (want_tasks + queries - 1) / queries));
+    const int64_t chunk = (Tt + n_chunks - 1) / n_chunks;
+    const int64_t PW = r + 2;  // per head partial: [o_lat (r) | max | sum]
+    std::vector<float> part(static_cast<size_t>(queries * n_chunks * H * PW));
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    auto phase_c = [&](size_t i) {
+      const int64_t qi = static_cast<int64_t>(i) / n_chunks, ci = static_cast<int64_t>(i) % n_chunks;
+      const int64_t b = qi / S, s = qi % S, self = P + s;
+      const int64_t t0 = ci * chunk, t1 = std::min(self + 1, std::min(Tt, t0 + chunk));  // causal: t <= self
+      float* pt = part.data() + i * H * PW;
+      for (int64_t h = 0; h < H; ++h) {
+        std::fill(pt + h * PW, pt + h * PW + r, 0.f);
+        pt[h * PW + r] = neg_inf;
+        pt[h * PW + r + 1] = 0.f;
+      }
+      if (t1 <= t0) return;
+      const int64_t L = t1 - t0;
+      std::vector<float> cbuf, kbuf, sc(static_cast<size_t>(H * L));
+      const float* c = as_float(lat_out + (b * Tt + t0) * r, static_cast<size_t>(L * r), cbuf);
+      const float* k = as_float(kr_out + (b * Tt + t0) * KR, static_cast<size_t>(L * KR), kbuf);
+      const float* qv = qbuf.data() + qi * H * QW;
+      const int64_t* m = mask + b * Tt;
+      for (int64_t t = 0; t < L; ++t) {
+        const bool allowed = m[t0 + t] != 0 || t0 + t == self;
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = qv + h * QW;
+          sc[h * L + t] = allowed ? dot(qh, c + t * r, r) + dot(qh + r, k + t * KR + (h / G) * E, E) : neg_inf;
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = sc.data() + h * L;
+        float mx = neg_inf;
+        for (int64_t t = 0; t < L; ++t) mx = std::max(mx, row[t]);
+        if (mx == neg_inf) continue;
+        float sum = 0.f;
+        for (int64_t t = 0; t < L; ++t) {
+          row[t] = std::exp(row[t] - mx);
+          sum += row[t];
+        }
+        pt[h * PW + r] = mx;
+        pt[h * PW + r + 1] = sum;
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const float* ct = c + t * r;
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = sc[h * L + t];
+          if (p != 0.f && pt[h * PW + r] != neg_inf) axpy(pt + h * PW, p, ct, r);
+        }
+      }
+    };
+    parallel_for(ctx, static_cast<size_t>(queries * n_chunks), phase_c);
+
+    // ---- D. merge the chunks, then W_uv ----
+    auto phase_d = [&](size_t qi) {
+      std::vector<float> o(r);
+      for (int64_t h = 0; h < H; ++h) {
+        float mx = neg_inf;
+        for (int64_t ci = 0; ci < n_chunks; ++ci) mx = std::max(mx, part[((qi * n_chunks + ci) * H + h) * PW + r]);
+        std::fill(o.begin(), o.end(), 0.f);
+        float total = 0.f;
+        for (int64_t ci = 0; ci < n_chunks; ++ci) {
+          const float* pt = part.data() + ((qi * n_chunks + ci) * H + h) * PW;
+          if (pt[r] == neg_inf) continue;
+          const float w = std::exp(pt[r] - mx);
+          total += w * pt[r + 1];
+          axpy(o.data(), w, pt, r);
+        }
+        const float inv = 1.f / total;
+        const int64_t g = h / G;
+        T* dst = out + (static_cast<int64_t>(qi) * H + h) * dv;
+        for (int64_t d = 0; d < dv; ++d) dst[d] = from_float<T>(inv * dot(wuv + (g * dv + d) * r, o.data(), r));
+      }
+    };
+    parallel_for(ctx, static_cast<size_t>(queries), phase_d);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Registration (one domain, one library; CUDA kernels of issue 17 register here too)
+// ---------------------------------------------------------------------------------------------
+
+void add_cpu_kernels(Ort::CustomOpDomain& domain) {
+  static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f32{
+      Ort::Custom::CreateLiteCustomOp<MultiHeadLatentAttention<float>>(kOpName, "CPUExecutionProvider", kOpVersion)};
+  static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f16{
+      Ort::Custom::CreateLiteCustomOp<MultiHeadLatentAttention<Ort::Float16_t>>(kOpName, "CPUExecutionProvider",
+                                                                                kOpVersion)};
+  domain.Add(f32.get());
+  domain.Add(f16.get());
+}
+
+std::mutex registration_mutex;
+std::vector<Ort::CustomOpDomain> domains;  // must outlive every session that uses them
+
+}  // namespace
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                  const OrtApiBase* api_base) {
+  if (api_base == nullptr) return nullptr;
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) return nullptr;  // an onnxruntime older than the headers: nothing we can report through
+  Ort::InitApi(api);
+  try {
+    std::lock_guard<std::mutex> lock(registration_mutex);
+    Ort::CustomOpDomain domain{kDomain};
+    add_cpu_kernels(domain);
+    Ort::UnownedSessionOptions session_options(options);
+    session_options.Add(domain);
+    domains.push_back(std::move(domain));
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
+
+// The version of the op contract this library implements (checked by mla_zoo.export.kernels.build).
+__attribute__((visibility("default"))) int MlaZooOpVersion() { return kOpVersion; }
+
+}  // extern "C"

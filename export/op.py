@@ -1,0 +1,259 @@
+"""The MultiHeadLatentAttention op in its three forms (contract: export/op_spec.md).
+
+* `reference`: plain torch, the ground truth the other two are tested against;
+* `multi_head_latent_attention`: a `torch.library` custom op (eager = `reference`) that the export
+  wrapper calls, so `torch.export` keeps each attention block as one node;
+* `translate` (custom translation for `torch.onnx.export`) writes that node as ONE
+  `mla_zoo.MultiHeadLatentAttention` ONNX node, and `function_proto()` is the portable body of the
+  node in standard ONNX ops, attached to the model after export (export/exporter.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+import onnxscript
+import torch
+from onnxscript import FLOAT, script
+from onnxscript.values import Op, Opset
+
+DOMAIN = "mla_zoo"
+OP_NAME = "MultiHeadLatentAttention"
+OP_VERSION = 1
+ONNX_OPSET = 18  # the torch exporter's native opset (TORCHLIB_OPSET): no version conversion
+INPUTS = (
+    "query", "latent", "key_rope", "past_latent", "past_key_rope", "attention_mask", "cos", "sin", "w_uk", "w_uv",
+)
+OUTPUTS = ("output", "present_latent", "present_key_rope")
+ATTRIBUTES = ("num_heads", "num_kv_heads", "rope_pairs", "scale")
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference (torch)
+# ----------------------------------------------------------------------------------------------
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference(
+    query: torch.Tensor,
+    latent: torch.Tensor,
+    key_rope: torch.Tensor,
+    past_latent: torch.Tensor,
+    past_key_rope: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    rope_pairs: Sequence[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's semantics in plain torch (float32 math, outputs in the input dtype). Shapes: op_spec.md."""
+    dtype = query.dtype
+    b, s, _ = query.shape
+    n_kv, g = num_kv_heads, num_heads // num_kv_heads
+    rope = key_rope.shape[-1] // n_kv  # 2R
+    pairs = torch.as_tensor(list(rope_pairs), dtype=torch.long, device=query.device).view(n_kv, rope // 2)
+    cos = cos.float()[..., pairs]  # [B, S, n_kv, R]
+    sin = sin.float()[..., pairs]
+    cos, sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)  # [B, S, n_kv, 2R]
+
+    q = query.float().view(b, s, n_kv, g, -1)  # [B, S, n_kv, G, hd]
+    q_rope = q[..., :rope] * cos[:, :, :, None] + _rotate_half(q[..., :rope]) * sin[:, :, :, None]
+    q_nope = q[..., rope:]  # [B, S, n_kv, G, d_nope]
+    k_new = key_rope.float().view(b, s, n_kv, rope)
+    k_new = (k_new * cos + _rotate_half(k_new) * sin).to(dtype)  # [B, S, n_kv, 2R]
+
+    present_latent = torch.cat((past_latent, latent[:, None]), dim=2)  # [B, 1, T, r]
+    present_key_rope = torch.cat((past_key_rope, k_new.reshape(b, 1, s, -1)), dim=2)  # [B, 1, T, n_kv*2R]
+    c = present_latent[:, 0].float()  # [B, T, r]
+    k_rope = present_key_rope[:, 0].float().unflatten(-1, (n_kv, rope))  # [B, T, n_kv, 2R]
+    t = c.shape[1]
+
+    q_lat = torch.einsum("bsgqd,gdr->bsgqr", q_nope, w_uk.float())  # [B, S, n_kv, G, r]
+    scores = torch.einsum("bsgqr,btr->bgqst", q_lat, c) + torch.einsum("bsgqe,btge->bgqst", q_rope, k_rope)
+    q_pos = torch.arange(t - s, t, device=query.device)[:, None]  # [S, 1]
+    k_pos = torch.arange(t, device=query.device)[None]  # [1, T]
+    allowed = ((k_pos <= q_pos) & attention_mask.bool()[:, None, :]) | (k_pos == q_pos)  # [B, S, T]
+    scores = (scores * scale).masked_fill(~allowed[:, None, None], float("-inf"))  # [B, n_kv, G, S, T]
+    o_lat = torch.einsum("bgqst,btr->bsgqr", scores.softmax(-1), c)  # [B, S, n_kv, G, r]
+    out = torch.einsum("bsgqr,gdr->bsgqd", o_lat, w_uv.float())  # [B, S, n_kv, G, d_v]
+    return out.reshape(b, s, -1).to(dtype), present_latent, present_key_rope
+
+
+# ----------------------------------------------------------------------------------------------
+# The torch.library op (what the export wrapper calls)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("mla_zoo::multi_head_latent_attention", mutates_args=())
+def multi_head_latent_attention(
+    query: torch.Tensor,
+    latent: torch.Tensor,
+    key_rope: torch.Tensor,
+    past_latent: torch.Tensor,
+    past_key_rope: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    rope_pairs: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, present_latent, present_key_rope = reference(
+        query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+        num_heads, num_kv_heads, rope_pairs, scale,
+    )
+    return out, present_latent, present_key_rope.clone()
+
+
+@multi_head_latent_attention.register_fake
+def _(query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+      num_heads, num_kv_heads, rope_pairs, scale):
+    b, s, _ = query.shape
+    t = past_latent.shape[2] + s
+    out = query.new_empty(b, s, num_heads * w_uv.shape[1])
+    return (out, past_latent.new_empty(b, 1, t, latent.shape[-1]),
+            past_key_rope.new_empty(b, 1, t, key_rope.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The ONNX schema and the custom translation (one node)
+# ----------------------------------------------------------------------------------------------
+
+
+def op_schema() -> onnx.defs.OpSchema:
+    """The node's OpSchema; registered once per process so the exporter and onnx.checker know it."""
+    formal = onnx.defs.OpSchema.FormalParameter
+    attr = onnx.defs.OpSchema.Attribute
+    kinds = onnx.defs.OpSchema.AttrType
+    float_t = ("T", ["tensor(float)", "tensor(float16)"], "float32 or float16 activations and weights")
+    mask_t = ("M", ["tensor(int64)"], "the 2D attention mask")
+    return onnx.defs.OpSchema(
+        OP_NAME, DOMAIN, OP_VERSION,
+        doc="Absorbed multi-head latent attention over a latent KV cache (see mla_zoo export/op_spec.md).",
+        inputs=[formal(name, "M" if name == "attention_mask" else "T") for name in INPUTS],
+        outputs=[formal(name, "T") for name in OUTPUTS],
+        type_constraints=[float_t, mask_t],
+        attributes=[
+            attr("num_heads", kinds.INT, "query heads H"),
+            attr("num_kv_heads", kinds.INT, "KV heads n_kv (query head h belongs to group h // (H // n_kv))"),
+            attr("rope_pairs", kinds.INTS, "per KV head, the R kept RoPE pair indices, row-major [n_kv, R]"),
+            attr("scale", kinds.FLOAT, "softmax scale, head_dim ** -0.5"),
+        ],
+    )
+
+
+def register_schema() -> None:
+    """Registers the OpSchema in this process (idempotent)."""
+    if not onnx.defs.has(OP_NAME, DOMAIN):
+        onnx.defs.register_schema(op_schema())
+
+
+register_schema()
+_node_op = Op(Opset(DOMAIN, OP_VERSION), OP_NAME, op_schema())
+
+
+def translate(query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+              num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float):
+    """custom_translation_table entry: the torch op -> one MultiHeadLatentAttention node."""
+    return _node_op(
+        query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, rope_pairs=list(rope_pairs), scale=scale, _num_outputs=3,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The portable body (standard ONNX ops), attached as a model-local function after export
+# ----------------------------------------------------------------------------------------------
+
+_op = onnxscript.values.Opset("", ONNX_OPSET)
+_body_domain = Opset(DOMAIN, OP_VERSION)
+
+
+@script(_body_domain, default_opset=_op)
+def _rotate_half_body(x, half):
+    """rotate_half over the last dim (2R wide; half = [R])."""
+    start = _op.Constant(value_ints=[0])
+    end = _op.Constant(value_ints=[9223372036854775807])
+    last = _op.Constant(value_ints=[-1])
+    x1 = _op.Slice(x, start, half, last)
+    x2 = _op.Slice(x, half, end, last)
+    return _op.Concat(_op.Neg(x2), x1, axis=-1)
+
+
+@script(_body_domain, default_opset=_op)
+def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
+    query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+    num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float,
+):
+    zero, two, minus1 = _op.Constant(value_ints=[0]), _op.Constant(value_ints=[2]), _op.Constant(value_ints=[-1])
+    zero2, end = _op.Constant(value_ints=[0, 0]), _op.Constant(value_ints=[9223372036854775807])
+    heads = _op.Reshape(_op.Constant(value_int=num_heads), minus1)
+    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
+    groups = _op.Div(heads, kv)
+    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
+    half = _op.Div(rope, two)  # [R]
+
+    # cos/sin of each KV head's pairs, for rotate_half over 2R dims: [B, S, n_kv, 2R]
+    pairs = _op.Constant(value_ints=rope_pairs)
+    cos_k = _op.Reshape(_op.Gather(cos, pairs, axis=2), _op.Concat(zero2, kv, minus1, axis=0))
+    sin_k = _op.Reshape(_op.Gather(sin, pairs, axis=2), _op.Concat(zero2, kv, minus1, axis=0))
+    cos2 = _op.CastLike(_op.Concat(cos_k, cos_k, axis=-1), query)
+    sin2 = _op.CastLike(_op.Concat(sin_k, sin_k, axis=-1), query)
+
+    # the cache append: new rows rotated, then present = concat(past, new)
+    k_new = _op.Reshape(key_rope, _op.Concat(zero2, kv, minus1, axis=0))  # [B, S, n_kv, 2R]
+    k_new = _op.Add(_op.Mul(k_new, cos2), _op.Mul(_rotate_half_body(k_new, half), sin2))
+    k_new = _op.Unsqueeze(_op.Reshape(k_new, [0, 0, -1]), [1])  # [B, 1, S, n_kv*2R]
+    present_key_rope = _op.Concat(past_key_rope, k_new, axis=2)  # [B, 1, T, n_kv*2R]
+    present_latent = _op.Concat(past_latent, _op.Unsqueeze(latent, [1]), axis=2)  # [B, 1, T, r]
+
+    # queries: [B, S, n_kv, G, hd] -> rotated RoPE part and absorbed NoPE part, heads first
+    q = _op.Reshape(query, _op.Concat(zero2, kv, groups, minus1, axis=0))
+    axis4 = _op.Constant(value_ints=[4])
+    q_rope = _op.Slice(q, zero, rope, axis4)
+    q_rope = _op.Add(_op.Mul(q_rope, _op.Unsqueeze(cos2, [3])),
+                     _op.Mul(_rotate_half_body(q_rope, half), _op.Unsqueeze(sin2, [3])))
+    q_rope = _op.Transpose(q_rope, perm=[0, 2, 3, 1, 4])  # [B, n_kv, G, S, 2R]
+    q_nope = _op.Slice(q, rope, end, axis4)  # [B, S, n_kv, G, d_nope]
+    q_lat = _op.Transpose(_op.MatMul(q_nope, w_uk), perm=[0, 2, 3, 1, 4])  # [B, n_kv, G, S, r]
+
+    # scores over the latent and over each group's RoPE keys: [B, n_kv, G, S, T]
+    c = _op.Unsqueeze(present_latent, [1])  # [B, 1, 1, T, r]
+    k_all = _op.Reshape(present_key_rope, _op.Concat(zero2, zero, kv, minus1, axis=0))  # [B, 1, T, n_kv, 2R]
+    k_all = _op.Transpose(k_all, perm=[0, 3, 1, 4, 2])  # [B, n_kv, 1, 2R, T]
+    scores = _op.Add(_op.MatMul(q_lat, _op.Transpose(c, perm=[0, 1, 2, 4, 3])), _op.MatMul(q_rope, k_all))
+    scores = _op.Mul(_op.Cast(scores, to=FLOAT.dtype), _op.Constant(value_float=scale))
+
+    # causal + padding mask; every query always sees its own slot (no all-masked rows)
+    one = _op.Constant(value_int=1)
+    total = _op.Shape(attention_mask, start=1, end=2)  # [T]
+    past = _op.Sub(total, _op.Shape(query, start=1, end=2))  # [P]
+    q_pos = _op.Unsqueeze(_op.Range(_op.Squeeze(past), _op.Squeeze(total), one), [1])  # [S, 1]
+    k_pos = _op.Range(_op.Constant(value_int=0), _op.Squeeze(total), one)  # [T]
+    keep = _op.Unsqueeze(_op.Cast(attention_mask, to=onnx.TensorProto.BOOL), [1, 2, 3])  # [B, 1, 1, 1, T]
+    allowed = _op.Or(_op.And(_op.LessOrEqual(k_pos, q_pos), keep), _op.Equal(k_pos, q_pos))  # [B, 1, 1, S, T]
+    scores = _op.Where(allowed, scores, _op.Constant(value_float=float("-inf")))
+    probs = _op.CastLike(_op.Softmax(scores, axis=-1), query)
+
+    # weighted latent, then W_uv: [B, n_kv, G, S, d_v] -> [B, S, H*d_v]
+    o_lat = _op.MatMul(probs, c)  # [B, n_kv, G, S, r]
+    out = _op.MatMul(o_lat, _op.Unsqueeze(_op.Transpose(w_uv, perm=[0, 2, 1]), [1]))
+    output = _op.Reshape(_op.Transpose(out, perm=[0, 3, 1, 2, 4]), [0, 0, -1])
+    return output, present_latent, present_key_rope
+
+
+def function_protos() -> list[onnx.FunctionProto]:
+    """The body and its helper as FunctionProtos of the DOMAIN (attach both to the model)."""
+    return [MultiHeadLatentAttention.to_function_proto(), _rotate_half_body.to_function_proto()]

@@ -1,0 +1,251 @@
+"""Run an exported MLA decoder in onnxruntime: sessions (with or without the kernel library), one
+decode step with checked cache shapes, and a greedy / sampling generate loop; plus
+`mla-zoo generate CKPT_OR_ONNX_DIR "prompt" --backend torch|onnx` (GenerateSettings, run_generate).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .exporter import MODEL_FILE
+from .op import DOMAIN
+
+NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class CacheShapeError(ValueError):
+    """A past tensor does not have the shape the model expects."""
+
+
+def model_uses_op(model_path: str | Path) -> bool:
+    """Whether the graph has MultiHeadLatentAttention nodes (False for a --portable export)."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return any(o.domain == DOMAIN for o in model.opset_import)
+
+
+def session_options(use_kernels: bool | None, model_path: str | Path, threads: int | None = None):
+    """SessionOptions with the kernel library registered when wanted and available.
+
+    use_kernels: True = require the library, False = run the function body, None = use it if built,
+    else fall back to the body with a warning that says how to build it. Returns (options, used)."""
+    import onnxruntime as ort
+
+    from .kernels.build import BUILD_HINT, KernelLibraryNotBuilt, get_library_path
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    if use_kernels is False or not model_uses_op(model_path):
+        return so, False
+    try:
+        library = get_library_path()
+    except KernelLibraryNotBuilt:
+        if use_kernels:
+            raise
+        warnings.warn(
+            f"the mla_zoo kernel library is not built: running MultiHeadLatentAttention through its portable "
+            f"function body (slower). To use the fused kernel, {BUILD_HINT}.", stacklevel=2)
+        return so, False
+    so.register_custom_ops_library(library)
+    return so, True
+
+
+@dataclass
+class CacheSpec:
+    num_layers: int
+    latent_dim: int
+    key_rope_dim: int
+    dtype: type
+
+
+class OnnxDecoder:
+    """One onnxruntime session over an exported decoder-with-past (model.onnx in a directory)."""
+
+    def __init__(self, path: str | Path, use_kernels: bool | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(path)
+        self.model_path = path / MODEL_FILE if path.is_dir() else path
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"{self.model_path} does not exist: export the checkpoint with `mla-zoo export`")
+        so, self.uses_kernels = session_options(use_kernels, self.model_path, threads)
+        self.session = ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        layers = sum(1 for name in inputs if name.endswith(".latent"))
+        first = inputs["past_key_values.0.latent"]
+        self.cache = CacheSpec(layers, first.shape[3], inputs["past_key_values.0.key_rope"].shape[3],
+                               NP_DTYPES[first.type])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        c = self.cache
+        past = []
+        for _ in range(c.num_layers):
+            past += [np.zeros((batch, 1, 0, c.latent_dim), c.dtype), np.zeros((batch, 1, 0, c.key_rope_dim), c.dtype)]
+        return past
+
+    def check_past(self, past: list[np.ndarray], batch: int, past_len: int) -> None:
+        c = self.cache
+        if len(past) != 2 * c.num_layers:
+            raise CacheShapeError(
+                f"expected {2 * c.num_layers} past tensors (latent, key_rope per layer), got {len(past)}")
+        for i, t in enumerate(past):
+            width = c.latent_dim if i % 2 == 0 else c.key_rope_dim
+            want = (batch, 1, past_len, width)
+            if tuple(t.shape) != want or t.dtype != c.dtype:
+                name = f"past_key_values.{i // 2}.{'latent' if i % 2 == 0 else 'key_rope'}"
+                raise CacheShapeError(f"{name} has shape {tuple(t.shape)} ({t.dtype}), expected {want} "
+                                      f"({np.dtype(c.dtype).name}): [batch, 1, past_len, width]")
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One forward: logits [B, S, vocab] and the presents (the next step's past)."""
+        batch, seq = input_ids.shape
+        past_len = attention_mask.shape[1] - seq
+        if attention_mask.shape[0] != batch or past_len < 0:
+            raise CacheShapeError(f"attention_mask {attention_mask.shape} must be [batch, past_len + {seq}]")
+        self.check_past(past, batch, past_len)
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64)}
+        for i, t in enumerate(past):
+            feed[f"past_key_values.{i // 2}.{'latent' if i % 2 == 0 else 'key_rope'}"] = t
+        outputs = self.session.run(self.output_names, feed)
+        return outputs[0], outputs[1:]
+
+
+def position_ids_from_mask(attention_mask: np.ndarray, seq: int) -> np.ndarray:
+    """Positions of the last `seq` slots: count of real tokens before each (0 for left padding)."""
+    pos = np.cumsum(attention_mask, axis=-1) - 1
+    return np.maximum(pos, 0)[:, -seq:]
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator | None, temperature: float = 1.0, top_k: int = 0,
+                top_p: float = 1.0) -> np.ndarray:
+    """Greedy when rng is None, else temperature / top-k / top-p sampling; logits [B, vocab] -> [B]."""
+    if rng is None:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / max(temperature, 1e-6)
+    if top_k:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        drop = np.cumsum(sorted_p, -1) - sorted_p > top_p  # mass before a token already exceeds top_p
+        keep = np.zeros_like(p, dtype=bool)
+        np.put_along_axis(keep, order, ~drop, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(p.shape[-1], p=row) for row in p])
+
+
+def generate(decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, eos_token_id: int | list[int] | None = None) -> np.ndarray:
+    """Prefill + decode loop over the latent cache; returns the new tokens [B, <= max_new_tokens].
+    Left padding: pass the attention_mask (0 = padding). Finished rows (eos) keep emitting eos."""
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    batch, seq = input_ids.shape
+    mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+    eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+    rng = np.random.default_rng(seed) if do_sample else None
+    past = decoder.empty_past(batch)
+    ids, new = input_ids, []
+    done = np.zeros(batch, dtype=bool)
+    for _ in range(max_new_tokens):
+        logits, past = decoder.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), past)
+        token = sample_next(logits[:, -1], rng, temperature, top_k, top_p)
+        if eos:
+            token = np.where(done, next(iter(eos)), token)
+            done |= np.isin(token, list(eos))
+        new.append(token)
+        if eos and done.all():
+            break
+        ids = token[:, None]
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+    return np.stack(new, axis=1) if new else np.zeros((batch, 0), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# mla-zoo generate
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateSettings:
+    model: str = field(metadata={"help": "an MLA checkpoint dir (torch) or an exported ONNX dir (onnx)"})
+    prompt: str = field(metadata={"help": "the prompt text"})
+    backend: str = field(default="onnx", metadata={"help": "onnx (onnxruntime) or torch"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = all)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    seed: int = field(default=0, metadata={"help": "sampling seed"})
+    chat: bool = field(default=False, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
+    use_kernels: bool | None = field(default=None, metadata={
+        "help": "onnx: require (True) or skip (False) the kernel library; default: use it if built"})
+    threads: int | None = field(default=None, metadata={"help": "onnx: intra-op threads (default: all cores)"})
+
+
+@dataclass
+class GenerateReport:
+    text: str
+    new_tokens: int
+    backend: str
+    fused_kernel: bool
+    seconds: float
+
+
+def _encode(tokenizer, prompt: str, chat: bool) -> np.ndarray:
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    return np.asarray([ids], dtype=np.int64)
+
+
+def run_generate(settings: GenerateSettings) -> GenerateReport:
+    from transformers import AutoTokenizer
+
+    if settings.backend not in ("onnx", "torch"):
+        raise ValueError(f"backend must be 'onnx' or 'torch', got {settings.backend!r}")
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    ids = _encode(tokenizer, settings.prompt, settings.chat)
+    eos = tokenizer.eos_token_id
+    start = time.perf_counter()
+    if settings.backend == "onnx":
+        decoder = OnnxDecoder(settings.model, settings.use_kernels, settings.threads)
+        new = generate(decoder, ids, None, settings.max_new_tokens, settings.do_sample, settings.temperature,
+                       settings.top_k, settings.top_p, settings.seed, eos)[0]
+        fused = decoder.uses_kernels
+    else:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if (Path(settings.model) / MODEL_FILE).exists():
+            raise ValueError(f"{settings.model} is an ONNX export: use --backend onnx, or pass the checkpoint")
+        model = AutoModelForCausalLM.from_pretrained(settings.model, trust_remote_code=True).eval()
+        torch.manual_seed(settings.seed)
+        kwargs = dict(do_sample=settings.do_sample, max_new_tokens=settings.max_new_tokens, pad_token_id=eos)
+        if settings.do_sample:
+            kwargs.update(temperature=settings.temperature, top_k=settings.top_k or None, top_p=settings.top_p)
+        with torch.no_grad():
+            out = model.generate(torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                                 **kwargs)
+        new = out[0, ids.shape[1]:].numpy()
+        fused = False
+    seconds = time.perf_counter() - start
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return GenerateReport(text=text, new_tokens=len(new), backend=settings.backend, fused_kernel=fused,
+                          seconds=seconds)
