@@ -1,0 +1,272 @@
+"""ONNX export of a tiny random MLA model: one fused node per layer, and three runs that agree
+(onnxruntime with our kernel, onnxruntime with the op's function body, PyTorch), at batch 2 with
+left padding, over a prefill and 16 decode steps, and over 32 greedy tokens; clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from mla_zoo.export import exporter, op, runner  # noqa: E402
+from mla_zoo.export.kernels import build  # noqa: E402
+
+# per layer, per KV head: deliberately different, unsorted-looking but valid pair sets
+ROPE_PAIRS = [[[0, 5], [2, 7]], [[1, 3], [4, 6]]]
+PROMPTS = [[5, 17, 99, 23], [7, 8, 250, 31, 64, 12, 3]]  # batch 2, left padded to 7
+
+
+def tiny_mla(seed: int = 0):
+    """A random LlamaMLA model built from its config (no conversion): GQA, q/k/v biases, llama3 RoPE."""
+    from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
+    from mla_zoo.modeling.remote.modeling_llama_mla import LlamaMLAForCausalLM
+
+    config = LlamaMLAConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, kv_lora_rank=20, rope_pairs=ROPE_PAIRS, attention_bias=True,
+        attention_output_bias=False, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, initializer_range=0.15,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    )
+    torch.manual_seed(seed)
+    model = LlamaMLAForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, prompts))
+    ids = np.array([[pad] * (width - len(p)) + p for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    return ids, mask
+
+
+@pytest.fixture(scope="session")
+def kernel_library() -> str:
+    """The kernel library, built once (cached under the mla-zoo cache for these sources)."""
+    return build.build_kernels().library
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return tiny_mla()
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_model, tmp_path_factory, kernel_library):
+    """{"fused": dir with the node + body, "portable": dir with the body inlined}."""
+    root = tmp_path_factory.mktemp("onnx_tiny")
+    return {kind: exporter.export_model(tiny_model, root / kind, portable=kind == "portable")
+            for kind in ("fused", "portable")}
+
+
+@pytest.fixture(scope="module")
+def decoders(tiny_exports):
+    """The three onnxruntime runs: kernel, function body (same file, no library), inlined body."""
+    fused = tiny_exports["fused"].output_dir
+    out = {"kernel": runner.OnnxDecoder(fused, use_kernels=True),
+           "body": runner.OnnxDecoder(fused, use_kernels=False),
+           "portable": runner.OnnxDecoder(tiny_exports["portable"].output_dir)}
+    assert [d.uses_kernels for d in out.values()] == [True, False, False]
+    return out
+
+
+def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Full-sequence PyTorch logits (no cache): the reference for every cached step."""
+    pos = runner.position_ids_from_mask(mask, ids.shape[1])
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos), use_cache=False)
+    return out.logits.float().numpy()
+
+
+def three_way_logits(model, decoders: dict, prompts, decode_steps: int, seed: int = 0) -> dict[str, float]:
+    """Max |logits - torch| of each onnxruntime run over the real positions of a prefill and
+    `decode_steps` teacher-forced decode steps (tokens fixed in advance, the same for every run)."""
+    ids, mask = left_padded(prompts)
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(3, model.config.vocab_size, size=(decode_steps, ids.shape[0]))
+    full_ids = np.concatenate([ids, steps.T], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(steps.T)], axis=1)
+    ref = torch_logits(model, full_ids, full_mask)  # [B, S + steps, V]
+    real = full_mask.astype(bool)
+    worst = {}
+    for name, dec in decoders.items():
+        past = dec.empty_past(ids.shape[0])
+        logits, past = dec.step(ids, mask, runner.position_ids_from_mask(mask, ids.shape[1]), past)
+        got = [logits]
+        for t in range(decode_steps):
+            m = full_mask[:, : ids.shape[1] + t + 1]
+            logits, past = dec.step(steps[t][:, None], m, runner.position_ids_from_mask(m, 1), past)
+            got.append(logits)
+        got = np.concatenate(got, axis=1)
+        assert got.shape == ref.shape
+        assert past[0].shape == (ids.shape[0], 1, full_ids.shape[1], dec.cache.latent_dim)
+        worst[name] = float(np.abs(got - ref)[real].max())
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------
+# The graph
+# ----------------------------------------------------------------------------------------------
+
+
+def test_graph_has_one_fused_node_per_layer_and_passes_the_checker(tiny_exports, tiny_model):
+    report = tiny_exports["fused"]
+    model = onnx.load(report.model_path)
+    onnx.checker.check_model(model, full_check=True)
+    nodes = [n for n in model.graph.node if n.op_type == op.OP_NAME]
+    assert len(nodes) == tiny_model.config.num_hidden_layers == report.mla_nodes
+    assert all(n.domain == op.DOMAIN for n in nodes)
+    assert {(f.domain, f.name) for f in model.functions} >= {(op.DOMAIN, op.OP_NAME)}
+    assert {o.domain: o.version for o in model.opset_import}[op.DOMAIN] == op.OP_VERSION
+    assert [i.name for i in model.graph.input] == exporter.input_names(2)
+    assert [o.name for o in model.graph.output] == exporter.output_names(2)
+    # the cache holds only the latent and the RoPE key dims
+    assert (report.latent_dim, report.key_rope_dim) == (20, 2 * 2 * 2)
+    past = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert past["past_key_values.1.latent"] == ["batch_size", 1, "past_sequence_length", 20]
+    assert past["past_key_values.1.key_rope"] == ["batch_size", 1, "past_sequence_length", 8]
+    # the weights the node reads are initializers
+    inits = {i.name for i in model.graph.initializer}
+    assert all(n.input[8] in inits and n.input[9] in inits for n in nodes)
+    with open(f"{report.output_dir}/genai_config.json") as f:
+        genai = json.load(f)
+    assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.latent"
+
+
+def test_portable_export_has_only_standard_ops(tiny_exports):
+    model = onnx.load(tiny_exports["portable"].model_path)
+    onnx.checker.check_model(model, full_check=True)
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    assert not model.functions
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
+# ----------------------------------------------------------------------------------------------
+# Three runs agree
+# ----------------------------------------------------------------------------------------------
+
+
+def test_logits_agree_over_prefill_and_16_decode_steps_batch2_left_padded(tiny_model, decoders):
+    worst = three_way_logits(tiny_model, decoders, PROMPTS, decode_steps=16)
+    assert max(worst.values()) < 1e-3, worst
+
+
+def test_32_greedy_tokens_identical_to_pytorch_generate(tiny_model, decoders):
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        ref = tiny_model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                                  max_new_tokens=32, min_new_tokens=32, eos_token_id=None, pad_token_id=0)
+    ref = ref[:, ids.shape[1]:].numpy()
+    assert ref.shape == (2, 32)
+    assert len(set(ref.ravel().tolist())) > 4  # a real sequence, not one repeated token
+    for name, dec in decoders.items():
+        got = runner.generate(dec, ids, mask, max_new_tokens=32)
+        np.testing.assert_array_equal(got, ref, err_msg=name)
+
+
+def test_sampling_is_seeded_and_respects_top_k(decoders):
+    ids, mask = left_padded(PROMPTS)
+    dec = decoders["kernel"]
+    a = runner.generate(dec, ids, mask, 12, do_sample=True, temperature=1.5, seed=3)
+    b = runner.generate(dec, ids, mask, 12, do_sample=True, temperature=1.5, seed=3)
+    np.testing.assert_array_equal(a, b)
+    greedy = runner.generate(dec, ids, mask, 12)
+    np.testing.assert_array_equal(runner.generate(dec, ids, mask, 12, do_sample=True, top_k=1, seed=5), greedy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_non_mla_checkpoint_is_refused(source_dir, tmp_path):
+    settings = exporter.ExportSettings(checkpoint=str(source_dir("llama-gqa")), output_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="not an MLA checkpoint: model_type='llama'"):
+        exporter.run_export(settings)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_dtype_is_refused(tmp_path):
+    settings = exporter.ExportSettings(checkpoint=str(tmp_path), output_dir=str(tmp_path / "o"), dtype="bf16")
+    with pytest.raises(exporter.ExportError, match="unsupported dtype 'bf16'"):
+        exporter.run_export(settings)
+
+
+def test_mismatched_cache_shapes_give_clear_errors(decoders, tiny_exports):
+    ids, mask = left_padded(PROMPTS)
+    dec = decoders["kernel"]
+    _, past = dec.step(ids, mask, runner.position_ids_from_mask(mask, ids.shape[1]), dec.empty_past(2))
+    step_mask = np.ones((2, ids.shape[1] + 1), dtype=np.int64)
+    bad = list(past)
+    bad[3] = bad[3][:, :, :-1]  # layer 1's RoPE keys one token short
+    with pytest.raises(runner.CacheShapeError, match=r"past_key_values.1.key_rope has shape \(2, 1, 6, 8\)"):
+        dec.step(ids[:, :1], step_mask, np.zeros((2, 1), dtype=np.int64), bad)
+    # the kernel itself checks too, for callers that drive the session directly
+    feed = {"input_ids": ids[:, :1], "attention_mask": step_mask, "position_ids": np.zeros((2, 1), dtype=np.int64)}
+    for i, t in enumerate(bad):
+        feed[exporter.input_names(2)[3 + i]] = t
+    with pytest.raises(Exception, match="MultiHeadLatentAttention: input 'past_key_rope' has shape"):
+        dec.session.run(None, feed)
+
+
+def test_missing_library_falls_back_to_the_body_with_a_warning(tiny_exports, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))  # an empty cache: no library for these sources
+    with pytest.raises(FileNotFoundError, match="mla-zoo build-kernels"):
+        runner.OnnxDecoder(tiny_exports["fused"].output_dir, use_kernels=True)
+    with pytest.warns(UserWarning, match="mla-zoo build-kernels"):
+        dec = runner.OnnxDecoder(tiny_exports["fused"].output_dir)
+    assert not dec.uses_kernels
+    ids, mask = left_padded(PROMPTS)
+    assert runner.generate(dec, ids, mask, 3).shape == (2, 3)
+
+
+def test_a_missing_compiler_is_a_clear_build_error(monkeypatch, tmp_path, kernel_library):
+    monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))
+    monkeypatch.setenv("MLA_ZOO_ORT_INCLUDE", str(tmp_path))  # a dir without the headers
+    with pytest.raises(build.KernelBuildError, match="has no onnxruntime_lite_custom_op.h"):
+        build.build_kernels()
+    monkeypatch.delenv("MLA_ZOO_ORT_INCLUDE")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cmake, apt-get or compiler on PATH
+    with pytest.raises(build.KernelBuildError, match="apt-get|cmake"):
+        build.build_kernels()
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands (settings dataclasses the CLI wires)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_run_export_and_generate_from_a_checkpoint_dir(tiny_model, tokenizer, tmp_path, kernel_library):
+    from mla_zoo.modeling.remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
+
+    ckpt = tmp_path / "ckpt"
+    tiny_model.save_pretrained(ckpt)
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(REMOTE_CODE_DIR / name, ckpt / name)
+    tokenizer.save_pretrained(ckpt)
+    report = exporter.run_export(exporter.ExportSettings(checkpoint=str(ckpt), output_dir=str(tmp_path / "onnx")))
+    assert report.mla_nodes == 2 and (tmp_path / "onnx" / "tokenizer.json").is_file()
+    with pytest.raises(exporter.ExportError, match="exists and is not empty"):
+        exporter.run_export(exporter.ExportSettings(checkpoint=str(ckpt), output_dir=str(tmp_path / "onnx")))
+    texts = {}
+    for backend, path in (("onnx", tmp_path / "onnx"), ("torch", ckpt)):
+        settings = runner.GenerateSettings(model=str(path), prompt="The weather today", backend=backend,
+                                           max_new_tokens=8)
+        result = runner.run_generate(settings)
+        assert result.new_tokens >= 1
+        texts[backend] = result.text
+    assert texts["onnx"] == texts["torch"]
