@@ -1,0 +1,121 @@
+"""The MultiHeadLatentAttention node alone: our CPU kernel and the op's function body against the
+torch reference (export/op.py), over the shapes that matter: prefill, long-past decode (several
+split-K chunks per query), chunked prefill, MHA and GQA groupings, left padding, float16."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from mla_zoo.export import op  # noqa: E402
+from mla_zoo.export.kernels import build  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def kernel_library() -> str:
+    return build.build_kernels().library
+
+
+def node_model(attrs: dict, elem: int = TensorProto.FLOAT) -> bytes:
+    """A one-node model (+ the function body) over the op's inputs and outputs."""
+    ranks = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, attention_mask=2, cos=3, sin=3,
+                 w_uk=3, w_uv=3, output=3, present_latent=4, present_key_rope=4)
+
+    def info(name):
+        return helper.make_tensor_value_info(
+            name, TensorProto.INT64 if name == "attention_mask" else elem, [None] * ranks[name])
+
+    node = helper.make_node(op.OP_NAME, list(op.INPUTS), list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
+    graph = helper.make_graph([node], "mla", [info(n) for n in op.INPUTS], [info(n) for n in op.OUTPUTS])
+    model = helper.make_model(graph, functions=op.function_protos(), opset_imports=[
+        helper.make_opsetid("", op.ONNX_OPSET), helper.make_opsetid(op.DOMAIN, op.OP_VERSION)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def random_case(b, s, p, heads, kv_heads, head_dim, pairs, rank, pad=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r2 = 2 * pairs
+    half = head_dim // 2
+    pair_ids = [sorted(torch.randperm(half, generator=g)[:pairs].tolist()) for _ in range(kv_heads)]
+    mask = torch.ones(b, p + s, dtype=torch.long)
+    for row, n in enumerate(pad):  # left padding
+        mask[row, :n] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, -s:].float()
+    inv = 1.0 / (10000 ** (torch.arange(half).float() / half))
+    angles = pos[..., None] * inv  # [B, S, hd/2]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g)
+
+    inputs = dict(
+        query=rnd(b, s, heads * head_dim), latent=rnd(b, s, rank), key_rope=rnd(b, s, kv_heads * r2),
+        past_latent=rnd(b, 1, p, rank), past_key_rope=rnd(b, 1, p, kv_heads * r2), attention_mask=mask,
+        cos=angles.cos(), sin=angles.sin(), w_uk=rnd(kv_heads, head_dim - r2, rank) / rank**0.5,
+        w_uv=rnd(kv_heads, head_dim, rank) / rank**0.5,
+    )
+    attrs = dict(num_heads=heads, num_kv_heads=kv_heads, rope_pairs=[i for ids in pair_ids for i in ids],
+                 scale=head_dim**-0.5)
+    return inputs, attrs
+
+
+CASES = {  # b, s, p, heads, kv_heads, head_dim, pairs, rank, left padding per row
+    "prefill": (2, 9, 0, 6, 2, 16, 2, 12, (3, 0)),
+    "decode-long-past": (3, 1, 700, 9, 3, 64, 4, 96, (0, 17, 300)),  # SmolLM2's attention dims
+    "chunked-prefill": (2, 4, 11, 4, 4, 32, 3, 40, (5, 0)),  # MHA (G = 1)
+    "decode-batch1-mqa": (1, 1, 1000, 8, 1, 32, 1, 24, ()),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_and_body_match_the_reference_fp32(case, kernel_library):
+    inputs, attrs = random_case(*CASES[case])
+    ref = [t.numpy() for t in op.reference(*inputs.values(), **attrs)]
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    model = node_model(attrs)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    kernel = ort.InferenceSession(model, so).run(None, feed)
+    body = ort.InferenceSession(model).run(None, feed)
+    for name, got in (("kernel", kernel), ("body", body)):
+        for out_name, a, b in zip(op.OUTPUTS, got, ref, strict=True):
+            assert a.shape == b.shape, (name, out_name)
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=f"{name} {out_name}")
+
+
+@pytest.mark.parametrize("case", ["prefill", "decode-long-past"])
+def test_kernel_float16_io(case, kernel_library):
+    inputs, attrs = random_case(*CASES[case], seed=1)
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+    ref32 = op.reference(*inputs.values(), **attrs)[0].numpy()  # fp32 math on fp32 inputs
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    session = ort.InferenceSession(node_model(attrs, TensorProto.FLOAT16), so)
+    out, present_latent, present_key_rope = session.run(None, {k: v.numpy() for k, v in half.items()})
+    assert out.dtype == np.float16
+    ref16 = [t.numpy() for t in op.reference(*half.values(), **attrs)]  # the same fp32 math on fp16 inputs
+    np.testing.assert_allclose(out.astype(np.float32), ref16[0].astype(np.float32), atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(present_latent, ref16[1])
+    np.testing.assert_allclose(present_key_rope.astype(np.float32), ref16[2].astype(np.float32), atol=2e-3)
+    rel = np.abs(out.astype(np.float32) - ref32).max() / np.abs(ref32).max()
+    assert rel < 1e-2, rel  # fp16 rounding of inputs and outputs only
+
+
+def test_kernel_rejects_inconsistent_shapes_with_a_clear_message(kernel_library):
+    inputs, attrs = random_case(*CASES["chunked-prefill"])
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    session = ort.InferenceSession(node_model(attrs), so)
+    bad = dict(feed, attention_mask=feed["attention_mask"][:, 1:])
+    with pytest.raises(Exception, match=r"input 'attention_mask' has shape \[2, 14\], expected \[2, 15\]"):
+        session.run(None, bad)
+    bad = dict(feed, past_latent=feed["past_latent"][:, :, :, :-1])
+    with pytest.raises(Exception, match=r"input 'past_latent' has shape \[2, 1, 11, 39\], expected \[2, 1, 11, 40\]"):
+        session.run(None, bad)
