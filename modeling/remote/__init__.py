@@ -7,4 +7,4 @@ They import only torch, transformers and each other, so a checkpoint loads with
 from pathlib import Path
 
 REMOTE_CODE_DIR = Path(__file__).parent
-REMOTE_CODE_FILES = ("configuration_llama_mla.py", "modeling_llama_mla.py")
+REMOTE_CODE_FILES = ("configuration_llama_mla.py", "modeling_llama_mla.py", "mla_decode_triton.py")

@@ -8,7 +8,8 @@ This file is copied verbatim into every mla-zoo checkpoint (remote code), so it 
 * `rope_pairs[layer][kv_head]`: the RoPE frequency pairs each KV head keeps (pair i = dims i and
   i + head_dim/2 in the rotate-half layout of the source model). Storing explicit indices makes
   every partial-RoPE strategy (high, low, uniform, 2-norm) representable with one format.
-* derived head dims, as DeepSeek names them: `qk_rope_head_dim = 2 * R`,
+* DeepSeek's head dims, written to config.json as real fields (derived from `rope_pairs` and
+  `head_dim` when not given, checked against them when given): `qk_rope_head_dim = 2 * R`,
   `qk_nope_head_dim = head_dim - 2 * R`, `v_head_dim = head_dim`.
 
 Per token and layer the cache holds `kv_lora_rank + num_key_value_heads * qk_rope_head_dim`
@@ -34,6 +35,17 @@ class LlamaMLAConfig(LlamaConfig):
     """
 
     model_type = "llama_mla"
+    # Tensor parallelism: query heads and each KV head's RoPE key / up-projection split by columns;
+    # the latent (kv_a_proj) is shared by all heads and stays replicated.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_rope_proj": "colwise",
+        "layers.*.self_attn.kv_b_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
 
     kv_lora_rank: int = 256
     rope_pairs: list | None = None
@@ -41,6 +53,9 @@ class LlamaMLAConfig(LlamaConfig):
     attention_output_bias: bool | None = None
     mla_attention: str = "auto"
     source_model: str | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -56,6 +71,16 @@ class LlamaMLAConfig(LlamaConfig):
             "AutoModelForCausalLM": "modeling_llama_mla.LlamaMLAForCausalLM",
         }
         self.check_mla_fields()
+        derived = {
+            "qk_rope_head_dim": 2 * self.num_rope_pairs,
+            "qk_nope_head_dim": self.head_dim - 2 * self.num_rope_pairs,
+            "v_head_dim": self.head_dim,
+        }
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            elif getattr(self, name) != value:
+                raise ValueError(f"{name}={getattr(self, name)} does not fit rope_pairs/head_dim (expected {value})")
 
     def check_mla_fields(self):
         """Checks the MLA fields against the model shape, so a wrong checkpoint fails at load."""
@@ -74,7 +99,7 @@ class LlamaMLAConfig(LlamaConfig):
                     raise ValueError(f"rope_pairs[{layer}] must hold distinct pair indices in [0, {half})")
         if len(counts) != 1 or counts == {0}:
             raise ValueError("every KV head must keep the same number (>= 1) of RoPE pairs")
-        max_rank = self.num_key_value_heads * (self.qk_nope_head_dim + self.v_head_dim)
+        max_rank = self.num_key_value_heads * (2 * self.head_dim - 2 * len(self.rope_pairs[0][0]))
         if not 1 <= self.kv_lora_rank <= max_rank:
             raise ValueError(f"kv_lora_rank must be in [1, {max_rank}] for this shape, got {self.kv_lora_rank}")
         if self.mla_attention not in ("auto", "explicit", "absorbed"):
@@ -84,18 +109,6 @@ class LlamaMLAConfig(LlamaConfig):
     def num_rope_pairs(self) -> int:
         """R: the RoPE frequency pairs each KV head keeps."""
         return len(self.rope_pairs[0][0])
-
-    @property
-    def qk_rope_head_dim(self) -> int:
-        return 2 * self.num_rope_pairs
-
-    @property
-    def qk_nope_head_dim(self) -> int:
-        return self.head_dim - self.qk_rope_head_dim
-
-    @property
-    def v_head_dim(self) -> int:
-        return self.head_dim
 
     def kv_cache_values_per_token(self) -> int:
         """Values cached per token over all layers: the latent plus each KV head's RoPE key dims."""
