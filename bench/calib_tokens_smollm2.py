@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from mla_zoo.modeling import sources
-from mla_zoo.modeling.calibration import read_text
+from mla_zoo.modeling.common import read_text
 from mla_zoo.modeling.convert import ConvertSettings, convert_model
 from mla_zoo.zoo.evaluate import perplexity
 
@@ -31,7 +31,7 @@ def main() -> None:
                                    dtype="float32")
         mla, report = convert_model(model, tokenizer, info, settings, progress=False)
         ppl = perplexity(mla, tokenizer, heldout, 1024, 4096, progress=False)
-        rows.append({"calibration": kind, "calib_tokens": report["calibration"]["tokens"], **ppl})
+        rows.append({"calibration": kind, "calib_tokens": report.calibration.tokens, **ppl})
         print(rows[-1], flush=True)
     out = REPO / "bench/results/calib_tokens_smollm2.json"
     out.write_text(json.dumps({"heldout_tokens": 4096, "rows": rows}, indent=2) + "\n")

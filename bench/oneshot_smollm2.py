@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from mla_zoo.modeling import sources
-from mla_zoo.modeling.calibration import read_text
+from mla_zoo.modeling.common import read_text
 from mla_zoo.modeling.convert import ConvertSettings, convert_model
 from mla_zoo.zoo.evaluate import perplexity
 
@@ -46,8 +46,8 @@ def main() -> None:
                                        dtype="float32")
             mla, report = convert_model(model, tokenizer, info, settings, progress=False)
             result = perplexity(mla, tokenizer, text, args.seq_len, args.max_tokens)
-            rows.append({"model": "MLA", "d_kv": d_kv, "svd": svd, "kv_reduction": report["kv_cache"]["reduction"],
-                         "convert_seconds": report["seconds"], "seconds": round(time.time() - started, 1), **result})
+            rows.append({"model": "MLA", "d_kv": d_kv, "svd": svd, "kv_reduction": report.kv_cache.reduction,
+                         "convert_seconds": report.seconds, "seconds": round(time.time() - started, 1), **result})
             print(rows[-1], flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"text": "data/heldout.txt", "max_tokens": args.max_tokens,

@@ -9,10 +9,11 @@ Without a calibration text the model's own samples are used (data-free), and the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .common import ConversionError
 
 CHAT_PROMPTS = [
     "Tell me a short story about a lighthouse keeper.",
@@ -26,29 +27,15 @@ CHAT_PROMPTS = [
 ]
 
 
-class CalibrationError(ValueError):
-    pass
-
-
 def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Tensor:
     """Tokenise `text` and cut the first n_tokens into rows of seq_len: [rows, seq_len]."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < 2:
-        raise CalibrationError("the calibration text is empty")
+        raise ConversionError("`calib_text` gives fewer than 2 tokens")
     ids = ids[:n_tokens]
     seq_len = min(seq_len, ids.numel())
     rows = ids.numel() // seq_len
     return ids[: rows * seq_len].view(rows, seq_len)
-
-
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise CalibrationError(f"calibration text not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise CalibrationError(f"the calibration text {path} is empty")
-    return text
 
 
 @torch.no_grad()

@@ -8,26 +8,27 @@ Per attention layer (Ji et al. 2025, arXiv 2502.14837):
    shared latent (`lowrank`): down-projection -> `kv_a_proj` (cached), up -> `kv_b_proj`.
 Everything else (embeddings, MLPs, norms, LM head) is copied unchanged.
 
-`convert_model` works in memory; `save_checkpoint` writes the checkpoint atomically.
+`convert_model` works in memory and returns the model with its `ConversionReport`;
+`save_checkpoint` writes the checkpoint (with conversion.json) atomically.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import calibration, lowrank, partial_rope
+from .common import ConversionError, atomic_directory, read_text
 from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
 from .remote.configuration_llama_mla import LlamaMLAConfig
 from .remote.modeling_llama_mla import LlamaMLAForCausalLM
+from .schema import Report, Settings, setting
+from .sources import SourceInfo
 
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -38,22 +39,26 @@ LLAMA_FIELDS = (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ConversionError(ValueError):
-    """Settings that do not fit the source model; the message gives the valid range."""
-
-
 @dataclass
-class ConvertSettings:
-    kv_rank: int | None = None  # TOTAL latent width (kv_lora_rank); None -> kv_rank_per_head * n_kv
-    kv_rank_per_head: int | None = None  # the paper's d_kv; None -> head_dim // 2
-    rope_pairs: int | None = None  # R per head; None -> head_dim // 16 (the paper's default)
-    rope_strategy: str = "2-norm"
-    svd: str = "whitened"  # activation-aware: an order of magnitude better one-shot (bench/RESULTS.md)
-    calib_text: str | None = None
-    calib_tokens: int | None = None  # None -> 4096 of a text, 1024 of self-samples (sampling is slow on CPU)
-    calib_seq_len: int = 512
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the source's dtype, float32 if unknown)
-    seed: int = 0
+class ConvertSettings(Settings):
+    """How a model is converted: the `[conversion]` section of a recipe, the flags of `mla-zoo convert`."""
+
+    kv_lora_rank: int | None = setting(
+        None, min=1, aliases=["--kv-rank"],
+        help="TOTAL latent width = d_kv x n_kv_heads (default: kv_rank_per_head x n_kv_heads)")
+    kv_rank_per_head: int | None = setting(None, min=1, help="the paper's d_kv, latent width per KV head "
+                                                              "(default head_dim/2)")
+    rope_pairs: int | None = setting(None, min=1, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
+    rope_strategy: str = setting("2-norm", choices=partial_rope.STRATEGIES, help="which RoPE pairs each head keeps")
+    svd: str = setting("whitened", choices=lowrank.METHODS,
+                       help="low-rank method: whitened = activation-aware joint SVD (default), joint, split")
+    calib_text: str | None = setting(None, path="file", help="calibration text (2-norm, whitened); default: the "
+                                                             "model's own samples")
+    calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of a text, 1024 "
+                                                         "self-sampled)")
+    calib_seq_len: int = setting(512, min=2, help="calibration row length")
+    dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's)")
+    seed: int = setting(0, min=0, help="random seed (self-sampled calibration)")
 
 
 def head_dim_of(config) -> int:
@@ -61,39 +66,90 @@ def head_dim_of(config) -> int:
 
 
 def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
-    """Fill defaults from the model shape and check every value against its valid range."""
-    s = ConvertSettings(**asdict(settings))
+    """Every default filled in from the model's shape, every value checked against the model's range."""
+    s = replace(settings)
     d, n_kv = head_dim_of(config), config.num_key_value_heads
     half = d // 2
-    if s.rope_strategy not in partial_rope.STRATEGIES:
-        raise ConversionError(f"--rope-strategy must be one of {', '.join(partial_rope.STRATEGIES)}")
-    if s.svd not in lowrank.METHODS:
-        raise ConversionError(f"--svd must be one of {', '.join(lowrank.METHODS)}")
-    if s.dtype != "auto" and s.dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be auto or one of {', '.join(DTYPES)}")
     s.rope_pairs = max(1, d // 16) if s.rope_pairs is None else s.rope_pairs
     if not 1 <= s.rope_pairs <= half:
-        raise ConversionError(f"--rope-pairs must be in [1, {half}] for head_dim {d}, got {s.rope_pairs}")
+        raise ConversionError(f"`rope_pairs` must be in [1, {half}] for head_dim {d}, got {s.rope_pairs}")
     rows_per_head = (d - 2 * s.rope_pairs) + d  # NoPE key dims + value dims
     max_rank = min(n_kv * rows_per_head, config.hidden_size)
-    if s.kv_rank is not None and s.kv_rank_per_head is not None:
-        if s.kv_rank != s.kv_rank_per_head * n_kv:
-            raise ConversionError(f"--kv-rank {s.kv_rank} != --kv-rank-per-head {s.kv_rank_per_head} x {n_kv} KV heads")
-    if s.kv_rank is None:
-        per_head = half if s.kv_rank_per_head is None else s.kv_rank_per_head
-        s.kv_rank = per_head * n_kv
-    if not 1 <= s.kv_rank <= max_rank:
+    if s.kv_lora_rank is not None and s.kv_rank_per_head is not None:
+        if s.kv_lora_rank != s.kv_rank_per_head * n_kv:
+            raise ConversionError(f"`kv_lora_rank` {s.kv_lora_rank} != `kv_rank_per_head` {s.kv_rank_per_head} "
+                                  f"x {n_kv} KV heads")
+    if s.kv_lora_rank is None:
+        s.kv_lora_rank = (half if s.kv_rank_per_head is None else s.kv_rank_per_head) * n_kv
+    if not 1 <= s.kv_lora_rank <= max_rank:
         raise ConversionError(
-            f"--kv-rank (total latent width) must be in [1, {max_rank}] for this model "
+            f"`kv_lora_rank` (total latent width) must be in [1, {max_rank}] for this model "
             f"({n_kv} KV heads x {rows_per_head} NoPE-key+value dims, hidden {config.hidden_size}), "
-            f"i.e. --kv-rank-per-head in [1, {max_rank // n_kv}]; got {s.kv_rank}"
+            f"i.e. `kv_rank_per_head` in [1, {max_rank // n_kv}]; got {s.kv_lora_rank}"
         )
-    s.kv_rank_per_head = s.kv_rank / n_kv if s.kv_rank % n_kv else s.kv_rank // n_kv
+    s.kv_rank_per_head = None if s.kv_lora_rank % n_kv else s.kv_lora_rank // n_kv  # None: not per head
     if s.calib_tokens is None:
         s.calib_tokens = 4096 if s.calib_text else 1024
-    if s.calib_tokens < 1:
-        raise ConversionError("--calib-tokens must be positive")
     return s
+
+
+@dataclass
+class KVCacheSize:
+    """KV-cache size per token of the source model (before) and its MLA conversion (after)."""
+
+    bytes_per_token_before: int  # all layers
+    bytes_per_token_after: int
+    reduction: float  # 1 - after / before
+    values_per_token_per_layer_before: int
+    values_per_token_per_layer_after: int
+
+
+@dataclass
+class CalibrationSource:
+    kind: str  # "text" | "self-samples"
+    tokens: int
+    file: str | None = None  # kind "text"
+    note: str | None = None
+
+
+@dataclass
+class OneShotPerplexity:
+    """Perplexity before and after conversion, without fine-tuning (`mla-zoo convert --eval-text`)."""
+
+    text: str
+    tokens: int
+    seq_len: int
+    perplexity_before: float
+    perplexity_after: float
+
+
+@dataclass
+class ConversionReport(Report):
+    """conversion.json: what was converted, how, and what it saves."""
+
+    SCHEMA_VERSION = 2
+    FILE = "conversion.json"
+
+    settings: ConvertSettings  # resolved: every default filled in from the source's shape
+    kv_cache: KVCacheSize
+    svd_retained_energy: list[float]  # per layer
+    rope_pairs: list[list[list[int]]]  # [layer][kv_head] -> kept pairs
+    calibration: CalibrationSource | None  # None: no statistics needed
+    source: SourceInfo
+    source_sliding_window: int | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    one_shot: OneShotPerplexity | None = None
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        """Version 1 (unversioned) stored the rank twice, as kv_rank and kv_lora_rank."""
+        settings = dict(data["settings"])
+        settings["kv_lora_rank"] = settings.pop("kv_rank", settings.get("kv_lora_rank"))
+        per_head = settings.get("kv_rank_per_head")
+        if isinstance(per_head, float):  # the rank was not a multiple of the KV heads
+            settings["kv_rank_per_head"] = int(per_head) if per_head.is_integer() else None
+        return {**data, "settings": settings}
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
@@ -116,7 +172,7 @@ def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str)
         **fields,
         attention_bias=qkv_bias,
         attention_output_bias=o_bias,
-        kv_lora_rank=s.kv_rank,
+        kv_lora_rank=s.kv_lora_rank,
         rope_pairs=pairs,
         rope_strategy=s.rope_strategy,
         source_model=source_name,
@@ -152,11 +208,11 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
 
     stacked = torch.cat([torch.cat((wk[rows], wv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)])
     if s.svd == "joint":
-        up, down, energy = lowrank.joint(stacked, s.kv_rank)
+        up, down, energy = lowrank.joint(stacked, s.kv_lora_rank)
     elif s.svd == "split":
-        up, down, energy = lowrank.split(stacked, s.kv_rank, n_kv, d - 2 * s.rope_pairs, d)
+        up, down, energy = lowrank.split(stacked, s.kv_lora_rank, n_kv, d - 2 * s.rope_pairs, d)
     else:
-        up, down, energy = lowrank.whitened(stacked, s.kv_rank, second_moment)
+        up, down, energy = lowrank.whitened(stacked, s.kv_lora_rank, second_moment)
 
     mla_attn.q_proj.weight.copy_(wq[q_rows])
     mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
@@ -175,24 +231,24 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
 
 
 def calibrate(model, tokenizer, s: ConvertSettings):
-    """Calibration statistics when the settings need them, and a description of their source."""
+    """Calibration statistics when the settings need them, and where they came from."""
     need_norms = s.rope_strategy == "2-norm"
     need_moments = s.svd == "whitened"
     if not (need_norms or need_moments):
         return None, None
     if s.calib_text:
-        rows = calibration.text_batches(tokenizer, calibration.read_text(s.calib_text), s.calib_tokens, s.calib_seq_len)
-        source = {"kind": "text", "file": str(s.calib_text)}
+        text = read_text(s.calib_text, "calib_text")
+        rows = calibration.text_batches(tokenizer, text, s.calib_tokens, s.calib_seq_len)
+        kind, file, note = "text", str(s.calib_text), None
     else:
         rows = calibration.self_samples(model, tokenizer, s.calib_tokens, min(s.calib_seq_len, 128), s.seed)
-        source = {"kind": "self-samples", "note": "data-free: no --calib-text, the model's own samples were used"}
+        kind, file, note = "self-samples", None, "data-free: no `calib_text`, the model's own samples were used"
     stats = calibration.collect_stats(model, rows, want_moments=need_moments)
-    source["tokens"] = stats.tokens
-    return stats, source
+    return stats, CalibrationSource(kind, stats.tokens, file, note)
 
 
-def convert_model(model, tokenizer, source_info, settings: ConvertSettings, progress: bool = True):
-    """Convert a loaded source model; returns (MLA model, report dict). Nothing is written."""
+def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSettings, progress: bool = True):
+    """Convert a loaded source model; returns (MLA model, ConversionReport). Nothing is written."""
     started = time.time()
     src_cfg = model.config
     if src_cfg.model_type == "mistral" and getattr(src_cfg, "sliding_window", None):
@@ -227,27 +283,27 @@ def convert_model(model, tokenizer, source_info, settings: ConvertSettings, prog
                                       moments[i] if moments else None))
     out_dtype = DTYPES[s.dtype] if s.dtype != "auto" else _source_dtype(src_cfg)
     mla = mla.to(out_dtype)
-    nbytes = torch.finfo(out_dtype).bits // 8
-    kv = kv_bytes_per_token(config, nbytes)
-    report = {
-        "settings": {**asdict(s), "kv_lora_rank": s.kv_rank, "dtype": str(out_dtype).replace("torch.", "")},
-        "kv_cache": {
-            "bytes_per_token_before": kv["before"],
-            "bytes_per_token_after": kv["after"],
-            "reduction": kv["reduction"],
-            "values_per_token_per_layer_before": 2 * src_cfg.num_key_value_heads * d,
-            "values_per_token_per_layer_after": s.kv_rank + src_cfg.num_key_value_heads * 2 * s.rope_pairs,
-        },
-        "svd_retained_energy": energies,
-        "rope_pairs": pairs,
-        "calibration": calib_source,
-        "source": source_info.to_dict(),
-        "source_sliding_window": sliding,
-        "seconds": round(time.time() - started, 2),
-    }
+    s.dtype = str(out_dtype).replace("torch.", "")
+    kv = kv_bytes_per_token(config, torch.finfo(out_dtype).bits // 8)
+    report = ConversionReport(
+        settings=s,
+        kv_cache=KVCacheSize(
+            bytes_per_token_before=kv["before"],
+            bytes_per_token_after=kv["after"],
+            reduction=kv["reduction"],
+            values_per_token_per_layer_before=2 * src_cfg.num_key_value_heads * d,
+            values_per_token_per_layer_after=s.kv_lora_rank + src_cfg.num_key_value_heads * 2 * s.rope_pairs,
+        ),
+        svd_retained_energy=energies,
+        rope_pairs=pairs,
+        calibration=calib_source,
+        source=source_info,
+        source_sliding_window=sliding,
+        seconds=round(time.time() - started, 2),
+    )
     if sliding:
-        report["warnings"] = [f"the source uses a {sliding}-token sliding window; the MLA model attends to the "
-                              "whole context (identical up to that length)"]
+        report.warnings.append(f"the source uses a {sliding}-token sliding window; the MLA model attends to the "
+                               "whole context (identical up to that length)")
     return mla, report
 
 
@@ -261,68 +317,19 @@ def _source_dtype(config) -> torch.dtype:
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass --overwrite to replace it")
+        raise ConversionError(f"{out} already exists; pass `overwrite` to replace it")
     return out
 
 
-def save_checkpoint(model, tokenizer, report: dict, out: str | Path, overwrite: bool = False) -> Path:
-    """Write weights, config, remote code, tokenizer and conversion.json; all or nothing.
-
-    Everything goes into a temporary sibling directory that is renamed into place at the end, so
-    an interrupted run leaves no partial checkpoint (and an existing one stays until replaced).
-    """
+def save_checkpoint(model, tokenizer, report: ConversionReport, out: str | Path, overwrite: bool = False) -> Path:
+    """Write weights, config, remote code, tokenizer and conversion.json; all or nothing
+    (an interrupted run leaves no partial checkpoint, and an existing one stays until replaced)."""
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         for name in REMOTE_CODE_FILES:  # verbatim: a checkpoint loads without mla-zoo installed
             shutil.copyfile(REMOTE_CODE_DIR / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report.write(tmp)
     return out
-
-
-def format_report(report: dict) -> str:
-    """The human summary `mla-zoo convert` prints."""
-    s, kv = report["settings"], report["kv_cache"]
-    energy = report["svd_retained_energy"]
-    lines = [
-        f"source          {report['source']['name']}",
-        f"partial RoPE    {s['rope_pairs']} pairs per head, strategy {s['rope_strategy']}",
-        f"latent          kv_lora_rank {s['kv_rank']} total = {s['kv_rank_per_head']} per KV head (d_kv), "
-        f"svd {s['svd']}",
-        f"calibration     {_calib_line(report['calibration'])}",
-        f"KV cache        {kv['values_per_token_per_layer_before']} -> {kv['values_per_token_per_layer_after']} values "
-        f"per token per layer; {kv['bytes_per_token_before']:,} -> {kv['bytes_per_token_after']:,} bytes per token "
-        f"({s['dtype']}, all layers): -{100 * kv['reduction']:.2f}%",
-        f"SVD energy kept mean {sum(energy) / len(energy):.4f}, "
-        f"min {min(energy):.4f} (layer {energy.index(min(energy))})",
-        f"time            {report['seconds']:.1f} s",
-    ]
-    if "one_shot" in report:
-        o = report["one_shot"]
-        lines.append(f"perplexity      {o['perplexity_before']:.3f} -> {o['perplexity_after']:.3f} on {o['text']} "
-                     f"({o['tokens']} tokens, one-shot, no fine-tuning)")
-    lines += [f"warning         {w}" for w in report.get("warnings", [])]
-    return "\n".join(lines)
-
-
-def _calib_line(c: dict | None) -> str:
-    if c is None:
-        return "none needed (fixed strategy, weight-only SVD)"
-    if c["kind"] == "text":
-        return f"{c['tokens']} tokens of {c['file']}"
-    return f"{c['tokens']} tokens of the model's own samples ({c['note']})"

@@ -8,16 +8,15 @@ cache, since reading the GGUF takes ~35 s on a 2-core CPU and the checkpoint the
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .common import SourceError, atomic_directory, sha256_files
 
 BUNDLED = {
     "smollm2-135m": {
@@ -38,10 +37,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
 
 
-class SourceError(ValueError):
-    """A SOURCE that cannot be converted; the message says what to do instead."""
-
-
 @dataclass
 class SourceInfo:
     spec: str  # what the user passed
@@ -51,23 +46,12 @@ class SourceInfo:
     sha256: str  # hash of the weight files (sorted by name), identifies the exact source
     license: str | None = None
     base_model: str | None = None  # Hub id of the base, for model cards
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    revision: str | None = None  # Hub sources of a recipe: the revision asked for ...
+    commit: str | None = None  # ... and the commit it pointed at
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MLA_ZOO_CACHE", Path.home() / ".cache" / "mla-zoo"))
-
-
-def _hash_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in sorted(files):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 def bundled_gguf(name: str) -> Path:
@@ -92,20 +76,11 @@ def materialize_bundled(name: str) -> Path:
     if stamp.is_file():
         return target
     model, tokenizer = _load_gguf(gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_directory(target, keep_existing=True) as tmp:  # keep_existing: a concurrent run got there first
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        stamp_data = {"gguf": str(gguf), "gguf_sha256": _hash_files([gguf]), **BUNDLED[name]}
+        stamp_data = {"gguf": str(gguf), "gguf_sha256": sha256_files([gguf]), **BUNDLED[name]}
         (tmp / "mla_zoo_source.json").write_text(json.dumps(stamp_data, indent=2))
-        if target.exists():  # a concurrent run got there first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
@@ -157,7 +132,7 @@ def resolve(spec: str, dtype: torch.dtype = torch.float32):
             raise SourceError(f"GGUF file not found: {spec}")
         model, tokenizer = _load_gguf(gguf)
         check_architecture(model.config)
-        info = SourceInfo(spec, str(gguf.resolve()), gguf.name, model.config.model_type, _hash_files([gguf]))
+        info = SourceInfo(spec, str(gguf.resolve()), gguf.name, model.config.model_type, sha256_files([gguf]))
         return model.to(dtype).eval(), tokenizer, info
     elif Path(spec).exists():
         path = Path(spec)
@@ -166,14 +141,14 @@ def resolve(spec: str, dtype: torch.dtype = torch.float32):
         weights = [f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
         if not any(f.name.endswith(".safetensors") for f in weights):
             raise SourceError(f"{spec} has no .safetensors weights (mla-zoo never loads pickled .bin files)")
-        sha = _hash_files(weights)
+        sha = sha256_files(weights)
     else:  # a Hub id
         try:
             path = download_hub_source(spec)
         except Exception as e:
             raise SourceError(f"{spec!r} is not a local path, a .gguf file, a bundled name "
                               f"({', '.join(BUNDLED)}) or a reachable Hub id: {e}") from e
-        sha = _hash_files([f for f in path.iterdir() if f.name.endswith(".safetensors")])
+        sha = sha256_files([f for f in path.iterdir() if f.name.endswith(".safetensors")])
         extra = {"name": spec, "base_model": spec}
 
     try:

@@ -126,7 +126,7 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
     from conftest import convert_tiny, tiny_source
     from mla_zoo.modeling.convert import save_checkpoint
 
-    mla, report = convert_tiny(tiny_source("llama-gqa"), rope_pairs=2, kv_rank=8)
+    mla, report = convert_tiny(tiny_source("llama-gqa"), rope_pairs=2, kv_lora_rank=8)
 
     class BrokenTokenizer:
         def save_pretrained(self, path):

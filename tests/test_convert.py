@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import FAMILIES, convert_tiny, tiny_source
 from mla_zoo.modeling import calibration, lowrank, partial_rope
-from mla_zoo.modeling.convert import ConversionError, ConvertSettings, head_dim_of, resolve_settings
+from mla_zoo.modeling.common import ConversionError, SettingsError
+from mla_zoo.modeling.convert import ConvertSettings, head_dim_of, resolve_settings
 from reference import partial_rope_attention
 
 
@@ -20,12 +21,12 @@ def full_rank(model) -> int:
 def test_lossless_settings_reproduce_source_logits(family):
     model = tiny_source(family)
     half = head_dim_of(model.config) // 2
-    mla, report = convert_tiny(model, rope_pairs=half, kv_rank=full_rank(model), svd="joint")
+    mla, report = convert_tiny(model, rope_pairs=half, kv_lora_rank=full_rank(model), svd="joint")
     ids = torch.randint(3, model.config.vocab_size, (2, 24))
     with torch.no_grad():
         diff = (model(ids).logits - mla(ids).logits).abs().max().item()
     assert diff < 1e-4
-    assert min(report["svd_retained_energy"]) > 1 - 1e-9
+    assert min(report.svd_retained_energy) > 1 - 1e-9
 
 
 @pytest.mark.parametrize("family", ["llama-gqa", "qwen2-bias"])
@@ -36,15 +37,16 @@ def test_partial_rope_block_equals_float64_reference(family, strategy):
     cfg = model.config
     r = 3
     rows = cfg.num_key_value_heads * (2 * head_dim_of(cfg) - 2 * r)
-    mla, report = convert_tiny(model, rope_pairs=r, kv_rank=min(rows, cfg.hidden_size), rope_strategy=strategy)
-    assert rows <= cfg.hidden_size and min(report["svd_retained_energy"]) > 1 - 1e-12  # full rank: exact
+    mla, report = convert_tiny(model, rope_pairs=r, kv_lora_rank=min(rows, cfg.hidden_size), rope_strategy=strategy)
+    assert rows <= cfg.hidden_size and min(report.svd_retained_energy) > 1 - 1e-12  # full rank: exact
     mla = mla.double()
     x = torch.randn(2, 12, cfg.hidden_size, dtype=torch.float64)
     positions = torch.arange(12)[None].expand(2, -1)
-    pairs = report["rope_pairs"][1]
+    pairs = report.rope_pairs[1]
     want = partial_rope_attention(model.model.layers[1].self_attn, x, positions, pairs, model.model.rotary_emb.inv_freq)
     cos_sin = mla.model.rotary_emb(x, positions)
-    got = mla.model.layers[1].self_attn(x, cos_sin)
+    got = mla.model.layers[1].self_attn(x, cos_sin, None)
+    got = got[0] if isinstance(got, tuple) else got  # (output, attention weights) in the remote code v2
     assert (got - want).abs().max().item() < 1e-6  # cos/sin come in float32
 
 
@@ -120,11 +122,16 @@ def test_settings_out_of_range_name_the_valid_range():
     with pytest.raises(ConversionError, match=r"\[1, 8\]"):
         resolve_settings(ConvertSettings(rope_pairs=9), cfg)
     with pytest.raises(ConversionError, match=r"\[1, 56\]"):  # 2 KV heads x (12 NoPE + 16 value dims)
-        resolve_settings(ConvertSettings(rope_pairs=2, kv_rank=57), cfg)
-    with pytest.raises(ConversionError, match="kv-rank-per-head"):
-        resolve_settings(ConvertSettings(kv_rank=8, kv_rank_per_head=5), cfg)
+        resolve_settings(ConvertSettings(rope_pairs=2, kv_lora_rank=57), cfg)
+    with pytest.raises(ConversionError, match="`kv_lora_rank` 8 != `kv_rank_per_head` 5 x 2 KV heads"):
+        resolve_settings(ConvertSettings(kv_lora_rank=8, kv_rank_per_head=5), cfg)
     s = resolve_settings(ConvertSettings(kv_rank_per_head=4), cfg)
-    assert (s.kv_rank, s.kv_rank_per_head, s.rope_pairs) == (8, 4, 1)
+    assert (s.kv_lora_rank, s.kv_rank_per_head, s.rope_pairs) == (8, 4, 1)
+    assert resolve_settings(ConvertSettings(kv_lora_rank=7), cfg).kv_rank_per_head is None  # not a per-head width
+    with pytest.raises(SettingsError, match=r"`rope_strategy` must be one of high, low, uniform, 2-norm \(got 'mid'\)"):
+        ConvertSettings(rope_strategy="mid")
+    with pytest.raises(SettingsError, match=r"`calib_tokens` must be an int >= 1 \(got 0\)"):
+        ConvertSettings(calib_tokens=0)
 
 
 def test_whitened_svd_survives_fewer_calibration_tokens_than_hidden_dims():

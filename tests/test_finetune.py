@@ -87,7 +87,7 @@ def test_layerwise_loss_is_zero_for_a_lossless_conversion():
     cfg = teacher.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     student, _ = convert_tiny(teacher, rope_pairs=head_dim // 2,
-                              kv_rank=min(cfg.num_key_value_heads * head_dim, cfg.hidden_size))
+                              kv_lora_rank=min(cfg.num_key_value_heads * head_dim, cfg.hidden_size))
     ids = torch.randint(3, cfg.vocab_size, (2, 20))
     inputs, targets = teacher_layer_io(teacher, ids)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_layerwise_loss_is_zero_for_a_lossless_conversion():
 
 def test_layerwise_loss_decreases_for_a_lossy_conversion():
     teacher = peaked_source()
-    student, _ = convert_tiny(teacher, rope_pairs=1, kv_rank=8)
+    student, _ = convert_tiny(teacher, rope_pairs=1, kv_lora_rank=8)
     wrapper = LayerwiseStudent(student)
     student.requires_grad_(False)
     for layer in student.model.layers:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DATA
-from mla_zoo.modeling.calibration import read_text
+from mla_zoo.modeling.common import read_text
 from mla_zoo.modeling.convert import ConvertSettings, convert_model, kv_bytes_per_token
 from mla_zoo.zoo.evaluate import perplexity
 

@@ -45,30 +45,17 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
+
+from mla_zoo.modeling.common import BuildError, GateFailed, StageUnavailable
 
 from .recipe import GateSpec, Recipe
 
 STAGES = ("convert", "finetune", "eval", "export", "card")
 HOOKS = {"finetune": "mla_zoo.zoo.finetune", "export": "mla_zoo.export"}
 FORMAT = 1
-
-
-class BuildError(ValueError):
-    """A build that cannot go on; the message says why and what to do."""
-
-
-class StageUnavailable(BuildError):
-    """The recipe enables a stage whose module is not part of this version of mla-zoo."""
-
-
-class GateFailed(BuildError):
-    """An evaluation gate failed: the release is stopped."""
-
-    def __init__(self, message: str, gates: list[dict]):
-        super().__init__(message)
-        self.gates = gates
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -442,16 +429,17 @@ class Builder:
         convert.resolve_settings(settings, model.config)  # range errors before any calibration work
         mla, report = convert.convert_model(model, tokenizer, info, settings, progress=self.progress)
         # Paths as written in the recipe: a published conversion.json carries no local directories.
-        report["source"].update(spec=s.model, path=s.model if s.kind != "hub" else f"{s.model}@{s.revision or 'main'}")
-        report["source"]["revision"] = s.revision
-        report["source"]["commit"] = self.source_identity().get("commit")
+        report.source.spec = s.model
+        report.source.path = s.model if s.kind != "hub" else f"{s.model}@{s.revision or 'main'}"
+        report.source.revision = s.revision
+        report.source.commit = self.source_identity().get("commit")
         if r.conversion.calib_text is not None:
-            report["settings"]["calib_text"] = r.raw["conversion"]["calib_text"]
-            if report.get("calibration"):
-                report["calibration"]["file"] = r.raw["conversion"]["calib_text"]
+            report.settings.calib_text = r.raw["conversion"]["calib_text"]
+            if report.calibration is not None:
+                report.calibration.file = r.raw["conversion"]["calib_text"]
         convert.save_checkpoint(mla, tokenizer, report, work, overwrite=True)
-        return {"license": license, "base_model": base_model, "kv_cache": report["kv_cache"],
-                "settings": report["settings"], "warnings": report.get("warnings", [])}
+        return {"license": license, "base_model": base_model, "kv_cache": asdict(report.kv_cache),
+                "settings": asdict(report.settings), "warnings": report.warnings}
 
     def _source_license(self) -> str | None:
         """The license in the source's model card (Hub metadata, or a local dir's README.md)."""

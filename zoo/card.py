@@ -52,7 +52,7 @@ def plot_kv_cache(path: Path, before: int, after: int, max_positions: int, title
     try:
         import matplotlib
     except ImportError as e:
-        from .build import BuildError
+        from mla_zoo.modeling.common import BuildError
 
         raise BuildError("the card stage draws its plot with matplotlib: pip install matplotlib") from e
     matplotlib.use("Agg")
@@ -85,7 +85,7 @@ def zoo_metadata(recipe, conversion: dict, metrics: dict, finetuned: bool, onnx:
         "name": recipe.release.name,
         "recipe": recipe.name,
         "d_kv": s["kv_rank_per_head"],
-        "kv_lora_rank": s["kv_rank"],
+        "kv_lora_rank": s["kv_lora_rank"],
         "rope_pairs": s["rope_pairs"],
         "rope_strategy": s["rope_strategy"],
         "svd": s["svd"],
@@ -135,7 +135,7 @@ def _kv_section(conversion: dict, config: dict) -> str:
         "## KV-cache savings",
         "",
         f"Per token and layer the cache holds {kv['values_per_token_per_layer_after']} values instead of "
-        f"{kv['values_per_token_per_layer_before']}: a latent of {s['kv_rank']} "
+        f"{kv['values_per_token_per_layer_before']}: a latent of {s['kv_lora_rank']} "
         f"({s['kv_rank_per_head']} per KV head, the paper's d_kv) plus {2 * s['rope_pairs']} RoPE dims per KV head. "
         f"In {s['dtype']}, batch 1, that is **{100 * kv['reduction']:.2f}% less KV cache**:",
         "",
@@ -243,7 +243,7 @@ def _details(conversion: dict) -> str:
         "",
         f"- source: `{conversion['source']['name']}` (weights sha256 `{conversion['source']['sha256'][:16]}…`)",
         f"- partial RoPE: {s['rope_pairs']} frequency pairs kept per head, strategy `{s['rope_strategy']}`",
-        f"- low rank: `kv_lora_rank` {s['kv_rank']} ({s['kv_rank_per_head']} per KV head), SVD `{s['svd']}`; "
+        f"- low rank: `kv_lora_rank` {s['kv_lora_rank']} ({s['kv_rank_per_head']} per KV head), SVD `{s['svd']}`; "
         f"energy kept per layer: mean {sum(energy) / len(energy):.4f}, min {min(energy):.4f}",
         f"- calibration: {calib_text}",
         f"- dtype: {s['dtype']}; `conversion.json` in this repo has every detail.",

@@ -7,48 +7,70 @@ import json
 import sys
 
 
-def _expected_errors():
-    from mla_zoo.modeling.calibration import CalibrationError
-    from mla_zoo.modeling.convert import ConversionError
-    from mla_zoo.modeling.sources import SourceError
-
-    return (SourceError, ConversionError, CalibrationError, FileNotFoundError)
-
-
 def cmd_convert(args) -> int:
     import torch
     from mla_zoo.modeling import convert, sources
+    from mla_zoo.modeling.common import read_text
 
     convert.check_output_dir(args.output, args.overwrite)  # fail before the slow part
     settings = convert.ConvertSettings(
-        kv_rank=args.kv_rank, kv_rank_per_head=args.kv_rank_per_head, rope_pairs=args.rope_pairs,
+        kv_lora_rank=args.kv_rank, kv_rank_per_head=args.kv_rank_per_head, rope_pairs=args.rope_pairs,
         rope_strategy=args.rope_strategy, svd=args.svd, calib_text=args.calib_text,
         calib_tokens=args.calib_tokens, dtype=args.dtype, seed=args.seed,
     )
     if args.calib_text:  # check it before loading the model
-        from mla_zoo.modeling.calibration import read_text
-
-        read_text(args.calib_text)
+        read_text(args.calib_text, "calib_text")
     model, tokenizer, info = sources.resolve(args.source, dtype=torch.float32)
     convert.resolve_settings(settings, model.config)  # range errors before any calibration work
     mla, report = convert.convert_model(model, tokenizer, info, settings)
     if args.eval_text:
-        from mla_zoo.modeling.calibration import read_text
         from mla_zoo.zoo.evaluate import perplexity
 
-        text = read_text(args.eval_text)
+        text = read_text(args.eval_text, "eval_text")
         before = perplexity(model, tokenizer, text, args.eval_seq_len, args.eval_tokens)
         after = perplexity(mla.float(), tokenizer, text, args.eval_seq_len, args.eval_tokens)
-        mla = mla.to(getattr(torch, report["settings"]["dtype"]))
-        report["one_shot"] = {"text": args.eval_text, "tokens": before["tokens"], "seq_len": args.eval_seq_len,
-                              "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"]}
+        mla = mla.to(getattr(torch, report.settings.dtype))
+        report.one_shot = convert.OneShotPerplexity(args.eval_text, before["tokens"], args.eval_seq_len,
+                                                    before["perplexity"], after["perplexity"])
     out = convert.save_checkpoint(mla, tokenizer, report, args.output, args.overwrite)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(report.to_json(), end="")
     else:
-        print(convert.format_report(report))
+        print(format_report(report))
         print(f"wrote {out}")
     return 0
+
+
+def format_report(report) -> str:
+    """The human summary `mla-zoo convert` prints."""
+    s, kv, energy = report.settings, report.kv_cache, report.svd_retained_energy
+    per_head = f"{s.kv_rank_per_head} per KV head (d_kv)" if s.kv_rank_per_head else "not a per-head width"
+    lines = [
+        f"source          {report.source.name}",
+        f"partial RoPE    {s.rope_pairs} pairs per head, strategy {s.rope_strategy}",
+        f"latent          kv_lora_rank {s.kv_lora_rank} total = {per_head}, svd {s.svd}",
+        f"calibration     {_calib_line(report.calibration)}",
+        f"KV cache        {kv.values_per_token_per_layer_before} -> {kv.values_per_token_per_layer_after} values "
+        f"per token per layer; {kv.bytes_per_token_before:,} -> {kv.bytes_per_token_after:,} bytes per token "
+        f"({s.dtype}, all layers): -{100 * kv.reduction:.2f}%",
+        f"SVD energy kept mean {sum(energy) / len(energy):.4f}, "
+        f"min {min(energy):.4f} (layer {energy.index(min(energy))})",
+        f"time            {report.seconds:.1f} s",
+    ]
+    if report.one_shot is not None:
+        o = report.one_shot
+        lines.append(f"perplexity      {o.perplexity_before:.3f} -> {o.perplexity_after:.3f} on {o.text} "
+                     f"({o.tokens} tokens, one-shot, no fine-tuning)")
+    lines += [f"warning         {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def _calib_line(c) -> str:
+    if c is None:
+        return "none needed (fixed strategy, weight-only SVD)"
+    if c.kind == "text":
+        return f"{c.tokens} tokens of {c.file}"
+    return f"{c.tokens} tokens of the model's own samples ({c.note})"
 
 
 def cmd_eval(args) -> int:
@@ -133,11 +155,14 @@ def _plugin_registrars():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mla_zoo.modeling.common import MlaZooError, name_fields
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, *_expected_errors()) as e:
-        print(f"mla-zoo {args.command}: error: {e}", file=sys.stderr)
+    except MlaZooError as e:
+        flag = lambda name: "--kv-rank" if name == "kv_lora_rank" else "--" + name.replace("_", "-")  # noqa: E731
+        print(f"mla-zoo {args.command}: error: {name_fields(str(e), flag)}", file=sys.stderr)
         return 2
 
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from mla_zoo.modeling.common import DataError
 from tqdm.auto import tqdm
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -31,10 +32,6 @@ FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 SYNTH_MARKER = "synth.json"
 TEXT_BLOCK = 1 << 20  # read large text files in ~1 MB pieces (split at line ends)
 TOKENIZE_BATCH = 256
-
-
-class DataError(ValueError):
-    """A data spec that cannot be read or does not fit the model; the message says why."""
 
 
 # ----------------------------------------------------------------------------------------------

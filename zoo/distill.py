@@ -164,7 +164,10 @@ class LayerwiseStudent(nn.Module):
         position_ids = torch.arange(s, device=inputs[0].device)[None].expand(b, -1)
         cos_sin = self.rotary(inputs[0], position_ids)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        outputs = [attn(norm(h), cos_sin, mask) for attn, norm, h in zip(self.attn, self.norms, inputs, strict=True)]
+        outputs = []
+        for attn, norm, h in zip(self.attn, self.norms, inputs, strict=True):
+            out = attn(norm(h), cos_sin, mask)
+            outputs.append(out[0] if isinstance(out, tuple) else out)  # the remote code v2 returns (output, weights)
         return layerwise_loss(outputs, targets, mask)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from mla_zoo.modeling import sources
-from mla_zoo.modeling.calibration import read_text
+from mla_zoo.modeling.common import EvalError, read_text
 from mla_zoo.modeling.convert import kv_bytes_per_token
 from tqdm.auto import tqdm
 
@@ -41,9 +41,9 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int
         ids = ids[:max_tokens]
     max_len = getattr(model.config, "max_position_embeddings", seq_len)
     if seq_len > max_len:
-        raise ValueError(f"--seq-len {seq_len} is beyond the model's {max_len} positions")
+        raise EvalError(f"--seq-len {seq_len} is beyond the model's {max_len} positions")
     if ids.numel() < 2:
-        raise ValueError("the evaluation text has fewer than 2 tokens")
+        raise EvalError("the evaluation text has fewer than 2 tokens")
     nll, count = 0.0, 0
     starts = range(0, ids.numel() - 1, seq_len)
     for start in tqdm(starts, desc="perplexity", unit="window", disable=not progress, leave=False):
@@ -108,7 +108,7 @@ def lm_eval_tasks(spec: str, tasks: list[str], device: str) -> dict:
     try:
         import lm_eval
     except ImportError as e:
-        raise ValueError("--tasks needs lm-evaluation-harness: pip install lm-eval (and a network)") from e
+        raise EvalError("--tasks needs lm-evaluation-harness: pip install lm-eval (and a network)") from e
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={spec},trust_remote_code=True",
                                   tasks=tasks, device=device)
     return out["results"]
@@ -121,7 +121,7 @@ def evaluate(spec: str, text_file: str, seq_len: int = 1024, max_tokens: int | N
     started = time.time()
     model, tokenizer = load_model(spec, dtype)
     model = model.to(device)
-    text = read_text(text_file)
+    text = read_text(text_file, "text")
     result = perplexity(model, tokenizer, text, seq_len, max_tokens)
     kv = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
     report = {

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from mla_zoo.modeling.common import FinetuneError
 
 from . import data as data_mod
 from .distill import DEFAULT_CHUNK, LayerwiseStudent, distill_loss, teacher_layer_io
@@ -41,10 +42,6 @@ from .distill import DEFAULT_CHUNK, LayerwiseStudent, distill_loss, teacher_laye
 STAGES = ("layerwise", "global")
 PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n  Ünïcode — 日本語 🙂 <tag> {x: 1}"
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-class FinetuneError(ValueError):
-    """Settings, inputs or an output directory that cannot be used; the message says what to do."""
 
 
 @dataclass
@@ -392,7 +389,7 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
     """
     from accelerate import PartialState
     from mla_zoo.modeling import sources
-    from mla_zoo.modeling.calibration import read_text
+    from mla_zoo.modeling.common import read_text
     from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
@@ -419,7 +416,7 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
     config = LlamaMLAConfig.from_pretrained(ckpt)
     data_mod.check_seq_len(s.seq_len, config)
     data_info = data_mod.describe(s.data)  # a spec matching nothing fails here, before any model loads
-    eval_text = read_text(s.eval_text) if s.eval_text else None
+    eval_text = read_text(s.eval_text, "eval_text") if s.eval_text else None
     eval_seq_len = s.eval_seq_len or min(s.seq_len, 1024)
     if eval_text is not None:
         data_mod.check_seq_len(eval_seq_len, config)
@@ -538,9 +535,9 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
         in_sync = _sync_check(student, device) and in_sync
         if i + 1 < len(s.stages):  # later stages (and a later --resume) start from this result
             if is_main:
-                from mla_zoo.modeling.convert import save_checkpoint
+                from mla_zoo.modeling.convert import ConversionReport, save_checkpoint
 
-                save_checkpoint(student, tokenizer, _read_json(ckpt / "conversion.json"), stage_out, overwrite=True)
+                save_checkpoint(student, tokenizer, ConversionReport.read(ckpt), stage_out, overwrite=True)
                 run["stages_done"] = run.get("stages_done", []) + [stage]
                 run["stage_results"] = {k: {kk: vv for kk, vv in v.items() if kk != "log_history"}
                                         for k, v in results.items()}
@@ -548,7 +545,7 @@ def run_finetune(ckpt: str | Path, out: str | Path, teacher: str, settings: Fine
             state.wait_for_everyone()
 
     report = {
-        "student": str(ckpt), "teacher": teacher, "teacher_source": teacher_info.to_dict(), "data": data_info,
+        "student": str(ckpt), "teacher": teacher, "teacher_source": asdict(teacher_info), "data": data_info,
         "settings": {**asdict(s), "stages": list(s.stages), "eval_seq_len": eval_seq_len, "bf16": bf16},
         "stage_steps": steps, "world_size": world, "tokens_per_step": rows_per_step * s.seq_len,
         "data_rows": rows.shape[0],
@@ -586,12 +583,12 @@ def _write_output(student, tokenizer, ckpt: Path, out: Path, report: dict) -> No
     """The final checkpoint into OUT: staged complete by save_checkpoint (remote code, tokenizer,
     conversion.json), then moved in file by file with training.json last, so a complete
     training.json always means a complete checkpoint."""
-    from mla_zoo.modeling.convert import save_checkpoint
+    from mla_zoo.modeling.convert import ConversionReport, save_checkpoint
 
     (out / "training.json").unlink(missing_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".final-", dir=out))
     try:
-        final = save_checkpoint(student, tokenizer, _read_json(ckpt / "conversion.json"), staging / "model")
+        final = save_checkpoint(student, tokenizer, ConversionReport.read(ckpt), staging / "model")
         plot = plot_training(report, final / "training.png")
         report["plot"] = "training.png" if plot else None
         (final / "training.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -21,20 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import sha256_file
+from mla_zoo.modeling.common import HubError, VersionExists, sha256_file
+
 from .recipe import SEMVER, semver_key
 
 ZOO_TAG = "mla-zoo"
 COLLECTION_TITLE = "mla-zoo"
 DEFAULT_ORG = "mla-zoo"
-
-
-class HubError(ValueError):
-    """A publish/browse request that cannot be done; the message says why."""
-
-
-class VersionExists(HubError):
-    """The version is already released; released versions are never overwritten."""
 
 
 def default_org() -> str:

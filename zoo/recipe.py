@@ -16,7 +16,7 @@ Schema (keys not listed are refused, so a typo cannot silently fall back to a de
     [release]     name, repo_id ("ORG/NAME"), version ("X.Y.Z" semver), description?,
                   license? (default: the base model's), base_model? (default: the source's Hub id)
     [source]      model (bundled name | Hub id | local checkpoint dir | .gguf file), revision? (Hub ids)
-    [conversion]  kv_rank_per_head? (d_kv) | kv_rank? (total latent), rope_pairs?, rope_strategy,
+    [conversion]  kv_rank_per_head? (d_kv) | kv_lora_rank? (total latent), rope_pairs?, rope_strategy,
                   svd, calib_text?, calib_tokens?, calib_seq_len, dtype, seed
     [finetune]    enabled (default false), data_file? | dataset? (+ dataset_config?, dataset_split),
                   steps?, tokens?, learning_rate, batch_size, seq_len, warmup_ratio, [finetune.options]
@@ -33,6 +33,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mla_zoo.modeling.common import RecipeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,10 +53,6 @@ SVD_METHODS = ("joint", "split", "whitened")
 CONVERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 EVAL_DTYPES = ("float32", "bfloat16")
 _REQUIRED = object()
-
-
-class RecipeError(ValueError):
-    """A recipe that does not validate; the message names the recipe, the key and what is valid."""
 
 
 def semver_key(version: str) -> tuple:
@@ -187,7 +185,7 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class ConversionSpec:
-    kv_rank: int | None = None
+    kv_lora_rank: int | None = None
     kv_rank_per_head: int | None = None
     rope_pairs: int | None = None
     rope_strategy: str = "2-norm"
@@ -375,7 +373,7 @@ def _source(t: _Table) -> SourceSpec:
 
 def _conversion(t: _Table) -> ConversionSpec:
     spec = ConversionSpec(
-        kv_rank=t.int("kv_rank"),
+        kv_lora_rank=t.int("kv_lora_rank"),
         kv_rank_per_head=t.int("kv_rank_per_head"),
         rope_pairs=t.int("rope_pairs"),
         rope_strategy=t.str("rope_strategy", "2-norm", choices=ROPE_STRATEGIES),

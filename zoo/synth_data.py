@@ -18,9 +18,11 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from mla_zoo.modeling.common import SynthError
 from tqdm.auto import tqdm
 
 TOPICS = [
@@ -151,9 +153,9 @@ def synth_data(
 
     out = Path(out)
     if tokens < 1 or seq_len < 2 or batch_size < 1 or temperature <= 0:
-        raise ValueError("--tokens and --batch-size must be positive, --seq-len at least 2, --temperature > 0")
+        raise SynthError("--tokens and --batch-size must be positive, --seq-len at least 2, --temperature > 0")
     if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; pass --overwrite to replace it")
+        raise SynthError(f"{out} already exists; pass --overwrite to replace it")
     cuda = torch.cuda.is_available()
     torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16}[dtype]
@@ -162,7 +164,7 @@ def synth_data(
     model.to(device).eval()
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
-        raise ValueError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings ({max_pos})")
+        raise SynthError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings ({max_pos})")
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompts = build_prompts(chat, seed)
     if chat:
@@ -235,7 +237,7 @@ def synth_data(
         seconds = time.time() - started
         report = {
             "model": info.name,
-            "source": info.to_dict(),
+            "source": asdict(info),
             "tokens": written,
             "generated_tokens": generated,
             "samples": samples,
