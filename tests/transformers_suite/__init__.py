@@ -1,0 +1,1 @@
+"""Helpers of tests/test_transformers_suite.py: transformers' own test files at the installed version."""
