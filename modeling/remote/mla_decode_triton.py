@@ -82,7 +82,8 @@ def _check_shapes(q_lat, q_rope, c_kv, k_rope, kv_mask) -> tuple[int, int, int, 
             f"and the {h} query heads must split evenly over the n_kv KV heads"
         )
     if kv_mask is not None and (tuple(kv_mask.shape) != (b, t) or kv_mask.dtype != torch.bool):
-        raise ValueError(f"mla_decode: kv_mask must be bool [B, T] = [{b}, {t}]; got {kv_mask.dtype} {tuple(kv_mask.shape)}")
+        got = f"{kv_mask.dtype} {tuple(kv_mask.shape)}"
+        raise ValueError(f"mla_decode: kv_mask must be bool [B, T] = [{b}, {t}]; got {got}")
     return b, h, r, t, rope, p // rope
 
 
@@ -151,7 +152,7 @@ def _block_h(h: int) -> int:
     return min(max(16, 1 << (h - 1).bit_length()), 64)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -190,7 +191,7 @@ if triton is not None:
         HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Stage 1: one (sequence, split, head block): normalised partial output and its LSE (base 2)."""
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * T_max * r may pass 2**31
         split = tl.program_id(1)
         heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
         h_ok = heads < H
@@ -258,12 +259,12 @@ if triton is not None:
 
     @triton.jit
     def _mla_decode_merge(
-        O_PART, LSE_PART, O, n_splits,
+        O_PART, LSE_PART, OUT, n_splits,
         s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
         R: tl.constexpr, BLOCK_R: tl.constexpr,
     ):  # fmt: skip
         """Stage 2: one (sequence, head): merge the splits' partial outputs by their LSE (online)."""
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
@@ -281,7 +282,7 @@ if triton is not None:
                 l_sum = l_sum * alpha + w
                 m = m_new
         out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
-        tl.store(O + b * s_ob + h * s_oh + offs_r, out.to(O.dtype.element_ty), mask=r_ok)
+        tl.store(OUT + b * s_ob + h * s_oh + offs_r, out.to(OUT.dtype.element_ty), mask=r_ok)
 
 
 def _launch(
@@ -299,6 +300,9 @@ def _launch(
 
     `cfg` / `splits` override the defaults (tests and the benchmark's tuning sweep)."""
     b, h, r, t, rope, n_kv = _check_shapes(q_lat, q_rope, c_kv, k_rope, kv_mask)
+    if len({q_lat.dtype, q_rope.dtype, c_kv.dtype, k_rope.dtype}) != 1 or c_kv.dtype not in _DTYPES:
+        dtypes = [str(x.dtype) for x in (q_lat, q_rope, c_kv, k_rope)]
+        raise ValueError(f"mla_decode: q_lat, q_rope, c_kv, k_rope must share one of bf16/fp16/fp32; got {dtypes}")
     p = n_kv * rope
     cfg = cfg or default_config(r, p, h, c_kv.dtype)
     block_h = _block_h(h)
