@@ -56,6 +56,16 @@ def test_real_cache_bytes_equal_the_report(paper_setting, smollm2):
     assert report["kv_cache"]["bytes_per_token_after"] == kv_bytes_per_token(mla.config, 4)["after"] == 30 * 120 * 4
 
 
+def test_real_model_generates_the_same_with_static_and_dynamic_cache(paper_setting, smollm2):
+    _, tokenizer, _ = smollm2
+    mla, _ = paper_setting["whitened"]
+    ids = tokenizer(["The weather today", "Once upon a time, in"], return_tensors="pt", padding=True,
+                    padding_side="left")
+    dynamic = mla.generate(**ids, max_new_tokens=16, do_sample=False)
+    static = mla.generate(**ids, max_new_tokens=16, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
 def test_whitened_svd_beats_weight_only_svd_one_shot(paper_setting, smollm2):
     model, tokenizer, _ = smollm2
     text = read_text(DATA / "heldout.txt")

@@ -65,6 +65,7 @@ IGNORED_KWARGS = {"cache_position", "num_logits_to_keep", "token_type_ids"}
 LOSS_KWARGS = {"num_items_in_batch", "ignore_index"}
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 ABSORBED_MAX_QUERIES = 16  # "auto" takes the absorbed path for up to this many new tokens over a cache
+USE_TRITON_DECODE = True  # set False to decode with the PyTorch path on CUDA too (tests, benchmarks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class LlamaMLAAttention(nn.Module):
         """`mla_absorbed_attention`, through the Triton kernel for one-token decode on CUDA."""
         s = q_lat.shape[2]
         mask_ok = attention_mask is None or attention_mask.dtype == torch.bool
-        if s == 1 and not output_attentions and mask_ok and triton_decode is not None:
+        if s == 1 and not output_attentions and mask_ok and triton_decode is not None and USE_TRITON_DECODE:
             if triton_decode_supported(q_lat, c_kv):
                 kv_mask = None
                 if attention_mask is not None:  # [B or 1, 1, 1, T] -> [B, T]

