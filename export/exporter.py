@@ -269,15 +269,21 @@ def genai_config(config, dtype: str, latent_dim: int, key_rope_dim: int, library
     }
 
 
-def copy_tokenizer(checkpoint: Path, directory: Path) -> None:
-    from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except (OSError, ValueError) as e:  # a checkpoint without a tokenizer still exports
-        warnings.warn(f"no tokenizer copied from {checkpoint}: {e}", stacklevel=2)
-        return
-    tokenizer.save_pretrained(directory)
+
+def copy_tokenizer(checkpoint: Path, directory: Path) -> list[str]:
+    """Copies the checkpoint's tokenizer files (and generation_config.json) as they are."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, directory / name)
+            copied.append(name)
+    if not any(name.startswith("tokenizer") for name in copied):
+        warnings.warn(f"{checkpoint} has no tokenizer files: the export has none either", stacklevel=2)
+    return copied
 
 
 # ----------------------------------------------------------------------------------------------

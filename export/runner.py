@@ -220,7 +220,7 @@ def run_generate(settings: GenerateSettings) -> GenerateReport:
 
     if settings.backend not in ("onnx", "torch"):
         raise ValueError(f"backend must be 'onnx' or 'torch', got {settings.backend!r}")
-    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=True)
     ids = _encode(tokenizer, settings.prompt, settings.chat)
     eos = tokenizer.eos_token_id
     start = time.perf_counter()

@@ -11,10 +11,9 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from onnx import TensorProto, helper  # noqa: E402
-
 from mla_zoo.export import op  # noqa: E402
 from mla_zoo.export.kernels import build  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
 
 
 @pytest.fixture(scope="session")
