@@ -4,8 +4,7 @@ For SmolLM2-135M (H=9, n_kv=3, head_dim 64, latent 96, 2R=8) and Llama-3-8B (H=3
 head_dim 128, latent 512 or 256, 2R=16) at T = 2K/8K/16K/32K and B = 1/16/64, bf16, it reports:
 
 * the kernel's time and achieved bandwidth (bytes of c_kv + k_rope read / time), also with a
-  kv_mask (all slots valid) and with a half-valid mask (a static cache filled to T/2: the masked
-  slots are not loaded);
+  kv_mask (all slots valid: the mask gates the scores, every slot is read);
 * the device's copy bandwidth: a 2 GiB `Tensor.copy_`, (bytes read + bytes written) / time;
 * the plain torch reference (`mla_decode_reference`, fp32 math);
 * SDPA over the ORIGINAL GQA cache (K, V [B, n_kv, T, head_dim]): `enable_gqa=True` as transformers
@@ -136,8 +135,6 @@ def kernel_time_us(d: Dims, b: int, t: int, cfg: DecodeConfig, mask: str | None 
     kv_mask = None
     if mask == "full":
         kv_mask = torch.ones(b, t, dtype=torch.bool, device="cuda")
-    elif mask == "half":  # a static cache filled to T/2
-        kv_mask = torch.arange(t, device="cuda")[None].expand(b, t) < t // 2
     call = lambda *a: kernel._launch(*a, kv_mask, scale, cfg=cfg)
     return graph_time_us(call, lambda i: mla_inputs(d, b, t, seed=i), mla_bytes(d, b, t))
 
@@ -222,7 +219,6 @@ def measure(d: Dims, b: int, t: int, cfg: DecodeConfig | None, copy_gbps: float)
         lambda *a: kernel.mla_decode(*a, None, scale), lambda i: mla_inputs(d, b, t, seed=i), nbytes
     ) if cfg not in (None, default) else row["kernel_us"]
     row["kernel_masked_us"] = kernel_time_us(d, b, t, cfg or default, mask="full")
-    row["kernel_half_mask_us"] = kernel_time_us(d, b, t, cfg or default, mask="half")
     row["kernel_gbps"] = nbytes / row["kernel_us"] / 1e3
     row["kernel_pct_of_copy"] = 100 * row["kernel_gbps"] / copy_gbps
 
@@ -263,9 +259,9 @@ def markdown(result: dict) -> str:
         f"{result['copy_gbps']:.0f} GB/s ((read + write) / time of a 2 GiB copy_). Times in µs per call "
         "(median, CUDA graph of back-to-back calls on cold inputs).",
         "",
-        "| model | B | T | MLA MB | kernel µs | GB/s | % copy | + mask µs | half mask µs | ref µs "
+        "| model | B | T | MLA MB | kernel µs | GB/s | % copy | + mask µs | ref µs "
         "| MQA-SDPA µs | GQA SDPA µs (gqa / packed) | GQA GB/s | vs GQA | bytes ratio | rel err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "error" in r:
@@ -276,7 +272,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['B']} | {r['T']} | {r['mla_bytes'] / 1e6:.1f} | {r['kernel_us']:.1f} "
             f"| {r['kernel_gbps']:.0f} | {r['kernel_pct_of_copy']:.0f}% | {r['kernel_masked_us']:.1f} "
-            f"| {r['kernel_half_mask_us']:.1f} | {ref} | {mqa} "
+            f"| {ref} | {mqa} "
             f"| {r['gqa_sdpa_us']:.1f} / {r['gqa_sdpa_packed_us']:.1f} "
             f"| {r['gqa_gbps']:.0f} | {r['speedup_vs_gqa_best']:.2f}x | {r['bytes_ratio']:.2f} "
             f"| {r['rel_err_vs_reference']:.1e} |"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -126,6 +127,10 @@ def test_kernels_under_the_triton_interpreter():
         pytest.skip("triton is not installed (pip install triton): the interpreted kernel tests are skipped")
     if INTERPRETER:
         pytest.skip("this is the interpreted run itself")
+    version = tuple(int(x) for x in importlib.metadata.version("triton").split(".")[:2])
+    if version < (3, 7):  # seen with triton 3.6 + NumPy 2.4 (the H200 machine's torch 2.11 pins triton 3.6)
+        pytest.skip("the interpreter of triton < 3.7 fails on loops with runtime bounds under NumPy 2 "
+                    "('only 0-dimensional arrays can be converted to Python scalars'); pip install 'triton>=3.7'")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent)

@@ -25,15 +25,19 @@ What this kernel takes from the engines that decode MLA (read before writing it)
   V buffer for the weighted sum), the latent tile is loaded ONCE and feeds both dots.
 * SGLang `python/sglang/srt/layers/attention/triton_ops/decode_attention.py`: the number of splits
   comes from the SM count and the batch (its `get_num_kv_splits`), the split length is rounded up to
-  a whole number of blocks so splits align with tiles, the LSE lives in its own buffer, and the merge
-  skips empty splits.
+  a whole number of blocks so splits align with tiles, the LSE lives in its own buffer, and empty
+  splits drop out of the merge.
 * FlashMLA (deepseek-ai/FlashMLA, SM90, fixed 512 latent + 64 RoPE dims, so not usable at our
   dims): in MLA "K and V are the same", so one load of the KV tile serves both GEMMs; the KV stream
   is loaded with an evict-first cache hint (it is read exactly once); a split-KV pass plus a small
-  combine kernel on the LSE; the amount of work per SM is balanced from the SM count.
+  combine kernel on the LSE. (Its tile scheduler, which balances the work per SM exactly, is not
+  reproduced: the split count here simply follows the SM count.)
 Also: the softmax runs in base 2 (`exp2`, log2(e) folded into the scale), as FlashAttention does.
-Masked slots are predicated off in the loads, so with a static cache the slots past the current
-length cost no HBM traffic.
+
+kv_mask gates the scores only: every slot of c_kv[:, :T] is read, so masked slots must hold finite
+values (a fresh static cache holds zeros). Gating the loads on the mask instead stalled Triton's
+software pipeline (1.8x the time at 16 x 16K on an H200) and cost more than it saved even with half
+the slots masked; to skip the empty tail of a static cache, pass views up to the longest valid length.
 """
 
 from __future__ import annotations
@@ -132,19 +136,13 @@ class DecodeConfig:
 
 
 def default_config(r: int, p: int, h: int, dtype: torch.dtype) -> DecodeConfig:
-    """Tile sizes by the latent width and the head block (tuned on an H200, bench/decode_kernel_gpu.py)."""
-    block_h = _block_h(h)
-    if triton is not None:
-        width = triton.next_power_of_2(r) + triton.next_power_of_2(max(p, 16))
-    else:
-        width = r + p
-    if dtype == torch.float32:
+    """Tiles by the latent width: the best of the sweep of `bench/decode_kernel_gpu.py --sweep` on an H200
+    (triton 3.6) at B = 16 and 64 x T = 16K; bench/RESULTS.md has the numbers."""
+    if dtype == torch.float32:  # tests: fp32 dots run on CUDA cores
         return DecodeConfig(block_n=16, num_warps=4, num_stages=2)
-    if width * block_h >= 16384:  # wide latent and many heads (Llama-3-8B at r=512: [32, 512] accumulator)
-        return DecodeConfig(block_n=32, num_warps=8, num_stages=2)
-    if width >= 256:
-        return DecodeConfig(block_n=32, num_warps=4, num_stages=3)
-    return DecodeConfig(block_n=64, num_warps=4, num_stages=3)
+    if r <= 128:  # SmolLM2 at d_kv=32: r=96, P=24
+        return DecodeConfig(block_n=128, num_warps=8, num_stages=3)
+    return DecodeConfig(block_n=32, num_warps=4, num_stages=3)  # Llama-3-8B: r = 256 / 512, P=128
 
 
 def _block_h(h: int) -> int:
@@ -216,27 +214,28 @@ if triton is not None:
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max (base-2 logits)
         l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2
         acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)  # [BN]
-            valid = offs_n < end
-            if HAS_MASK:
-                keep = tl.load(MASK + b * s_mb + offs_n * s_mt, mask=valid, other=0)
-                valid = valid & (keep != 0)
+        for i in range(0, per_split, BLOCK_N):  # the same trip count in every program (per_split % BLOCK_N == 0)
+            offs_n = start + i + tl.arange(0, BLOCK_N)  # [BN]
+            in_split = offs_n < end
             c = tl.load(  # [BN, BR] the latent tile: loaded once, used by both dots
                 C + b * s_cb + offs_n[:, None] * s_ct + offs_r[None, :] * s_cd,
-                mask=valid[:, None] & r_ok[None, :], other=0.0, eviction_policy="evict_first",
+                mask=in_split[:, None] & r_ok[None, :], other=0.0, eviction_policy="evict_first",
             )  # fmt: skip
             k_pe = tl.load(  # [BN, BP] all KV heads' RoPE keys
                 KR + b * s_kb + offs_n[:, None] * s_kt + offs_p[None, :] * s_kd,
-                mask=valid[:, None] & p_ok[None, :], other=0.0, eviction_policy="evict_first",
+                mask=in_split[:, None] & p_ok[None, :], other=0.0, eviction_policy="evict_first",
             )  # fmt: skip
+            attend = in_split
+            if HAS_MASK:  # the mask only gates the scores: loads that wait on it stall the pipeline
+                keep = tl.load(MASK + b * s_mb + offs_n * s_mt, mask=in_split, other=0)
+                attend = attend & (keep != 0)
             if IEEE:
                 s = tl.dot(q, tl.trans(c), input_precision="ieee")
                 s = tl.dot(q_pe, tl.trans(k_pe), acc=s, input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(c))  # [BH, BN] fp32
                 s = tl.dot(q_pe, tl.trans(k_pe), acc=s)
-            s = tl.where(valid[None, :], s * scale_log2e, float("-inf"))
+            s = tl.where(attend[None, :], s * scale_log2e, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
             alpha = tl.exp2(m - m_safe)
@@ -261,26 +260,33 @@ if triton is not None:
     def _mla_decode_merge(
         O_PART, LSE_PART, OUT, n_splits,
         s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-        R: tl.constexpr, BLOCK_R: tl.constexpr,
+        R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     ):  # fmt: skip
-        """Stage 2: one (sequence, head): merge the splits' partial outputs by their LSE (online)."""
+        """Stage 2: one (sequence, head): merge the splits' partial outputs by their LSE, BLOCK_S splits
+        per step (independent loads, no chain of dependent ones); empty splits have weight 0."""
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_r = tl.arange(0, BLOCK_R)
         r_ok = offs_r < R
-        m = float("-inf")
-        l_sum = 0.0
+        offs_s = tl.arange(0, BLOCK_S)
+        m = tl.full([1], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([1], dtype=tl.float32)
         acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for s in range(0, n_splits):
-            lse = tl.load(LSE_PART + b * s_lb + h * s_lh + s)
-            if lse > float("-inf"):  # an empty or fully masked split contributes nothing
-                part = tl.load(O_PART + b * s_pb + h * s_ph + s * s_ps + offs_r, mask=r_ok, other=0.0)
-                m_new = tl.maximum(m, lse)
-                alpha = tl.exp2(m - m_new)
-                w = tl.exp2(lse - m_new)
-                acc = acc * alpha + w * part
-                l_sum = l_sum * alpha + w
-                m = m_new
+        for s0 in range(0, n_splits, BLOCK_S):
+            splits = s0 + offs_s  # [BS]
+            s_ok = splits < n_splits
+            lse = tl.load(LSE_PART + b * s_lb + h * s_lh + splits, mask=s_ok, other=float("-inf"))  # [BS]
+            part = tl.load(  # [BS, BR]
+                O_PART + b * s_pb + h * s_ph + splits[:, None] * s_ps + offs_r[None, :],
+                mask=s_ok[:, None] & r_ok[None, :], other=0.0,
+            )  # fmt: skip
+            m_new = tl.maximum(m, tl.max(lse, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe)  # [BS]
+            acc = acc * alpha + tl.sum(w[:, None] * part, axis=0)
+            l_sum = l_sum * alpha + tl.sum(w, axis=0)
+            m = m_new
         out = acc / tl.where(l_sum > 0.0, l_sum, 1.0)
         tl.store(OUT + b * s_ob + h * s_oh + offs_r, out.to(OUT.dtype.element_ty), mask=r_ok)
 
@@ -315,7 +321,7 @@ def _launch(
     o_part = torch.empty(b, h, n_splits, r, dtype=torch.float32, device=q_lat.device)  # [B, H, S, r]
     lse = torch.empty(b, h, n_splits, dtype=torch.float32, device=q_lat.device)  # [B, H, S]
     out = torch.empty(b, h, r, dtype=q_lat.dtype, device=q_lat.device)  # [B, H, r]
-    mask = kv_mask.view(torch.uint8) if kv_mask is not None else c_kv  # a placeholder pointer without a mask
+    mask = kv_mask if kv_mask is not None else c_kv  # bool (triton *i1); without a mask: a placeholder pointer
     mask_strides = (mask.stride(0), mask.stride(1)) if kv_mask is not None else (0, 0)
     block_r = max(16, triton.next_power_of_2(r))
     wrap(_mla_decode_partial)[(b, n_splits, head_blocks)](
@@ -332,7 +338,7 @@ def _launch(
         o_part, lse, out, n_splits,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
-        R=r, BLOCK_R=block_r, num_warps=4 if block_r >= 512 else 2,
+        R=r, BLOCK_R=block_r, BLOCK_S=16, num_warps=4 if block_r >= 256 else 2,
     )  # fmt: skip
     return out
 
