@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 
 from finetune_gpu import make_models
-from mla_zoo.zoo.finetune import FinetuneSettings, run_finetune
+from mla_zoo.zoo.train.finetune import run_finetune
+from mla_zoo.zoo.train.settings import FinetuneSettings
 
 
 def main() -> None:
@@ -24,10 +25,10 @@ def main() -> None:
     teacher, student = make_models(work, args.tokenizer)
     for compile_ in (False, True):
         s = FinetuneSettings(data="data/train.txt", seq_len=1024, batch_size=32, max_steps=args.steps,
-                             stages=("global",), save_steps=10_000, compile=compile_, progress=False, overwrite=True)
-        r = run_finetune(student, work / f"ft-{compile_}", str(teacher), s)
-        print(json.dumps({"compile": compile_, "steady_tokens_per_second": r["steady_tokens_per_second"],
-                          "wall_seconds": r["wall_seconds"]}), flush=True)
+                             stages=("global",), save_steps=10_000, compile=compile_)
+        r = run_finetune(student, work / f"ft-{compile_}", str(teacher), s, overwrite=True, progress=False)
+        print(json.dumps({"compile": compile_, "steady_tokens_per_second": r.steady_tokens_per_second,
+                          "wall_seconds": r.wall_seconds}), flush=True)
 
 
 if __name__ == "__main__":

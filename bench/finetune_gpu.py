@@ -57,8 +57,10 @@ def main() -> None:
     p.add_argument("--only-synth", action="store_true")
     args = p.parse_args()
     import transformers
-    from mla_zoo.zoo.finetune import FinetuneError, FinetuneSettings, run_finetune
-    from mla_zoo.zoo.synth_data import synth_data
+    from mla_zoo.modeling.common import FinetuneError
+    from mla_zoo.zoo.train.finetune import run_finetune
+    from mla_zoo.zoo.train.settings import FinetuneSettings
+    from mla_zoo.zoo.train.synth import SynthSettings, synth_data
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -69,12 +71,12 @@ def main() -> None:
     for cache, batch in [("static", b) for b in args.synth_batch] + [("dynamic", args.synth_batch[0])]:
         t0 = time.time()
         try:
-            r = synth_data(str(tdir), work / f"synth-{cache}-{batch}", args.synth_tokens, seq_len=512, batch_size=batch,
-                           max_new_tokens=256, cache=cache, progress=False)
-            say(check=f"synth-data {cache} batch {batch}", generated_tokens_per_second=r["generated_tokens_per_second"],
-                steady=r["steady_generated_tokens_per_second"],
-                tokens=r["tokens"], seconds=r["seconds"], cache_used=r["settings"]["cache"],
-                dtype=r["settings"]["dtype"])
+            r = synth_data(str(tdir), work / f"synth-{cache}-{batch}",
+                           SynthSettings(tokens=args.synth_tokens, seq_len=512, batch_size=batch, max_new_tokens=256,
+                                         cache=cache), progress=False)
+            say(check=f"synth-data {cache} batch {batch}", generated_tokens_per_second=r.generated_tokens_per_second,
+                steady=r.steady_generated_tokens_per_second, tokens=r.tokens, seconds=r.seconds,
+                cache_used=r.settings.cache, dtype=r.settings.dtype)
         except Exception as e:  # noqa: BLE001 - report and go on
             say(check=f"synth-data {cache} batch {batch}", error=f"{type(e).__name__}: {e}",
                 seconds=round(time.time() - t0, 1))
@@ -90,15 +92,15 @@ def main() -> None:
     for name, kw in runs:
         torch.cuda.reset_peak_memory_stats()
         out = work / ("run-" + name.replace(" ", "-"))
-        s = FinetuneSettings(data=args.data, max_steps=args.steps, save_steps=10_000, logging_steps=5, progress=False,
+        s = FinetuneSettings(data=args.data, max_steps=args.steps, save_steps=10_000, logging_steps=5,
                              eval_text="data/heldout.txt", eval_every=args.steps, eval_tokens=8192, **kw)
         t0 = time.time()
         try:
-            r = run_finetune(mdir, out, str(tdir), s)
+            r = run_finetune(mdir, out, str(tdir), s, progress=False)
             stage = kw["stages"][0]
-            say(check=name, tokens_per_second=r["throughput_tokens_per_second"][stage],
-                steady_tokens_per_second=r["steady_tokens_per_second"][stage],
-                final_loss=r["final_losses"][stage], perplexity=[c["perplexity"] for c in r["perplexity_curve"]],
+            say(check=name, tokens_per_second=r.throughput_tokens_per_second[stage],
+                steady_tokens_per_second=r.steady_tokens_per_second[stage],
+                final_loss=r.final_losses[stage], perplexity=[c.perplexity for c in r.perplexity_curve],
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), seconds=round(time.time() - t0, 1),
                 files=sorted(f.name for f in out.iterdir()))
         except Exception as e:  # noqa: BLE001
@@ -107,7 +109,7 @@ def main() -> None:
     # the pretty out-of-memory error
     try:
         run_finetune(mdir, work / "oom", str(tdir), FinetuneSettings(data=args.data, max_steps=2, batch_size=128,
-                                                                    seq_len=2048, progress=False, save_steps=10_000))
+                                                                    seq_len=2048, save_steps=10_000), progress=False)
         say(check="oom message", error="no OOM at batch 128")
     except FinetuneError as e:
         say(check="oom message", message=str(e)[:300])

@@ -11,14 +11,15 @@ import json
 import sys
 
 import torch
-from mla_zoo.zoo.evaluate import evaluate
+from mla_zoo.zoo.evaluate import EvalSettings, evaluate
 
 
 def main() -> None:
     ckpt, original, text_file = sys.argv[1:4]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate(ckpt, text_file, 1024, 8192, teacher=original, prompts=True, device=device)
-    result["perplexity_ratio"] = result["perplexity"] / result["teacher_perplexity"]
+    report = evaluate(ckpt, EvalSettings(text=text_file, seq_len=1024, max_tokens=8192, prompts=True),
+                      teacher=original, device=device)
+    result = {**report.to_dict(), "perplexity_ratio": report.perplexity / report.teacher_perplexity}
     print(json.dumps(result, indent=2))
 
 

@@ -164,3 +164,27 @@ def resolve(spec: str, dtype: torch.dtype = torch.float32):
     info = SourceInfo(spec, str(path), extra.get("name", str(path)), config.model_type, sha,
                       extra.get("license"), extra.get("base_model"))
     return model.eval(), tokenizer, info
+
+
+def is_mla_checkpoint(path: str | Path) -> bool:
+    """A directory written by `mla-zoo convert` (or a fine-tune of one)."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llama_mla"
+
+
+PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n  Ünïcode — 日本語 🙂 <tag> {x: 1}"
+
+
+def check_same_tokenizer(tokenizer, teacher_tokenizer, config, teacher_config) -> None:
+    """A model and its `teacher` share one vocabulary (same size, same encoding of a probe string),
+    as distillation and top-1 agreement need."""
+    if config.vocab_size != teacher_config.vocab_size or len(tokenizer) != len(teacher_tokenizer):
+        raise SourceError(
+            f"the teacher's vocabulary ({teacher_config.vocab_size} logits, tokenizer {len(teacher_tokenizer)}) "
+            f"differs from the model's ({config.vocab_size}, {len(tokenizer)}): the teacher must use the same "
+            "tokenizer; pass the model the checkpoint was converted from as `teacher`")
+    a = tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    b = teacher_tokenizer(PROBE, add_special_tokens=False)["input_ids"]
+    if a != b or tokenizer.eos_token_id != teacher_tokenizer.eos_token_id:
+        raise SourceError("the teacher's tokenizer encodes text differently from the model's: the teacher must use "
+                          "the same tokenizer; pass the model the checkpoint was converted from as `teacher`")

@@ -1,4 +1,4 @@
-"""Plain float64 references the fast paths are checked against.
+"""Plain references the fast paths are checked against (float64 attention, unchunked KL).
 
 `partial_rope_attention` is what MHA2MLA's first step means, written directly on the SOURCE
 model's weights with no permutation, no latent and no cache: ordinary GQA attention in which RoPE
@@ -51,3 +51,11 @@ def partial_rope_attention(attn, x: torch.Tensor, positions: torch.Tensor, pairs
     if attn.o_proj.bias is not None:
         y = y + attn.o_proj.bias.double()
     return y
+
+
+def reference_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Unchunked KL(teacher || student) * T^2, mean over positions: what the chunked distillation
+    loss must equal. logits: [..., vocab]."""
+    t = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    s = torch.log_softmax(student_logits / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2

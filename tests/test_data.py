@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from mla_zoo.zoo import data
 from mla_zoo.zoo.cli import main
+from mla_zoo.zoo.train import data
 
 
 def ids_of(tokenizer, text):
@@ -42,12 +42,12 @@ def test_jsonl_text_and_messages(tmp_path, tokenizer):
     assert rows.flatten().tolist() == stream[: rows.numel()]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"title": "no text"}) + "\n")
-    with pytest.raises(data.DataError, match=r"bad.jsonl:1: a record needs a `text`"):
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1: a record needs a 'text'"):
         data.pack_rows(str(bad), tokenizer, 4, progress=False)
 
 
 def test_parquet_text_column(tmp_path, tokenizer):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # the dev extra has it
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["First document.", "Second one."]}), tmp_path / "d.parquet")
@@ -56,7 +56,7 @@ def test_parquet_text_column(tmp_path, tokenizer):
     stream = ids_of(tokenizer, "First document.") + [eos] + ids_of(tokenizer, "Second one.") + [eos]
     assert rows.flatten().tolist() == stream[: rows.numel()]
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
-    with pytest.raises(data.DataError, match="no `text` column"):
+    with pytest.raises(data.DataError, match="no 'text' column"):
         data.pack_rows(str(tmp_path / "e.parquet"), tokenizer, 4, progress=False)
 
 
@@ -84,12 +84,11 @@ def test_spec_errors(tmp_path, tokenizer, monkeypatch):
     assert data.parse_hf_spec("hf:org/name") == ("org/name", None, "train")
     assert data.parse_hf_spec("hf:org/name:cfg:validation") == ("org/name", "cfg", "validation")
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
-    with pytest.raises(data.DataError, match="needs the `datasets` package"):
+    with pytest.raises(data.DataError, match="needs the datasets package"):
         data.pack_rows("hf:some/dataset", tokenizer, 8, progress=False)
 
 
 def test_hf_spec_streams_a_local_dataset(tmp_path, tokenizer):
-    pytest.importorskip("datasets")
     folder = tmp_path / "ds"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps({"text": f"Line number {i}."}) + "\n" for i in range(20)))
@@ -124,7 +123,7 @@ def test_synth_data_writes_shards_that_finetune_reads(source_dir, tokenizer, tmp
 
 
 def test_prompt_set_is_varied():
-    from mla_zoo.zoo.synth_data import build_prompts
+    from mla_zoo.zoo.train.synth import build_prompts
 
     chat = build_prompts(chat=True)
     assert len(set(chat)) == len(chat) >= 600
@@ -134,7 +133,7 @@ def test_prompt_set_is_varied():
 
 
 def test_a_mix_takes_an_equal_share_of_rows_from_each_part(tmp_path, tokenizer):
-    from mla_zoo.zoo.data import describe, pack_rows
+    from mla_zoo.zoo.train.data import describe, pack_rows
 
     long, short = tmp_path / "long.txt", tmp_path / "short.txt"
     long.write_text("It is a truth universally acknowledged. " * 200)
@@ -142,7 +141,7 @@ def test_a_mix_takes_an_equal_share_of_rows_from_each_part(tmp_path, tokenizer):
     alone = pack_rows(str(short), tokenizer, 16, progress=False)
     rows = pack_rows(f"{long},{short}", tokenizer, 16, max_rows=40, progress=False)
     assert rows.shape == (40, 16)
-    assert describe(f"{long},{short}")["kind"] == "mix"
+    assert describe(f"{long},{short}").kind == "mix"
     # the second half is the short part, repeated to its share
     assert all(any(torch.equal(r, a) for a in alone) for r in rows[20:])
     assert not any(any(torch.equal(r, a) for a in alone) for r in rows[:20])

@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import DATA, REPO, convert_tiny, tiny_source
 from mla_zoo.zoo.cli import main
-from mla_zoo.zoo.data import pack_rows
-from mla_zoo.zoo.distill import LayerwiseStudent, distill_loss, reference_kl, teacher_layer_io
+from mla_zoo.zoo.train.data import pack_rows
+from mla_zoo.zoo.train.distill import LayerwiseStudent, distill_loss, teacher_layer_io
+from reference import reference_kl
 
 
 def peaked_source(seed: int = 0):
@@ -170,23 +171,28 @@ class CrashAt:
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(dirs):
-    from mla_zoo.zoo.finetune import FinetuneSettings, run_finetune
+    from mla_zoo.zoo.train.finetune import run_finetune
+    from mla_zoo.zoo.train.report import TrainingReport
+    from mla_zoo.zoo.train.settings import FinetuneSettings
     from safetensors.torch import load_file
 
-    def settings(**kw):
-        return FinetuneSettings(data=str(DATA / "calib.txt"), seq_len=32, batch_size=2, max_steps=6, save_steps=3,
-                                lr=2e-3, logging_steps=1, progress=False, **kw)
-
+    settings = FinetuneSettings(data=str(DATA / "calib.txt"), seq_len=32, batch_size=2, max_steps=6, save_steps=3,
+                                learning_rate=2e-3, logging_steps=1)
     full = dirs["root"] / "full"
-    run_finetune(dirs["lossy"], full, str(dirs["teacher"]), settings())
+    run_finetune(dirs["lossy"], full, str(dirs["teacher"]), settings, progress=False)
     crashed = dirs["root"] / "crashed"
     with pytest.raises(KeyboardInterrupt):
-        run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings(), callbacks=[CrashAt(3)])
+        run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings, progress=False, callbacks=[CrashAt(3)])
     assert (crashed / "checkpoints" / "global" / "checkpoint-3").is_dir()
     assert not (crashed / "training.json").exists()
-    report = run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings(resume=True))
-    assert report["stages"]["global"]["resumed_from"].endswith("checkpoint-3")
-    assert report["stages"]["global"]["session_steps"] == 3
+    report = run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings, resume=True, progress=False)
+    assert report.stages["global"].resumed_from.endswith("checkpoint-3")
+    assert report.stages["global"].session_steps == 3
+    # the whole report is written, and read back the same
+    assert TrainingReport.read(crashed) == report
+    # a finished run is not trained again: its report is returned as it is
+    again = run_finetune(dirs["lossy"], crashed, str(dirs["teacher"]), settings, resume=True, progress=False)
+    assert again == report
 
     def final_loss(path):
         history = json.loads((path / "training.json").read_text())["stages"]["global"]["log_history"]
@@ -197,27 +203,6 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(dirs):
     assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, a["loss"])
     wa, wb = load_file(full / "model.safetensors"), load_file(crashed / "model.safetensors")
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
-
-
-def test_build_hook_runs_a_recipe_section_and_is_idempotent(dirs):
-    from types import SimpleNamespace
-
-    from mla_zoo.zoo.finetune import FinetuneError, run_recipe_stage
-
-    spec = SimpleNamespace(enabled=True, data_file=DATA / "calib.txt", dataset=None, dataset_config=None,
-                           dataset_split="train", steps=2, tokens=None, learning_rate=1e-4, batch_size=2, seq_len=32,
-                           warmup_ratio=0.0, options={"stages": "layerwise,global", "layerwise-steps": 1,
-                                                      "progress": False})
-    out = dirs["root"] / "build-stage"
-    out.mkdir()
-    result = run_recipe_stage(dirs["lossy"], out, spec)  # teacher: the source named in conversion.json
-    assert result["stage_steps"] == {"layerwise": 1, "global": 2}
-    assert (out / "config.json").is_file() and (out / "modeling_llama_mla.py").is_file()
-    json.dumps(result)
-    assert run_recipe_stage(dirs["lossy"], out, spec)["tokens_seen"] == result["tokens_seen"]  # finished: kept
-    spec.options = {"no_such_knob": 1}
-    with pytest.raises(FinetuneError, match="unknown"):
-        run_recipe_stage(dirs["lossy"], out, spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,11 +218,21 @@ def run_cli(capsys, *argv):
 def test_input_errors_are_clear(dirs, tmp_path, capsys, tokenizer):
     base = ["finetune", str(dirs["lossy"]), "--teacher", str(dirs["teacher"]), "--max-steps", "1", "--no-progress",
             "--seq-len", "32"]
+    # numbers are checked when the flags are parsed, before anything loads
+    code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", "x", "--batch-size", "0")
+    assert code == 2 and "--batch-size must be an int >= 1 (got 0)" in err
+    code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", "x", "--tokens", "5")
+    assert code == 2 and "give --tokens or --max-steps, not both" in err
+    code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", "x", "--warmup-ratio", "1")
+    assert code == 2 and "--warmup-ratio must be a number in [0, 1) (got 1.0)" in err
+    code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", "x", "--stages", "global,middle")
+    assert code == 2 and "--stages must be one of layerwise, global (got 'middle')" in err
+    assert not (tmp_path / "a").exists()
     code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", str(tmp_path / "*.jsonl"))
-    assert code == 2 and "matches no files" in err
+    assert code == 2 and "--data" in err and "matches no files" in err
     code, err = run_cli(capsys, *base, "-o", str(tmp_path / "a"), "--data", str(DATA / "calib.txt"),
                         "--seq-len", "512")
-    assert code == 2 and "max_position_embeddings (256)" in err
+    assert code == 2 and "--seq-len 512 is beyond the model's max_position_embeddings (256)" in err
 
     # a teacher whose tokenizer encodes text differently (same vocabulary size)
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mla_zoo.zoo.recipe import RecipeError, load_recipe, parse_recipe, semver_key, shipped_recipes
+from mla_zoo.modeling.common import RecipeError
+from mla_zoo.zoo.release.recipe import load_recipe, parse_recipe, semver_key, shipped_recipes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,14 +52,18 @@ def test_shipped_recipes_validate():
     for name in shipped:
         recipe = load_recipe(name)
         assert recipe.name == name and recipe.release.tag == f"v{recipe.release.version}"
-        assert recipe.eval.text == REPO / "data" / "heldout.txt"  # ../../data relative to zoo/recipes/
+        assert recipe.eval.text == str(REPO / "data" / "heldout.txt")  # ../../data relative to zoo/recipes/
         families.add(recipe.source.model.split("/")[0])
     assert {"smollm2-135m", "meta-llama", "Qwen", "mistralai"} <= families
     small = load_recipe("smollm2-135m-dkv16")
-    assert small.source.kind == "bundled" and not small.finetune.enabled and not small.export.enabled
-    assert small.conversion.calib_text == REPO / "data" / "calib.txt"
-    assert small.finetune.steps == 300  # a budget is recorded even while the stage is off
-    assert small.finetune.data_file == REPO / "data" / "train.txt"
+    assert small.source.kind == "bundled" and small.enabled == ()
+    assert small.conversion.calib_text == str(REPO / "data" / "calib.txt")
+    assert small.finetune.max_steps == 300  # a budget is recorded even while the stage is off
+    assert small.finetune.data == str(REPO / "data" / "train.txt")
+    assert (small.finetune.layerwise_steps, small.finetune.learning_rate) == (150, 3e-4)
+    big = load_recipe("llama-2-7b-dkv16")
+    assert big.enabled == ("finetune",)
+    assert big.finetune.data == "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"
 
 
 def test_paths_are_relative_to_the_recipe_file(recipe_dir: Path, monkeypatch: pytest.MonkeyPatch):
@@ -66,11 +71,12 @@ def test_paths_are_relative_to_the_recipe_file(recipe_dir: Path, monkeypatch: py
     path.write_text(VALID)
     monkeypatch.chdir(REPO)  # the current directory plays no part
     recipe = load_recipe(path)
-    assert recipe.eval.text == recipe_dir / "texts" / "heldout.txt"
-    assert recipe.conversion.settings().calib_text == str(recipe_dir / "texts" / "calib.txt")
-    assert recipe.conversion.settings().kv_rank_per_head == 32
-    assert recipe.finetune.enabled is False and recipe.export.enabled is False  # optional, off by default
-    assert recipe.eval.gates.max_perplexity_increase == 0.5 and recipe.eval.gates.max_perplexity is None
+    assert recipe.eval.text == str(recipe_dir / "texts" / "heldout.txt")
+    assert recipe.conversion.calib_text == str(recipe_dir / "texts" / "calib.txt")
+    assert recipe.conversion.kv_rank_per_head == 32
+    assert recipe.conversion.svd == "whitened"  # the converter's own default: one schema
+    assert recipe.finetune is None and recipe.enabled == ()  # optional, off by default
+    assert recipe.gates.max_perplexity_increase == 0.5 and recipe.gates.max_perplexity is None
 
 
 def test_source_kinds(recipe_dir: Path):
@@ -92,23 +98,30 @@ def test_source_kinds(recipe_dir: Path):
         ('rope_strategy = "2-norm"', 'rope_strategy = "middle"',
          "conversion.rope_strategy must be one of high, low, uniform, 2-norm (got 'middle')"),
         ("kv_rank_per_head = 32", "kv_rnk_per_head = 32", "unknown key conversion.kv_rnk_per_head"),
+        ("kv_rank_per_head = 32", "kv_rank = 96", "unknown key conversion.kv_rank (renamed: kv_lora_rank)"),
         ('version = "1.2.3"\n', "", "recipe example: release.version is required"),
         ('version = "1.2.3"', 'version = "v1.2"', "release.version must be a semver version"),
         ('repo_id = "mla-zoo/example"', 'repo_id = "example"', 'release.repo_id must be a Hub repo id "ORG/NAME"'),
         ('text = "texts/heldout.txt"', 'text = "texts/missing.txt"', "eval.text names a file that does not exist"),
+        ('text = "texts/heldout.txt"', 'text = "texts/heldout.txt"\nseq_len = 1', "eval.seq_len must be an int >= 2"),
+        ('text = "texts/heldout.txt"', 'seq_len = 64', "recipe example: eval.text is required"),
         ('model = "smollm2-135m"', 'model = "smollm2-135m"\nrevision = "main"',
          "source.revision applies to Hub sources only"),
         ('model = "smollm2-135m"', 'model = "./nowhere"',
          "source.model names a local checkpoint dir without config.json"),
         ("max_perplexity_increase = 0.5", "max_perplexity_increase = -1",
-         "eval.gates.max_perplexity_increase must be a number >= 0.0"),
+         "eval.gates.max_perplexity_increase must be a number >= 0 (got -1)"),
         ("max_perplexity_increase = 0.5", "min_kv_reduction = 2",
-         "eval.gates.min_kv_reduction must be a number in [0.0, 1.0]"),
+         "eval.gates.min_kv_reduction must be a number in [0, 1] (got 2)"),
         ("[eval.gates]", "[deploy]\n[eval.gates]", "unknown section [deploy]"),
         ("[source]", "[source", "recipe example: not valid TOML"),
-        ("[conversion]", "[finetune]\nenabled = true\nsteps = 10\n\n[conversion]",
-         "finetune.enabled = true needs finetune.data_file"),
-        ("[conversion]", '[finetune]\nenabled = true\ndata_file = "texts/calib.txt"\n\n[conversion]', "needs a budget"),
+        ("[conversion]", "[finetune]\nenabled = true\nmax_steps = 10\n\n[conversion]", "finetune.data is required"),
+        ("[conversion]", '[finetune]\nenabled = true\ndata = "texts/calib.txt"\n\n[conversion]', "needs a budget"),
+        ("[conversion]", '[finetune]\ndata = "texts/*.jsonl"\n\n[conversion]', "texts/*.jsonl matches no files"),
+        ("[conversion]", '[finetune]\ndata = "texts/calib.txt"\nsteps = 3\n\n[conversion]',
+         "unknown key finetune.steps (renamed: max_steps)"),
+        ("[conversion]", '[finetune]\ndata = "texts/calib.txt"\nlearning_rate = 0\n\n[conversion]',
+         "finetune.learning_rate must be a number > 0 (got 0)"),
         ("[conversion]", "[export]\nenabled = 1\n\n[conversion]", "export.enabled must be true or false (got 1)"),
     ],
 )

@@ -9,22 +9,20 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import DATA
+from hub_server import HubServer
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from mla_zoo.modeling.common import BuildError, GateFailed, StageUnavailable, sha256_file
 from mla_zoo.zoo import cli
-from mla_zoo.zoo import hub as zoo_hub
-from mla_zoo.zoo.build import BuildError, GateFailed, StageUnavailable, build, sha256_file
-from mla_zoo.zoo.recipe import load_recipe
-
-try:  # `tests` may become a package later; both layouts import the same module.
-    from tests.hub_server import HubServer
-except ImportError:
-    from hub_server import HubServer
+from mla_zoo.zoo.release import hub as zoo_hub
+from mla_zoo.zoo.release.build import build
+from mla_zoo.zoo.release.recipe import load_recipe
 
 TOKEN = "hf_zoo_test_token_not_secret"
 ORG = "mla-zoo"
@@ -218,58 +216,34 @@ def test_failed_gate_stops_the_release_without_remeasuring(release, workspace: P
     with pytest.raises(GateFailed, match=r"gate eval.gates.max_perplexity_increase failed: perplexity increase"):
         build(write_recipe(workspace, "strict", gate=0.0), out, progress=False, log=log)
     assert not (out / "release.json").exists() and not (out / "hub").exists()
-    assert not any("running" in line for line in log)  # a gate is checked on the recorded metrics
+    assert not any("running" in line for line in log), log  # a gate is checked on the recorded metrics
     assert any("FAILED" in line for line in log)
 
 
-@pytest.mark.parametrize("stage", ["finetune", "export"])
-def test_enabled_stage_without_its_hook_stops_before_any_work(stage, workspace: Path, tmp_path: Path):
-    from mla_zoo.zoo.build import stage_hook
-
-    if stage_hook(stage) is not None:
-        pytest.skip(f"this version has a {stage} hook")
-    extra = FINETUNE if stage == "finetune" else "\n[export]\nenabled = true\n"
-    with pytest.raises(StageUnavailable, match=f"the {stage} stage is not available in this version"):
-        build(write_recipe(workspace, f"with-{stage}", extra=extra), tmp_path / "out", progress=False, log=Log())
+def test_enabled_stage_this_installation_lacks_stops_before_any_work(workspace: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "mla_zoo.export", None)  # an installation without the export stage
+    recipe = write_recipe(workspace, "with-export", extra="\n[export]\nenabled = true\n")
+    with pytest.raises(StageUnavailable, match="the export stage is not available in this installation"):
+        build(recipe, tmp_path / "out", progress=False, log=Log())
     assert not (tmp_path / "out").exists()
-    if stage == "finetune":  # the shipped big-model recipes need it
-        with pytest.raises(StageUnavailable, match="set finetune.enabled = false"):
-            build(load_recipe("llama-2-7b-dkv16"), tmp_path / "llama", progress=False, log=Log())
 
 
 FINETUNE = """
 [finetune]
 enabled = true
-data_file = "calib.txt"
-steps = 3
+data = "calib.txt"
+max_steps = 3
 seq_len = 32
 batch_size = 2
 learning_rate = 1e-3
 warmup_ratio = 0.0
-options = { save_steps = 100, logging_steps = 1 }
+save_steps = 100
+logging_steps = 1
 """
 
 
-def finetune_hook(model_dir, out_dir, spec, *, recipe, teacher):
-    """The `run_recipe_stage` that mla_zoo.zoo.finetune does not have yet (proposed to its owner):
-    the recipe's [finetune] mapped onto the real `run_finetune`, resuming an interrupted run."""
-    from mla_zoo.zoo.finetune import FinetuneSettings, run_finetune
-
-    data = str(spec.data_file) if spec.data_file else ":".join(
-        ["hf", spec.dataset, spec.dataset_config or "", spec.dataset_split])
-    settings = FinetuneSettings(
-        data=data, seq_len=spec.seq_len, tokens=spec.tokens, max_steps=spec.steps, batch_size=spec.batch_size,
-        lr=spec.learning_rate, warmup_ratio=spec.warmup_ratio, resume=(Path(out_dir) / "run.json").is_file(),
-        overwrite=True, progress=False, **spec.options)
-    report = run_finetune(model_dir, out_dir, teacher, settings)
-    return {"tokens_seen": report["tokens_seen"], "stage_steps": report["stage_steps"]}
-
-
-def test_finetune_stage_through_its_hook(release, workspace: Path, monkeypatch: pytest.MonkeyPatch):
-    from mla_zoo.zoo import finetune
-
-    if not hasattr(finetune, "run_recipe_stage"):  # the real hook once it exists, else the proposed one
-        monkeypatch.setattr(finetune, "run_recipe_stage", finetune_hook, raising=False)
+def test_finetune_stage(release, workspace: Path):
     out = workspace / "finetuned"
     shutil.copytree(release[0], out)
     summary = build(write_recipe(workspace, "finetuned", extra=FINETUNE), out, progress=False, log=Log())
@@ -284,6 +258,10 @@ def test_finetune_stage_through_its_hook(release, workspace: Path, monkeypatch: 
         release[1]["release"]["metrics"]["mla"]["perplexity"]
     card = (out / "hub" / "README.md").read_text()
     assert "finetuned: true" in card and "fine-tuned after conversion" in card
+    # the same inputs again: nothing runs, the fine-tuned release is the same
+    log = Log()
+    again = build(write_recipe(workspace, "finetuned", extra=FINETUNE), out, progress=False, log=log)
+    assert set(again["stages"].values()) == {"up to date", "disabled"} and again["release"]["files"] == rel["files"]
 
 
 def test_selected_stages_need_their_upstream(workspace: Path, tmp_path: Path):

@@ -1,1 +1,2 @@
-"""The zoo: evaluation, recipes, model cards, Hub publishing and the mla-zoo CLI."""
+"""The zoo, in the order of the flow: recovery training (`train`), evaluation (`evaluate`), releases
+from recipes to the Hub (`release`), and the `mla-zoo` command line (`cli`)."""

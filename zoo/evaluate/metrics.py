@@ -1,34 +1,15 @@
-"""Evaluation: perplexity on text files and KV-cache bytes per token, measured the same way for the
-original model and its MLA conversion (so the two numbers in a table are comparable)."""
+"""The measurements of `mla-zoo eval`, on loaded models: perplexity, top-1 agreement with a teacher,
+answers to behaviour prompts, and lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from pathlib import Path
+import re
+from dataclasses import dataclass
 
 import torch
-from mla_zoo.modeling import sources
-from mla_zoo.modeling.common import EvalError, read_text
-from mla_zoo.modeling.convert import kv_bytes_per_token
+from mla_zoo.modeling.common import EvalError
 from tqdm.auto import tqdm
-
-
-def is_mla_checkpoint(path: str | Path) -> bool:
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llama_mla"
-
-
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """An MLA checkpoint (through its own remote code, as users load it) or any convertible SOURCE."""
-    if is_mla_checkpoint(spec):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
-        return model.eval(), AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
-    model, tokenizer, _ = sources.resolve(spec, dtype=dtype)
-    return model, tokenizer
 
 
 @torch.no_grad()
@@ -41,7 +22,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int
         ids = ids[:max_tokens]
     max_len = getattr(model.config, "max_position_embeddings", seq_len)
     if seq_len > max_len:
-        raise EvalError(f"--seq-len {seq_len} is beyond the model's {max_len} positions")
+        raise EvalError(f"`seq_len` {seq_len} is beyond the model's {max_len} positions")
     if ids.numel() < 2:
         raise EvalError("the evaluation text has fewer than 2 tokens")
     nll, count = 0.0, 0
@@ -68,11 +49,17 @@ BEHAVIOUR_PROMPTS = [
 ]
 
 
-@torch.no_grad()
-def behaviour(model, tokenizer, max_new_tokens: int = 32) -> list[dict]:
-    """Greedy answers to BEHAVIOUR_PROMPTS (chat template when the tokenizer has one)."""
-    import re
+@dataclass
+class BehaviourAnswer:
+    prompt: str
+    answer: str
+    expected: str  # a regular expression
+    ok: bool  # the answer matches it
 
+
+@torch.no_grad()
+def behaviour(model, tokenizer, max_new_tokens: int = 32) -> list[BehaviourAnswer]:
+    """Greedy answers to BEHAVIOUR_PROMPTS (chat template when the tokenizer has one)."""
     results = []
     for prompt, expected in BEHAVIOUR_PROMPTS:
         if getattr(tokenizer, "chat_template", None):
@@ -85,7 +72,7 @@ def behaviour(model, tokenizer, max_new_tokens: int = 32) -> list[dict]:
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         ok = re.search(expected, text, flags=re.IGNORECASE) is not None
-        results.append({"prompt": prompt, "answer": text, "expected": expected, "ok": ok})
+        results.append(BehaviourAnswer(prompt, text, expected, ok))
     return results
 
 
@@ -108,42 +95,7 @@ def lm_eval_tasks(spec: str, tasks: list[str], device: str) -> dict:
     try:
         import lm_eval
     except ImportError as e:
-        raise EvalError("--tasks needs lm-evaluation-harness: pip install lm-eval (and a network)") from e
+        raise EvalError("`tasks` needs lm-evaluation-harness: pip install lm-eval (and a network)") from e
     out = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={spec},trust_remote_code=True",
                                   tasks=tasks, device=device)
     return out["results"]
-
-
-def evaluate(spec: str, text_file: str, seq_len: int = 1024, max_tokens: int | None = None,
-             dtype: torch.dtype = torch.float32, teacher: str | None = None, prompts: bool = False,
-             tasks: list[str] | None = None, device: str = "cpu") -> dict:
-    """Everything `mla-zoo eval` reports for one model; the teacher, prompts and tasks are optional."""
-    started = time.time()
-    model, tokenizer = load_model(spec, dtype)
-    model = model.to(device)
-    text = read_text(text_file, "text")
-    result = perplexity(model, tokenizer, text, seq_len, max_tokens)
-    kv = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
-    report = {
-        "model": str(spec),
-        "text": str(text_file),
-        "seq_len": seq_len,
-        **result,
-        "kv_cache_bytes_per_token": kv["after"],
-        "kv_cache_dtype": str(dtype).replace("torch.", ""),
-    }
-    if teacher:
-        teacher_model, teacher_tok = load_model(teacher, dtype)
-        from mla_zoo.zoo.finetune import check_tokenizers
-
-        check_tokenizers(tokenizer, teacher_tok, model.config, teacher_model.config)
-        teacher_model = teacher_model.to(device)
-        report["teacher"] = str(teacher)
-        report["teacher_perplexity"] = perplexity(teacher_model, tokenizer, text, seq_len, max_tokens)["perplexity"]
-        report["top1_agreement"] = top1_agreement(model, teacher_model, tokenizer, text, seq_len, max_tokens)
-    if prompts:
-        report["behaviour"] = behaviour(model, tokenizer)
-    if tasks:
-        report["tasks"] = lm_eval_tasks(str(spec), tasks, device)
-    report["seconds"] = round(time.time() - started, 2)
-    return report

@@ -14,15 +14,16 @@ never reads, prints or logs it. The endpoint likewise (`HF_ENDPOINT`, default th
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mla_zoo.modeling.common import HubError, VersionExists, sha256_file
+from mla_zoo.modeling.common import HubError, VersionExists, changed_files
 
+from .build import ReleaseManifest
 from .recipe import SEMVER, semver_key
 
 ZOO_TAG = "mla-zoo"
@@ -70,21 +71,20 @@ def hub_errors(action: str) -> Iterator[None]:
 # ----------------------------------------------------------------------------- releases on disk
 
 
-def load_release(release_dir: str | Path) -> tuple[Path, dict]:
+def load_release(release_dir: str | Path) -> tuple[Path, ReleaseManifest]:
     """(hub folder, release.json) of a built release, after checking every file against its hash."""
     release_dir = Path(release_dir)
-    manifest, hub = release_dir / "release.json", release_dir / "hub"
+    manifest, hub = release_dir / ReleaseManifest.FILE, release_dir / "hub"
     if not manifest.is_file() or not hub.is_dir():
         raise HubError(f"{release_dir} holds no built release (no release.json / hub/): run `mla-zoo build` "
                        "first; a failed gate or an unfinished stage leaves none")
-    release = json.loads(manifest.read_text())
-    for rel, meta in release["files"].items():
-        path = hub / rel
-        if not path.is_file() or path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-            raise HubError(f"{path} is missing or differs from release.json: the release changed after it was "
-                           "built; run `mla-zoo build` again")
+    release = ReleaseManifest.read(manifest)
+    changed = changed_files(hub, {k: asdict(v) for k, v in release.files.items()})
+    if changed:
+        raise HubError(f"{hub / changed[0]} is missing or differs from release.json: the release changed after it "
+                       "was built; run `mla-zoo build` again")
     extra = sorted({p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file()}
-                   - set(release["files"]) - {"release.json"})
+                   - set(release.files) - {ReleaseManifest.FILE})
     if extra:
         raise HubError(f"{hub} has files release.json does not list ({', '.join(extra[:3])}): "
                        "run `mla-zoo build` again")
@@ -97,7 +97,7 @@ class PublishPlan:
     version: str
     tag: str
     files: list[tuple[str, Path, int]]  # (path in repo, local path, size)
-    release: dict
+    release: ReleaseManifest
     private: bool = False
 
     @property
@@ -116,14 +116,14 @@ class PublishPlan:
 
 def plan_publish(release_dir: str | Path, repo_id: str | None = None, private: bool = False) -> PublishPlan:
     hub, release = load_release(release_dir)
-    built_for = release["repo_id"]
+    built_for = release.repo_id
     if repo_id is not None and repo_id != built_for:
         raise HubError(f"the release was built for {built_for} (release.repo_id in the recipe), and its model card "
                        f"and usage snippets name that repo; set release.repo_id = \"{repo_id}\" and rebuild, "
                        f"or publish with --repo {built_for}")
-    files = [(rel, hub / rel, meta["size"]) for rel, meta in sorted(release["files"].items())]
-    files.append(("release.json", hub / "release.json", (hub / "release.json").stat().st_size))
-    return PublishPlan(built_for, release["version"], release["tag"], files, release, private)
+    files = [(rel, hub / rel, meta.size) for rel, meta in sorted(release.files.items())]
+    files.append((ReleaseManifest.FILE, hub / ReleaseManifest.FILE, (hub / ReleaseManifest.FILE).stat().st_size))
+    return PublishPlan(built_for, release.version, release.tag, files, release, private)
 
 
 # ----------------------------------------------------------------------------- publish
@@ -135,7 +135,7 @@ def released_versions(api, repo_id: str) -> list[dict]:
         refs = api.list_repo_refs(repo_id)
     found = []
     for tag in refs.tags:
-        if tag.name.startswith("v") and SEMVER.fullmatch(tag.name[1:]):
+        if tag.name.startswith("v") and re.fullmatch(SEMVER, tag.name[1:]):
             found.append({"version": tag.name[1:], "tag": tag.name, "commit": tag.target_commit})
     return sorted(found, key=lambda v: semver_key(v["version"]))
 
@@ -218,9 +218,9 @@ def commit_release(api, plan: PublishPlan, head: str, log: Callable[[str], None]
     with hub_errors(f"uploading {plan.tag} to {plan.repo_id} (nothing was tagged)"):
         commit = api.create_commit(
             plan.repo_id, operations, parent_commit=head,
-            commit_message=f"Release {plan.tag}: {release['name']}",
-            commit_description=f"mla-zoo release built from recipe `{release['recipe']['name']}` "
-                               f"(sha256 {release['recipe']['sha256'][:12]}).",
+            commit_message=f"Release {plan.tag}: {release.name}",
+            commit_description=f"mla-zoo release built from recipe `{release.recipe.name}` "
+                               f"(sha256 {release.recipe.sha256[:12]}).",
         )
     with hub_errors(f"tagging commit {commit.oid} as {plan.tag} (the commit is on main but untagged)"):
         api.create_tag(plan.repo_id, tag=plan.tag, revision=commit.oid, tag_message=f"mla-zoo release {plan.tag}")
@@ -228,8 +228,8 @@ def commit_release(api, plan: PublishPlan, head: str, log: Callable[[str], None]
     slug = None
     try:
         slug = collection_slug(api, plan.owner)
-        kv = release["kv_cache"]["reduction"]
-        note = f"{release['name']}: d_kv {release['settings']['kv_rank_per_head']}, KV cache -{100 * kv:.1f}%"
+        kv = release.kv_cache.reduction
+        note = f"{release.name}: d_kv {release.settings.kv_rank_per_head}, KV cache -{100 * kv:.1f}%"
         with hub_errors(f"adding {plan.repo_id} to the collection {slug}"):
             api.add_collection_item(slug, plan.repo_id, "model", note=note, exists_ok=True)
     except HubError as e:  # the release itself is complete; say so and go on
@@ -327,7 +327,7 @@ def parse_ref(spec: str) -> tuple[str, str | None]:
         raise HubError(f"expected ORG/NAME[@vX.Y.Z], got {spec!r}")
     if not revision:
         return repo_id, None
-    return repo_id, f"v{revision}" if SEMVER.fullmatch(revision) else revision
+    return repo_id, f"v{revision}" if re.fullmatch(SEMVER, revision) else revision
 
 
 def pull(spec: str, api=None, local_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> dict:
@@ -340,11 +340,10 @@ def pull(spec: str, api=None, local_dir: str | Path | None = None, cache_dir: st
     with hub_errors(f"downloading {repo_id}@{revision}"):
         path = Path(api.snapshot_download(repo_id, revision=revision, local_dir=local_dir, cache_dir=cache_dir))
     verified = None
-    manifest = path / "release.json"
-    if manifest.is_file():
-        files = json.loads(manifest.read_text())["files"]
-        for rel, meta in files.items():
-            if not (path / rel).is_file() or sha256_file(path / rel) != meta["sha256"]:
-                raise HubError(f"{repo_id}@{revision}: {rel} does not match the release's release.json")
+    if (path / ReleaseManifest.FILE).is_file():
+        files = {k: asdict(v) for k, v in ReleaseManifest.read(path).files.items()}
+        changed = changed_files(path, files)
+        if changed:
+            raise HubError(f"{repo_id}@{revision}: {changed[0]} does not match the release's release.json")
         verified = len(files)
     return {"repo_id": repo_id, "revision": revision, "path": str(path), "verified_files": verified}

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 1024  # positions per chunk: logits of 1024 x vocab in fp32 (200 MB at 49k vocab)
+from .settings import KL_CHUNK
 
 
 def _chunk_loss(s_h, t_h, targets, student_head, teacher_head, temperature, want_ce):
@@ -51,7 +51,7 @@ def distill_loss(
     mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     ce_weight: float = 0.0,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int = KL_CHUNK,
     use_checkpoint: bool = True,
 ) -> tuple[torch.Tensor, dict]:
     """Chunked KL(teacher || student) * T^2 (+ ce_weight * next-token CE), means over positions.
@@ -101,13 +101,6 @@ def distill_loss(
         loss = loss + ce_weight * ce
         parts["ce"] = ce.detach()
     return loss, parts
-
-
-def reference_kl(student_logits, teacher_logits, temperature=1.0) -> torch.Tensor:
-    """Unchunked KL(teacher || student) * T^2, mean over positions (for tests)."""
-    t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    s = F.log_softmax(student_logits / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,23 +6,21 @@ and the answer in chat format, so the chat behaviour is what gets distilled. A b
 continues short text openings. Samples are concatenated (EOS after each) and packed into rows
 of `seq_len` tokens, written as `shard-NNNNN.safetensors` (`input_ids` int32 [rows, seq_len],
 `attention_mask` uint8: only the last row of the run may hold padding) plus `synth.json`.
-`--data DIR` of `mla-zoo finetune` reads such a directory.
+`--data DIR` of `mla-zoo finetune` reads such a directory (`data.py`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import random
-import shutil
-import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from mla_zoo.modeling.common import SynthError
+from mla_zoo.modeling.common import SynthError, atomic_directory
+from mla_zoo.modeling.schema import Report, Settings, setting
+from mla_zoo.modeling.sources import SourceInfo
 from tqdm.auto import tqdm
 
 TOPICS = [
@@ -129,88 +127,131 @@ class _ShardWriter:
             self._write(last_len)
 
 
-def synth_data(
-    source: str,
-    out: str | Path,
-    tokens: int,
-    seq_len: int = 512,
-    batch_size: int = 64,
-    temperature: float = 1.0,
-    seed: int = 0,
-    max_new_tokens: int | None = None,
-    cache: str = "auto",
-    dtype: str = "auto",
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Sample about `tokens` tokens (prompts + answers) from SOURCE into shards under `out`.
+@dataclass
+class SynthSettings(Settings):
+    """How distillation data is sampled from the original model (`mla-zoo synth-data`)."""
 
-    cache: "static" (fixed-shape cache; the fast path on CUDA), "dynamic", or "auto" (static on
-    CUDA). dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16". Returns the report
-    that is also written to synth.json.
-    """
+    tokens: int = setting(help="tokens to write (prompts + answers)", min=1)
+    seq_len: int = setting(512, min=2, help="row length of the packed shards")
+    batch_size: int = setting(64, min=1, help="prompts sampled at once")
+    temperature: float = setting(1.0, gt=0, help="sampling temperature")
+    max_new_tokens: int | None = setting(None, min=1, help="answer length cap (default: seq_len)")
+    cache: str = setting("auto", choices=("auto", "static", "dynamic"),
+                         help="generate()'s KV cache: static (fixed shapes, fast on CUDA), dynamic; auto = static on "
+                              "CUDA")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
+                         help="sampling dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    seed: int = setting(0, min=0, help="random seed (prompt order and sampling)")
+
+
+@dataclass
+class SynthReport(Report):
+    """synth.json: what was sampled, and how fast."""
+
+    FILE = "synth.json"
+
+    model: str
+    source: SourceInfo
+    settings: SynthSettings  # resolved: max_new_tokens, cache and dtype as used
+    tokens: int
+    generated_tokens: int
+    samples: int
+    rows: int
+    shards: int
+    prompt_count: int
+    prompt_pad_len: int
+    chat: bool
+    device: str
+    seconds: float
+    generation_seconds: float
+    generated_tokens_per_second: float
+    tokens_per_second: float
+    steady_generated_tokens_per_second: float | None  # without the first batch (a static cache compiles there)
+
+
+def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwrite: bool = False,
+               progress: bool = True) -> SynthReport:
+    """Sample about `settings.tokens` tokens (prompts + answers) from SOURCE into shards under `out`
+    (written atomically, with synth.json)."""
     from mla_zoo.modeling import sources
 
-    out = Path(out)
-    if tokens < 1 or seq_len < 2 or batch_size < 1 or temperature <= 0:
-        raise SynthError("--tokens and --batch-size must be positive, --seq-len at least 2, --temperature > 0")
+    s, out = settings, Path(out)
     if out.exists() and not overwrite:
-        raise SynthError(f"{out} already exists; pass --overwrite to replace it")
+        raise SynthError(f"{out} already exists; pass `overwrite` to replace it")
     cuda = torch.cuda.is_available()
     torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16}[dtype]
+                   "bfloat16": torch.bfloat16}[s.dtype]
     model, tokenizer, info = sources.resolve(source, dtype=torch_dtype)
     device = torch.device("cuda" if cuda else "cpu")
     model.to(device).eval()
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise SynthError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings ({max_pos})")
+    if max_pos is not None and s.seq_len > max_pos:
+        raise SynthError(f"`seq_len` {s.seq_len} is beyond the model's max_position_embeddings ({max_pos})")
     chat = bool(getattr(tokenizer, "chat_template", None))
-    prompts = build_prompts(chat, seed)
+    prompts = build_prompts(chat, s.seed)
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=False) for p in prompts]
     else:
         texts = [(tokenizer.bos_token or "") + p for p in prompts]
-    eos_ids = _eos_ids(model, tokenizer)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     prompt_len = max(len(e) for e in encoded)
     prompt_len = -(-prompt_len // 16) * 16  # one padded length for every batch: fixed shapes for a static cache
-    new_tokens = max_new_tokens or seq_len
-    use_static = cache == "static" or (cache == "auto" and cuda)
+    used = SynthSettings(**{**vars(s), "max_new_tokens": s.max_new_tokens or s.seq_len,
+                            "cache": "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic",
+                            "dtype": str(torch_dtype).replace("torch.", "")})
+    with atomic_directory(out) as tmp:
+        writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
+        counts = _sample(model, tokenizer, texts, prompt_len, used, writer, device, progress)
+        writer.close()
+        seconds = time.time() - counts["started"]
+        report = SynthReport(
+            model=info.name, source=info, settings=used, tokens=counts["written"],
+            generated_tokens=counts["generated"], samples=counts["samples"], rows=writer.total_rows,
+            shards=writer.shards, prompt_count=len(prompts), prompt_pad_len=prompt_len, chat=chat,
+            device=torch.cuda.get_device_name() if cuda else "cpu", seconds=round(seconds, 2),
+            generation_seconds=round(counts["gen_seconds"], 2),
+            generated_tokens_per_second=round(counts["generated"] / max(counts["gen_seconds"], 1e-9), 1),
+            tokens_per_second=round(counts["written"] / max(seconds, 1e-9), 1),
+            steady_generated_tokens_per_second=counts["steady"],
+        )
+        report.write(tmp)
+    return report
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    writer = _ShardWriter(tmp, seq_len, tokenizer.eos_token_id)
-    torch.manual_seed(seed)
+
+def _sample(model, tokenizer, texts: list[str], prompt_len: int, s: SynthSettings, writer: _ShardWriter,
+            device: torch.device, progress: bool) -> dict:
+    """Sample batches of prompts (cycling through them) until `s.tokens` tokens are written; the counts.
+    `s.cache` may fall back from static to dynamic (said on stdout)."""
+    eos_ids = _eos_ids(model, tokenizer)
+    torch.manual_seed(s.seed)
     written = generated = samples = 0
     gen_seconds = 0.0
     batch_times: list[float] = []
     batch_counts: list[int] = []
     started = time.time()
-    bar = tqdm(total=tokens, desc="synth-data", unit="tok", unit_scale=True, disable=not progress)
     order = itertools.cycle(range(len(texts)))
-    try:
-        while written < tokens:
-            idx = [next(order) for _ in range(batch_size)]
+    kwargs = dict(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
+    with tqdm(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True, disable=not progress) as bar:
+        while written < s.tokens:
+            idx = [next(order) for _ in range(s.batch_size)]
             batch = tokenizer([texts[i] for i in idx], add_special_tokens=False, padding="max_length",
                               max_length=prompt_len, return_tensors="pt").to(device)
-            kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
             t0 = time.time()
-            if use_static:
+            if s.cache == "static":
                 try:
                     out_ids = model.generate(**batch, **kwargs, cache_implementation="static")
                 except Exception as e:  # noqa: BLE001 - fall back once, say so
                     print(f"synth-data: static cache failed ({type(e).__name__}: {e}); using the dynamic cache")
-                    use_static = False
+                    s.cache = "dynamic"
                     out_ids = model.generate(**batch, **kwargs)
             else:
                 out_ids = model.generate(**batch, **kwargs)
-            if cuda:
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             gen_seconds += time.time() - t0
             batch_times.append(time.time() - t0)
@@ -233,39 +274,6 @@ def synth_data(
                 bar.update(len(sample))
             batch_counts.append(batch_generated)
             bar.set_postfix(gen_tok_s=f"{generated / max(gen_seconds, 1e-9):.0f}")
-        writer.close()
-        seconds = time.time() - started
-        report = {
-            "model": info.name,
-            "source": asdict(info),
-            "tokens": written,
-            "generated_tokens": generated,
-            "samples": samples,
-            "rows": writer.total_rows,
-            "shards": writer.shards,
-            "seconds": round(seconds, 2),
-            "generation_seconds": round(gen_seconds, 2),
-            "generated_tokens_per_second": round(generated / max(gen_seconds, 1e-9), 1),
-            "tokens_per_second": round(written / max(seconds, 1e-9), 1),
-            # without the first batch (a static cache compiles there)
-            "steady_generated_tokens_per_second": round(sum(batch_counts[1:]) / sum(batch_times[1:]), 1)
-            if len(batch_times) > 1 else None,
-            "prompt_count": len(prompts),
-            "chat": chat,
-            "device": torch.cuda.get_device_name() if cuda else "cpu",
-            "settings": {"seq_len": seq_len, "batch_size": batch_size, "temperature": temperature, "seed": seed,
-                         "max_new_tokens": new_tokens, "prompt_pad_len": prompt_len,
-                         "cache": "static" if use_static else "dynamic",
-                         "dtype": str(torch_dtype).replace("torch.", "")},
-        }
-        (tmp / "synth.json").write_text(json.dumps(report, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bar.close()
-    return report
+    steady = round(sum(batch_counts[1:]) / sum(batch_times[1:]), 1) if len(batch_times) > 1 else None
+    return {"written": written, "generated": generated, "samples": samples, "gen_seconds": gen_seconds,
+            "started": started, "steady": steady}

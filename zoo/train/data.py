@@ -21,15 +21,17 @@ from __future__ import annotations
 import glob
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from mla_zoo.modeling.common import DataError
 from tqdm.auto import tqdm
 
+from .synth import SynthReport
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
-SYNTH_MARKER = "synth.json"
 TEXT_BLOCK = 1 << 20  # read large text files in ~1 MB pieces (split at line ends)
 TOKENIZE_BATCH = 256
 
@@ -40,7 +42,7 @@ TOKENIZE_BATCH = 256
 
 
 def is_synth_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / SYNTH_MARKER).is_file() or any(path.glob("shard-*.safetensors")))
+    return path.is_dir() and ((path / SynthReport.FILE).is_file() or any(path.glob("shard-*.safetensors")))
 
 
 def resolve_files(spec: str) -> list[Path]:
@@ -57,20 +59,20 @@ def resolve_files(spec: str) -> list[Path]:
         elif path.is_file():
             files = [path]
         else:
-            raise DataError(f"--data {spec}: no such file or directory")
+            raise DataError(f"`data` {spec}: no such file or directory")
     if not files:
-        raise DataError(f"--data {spec} matches no files (readable: {', '.join(FILE_SUFFIXES)}, "
+        raise DataError(f"`data` {spec} matches no files (readable: {', '.join(FILE_SUFFIXES)}, "
                         f"a synth-data directory, or hf:NAME[:CONFIG][:SPLIT])")
     unknown = [f for f in files if not f.name.endswith((*FILE_SUFFIXES, ".safetensors"))]
     if unknown:
-        raise DataError(f"--data {spec}: cannot read {unknown[0]} (readable: {', '.join(FILE_SUFFIXES)})")
+        raise DataError(f"`data` {spec}: cannot read {unknown[0]} (readable: {', '.join(FILE_SUFFIXES)})")
     return files
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     parts = spec[len("hf:"):].split(":")
     if not parts[0] or len(parts) > 3:
-        raise DataError(f"--data {spec}: expected hf:NAME[:CONFIG][:SPLIT]")
+        raise DataError(f"`data` {spec}: expected hf:NAME[:CONFIG][:SPLIT]")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
@@ -81,16 +83,30 @@ def split_spec(spec: str) -> list[str]:
     return [part for part in spec.split(",") if part]
 
 
-def describe(spec: str) -> dict:
-    """What a spec resolves to, for run reports (files and their count, or the hf dataset)."""
+@dataclass
+class DataSource:
+    """What a data spec resolves to, for run reports."""
+
+    spec: str
+    kind: str  # files | synth | hf | mix
+    files: int | None = None  # files, synth: how many, and the first
+    first: str | None = None
+    name: str | None = None  # hf: the dataset
+    config: str | None = None
+    split: str | None = None
+    parts: list[DataSource] = field(default_factory=list)  # mix
+
+
+def describe(spec: str) -> DataSource:
+    """What a spec resolves to; raises DataError when it names nothing readable."""
     if "," in spec:
-        return {"spec": spec, "kind": "mix", "parts": [describe(part) for part in split_spec(spec)]}
+        return DataSource(spec, "mix", parts=[describe(part) for part in split_spec(spec)])
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)
-        return {"spec": spec, "kind": "hf", "name": name, "config": config, "split": split}
+        return DataSource(spec, "hf", name=name, config=config, split=split)
     files = resolve_files(spec)
     kind = "synth" if files[0].suffix == ".safetensors" else "files"
-    return {"spec": spec, "kind": kind, "files": len(files), "first": str(files[0])}
+    return DataSource(spec, kind, files=len(files), first=str(files[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,9 +119,9 @@ def _render(record: dict, tokenizer, where: str) -> str:
         return record["text"]
     if "messages" in record:
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{where}: `messages` need a tokenizer with a chat template")
+            raise DataError(f"{where}: 'messages' need a tokenizer with a chat template")
         return tokenizer.apply_chat_template(list(record["messages"]), tokenize=False)
-    raise DataError(f"{where}: a record needs a `text` string or a `messages` list")
+    raise DataError(f"{where}: a record needs a 'text' string or a 'messages' list")
 
 
 def _text_pieces(path: Path) -> Iterator[tuple[str, bool]]:
@@ -141,7 +157,7 @@ def _parquet_docs(path: Path) -> Iterator[tuple[str, bool]]:
         raise DataError("reading .parquet needs pyarrow: pip install pyarrow (or pip install 'mla-zoo[train]')") from e
     pf = pq.ParquetFile(path)
     if "text" not in pf.schema_arrow.names:
-        raise DataError(f"{path}: no `text` column (columns: {', '.join(pf.schema_arrow.names)})")
+        raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
     for batch in pf.iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:
@@ -153,12 +169,12 @@ def _hf_docs(spec: str, tokenizer) -> Iterator[tuple[str, bool]]:
     try:
         import datasets
     except ImportError as e:
-        raise DataError(f"--data {spec} needs the `datasets` package: pip install datasets "
+        raise DataError(f"`data` {spec} needs the datasets package: pip install datasets "
                         "(or pip install 'mla-zoo[train]')") from e
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:
-        raise DataError(f"--data {spec}: cannot open the dataset ({type(e).__name__}: {e})") from e
+        raise DataError(f"`data` {spec}: cannot open the dataset ({type(e).__name__}: {e})") from e
     for n, record in enumerate(ds):
         yield _render(record, tokenizer, f"{spec} record {n}"), True
 
@@ -218,12 +234,11 @@ def iter_token_pieces(spec: str, tokenizer) -> Iterator[list[int] | torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def check_seq_len(seq_len: int, config) -> None:
+def check_seq_len(seq_len: int, config, field: str = "seq_len") -> None:
+    """A row length the model can take (`field` names the setting in the error)."""
     limit = getattr(config, "max_position_embeddings", None)
-    if seq_len < 2:
-        raise DataError(f"--seq-len must be at least 2, got {seq_len}")
     if limit is not None and seq_len > limit:
-        raise DataError(f"--seq-len {seq_len} is beyond the model's max_position_embeddings ({limit})")
+        raise DataError(f"`{field}` {seq_len} is beyond the model's max_position_embeddings ({limit})")
 
 
 def pack_rows(spec: str, tokenizer, seq_len: int, max_rows: int | None = None, progress: bool = True) -> torch.Tensor:
@@ -257,7 +272,7 @@ def pack_rows(spec: str, tokenizer, seq_len: int, max_rows: int | None = None, p
     finally:
         bar.close()
     if not rows:
-        raise DataError(f"--data {spec} holds {held} tokens, fewer than one row of --seq-len {seq_len}")
+        raise DataError(f"`data` {spec} holds {held} tokens, fewer than one row of `seq_len` {seq_len}")
     return torch.stack(rows)
 
 

@@ -12,6 +12,10 @@ import json
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from mla_zoo.modeling.convert import ConversionReport
+from mla_zoo.zoo.evaluate import EvalComparison
+
+from .gates import GateResult
 
 TAGS = ["mla", "mha2mla", "kv-cache-compression", "custom_code", "mla-zoo"]
 PLOT = "kv_cache.png"
@@ -49,12 +53,8 @@ def contexts(max_positions: int) -> list[int]:
 
 def plot_kv_cache(path: Path, before: int, after: int, max_positions: int, title: str) -> None:
     """KV cache (GiB, batch 1) against context length, base vs MLA; a small deterministic PNG."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        from mla_zoo.modeling.common import BuildError
+    import matplotlib
 
-        raise BuildError("the card stage draws its plot with matplotlib: pip install matplotlib") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -78,32 +78,32 @@ def plot_kv_cache(path: Path, before: int, after: int, max_positions: int, title
         plt.close(fig)
 
 
-def zoo_metadata(recipe, conversion: dict, metrics: dict, finetuned: bool, onnx: bool) -> dict:
-    s, kv = conversion["settings"], conversion["kv_cache"]
+def zoo_metadata(recipe, conversion: ConversionReport, metrics: EvalComparison, finetuned: bool, onnx: bool) -> dict:
+    s, kv = conversion.settings, conversion.kv_cache
     return {
         "version": recipe.release.version,
         "name": recipe.release.name,
         "recipe": recipe.name,
-        "d_kv": s["kv_rank_per_head"],
-        "kv_lora_rank": s["kv_lora_rank"],
-        "rope_pairs": s["rope_pairs"],
-        "rope_strategy": s["rope_strategy"],
-        "svd": s["svd"],
-        "dtype": s["dtype"],
-        "kv_bytes_per_token_base": kv["bytes_per_token_before"],
-        "kv_bytes_per_token_mla": kv["bytes_per_token_after"],
-        "kv_reduction": round(kv["reduction"], 6),
-        "perplexity_base": round(metrics["base"]["perplexity"], 4),
-        "perplexity_mla": round(metrics["mla"]["perplexity"], 4),
-        "perplexity_delta": round(metrics["perplexity_delta"], 6),
-        "eval_text": Path(metrics["text"]).name,
+        "d_kv": s.kv_rank_per_head,
+        "kv_lora_rank": s.kv_lora_rank,
+        "rope_pairs": s.rope_pairs,
+        "rope_strategy": s.rope_strategy,
+        "svd": s.svd,
+        "dtype": s.dtype,
+        "kv_bytes_per_token_base": kv.bytes_per_token_before,
+        "kv_bytes_per_token_mla": kv.bytes_per_token_after,
+        "kv_reduction": round(kv.reduction, 6),
+        "perplexity_base": round(metrics.base.perplexity, 4),
+        "perplexity_mla": round(metrics.mla.perplexity, 4),
+        "perplexity_delta": round(metrics.perplexity_delta, 6),
+        "eval_text": Path(metrics.text).name,
         "finetuned": finetuned,
         "onnx": onnx,
     }
 
 
-def card_data(recipe, conversion, metrics, license: str, base_model: str | None, meta: dict) -> ModelCardData:
-    text = Path(metrics["text"]).name
+def card_data(recipe, metrics: EvalComparison, license: str, base_model: str | None, meta: dict) -> ModelCardData:
+    text = Path(metrics.text).name
     return ModelCardData(
         license=license,
         base_model=base_model,
@@ -113,31 +113,31 @@ def card_data(recipe, conversion, metrics, license: str, base_model: str | None,
         model_name=recipe.release.name,
         eval_results=[
             EvalResult(task_type="text-generation", task_name="Language modelling", dataset_type="text",
-                       dataset_name=text, metric_type="perplexity", metric_value=round(metrics["mla"]["perplexity"], 4),
-                       metric_name=f"Perplexity ({metrics['mla']['tokens']} tokens, seq_len {metrics['seq_len']})"),
+                       dataset_name=text, metric_type="perplexity", metric_value=round(metrics.mla.perplexity, 4),
+                       metric_name=f"Perplexity ({metrics.mla.tokens} tokens, seq_len {metrics.seq_len})"),
         ],
         mla_zoo=meta,
     )
 
 
-def _kv_section(conversion: dict, config: dict) -> str:
-    s, kv = conversion["settings"], conversion["kv_cache"]
-    before, after = kv["bytes_per_token_before"], kv["bytes_per_token_after"]
+def _kv_section(conversion: ConversionReport, max_positions: int) -> str:
+    s, kv = conversion.settings, conversion.kv_cache
+    before, after = kv.bytes_per_token_before, kv.bytes_per_token_after
     rows = [
         "| context (tokens) | base | MLA | saved |",
         "|---:|---:|---:|---:|",
         f"| 1 (per token, all layers) | {human_bytes(before)} | {human_bytes(after)} | {human_bytes(before - after)} |",
     ]
-    for n in contexts(config.get("max_position_embeddings") or 4096):
+    for n in contexts(max_positions):
         saved = human_bytes((before - after) * n)
         rows.append(f"| {n:,} | {human_bytes(before * n)} | {human_bytes(after * n)} | {saved} |")
     return "\n".join([
         "## KV-cache savings",
         "",
-        f"Per token and layer the cache holds {kv['values_per_token_per_layer_after']} values instead of "
-        f"{kv['values_per_token_per_layer_before']}: a latent of {s['kv_lora_rank']} "
-        f"({s['kv_rank_per_head']} per KV head, the paper's d_kv) plus {2 * s['rope_pairs']} RoPE dims per KV head. "
-        f"In {s['dtype']}, batch 1, that is **{100 * kv['reduction']:.2f}% less KV cache**:",
+        f"Per token and layer the cache holds {kv.values_per_token_per_layer_after} values instead of "
+        f"{kv.values_per_token_per_layer_before}: a latent of {s.kv_lora_rank} "
+        f"({s.kv_rank_per_head} per KV head, the paper's d_kv) plus {2 * s.rope_pairs} RoPE dims per KV head. "
+        f"In {s.dtype}, batch 1, that is **{100 * kv.reduction:.2f}% less KV cache**:",
         "",
         *rows,
         "",
@@ -145,27 +145,27 @@ def _kv_section(conversion: dict, config: dict) -> str:
     ])
 
 
-def _eval_section(metrics: dict, gates: list[dict], finetune: dict | None) -> str:
-    base, mla = metrics["base"], metrics["mla"]
+def _eval_section(metrics: EvalComparison, gates: list[GateResult], finetune: dict | None) -> str:
+    base, mla = metrics.base, metrics.mla
     lines = [
         "## Evaluation",
         "",
-        f"Perplexity on `{Path(metrics['text']).name}` ({mla['tokens']:,} tokens scored, windows of "
-        f"{metrics['seq_len']} tokens, {metrics['dtype']}); lower is better. "
+        f"Perplexity on `{Path(metrics.text).name}` ({mla.tokens:,} tokens scored, windows of "
+        f"{metrics.seq_len} tokens, {metrics.dtype}); lower is better. "
         + ("The MLA model was fine-tuned after conversion." if finetune is not None
            else "One-shot conversion: no fine-tuning after conversion."),
         "",
         "| model | perplexity | KV cache bytes / token |",
         "|---|---:|---:|",
-        f"| base | {base['perplexity']:.3f} | {base['kv_cache_bytes_per_token']:,} |",
-        f"| MLA (this model) | {mla['perplexity']:.3f} ({100 * metrics['perplexity_delta']:+.2f}%) | "
-        f"{mla['kv_cache_bytes_per_token']:,} |",
+        f"| base | {base.perplexity:.3f} | {base.kv_cache_bytes_per_token:,} |",
+        f"| MLA (this model) | {mla.perplexity:.3f} ({100 * metrics.perplexity_delta:+.2f}%) | "
+        f"{mla.kv_cache_bytes_per_token:,} |",
         "",
-        f"(KV bytes here are for the {base['kv_cache_dtype']} evaluation.)",
+        f"(KV bytes here are for the {base.kv_cache_dtype} evaluation.)",
     ]
     if gates:
         lines += ["", "Release gates:", "", "| gate | result | passed |", "|---|---|:-:|"]
-        lines += [f"| `{g['gate']}` | {g['text']} | {'yes' if g['passed'] else 'no'} |" for g in gates]
+        lines += [f"| `{g.gate}` | {g.text} | {'yes' if g.passed else 'no'} |" for g in gates]
     return "\n".join(lines)
 
 
@@ -215,7 +215,7 @@ def _usage_section(repo_id: str, tag: str, export: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _limitations(conversion: dict, finetune: dict | None) -> str:
+def _limitations(conversion: ConversionReport, finetune: dict | None) -> str:
     lines = [
         "## Limitations",
         "",
@@ -228,35 +228,35 @@ def _limitations(conversion: dict, finetune: dict | None) -> str:
         "- KV-cache sizes are for the cache layout of the shipped code (latent + decoupled RoPE keys); "
         "other runtimes may store more.",
     ]
-    lines += [f"- {w}" for w in conversion.get("warnings", [])]
+    lines += [f"- {w}" for w in conversion.warnings]
     return "\n".join(lines)
 
 
-def _details(conversion: dict) -> str:
-    s, energy = conversion["settings"], conversion["svd_retained_energy"]
-    calib = conversion.get("calibration")
+def _details(conversion: ConversionReport) -> str:
+    s, energy = conversion.settings, conversion.svd_retained_energy
+    calib = conversion.calibration
     calib_text = ("none needed" if calib is None else
-                  f"{calib['tokens']} tokens of `{calib['file']}`" if calib.get("kind") == "text" else
-                  f"{calib['tokens']} tokens of the model's own samples")
+                  f"{calib.tokens} tokens of `{calib.file}`" if calib.kind == "text" else
+                  f"{calib.tokens} tokens of the model's own samples")
     return "\n".join([
         "## Conversion",
         "",
-        f"- source: `{conversion['source']['name']}` (weights sha256 `{conversion['source']['sha256'][:16]}…`)",
-        f"- partial RoPE: {s['rope_pairs']} frequency pairs kept per head, strategy `{s['rope_strategy']}`",
-        f"- low rank: `kv_lora_rank` {s['kv_lora_rank']} ({s['kv_rank_per_head']} per KV head), SVD `{s['svd']}`; "
+        f"- source: `{conversion.source.name}` (weights sha256 `{conversion.source.sha256[:16]}…`)",
+        f"- partial RoPE: {s.rope_pairs} frequency pairs kept per head, strategy `{s.rope_strategy}`",
+        f"- low rank: `kv_lora_rank` {s.kv_lora_rank} ({s.kv_rank_per_head} per KV head), SVD `{s.svd}`; "
         f"energy kept per layer: mean {sum(energy) / len(energy):.4f}, min {min(energy):.4f}",
         f"- calibration: {calib_text}",
-        f"- dtype: {s['dtype']}; `conversion.json` in this repo has every detail.",
+        f"- dtype: {s.dtype}; `conversion.json` in this repo has every detail.",
     ])
 
 
-def render(recipe, conversion: dict, config: dict, convert_result: dict, metrics: dict, gates: list[dict],
-           finetune: dict | None, export: dict | None) -> ModelCard:
+def render(recipe, conversion: ConversionReport, max_positions: int, license: str, base_model: str | None,
+           metrics: EvalComparison, gates: list[GateResult], finetune: dict | None, export: dict | None) -> ModelCard:
     r = recipe.release
     meta = zoo_metadata(recipe, conversion, metrics, finetune is not None, export is not None)
-    data = card_data(recipe, conversion, metrics, convert_result["license"], convert_result["base_model"], meta)
-    base = convert_result["base_model"] or conversion["source"]["name"]
-    s, kv = conversion["settings"], conversion["kv_cache"]
+    data = card_data(recipe, metrics, license, base_model, meta)
+    base = base_model or conversion.source.name
+    s, kv = conversion.settings, conversion.kv_cache
     intro = [
         f"# {r.name}",
         "",
@@ -266,15 +266,15 @@ def render(recipe, conversion: dict, config: dict, convert_result: dict, metrics
         "[MHA2MLA](https://arxiv.org/abs/2502.14837): each KV head keeps rotary position embeddings on a few "
         "frequency pairs only (partial RoPE), and the remaining keys and all values are compressed into one "
         "low-rank latent per token, the only thing the KV cache stores. "
-        f"Here d_kv = {s['kv_rank_per_head']}: the KV cache is {100 * kv['reduction']:.1f}% smaller "
-        f"and perplexity changes by {100 * metrics['perplexity_delta']:+.1f}%.",
+        f"Here d_kv = {s.kv_rank_per_head}: the KV cache is {100 * kv.reduction:.1f}% smaller "
+        f"and perplexity changes by {100 * metrics.perplexity_delta:+.1f}%.",
         "",
         f"Release `{r.tag}` of the mla-zoo model zoo (`mla-zoo list --org {r.repo_id.split('/')[0]}`), "
         f"built from the recipe `{recipe.name}` below.",
     ]
     body = "\n\n".join([
         "\n".join(intro),
-        _kv_section(conversion, config),
+        _kv_section(conversion, max_positions),
         _eval_section(metrics, gates, finetune),
         _usage_section(r.repo_id, r.tag, export),
         _details(conversion),
@@ -285,14 +285,14 @@ def render(recipe, conversion: dict, config: dict, convert_result: dict, metrics
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
-def write_card(out_dir: Path, *, recipe, conversion: dict, config: dict, convert_result: dict, metrics: dict,
-               gates: list[dict], finetune: dict | None, export: dict | None) -> dict:
+def write_card(out_dir: Path, *, recipe, conversion: ConversionReport, max_positions: int, license: str,
+               base_model: str | None, metrics: EvalComparison, gates: list[GateResult], finetune: dict | None,
+               export: dict | None) -> dict:
     """Write README.md and the plot into out_dir; returns the card stage's result."""
     out_dir = Path(out_dir)
-    kv = conversion["kv_cache"]
-    max_positions = config.get("max_position_embeddings") or 4096
-    plot_kv_cache(out_dir / PLOT, kv["bytes_per_token_before"], kv["bytes_per_token_after"], max_positions,
-                  f"{recipe.release.name}: KV cache ({conversion['settings']['dtype']})")
-    card = render(recipe, conversion, config, convert_result, metrics, gates, finetune, export)
+    kv = conversion.kv_cache
+    plot_kv_cache(out_dir / PLOT, kv.bytes_per_token_before, kv.bytes_per_token_after, max_positions,
+                  f"{recipe.release.name}: KV cache ({conversion.settings.dtype})")
+    card = render(recipe, conversion, max_positions, license, base_model, metrics, gates, finetune, export)
     card.save(out_dir / "README.md")
     return {"files": ["README.md", PLOT], "mla_zoo": json.loads(json.dumps(card.data.to_dict()["mla_zoo"]))}

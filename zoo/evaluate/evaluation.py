@@ -1,0 +1,119 @@
+"""`mla-zoo eval` and the build's eval stage: one model's `EvalReport`, or an original and its MLA
+conversion measured the same way (`compare`), so that the two numbers in a table are comparable."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from mla_zoo.modeling import sources
+from mla_zoo.modeling.common import read_text
+from mla_zoo.modeling.convert import kv_bytes_per_token
+from mla_zoo.modeling.schema import Report, Settings, setting
+
+from .metrics import BehaviourAnswer, behaviour, lm_eval_tasks, perplexity, top1_agreement
+
+
+@dataclass
+class EvalSettings(Settings):
+    """What is measured: the `[eval]` section of a recipe, the flags of `mla-zoo eval`."""
+
+    text: str = setting(path="file", help="UTF-8 text file to measure perplexity on")
+    seq_len: int = setting(1024, min=2, help="window length (each window scores its tokens 2..seq_len)")
+    max_tokens: int | None = setting(None, min=2, help="score at most this many tokens of the text")
+    dtype: str = setting("float32", choices=("float32", "bfloat16"), help="dtype the model runs in")
+    prompts: bool = setting(False, help="answer a fixed set of behaviour prompts (greedy)")
+    tasks: tuple[str, ...] = setting((), sep=",", help="comma-separated lm-evaluation-harness tasks (needs lm-eval "
+                                                       "and a network)")
+
+
+@dataclass
+class EvalReport(Report):
+    """One model on one text (+ its teacher, behaviour prompts and tasks when asked for)."""
+
+    model: str
+    text: str
+    seq_len: int
+    perplexity: float
+    tokens: int  # scored
+    nll: float  # mean per scored token
+    kv_cache_bytes_per_token: int
+    kv_cache_dtype: str
+    teacher: str | None = None
+    teacher_perplexity: float | None = None
+    top1_agreement: float | None = None
+    behaviour: list[BehaviourAnswer] = field(default_factory=list)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """An MLA checkpoint (through its own remote code, as users load it) or any convertible SOURCE."""
+    if sources.is_mla_checkpoint(spec):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
+        return model.eval(), AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
+    model, tokenizer, _ = sources.resolve(spec, dtype=dtype)
+    return model, tokenizer
+
+
+def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, device: str = "cpu") -> EvalReport:
+    """Everything `mla-zoo eval` reports for one model (an MLA checkpoint or any SOURCE)."""
+    started = time.time()
+    s = settings
+    text = read_text(s.text, "text")
+    dtype = getattr(torch, s.dtype)
+    model, tokenizer = load_model(spec, dtype)
+    model = model.to(device)
+    ppl = perplexity(model, tokenizer, text, s.seq_len, s.max_tokens)
+    report = EvalReport(
+        model=str(spec), text=str(s.text), seq_len=s.seq_len, **ppl,
+        kv_cache_bytes_per_token=kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)["after"],
+        kv_cache_dtype=s.dtype,
+    )
+    if teacher:
+        teacher_model, teacher_tok = load_model(teacher, dtype)
+        sources.check_same_tokenizer(tokenizer, teacher_tok, model.config, teacher_model.config)
+        teacher_model = teacher_model.to(device)
+        report.teacher = str(teacher)
+        report.teacher_perplexity = perplexity(teacher_model, tokenizer, text, s.seq_len, s.max_tokens)["perplexity"]
+        report.top1_agreement = top1_agreement(model, teacher_model, tokenizer, text, s.seq_len, s.max_tokens)
+    if s.prompts:
+        report.behaviour = behaviour(model, tokenizer)
+    if s.tasks:
+        report.tasks = lm_eval_tasks(str(spec), list(s.tasks), device)
+    report.seconds = round(time.time() - started, 2)
+    return report
+
+
+@dataclass
+class EvalComparison(Report):
+    """eval_results.json of a release: the original (base) and the MLA model on the same text."""
+
+    FILE = "eval_results.json"
+
+    text: str  # as the recipe names it
+    seq_len: int
+    max_tokens: int | None
+    dtype: str
+    base: EvalReport
+    mla: EvalReport
+    perplexity_delta: float  # mla / base - 1
+
+
+def compare(base: str, mla: str | Path, settings: EvalSettings, text_name: str,
+            log=lambda msg: None) -> EvalComparison:
+    """Both models measured with the same settings; `text_name` is how reports name the text."""
+    results = {}
+    for label, spec in (("base", base), ("mla", str(mla))):
+        log(f"eval: perplexity of the {label} model on {text_name}")
+        report = evaluate(spec, settings)
+        report.model, report.text = label, text_name
+        results[label] = report
+    return EvalComparison(text=text_name, seq_len=settings.seq_len, max_tokens=settings.max_tokens,
+                          dtype=settings.dtype, base=results["base"], mla=results["mla"],
+                          perplexity_delta=results["mla"].perplexity / results["base"].perplexity - 1)

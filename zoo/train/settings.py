@@ -1,0 +1,55 @@
+"""The settings of `mla-zoo finetune`: the `[finetune]` section of a recipe and the command's flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mla_zoo.modeling.common import SettingsError
+from mla_zoo.modeling.schema import Settings, setting
+
+STAGES = ("layerwise", "global")  # in the order they run: layer-wise first measured better (bench/RESULTS.md)
+KL_CHUNK = 1024  # positions per chunk of the vocabulary-sized KL: 1024 x vocab fp32 logits (200 MB at 49k vocab)
+
+
+@dataclass
+class FinetuneSettings(Settings):
+    """How a converted checkpoint is recovered by distillation from its original model."""
+
+    data: str = setting(path="data", help="file/dir/glob of .txt/.jsonl/.parquet, a synth-data dir, "
+                                          "hf:NAME[:CONFIG][:SPLIT], or a comma-separated mix of them")
+    seq_len: int = setting(1024, min=2, help="tokens per training row")
+    tokens: int | None = setting(None, min=1, help="length of the global stage in tokens")
+    max_steps: int | None = setting(None, min=1, help="length of the global stage in optimizer steps "
+                                                      "(neither: one pass over the data)")
+    batch_size: int = setting(8, min=1, help="sequences per device per micro-step")
+    grad_accum: int = setting(1, min=1, help="micro-steps per optimizer step")
+    learning_rate: float = setting(1e-4, gt=0, aliases=["--lr"], help="peak learning rate (cosine schedule)")
+    warmup_ratio: float = setting(0.05, min=0, lt=1, help="warm-up share of each stage's steps")
+    weight_decay: float = setting(0.0, min=0, help="AdamW weight decay")
+    temperature: float = setting(1.0, gt=0, help="distillation temperature (KL scaled by T^2)")
+    ce_weight: float = setting(0.0, min=0, help="weight of next-token CE added to the KL")
+    stages: tuple[str, ...] = setting(STAGES, choices=STAGES, sep=",",
+                                      help="comma-separated: layerwise,global (layer-wise runs first) or one alone")
+    layerwise_steps: int | None = setting(None, min=1, help="default: 10%% of the global stage (all steps when alone)")
+    layerwise_lr: float | None = setting(None, gt=0, help="default: learning_rate")
+    save_steps: int = setting(500, min=1, help="steps between Trainer checkpoints")
+    save_total_limit: int | None = setting(2, min=1, help="Trainer checkpoints kept per stage")
+    bf16: bool | None = setting(None, help="bf16 autocast and a bf16 teacher (default: on CUDA)")
+    gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)")
+    compile: bool = setting(False, help="torch.compile student and teacher: faster past ~1000 steps "
+                                        "(bench/RESULTS.md)")
+    eval_text: str | None = setting(None, path="file", help="measure perplexity on this text during training")
+    eval_every: int = setting(100, min=1, help="steps between perplexity measurements")
+    eval_tokens: int = setting(16384, min=2, help="tokens of eval_text scored each time")
+    eval_seq_len: int | None = setting(None, min=2, help="default: min(seq_len, 1024)")
+    seed: int = setting(0, min=0, help="random seed (data order, initialisation of the Trainer)")
+    kl_chunk: int = setting(KL_CHUNK, min=1, help="positions per chunk of the vocabulary-sized KL")
+    logging_steps: int = setting(10, min=1, help="steps between loss logs")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tokens is not None and self.max_steps is not None:
+            raise SettingsError("give `tokens` or `max_steps`, not both")
+        if not self.stages:
+            raise SettingsError(f"`stages` must name at least one of {', '.join(STAGES)}")
+        self.stages = tuple(st for st in STAGES if st in self.stages)  # layer-wise first, each once
