@@ -3,10 +3,11 @@
 // Absorbed multi-head latent attention over the latent KV cache. Per call:
 //   A. per query token (b, s): rotate the new RoPE key and write it and the new latent into the
 //      presents; rotate the query's RoPE dims and absorb W_uk into its NoPE dims (q_lat), pre-scaled;
-//   B. copy the past cache rows into the presents;
-//   C. per (b, s, KV chunk): scores of all H heads against the chunk (the latent row is read once
-//      for all heads), masked softmax partials (max, sum, weighted latent): split-K, so one decode
-//      token at batch 1 still spreads over every thread;
+//   B. copy the past cache rows into the presents (prefill only: at decode, C copies each chunk
+//      and attends to it while it is in cache, so the past is read once);
+//   C. per (b, s, KV chunk): scores of all H heads against the chunk (each latent row loaded once
+//      for a block of 8 heads, accumulators in registers), masked softmax partials (max, sum, weighted
+//      latent): split-K, so one decode token at batch 1 still spreads over every thread;
 //   D. per (b, s): merge the chunk partials (log-sum-exp) and apply W_uv.
 // Math in float32; inputs and outputs float32 or float16. Threads: onnxruntime's intra-op pool.
 // The CPU and (later, issue 17) CUDA kernels are registered from this one library: RegisterCustomOps
@@ -21,6 +22,11 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MLA_ZOO_AVX2 1
+#endif
 
 #include "onnxruntime_lite_custom_op.h"
 
@@ -61,6 +67,124 @@ inline float dot(const float* a, const float* b, int64_t n) {
 inline void axpy(float* y, float a, const float* x, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// exp(x) for x <= 0 (softmax after max subtraction), vectorizable: 2^n * p(r), r in [-ln2/2, ln2/2],
+// degree-6 polynomial; relative error ~2e-7 (float32 rounding level). exp(-inf) and x < -87 give 0.
+inline void exp_inplace(float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::max(x[i], -87.f);
+    const float k = std::nearbyint(v * 1.44269504088896341f);
+    const float r = v - k * 0.693145751953125f - k * 1.42860682030941723212e-6f;
+    float p = 1.f / 720;
+    p = p * r + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    x[i] = x[i] < -87.f ? 0.f : p * scale;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two inner loops of the attention, per chunk of L cached tokens:
+//   scores:  sc[h, t] = q[h, :r] . c[t] + q[h, r:] . k[t, group(h)]   (q = [q_lat | q_rope], pre-scaled)
+//   weights: o[h] += p[h, t] * c[t]
+// AVX2 versions keep NH heads' accumulators in registers so each cached row is loaded once per block.
+// ---------------------------------------------------------------------------------------------
+
+#ifdef MLA_ZOO_AVX2
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// NH heads' accumulators in registers: the token's latent row is loaded once per block of heads.
+template <int NH>
+inline void scores_block(const float* q, int64_t qw, const float* c, const float* k, int64_t r, int64_t e,
+                         const int64_t* k_offset, float* out) {
+  __m256 acc[NH];
+  for (int j = 0; j < NH; ++j) acc[j] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= r; d += 8) {
+    const __m256 cv = _mm256_loadu_ps(c + d);
+    for (int j = 0; j < NH; ++j) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * qw + d), cv, acc[j]);
+  }
+  int64_t x = 0;
+  for (; x + 8 <= e; x += 8)
+    for (int j = 0; j < NH; ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * qw + r + x), _mm256_loadu_ps(k + k_offset[j] + x), acc[j]);
+  for (int j = 0; j < NH; ++j) {
+    float s = hsum(acc[j]);
+    for (int64_t dd = d; dd < r; ++dd) s += q[j * qw + dd] * c[dd];
+    for (int64_t xx = x; xx < e; ++xx) s += q[j * qw + r + xx] * k[k_offset[j] + xx];
+    out[j] = s;
+  }
+}
+#endif
+
+// sc[h * ld] for heads [0, H) of one token; q rows qw apart; k_offset[h] = group(h) * E.
+inline void token_scores(const float* q, int64_t H, int64_t qw, const float* c, const float* k, int64_t r,
+                         int64_t e, const int64_t* k_offset, float* sc, int64_t ld) {
+  float tmp[8];
+  const int64_t blocks = (H + 7) / 8, per_block = (H + blocks - 1) / blocks;  // balanced: 9 heads -> 5 + 4
+  for (int64_t h0 = 0; h0 < H; h0 += per_block) {
+    const int64_t nh = std::min<int64_t>(per_block, H - h0);
+    const float* qh = q + h0 * qw;
+    const int64_t* ko = k_offset + h0;
+#ifdef MLA_ZOO_AVX2
+    switch (nh) {
+      case 8: scores_block<8>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 7: scores_block<7>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 6: scores_block<6>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 5: scores_block<5>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 4: scores_block<4>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 3: scores_block<3>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 2: scores_block<2>(qh, qw, c, k, r, e, ko, tmp); break;
+      default: scores_block<1>(qh, qw, c, k, r, e, ko, tmp); break;
+    }
+#else
+    for (int64_t j = 0; j < nh; ++j) tmp[j] = dot(qh + j * qw, c, r) + dot(qh + j * qw + r, k + ko[j], e);
+#endif
+    for (int64_t j = 0; j < nh; ++j) sc[(h0 + j) * ld] = tmp[j];
+  }
+}
+
+// o[:r] += sum_t p[t] * c[t, :r] (rows of c are r apart)
+inline void weighted_rows(const float* p, const float* c, int64_t L, int64_t r, float* o) {
+  int64_t d = 0;
+#ifdef MLA_ZOO_AVX2
+  for (; d + 32 <= r; d += 32) {
+    __m256 a0 = _mm256_loadu_ps(o + d), a1 = _mm256_loadu_ps(o + d + 8);
+    __m256 a2 = _mm256_loadu_ps(o + d + 16), a3 = _mm256_loadu_ps(o + d + 24);
+    for (int64_t t = 0; t < L; ++t) {
+      const __m256 pv = _mm256_set1_ps(p[t]);
+      const float* ct = c + t * r + d;
+      a0 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(ct), a0);
+      a1 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(ct + 8), a1);
+      a2 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(ct + 16), a2);
+      a3 = _mm256_fmadd_ps(pv, _mm256_loadu_ps(ct + 24), a3);
+    }
+    _mm256_storeu_ps(o + d, a0);
+    _mm256_storeu_ps(o + d + 8, a1);
+    _mm256_storeu_ps(o + d + 16, a2);
+    _mm256_storeu_ps(o + d + 24, a3);
+  }
+  for (; d + 8 <= r; d += 8) {
+    __m256 a0 = _mm256_loadu_ps(o + d);
+    for (int64_t t = 0; t < L; ++t) a0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(c + t * r + d), a0);
+    _mm256_storeu_ps(o + d, a0);
+  }
+#endif
+  if (d < r)
+    for (int64_t t = 0; t < L; ++t) axpy(o + d, p[t], c + t * r + d, r - d);
 }
 
 // Runs f(i) for i in [0, n) on onnxruntime's intra-op thread pool.
@@ -233,30 +357,43 @@ struct MultiHeadLatentAttention {
     };
     parallel_for(ctx, static_cast<size_t>(B * S), phase_a);
 
-    // ---- B. past rows of the presents ----
-    const int64_t copy_rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, r + KR));
-    const int64_t copy_chunks = (P + copy_rows - 1) / copy_rows;
-    auto phase_b = [&](size_t i) {
-      const int64_t b = static_cast<int64_t>(i) / copy_chunks, t0 = (static_cast<int64_t>(i) % copy_chunks) * copy_rows;
-      const int64_t t1 = std::min(P, t0 + copy_rows);
-      std::memcpy(lat_out + (b * Tt + t0) * r, plat + (b * P + t0) * r, sizeof(T) * (t1 - t0) * r);
-      std::memcpy(kr_out + (b * Tt + t0) * KR, pkr + (b * P + t0) * KR, sizeof(T) * (t1 - t0) * KR);
-    };
-    parallel_for(ctx, static_cast<size_t>(B * copy_chunks), phase_b);
+    // ---- B (prefill and chunked prefill only). past rows of the presents ----
+    // For one query per row (decode), phase C copies each chunk of the past itself and attends to it
+    // while it is in cache: the past is read once.
+    const bool fused_copy = S == 1;
+    if (!fused_copy) {
+      const int64_t copy_rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, r + KR));
+      const int64_t copy_chunks = (P + copy_rows - 1) / copy_rows;
+      auto phase_b = [&](size_t i) {
+        const int64_t b = static_cast<int64_t>(i) / copy_chunks;
+        const int64_t t0 = (static_cast<int64_t>(i) % copy_chunks) * copy_rows, t1 = std::min(P, t0 + copy_rows);
+        std::memcpy(lat_out + (b * Tt + t0) * r, plat + (b * P + t0) * r, sizeof(T) * (t1 - t0) * r);
+        std::memcpy(kr_out + (b * Tt + t0) * KR, pkr + (b * P + t0) * KR, sizeof(T) * (t1 - t0) * KR);
+      };
+      parallel_for(ctx, static_cast<size_t>(B * copy_chunks), phase_b);
+    }
 
     // ---- C. split-K partial attention: per (b, s, chunk) and head: max, sum, weighted latent ----
     const int64_t queries = B * S;
     const int64_t want_tasks = 64;
     const int64_t n_chunks = std::max<int64_t>(
-        1, std::min<int64_t>((Tt + 127) / 128, (want_tasks + queries - 1) / queries));
+        1, std::min<int64_t>((Tt + 255) / 256, (want_tasks + queries - 1) / queries));
     const int64_t chunk = (Tt + n_chunks - 1) / n_chunks;
     const int64_t PW = r + 2;  // per head partial: [o_lat (r) | max | sum]
+    std::vector<int64_t> k_offset(static_cast<size_t>(H));  // head h reads its group's RoPE key
+    for (int64_t h = 0; h < H; ++h) k_offset[h] = (h / G) * E;
     std::vector<float> part(static_cast<size_t>(queries * n_chunks * H * PW));
     const float neg_inf = -std::numeric_limits<float>::infinity();
     auto phase_c = [&](size_t i) {
       const int64_t qi = static_cast<int64_t>(i) / n_chunks, ci = static_cast<int64_t>(i) % n_chunks;
       const int64_t b = qi / S, s = qi % S, self = P + s;
-      const int64_t t0 = ci * chunk, t1 = std::min(self + 1, std::min(Tt, t0 + chunk));  // causal: t <= self
+      const int64_t t0 = ci * chunk;
+      if (fused_copy && t0 < P) {  // this chunk's past rows -> present (decode: phase B did not run)
+        const int64_t c1 = std::min(P, t0 + chunk);
+        std::memcpy(lat_out + (b * Tt + t0) * r, plat + (b * P + t0) * r, sizeof(T) * (c1 - t0) * r);
+        std::memcpy(kr_out + (b * Tt + t0) * KR, pkr + (b * P + t0) * KR, sizeof(T) * (c1 - t0) * KR);
+      }
+      const int64_t t1 = std::min(self + 1, std::min(Tt, t0 + chunk));  // causal: t <= self
       float* pt = part.data() + i * H * PW;
       for (int64_t h = 0; h < H; ++h) {
         std::fill(pt + h * PW, pt + h * PW + r, 0.f);
@@ -271,10 +408,10 @@ struct MultiHeadLatentAttention {
       const float* qv = qbuf.data() + qi * H * QW;
       const int64_t* m = mask + b * Tt;
       for (int64_t t = 0; t < L; ++t) {
-        const bool allowed = m[t0 + t] != 0 || t0 + t == self;
-        for (int64_t h = 0; h < H; ++h) {
-          const float* qh = qv + h * QW;
-          sc[h * L + t] = allowed ? dot(qh, c + t * r, r) + dot(qh + r, k + t * KR + (h / G) * E, E) : neg_inf;
+        if (m[t0 + t] == 0 && t0 + t != self) {
+          for (int64_t h = 0; h < H; ++h) sc[h * L + t] = neg_inf;
+        } else {
+          token_scores(qv, H, QW, c + t * r, k + t * KR, r, E, k_offset.data(), sc.data() + t, L);
         }
       }
       for (int64_t h = 0; h < H; ++h) {
@@ -282,20 +419,15 @@ struct MultiHeadLatentAttention {
         float mx = neg_inf;
         for (int64_t t = 0; t < L; ++t) mx = std::max(mx, row[t]);
         if (mx == neg_inf) continue;
+#pragma omp simd
+        for (int64_t t = 0; t < L; ++t) row[t] -= mx;
+        exp_inplace(row, L);
         float sum = 0.f;
-        for (int64_t t = 0; t < L; ++t) {
-          row[t] = std::exp(row[t] - mx);
-          sum += row[t];
-        }
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < L; ++t) sum += row[t];
         pt[h * PW + r] = mx;
         pt[h * PW + r + 1] = sum;
-      }
-      for (int64_t t = 0; t < L; ++t) {
-        const float* ct = c + t * r;
-        for (int64_t h = 0; h < H; ++h) {
-          const float p = sc[h * L + t];
-          if (p != 0.f && pt[h * PW + r] != neg_inf) axpy(pt + h * PW, p, ct, r);
-        }
+        weighted_rows(row, c, L, r, pt + h * PW);
       }
     };
     parallel_for(ctx, static_cast<size_t>(queries * n_chunks), phase_c);
