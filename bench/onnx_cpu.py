@@ -14,6 +14,7 @@ latency of decoding at that context. Writes bench/results/onnx_cpu.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -151,15 +152,34 @@ def time_steps(run, steps: int, warmup: int = 3) -> dict:
     return {"ms_median": 1e3 * float(np.median(times)), "ms_min": 1e3 * float(np.min(times))}
 
 
-def worker_model(variant: str, path: Path, past: int, batch: int, steps: int) -> dict:
+def cpu_time_steps(make_session, feed: dict, steps: int) -> float:
+    """Milliseconds of CPU time per run of a ONE-thread session: robust to other processes taking
+    the cores (wall time on a shared machine is not)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if variant == "mla-fused":
-        from mla_zoo.export import get_library_path
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    session = make_session(so)
+    session.run(None, feed)
+    start = time.process_time()
+    for _ in range(steps):
+        session.run(None, feed)
+    return 1e3 * (time.process_time() - start) / steps
 
-        so.register_custom_ops_library(get_library_path())
-    session = ort.InferenceSession(str(path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+def worker_model(variant: str, path: Path, past: int, batch: int, steps: int) -> dict:
+    import onnxruntime as ort
+
+    def make_session(so=None):
+        so = so or ort.SessionOptions()
+        if variant == "mla-fused":
+            from mla_zoo.export import get_library_path
+
+            so.register_custom_ops_library(get_library_path())
+        return ort.InferenceSession(str(path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+    session = make_session()
     rng = np.random.default_rng(0)
     feed = {"input_ids": rng.integers(0, 1000, (batch, 1)), "attention_mask": np.ones((batch, past + 1), np.int64),
             "position_ids": np.full((batch, 1), past, np.int64)}
@@ -167,8 +187,11 @@ def worker_model(variant: str, path: Path, past: int, batch: int, steps: int) ->
         shape = [batch, i.shape[1], past, i.shape[3]]
         feed[i.name] = rng.standard_normal(shape, dtype=np.float32)
     cache_mb = sum(v.nbytes for k, v in feed.items() if k.startswith("past")) / 2**20
-    result = time_steps(lambda: session.run(None, feed), steps)
-    return {**result, "peak_rss_mb": peak_rss_mb(), "past_cache_mb": cache_mb}
+    result = time_steps(functools.partial(session.run, None, feed), steps)
+    result.update(peak_rss_mb=peak_rss_mb(), past_cache_mb=cache_mb)
+    session = None  # free it before the one-thread session (peak RSS is taken above)
+    result["cpu1_ms"] = cpu_time_steps(make_session, feed, max(3, steps // 2))
+    return result
 
 
 def node_model_bytes(batch: int, past: int) -> tuple[bytes, dict, int]:
@@ -210,13 +233,19 @@ def worker_node(past: int, batch: int, steps: int, kernel: bool = True) -> dict:
     from mla_zoo.export import get_library_path
 
     model, feed, nbytes = node_model_bytes(batch, past)
-    so = ort.SessionOptions()
-    if kernel:
-        so.register_custom_ops_library(get_library_path())
-    session = ort.InferenceSession(model, so)
-    result = time_steps(lambda: session.run(None, feed), steps)
+
+    def make_session(so=None):
+        so = so or ort.SessionOptions()
+        if kernel:
+            so.register_custom_ops_library(get_library_path())
+        return ort.InferenceSession(model, so)
+
+    session = make_session()
+    result = time_steps(functools.partial(session.run, None, feed), steps)
     result["bytes"] = nbytes
     result["gb_per_s"] = nbytes / (result["ms_min"] / 1e3) / 1e9
+    session = None  # its thread pool must not spin into the CPU-time measurement
+    result["cpu1_ms"] = cpu_time_steps(make_session, feed, steps)
     return result
 
 
@@ -280,8 +309,8 @@ def main() -> None:
             # the attention op alone (one node, SmolLM2-MLA dims): kernel vs its function body
             row["op_kernel"] = run_worker(["node", str(past), str(batch), str(args.steps)])
             row["op_body"] = run_worker(["node-body", str(past), str(batch), str(args.steps)])
-            if row["op_kernel"].get("ms_median") and row["op_body"].get("ms_median"):
-                row["op_kernel_vs_body"] = row["op_body"]["ms_median"] / row["op_kernel"]["ms_median"]
+            if row["op_kernel"].get("cpu1_ms") and row["op_body"].get("cpu1_ms"):
+                row["op_kernel_vs_body"] = row["op_body"]["cpu1_ms"] / row["op_kernel"]["cpu1_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     kernel = {}
@@ -302,15 +331,17 @@ def main() -> None:
 
 def table(result: dict) -> str:
     lines = ["| past | batch | MLA fused ms | MLA body ms | GQA original ms | fused vs body | fused vs GQA | "
-             "peak RSS MB (fused / body / GQA) | op alone: kernel / body ms |", "|---|---|---|---|---|---|---|---|---|"]
+             "1-thread CPU ms (fused / body / GQA) | peak RSS MB (fused / body / GQA) | "
+             "op alone, 1-thread CPU ms: kernel / body |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         ms = [row[v].get("ms_median", float("nan")) for v in VARIANTS]
         rss = [row[v].get("peak_rss_mb", float("nan")) for v in VARIANTS]
+        cpu = [row[v].get("cpu1_ms", float("nan")) for v in VARIANTS]
         lines.append(f"| {row['past']} | {row['batch']} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | "
                      f"{row.get('fused_vs_body', float('nan')):.2f}x | {row.get('fused_vs_gqa', float('nan')):.2f}x | "
-                     f"{rss[0]:.0f} / {rss[1]:.0f} / {rss[2]:.0f} | "
-                     f"{row['op_kernel'].get('ms_median', float('nan')):.2f} / "
-                     f"{row['op_body'].get('ms_median', float('nan')):.2f} "
+                     f"{cpu[0]:.1f} / {cpu[1]:.1f} / {cpu[2]:.1f} | {rss[0]:.0f} / {rss[1]:.0f} / {rss[2]:.0f} | "
+                     f"{row['op_kernel'].get('cpu1_ms', float('nan')):.2f} / "
+                     f"{row['op_body'].get('cpu1_ms', float('nan')):.2f} "
                      f"({row.get('op_kernel_vs_body', float('nan')):.2f}x) |")
     k = result["kernel_at_max_past"]
     for b, r in k["per_batch"].items():

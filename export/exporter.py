@@ -220,14 +220,14 @@ def save_model(ir_model, directory: Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def genai_config(config, dtype: str, latent_dim: int, key_rope_dim: int, library: str | None,
-                 context_length: int | None = None) -> dict:
-    """onnxruntime-genai's config for this model (see README: genai cannot run this cache layout)."""
+def genai_config(config, head_size: int, library: str | None, context_length: int | None = None) -> dict:
+    """onnxruntime-genai's config for this model. genai loads it and our library, but cannot run the
+    cache layout: it allocates past key and value with ONE head_size (export/README.md)."""
     eos = config.eos_token_id
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": MODEL_FILE,
-        "head_size": latent_dim,
+        "head_size": head_size,  # the latent width; the RoPE-key cache is narrower (see above)
         "hidden_size": config.hidden_size,
         "inputs": {
             "input_ids": "input_ids",
@@ -263,9 +263,6 @@ def genai_config(config, dtype: str, latent_dim: int, key_rope_dim: int, library
             "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
-        "mla_zoo": {"dtype": dtype, "latent_dim": latent_dim, "key_rope_dim": key_rope_dim,
-                    "note": "past/present hold [B, 1, T, latent_dim] and [B, 1, T, key_rope_dim]: "
-                            "key and value widths differ, which onnxruntime-genai's KV cache cannot allocate"},
     }
 
 
@@ -319,11 +316,14 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     try:
         external = save_model(ir_model, staging)
         onnx.checker.check_model(str(staging / MODEL_FILE), full_check=False)
-        try:
-            library = None if portable else get_library_path()
-        except KernelLibraryNotBuilt:
-            library = None
-        cfg = genai_config(model.config, dtype, latent_dim, key_rope_dim, library)
+        library = None
+        if not portable:  # genai loads a custom-op library only from inside the model directory
+            try:
+                library = Path(get_library_path()).name
+                shutil.copyfile(get_library_path(), staging / library)
+            except KernelLibraryNotBuilt:
+                warnings.warn("the kernel library is not built: genai_config.json names none", stacklevel=2)
+        cfg = genai_config(model.config, latent_dim, library)
         (staging / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         if checkpoint is not None:
             copy_tokenizer(Path(checkpoint), staging)

@@ -427,7 +427,13 @@ struct MultiHeadLatentAttention {
         for (int64_t t = 0; t < L; ++t) sum += row[t];
         pt[h * PW + r] = mx;
         pt[h * PW + r + 1] = sum;
-        weighted_rows(row, c, L, r, pt + h * PW);
+      }
+      // weighted latent sums, 32 tokens at a time so each tile is read from L1 by every head
+      constexpr int64_t TT = 32;
+      for (int64_t tt = 0; tt < L; tt += TT) {
+        const int64_t n = std::min(TT, L - tt);
+        for (int64_t h = 0; h < H; ++h)
+          if (pt[h * PW + r] != neg_inf) weighted_rows(sc.data() + h * L + tt, c + tt * r, n, r, pt + h * PW);
       }
     };
     parallel_for(ctx, static_cast<size_t>(queries * n_chunks), phase_c);
