@@ -1,60 +1,35 @@
 """A small Hugging Face Hub look-alike for tests, served from 127.0.0.1.
 
-Why it exists: no Hub is reachable from CI, and no installable package offers a Hub that
-accepts uploads. The project's publish/browse code talks to the Hub through the *real*
-``huggingface_hub`` client, so this server answers exactly the HTTP calls that client makes
-(checked against huggingface_hub 2.4.0), with the fields and headers it reads. Standard
-library only, so it adds no dependency (PyYAML is used for README front matter when it is
-importable, which it always is next to huggingface_hub; a tiny fallback parser covers the rest).
+Why it exists: no Hub is reachable from CI, and no installable package offers a Hub that accepts
+uploads. mla-zoo talks to the Hub through the *real* ``huggingface_hub`` client, so this server
+answers the HTTP calls that the client makes for what mla-zoo calls, and nothing else (checked
+against huggingface_hub 2.4): ``create_repo``, ``create_commit`` (preupload, validate-yaml,
+NDJSON commit), ``create_tag``, ``list_repo_refs``, ``list_repo_files`` (tree), ``model_info``
+(also by revision), ``list_models`` (author, filter, cardData), ``list_collections``,
+``create_collection``, ``add_collection_item``, and downloads (HEAD/GET resolve) for
+``snapshot_download`` and transformers' ``from_pretrained``. Any other route answers 501, so a
+new call of the product is noticed at once; a crash inside a handler answers 500 and is kept in
+``HubServer.errors`` (assert ``not hub.errors``). What tests check beyond the product's own calls
+(the commit history, a collection's items) they read from the server's state in Python.
 
-Model of a repo: every commit is an immutable snapshot ``{path: blob oid}`` with a parent,
-a message and a 40-hex sha1 oid; blobs live content-addressed (git blob sha1) in a temporary
-directory; branches (``main`` first), tags and ``refs/pr/N`` are refs to commits. A new repo
-starts with an "initial commit" holding ``.gitattributes``, like the real Hub.
+Model of a repo: every commit is an immutable snapshot ``{path: blob oid}`` with a parent and a
+40-hex oid; blobs live content-addressed (git blob sha1) in a temporary directory; a repo starts
+with an "initial commit" holding ``.gitattributes``, like the real Hub. Preupload answers
+``"uploadMode": "regular"`` for every file, so contents travel base64-encoded inside the commit
+(no LFS, no Xet). Errors follow the Hub: 404 with ``X-Error-Code`` (``RepoNotFound``,
+``RevisionNotFound``, ``EntryNotFound``), 409 on conflicts, 412 when ``parent_commit`` is stale.
+Any ``Authorization: Bearer <token>`` is accepted; writes need one, private repos are hidden
+without one. Nothing is logged, so tokens never are.
 
-Uploads: the preupload endpoint answers ``"uploadMode": "regular"`` for every file, so file
-contents travel base64-encoded inside the NDJSON commit: no LFS, no Xet. An ``lfsFile`` commit
-line is refused with 400.
-
-Configuring a client (pick one):
-
-* Explicit endpoint (cleanest, in-process): ``HfApi(endpoint=hub.endpoint, token="t")``,
-  ``hf_hub_download(..., endpoint=hub.endpoint, token="t", cache_dir=tmp)`` and
-  ``snapshot_download(..., endpoint=hub.endpoint, ...)`` all take ``endpoint=``.
-* Subprocess: ``subprocess.run(..., env=hub.client_env(hf_home))`` sets ``HF_ENDPOINT``,
-  ``HF_HUB_DISABLE_XET=1``, ``HF_TOKEN``, ``HF_HUB_OFFLINE=0`` and ``HF_HOME``. This is the only
-  way that also covers code calling the module-level functions (``huggingface_hub.upload_folder``
-  is bound to an ``HfApi`` created at import time) or transformers' ``from_pretrained``,
-  because huggingface_hub reads ``HF_ENDPOINT`` (and ``HF_HUB_DISABLE_XET``, ``HF_HOME``...)
-  into ``huggingface_hub.constants`` when it is imported.
-* In-process, for such code: ``hub.patch_client(monkeypatch, hf_home)`` rewrites those
-  import-time constants and the module-level ``HfApi``'s endpoint (relies on client internals).
-  Clients older than about 1.33 need this (or ``HF_ENDPOINT``) even with ``endpoint=``:
-  1.0.x parses the returned commit URL against ``constants.ENDPOINT``.
-
-Xet: with ``hf_xet`` installed and ``HF_HUB_DISABLE_XET`` unset, ``upload_folder`` goes through
-huggingface_hub's multi-commit pipeline (batches of up to ~250 files per commit, no
-validate-yaml call) instead of ``create_commit``; both paths work here since every file is
-"regular", but only the latter guarantees one commit per call.
-
-Endpoints: see ``ROUTES`` (repo create/delete/settings, validate-yaml, preupload, commit,
-tag and branch create/delete, refs, repo info by revision, tree, paths-info, commits, model
-and dataset lists, whoami, collections, HEAD/GET resolve).
-
-Errors follow the Hub: 404 with ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
-``EntryNotFound``) plus ``{"error": ...}``, 409 on conflicts, 412 when ``parent_commit`` is
-stale. Unknown routes answer 501 so a missing endpoint is obvious; a crash inside a handler
-answers 500 and is recorded in ``HubServer.errors`` (note that the client retries 5xx on some
-calls, with back-off, so assert ``not hub.errors`` rather than waiting for a timeout).
-
-Auth: any ``Authorization: Bearer <token>`` is accepted (or only ``token=`` if given); writes
-need one, private repos are hidden without one. Nothing is logged, so tokens never are.
+Configuring a client: ``HfApi(endpoint=hub.endpoint, token="t")`` in-process;
+``subprocess.run(..., env=hub.client_env(hf_home))`` for a subprocess; ``hub.patch_client(
+monkeypatch, hf_home)`` for code in this process that cannot take ``endpoint=`` (transformers'
+``from_pretrained``, module-level huggingface_hub functions).
 """
 
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import html
 import itertools
@@ -68,7 +43,7 @@ import socket
 import tempfile
 import threading
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -77,50 +52,19 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-try:  # Only for README front matter; huggingface_hub itself depends on PyYAML.
-    import yaml as _yaml
-except ImportError:  # pragma: no cover - exercised only without PyYAML
-    _yaml = None
+import yaml  # huggingface_hub depends on PyYAML
 
 DEFAULT_USER = "mla-zoo-ci"
-DEFAULT_ORGS = ("mla-zoo",)
 DEFAULT_BRANCH = "main"
-
-# URL segment <-> repo type, as in huggingface_hub.constants.REPO_TYPES_MAPPING.
-_TYPE_BY_PLURAL = {"models": "model", "datasets": "dataset", "spaces": "space"}
-# Prefix of web/resolve URLs per repo type (models have none).
-_URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-
-# File formats the Hub turns into model tags.
-_FILE_TAGS = {".safetensors": "safetensors", ".gguf": "gguf", ".onnx": "onnx"}
-
+_GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.onnx filter=lfs diff=lfs merge=lfs -text\n"
 # Variables that would send a client subprocess elsewhere than this server's endpoint and HF_HOME.
-_CLIENT_ENV_DROPPED = {
-    "HF_HUB_CACHE",
-    "HUGGINGFACE_HUB_CACHE",
-    "HF_TOKEN_PATH",
-    "TRANSFORMERS_OFFLINE",
-    "HUGGING_FACE_HUB_TOKEN",
-}
-
-_GITATTRIBUTES = b"""*.bin filter=lfs diff=lfs merge=lfs -text
-*.onnx filter=lfs diff=lfs merge=lfs -text
-*.pt filter=lfs diff=lfs merge=lfs -text
-*.safetensors filter=lfs diff=lfs merge=lfs -text
-"""
-
-
-# --------------------------------------------------------------------------- helpers
+_CLIENT_ENV_DROPPED = {"HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH", "TRANSFORMERS_OFFLINE",
+                       "HUGGING_FACE_HUB_TOKEN"}
 
 
 def _now() -> str:
     """Timestamp in the one format huggingface_hub's ``parse_datetime`` accepts."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def git_blob_oid(content: bytes) -> str:
-    """Git blob sha1: what the client computes locally to skip unchanged files."""
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 def _object_id() -> str:
@@ -132,90 +76,18 @@ def _truthy(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes")
 
 
-def _as_list(value: Any) -> list[str]:
-    """Card fields such as ``tags`` or ``base_model`` may be a string or a list."""
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if v is not None]
-    return [str(value)]
-
-
-def _split_front_matter(text: str) -> str | None:
-    """YAML block between leading ``---`` lines of a README, or None when absent."""
-    match = re.match(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", text, re.S)
-    if match is None:
-        # An empty block "---\n---" has no inner newline.
-        return "" if re.match(r"\A\ufeff?---[ \t]*\r?\n---[ \t]*(?:\r?\n|\Z)", text) else None
-    return match.group(1)
-
-
-def _mini_yaml(text: str) -> dict[str, Any]:
-    """Just enough YAML for model cards: ``key: value``, ``key: [a, b]`` and ``- item`` lists."""
-    data: dict[str, Any] = {}
-    key: str | None = None
-    for raw in text.splitlines():
-        line = raw.split(" #", 1)[0].rstrip()
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        item = re.match(r"\s*-\s+(.*)", line)
-        if item and key is not None:
-            if not isinstance(data.get(key), list):
-                data[key] = []
-            data[key].append(item.group(1).strip().strip("'\""))
-            continue
-        pair = re.match(r"([^\s:][^:]*):\s*(.*)", line)
-        if pair is None:
-            raise ValueError(f"cannot parse YAML line: {raw!r}")
-        key, value = pair.group(1).strip(), pair.group(2).strip()
-        if value.startswith("[") and value.endswith("]"):
-            data[key] = [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
-        elif value:
-            data[key] = value.strip("'\"")
-        else:
-            data[key] = None
-    return data
-
-
-def parse_card_metadata(readme: str) -> dict[str, Any]:
+def card_metadata(readme: str) -> dict[str, Any]:
     """README front matter as a dict (``{}`` when there is none). Raises ValueError if invalid."""
-    block = _split_front_matter(readme)
-    if block is None or not block.strip():
+    match = re.match(r"\A\ufeff?---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", readme, re.S)
+    if match is None:
         return {}
     try:
-        data = _yaml.safe_load(block) if _yaml is not None else _mini_yaml(block)
-    except Exception as exc:  # yaml.YAMLError and friends
+        data = yaml.safe_load(match.group(1))
+    except yaml.YAMLError as exc:
         raise ValueError(f"Invalid YAML in README.md front matter: {exc}") from exc
-    if data is None:
-        return {}
     if not isinstance(data, dict):
-        raise ValueError("README.md front matter must be a YAML mapping")
-    # Round-trip through JSON so dates and the like become plain strings.
-    return json.loads(json.dumps(data, default=str))
-
-
-def _gitignore_matcher(content: str | None) -> Callable[[str], bool]:
-    """Simplified .gitignore rules (no negation): enough for preupload's ``shouldIgnore``."""
-    patterns = [
-        line.strip()
-        for line in (content or "").splitlines()
-        if line.strip() and not line.lstrip().startswith(("#", "!"))
-    ]
-
-    def ignored(path: str) -> bool:
-        parts = path.split("/")
-        for pattern in patterns:
-            anchored = pattern.startswith("/")
-            pat = pattern.strip("/")
-            if "/" in pat or anchored:
-                prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-                if any(fnmatch.fnmatchcase(p, pat) for p in prefixes):
-                    return True
-            elif any(fnmatch.fnmatchcase(part, pat) for part in parts):
-                return True
-        return False
-
-    return ignored
+        return {}
+    return json.loads(json.dumps(data, default=str))  # dates and the like as plain strings
 
 
 # --------------------------------------------------------------------------- errors
@@ -223,28 +95,14 @@ def _gitignore_matcher(content: str | None) -> Callable[[str], bool]:
 
 class HubError(Exception):
     """An HTTP error answered the way the Hub does, so the client raises its own exception.
+    ``code`` goes into ``X-Error-Code``; ``extra`` is merged into the JSON body (the client reads
+    ``url`` from a 409 on repo creation and ``slug`` from a 409 on collection creation)."""
 
-    ``code`` goes into ``X-Error-Code`` (huggingface_hub maps ``RepoNotFound``,
-    ``RevisionNotFound`` and ``EntryNotFound`` to its exception classes); ``extra`` is merged
-    into the JSON body (the client reads ``url`` from a 409 on repo creation and ``slug`` from a
-    409 on collection creation).
-    """
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None,
+                 headers: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.headers = dict(headers or {})
-        self.extra = dict(extra or {})
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.extra = dict(headers or {}), dict(extra or {})
 
 
 def _repo_not_found(repo_id: str) -> HubError:
@@ -272,33 +130,38 @@ class Commit:
     files: Mapping[str, str]
     title: str
     message: str
-    author: str
     date: str
 
 
 @dataclass
 class Repo:
-    """A repository: commits by oid plus the refs pointing into them."""
-
-    repo_type: str
     repo_id: str
     private: bool
     created_at: str
     object_id: str = field(default_factory=_object_id)
-    gated: str | bool = False
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    pulls: dict[int, str] = field(default_factory=dict)
 
     @property
     def author(self) -> str:
         return self.repo_id.split("/", 1)[0]
 
-    @property
-    def url_path(self) -> str:
-        """``ns/name`` with the type prefix used in web and resolve URLs."""
-        return _URL_PREFIX[self.repo_type] + self.repo_id
+    def resolve(self, revision: str) -> Commit:
+        """A branch, a tag, or a full or abbreviated (>= 7) commit oid."""
+        oid = self.branches.get(revision) or self.tags.get(revision)
+        if oid is None and re.fullmatch(r"[0-9a-f]{7,40}", revision):
+            matches = [c for c in self.commits if c.startswith(revision)]
+            oid = matches[0] if len(matches) == 1 else None
+        if oid is None:
+            raise _revision_not_found(revision)
+        return self.commits[oid]
+
+    def history(self, revision: str = DEFAULT_BRANCH) -> Iterator[Commit]:
+        current: Commit | None = self.resolve(revision)
+        while current is not None:
+            yield current
+            current = self.commits[current.parent] if current.parent else None
 
 
 class BlobStore:
@@ -308,24 +171,20 @@ class BlobStore:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, oid: str) -> Path:
-        return self.root / oid[:2] / oid
-
     def put(self, content: bytes) -> str:
-        oid = git_blob_oid(content)
-        path = self._path(oid)
+        oid = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()  # what git (and the client) computes
+        path = self.root / oid
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{oid}.{secrets.token_hex(4)}.tmp")
             tmp.write_bytes(content)
-            os.replace(tmp, path)  # atomic: concurrent writers of one blob write the same bytes
+            os.replace(tmp, path)
         return oid
 
     def get(self, oid: str) -> bytes:
-        return self._path(oid).read_bytes()
+        return (self.root / oid).read_bytes()
 
     def size(self, oid: str) -> int:
-        return self._path(oid).stat().st_size
+        return (self.root / oid).stat().st_size
 
 
 # --------------------------------------------------------------------------- the Hub logic
@@ -343,19 +202,16 @@ class Request:
     token: str | None
     endpoint: str
 
-    def arg(self, name: str, default: str | None = None) -> str | None:
+    def arg(self, name: str) -> str | None:
         values = self.query.get(name) or self.query.get(f"{name}[]")
-        return values[0] if values else default
+        return values[0] if values else None
 
     def args(self, name: str) -> list[str]:
         return [*self.query.get(name, []), *self.query.get(f"{name}[]", [])]
 
     def json(self) -> dict[str, Any]:
-        """The JSON object body (every JSON endpoint of the Hub takes an object)."""
-        if not self.body:
-            return {}
         try:
-            data = json.loads(self.body)
+            data = json.loads(self.body or b"{}")
         except json.JSONDecodeError as exc:
             raise HubError(400, f"Invalid JSON body: {exc}") from exc
         if not isinstance(data, dict):
@@ -371,71 +227,45 @@ class Response:
 
     @classmethod
     def json(cls, data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-        body = json.dumps(data).encode()
-        return cls(status, body, {"Content-Type": "application/json; charset=utf-8", **(headers or {})})
+        return cls(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
 
 
-_REPO = r"/api/(?P<types>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)"
+_REPO = r"/api/models/(?P<repo>[^/]+/[^/]+)"
 _COLLECTION = r"/api/collections/(?P<slug>[^/]+/[^/]+)"
-
-# (method, raw-path regex, handler name). Paths are matched *before* percent-decoding, because
-# the client quotes revisions and tree paths with safe="" (``refs%2Fpr%2F1``).
+# (method, raw-path regex, handler name). Paths are matched *before* percent-decoding (the client
+# quotes revisions with safe="").
 ROUTES: list[tuple[str, re.Pattern[str], str]] = [
     (method, re.compile(pattern), name)
     for method, pattern, name in [
-        ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("POST", r"/api/repos/create", "create_repo"),
-        ("DELETE", r"/api/repos/delete", "delete_repo"),
-        ("GET", r"/api/(?P<types>models|datasets|spaces)", "list_repos"),
+        ("GET", r"/api/models", "list_models"),
         ("GET", _REPO, "repo_info"),
         ("GET", _REPO + r"/revision/(?P<rev>[^/]+)", "repo_info"),
-        ("GET", _REPO + r"/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
-        ("POST", _REPO + r"/paths-info/(?P<rev>[^/]+)", "paths_info"),
+        ("GET", _REPO + r"/tree/(?P<rev>[^/]+)", "tree"),
         ("GET", _REPO + r"/refs", "refs"),
-        ("GET", _REPO + r"/commits/(?P<rev>[^/]+)", "commits"),
         ("POST", _REPO + r"/preupload/(?P<rev>[^/]+)", "preupload"),
         ("POST", _REPO + r"/commit/(?P<rev>[^/]+)", "commit"),
         ("POST", _REPO + r"/tag/(?P<rev>[^/]+)", "create_tag"),
-        ("DELETE", _REPO + r"/tag/(?P<tag>[^/]+)", "delete_tag"),
-        ("POST", _REPO + r"/branch/(?P<branch>[^/]+)", "create_branch"),
-        ("DELETE", _REPO + r"/branch/(?P<branch>[^/]+)", "delete_branch"),
-        ("PUT", _REPO + r"/settings", "repo_settings"),
         ("GET", r"/api/collections", "list_collections"),
         ("POST", r"/api/collections", "create_collection"),
-        ("GET", _COLLECTION, "get_collection"),
-        ("PATCH", _COLLECTION, "update_collection"),
-        ("DELETE", _COLLECTION, "delete_collection"),
         ("POST", _COLLECTION + r"/items", "add_collection_item"),
-        ("DELETE", _COLLECTION + r"/items/(?P<item>[^/]+)", "delete_collection_item"),
-        (
-            "GET",
-            r"/(?:(?P<types>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)",
-            "resolve",
-        ),
+        ("GET", r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "resolve"),
     ]
 ]
 
 
 class HubApp:
-    """The Hub's behaviour, independent of sockets: routes map a :class:`Request` to a :class:`Response`.
+    """The Hub's behaviour, independent of sockets: routes map a `Request` to a `Response`.
+    One lock serialises every request, so commits and ref moves are trivially atomic."""
 
-    One lock serialises every request that touches state; tests are small, and it keeps the
-    "a commit is atomic" and "refs move atomically" guarantees trivially true.
-    """
-
-    def __init__(self, root: Path, *, user: str, orgs: Iterable[str], token: str | None) -> None:
+    def __init__(self, root: Path, *, user: str) -> None:
         self.blobs = BlobStore(root / "blobs")
         self.user = user
-        self.orgs = tuple(orgs)
-        self.accepted_token = token
-        self.repos: dict[tuple[str, str], Repo] = {}
+        self.repos: dict[str, Repo] = {}
         self.collections: dict[str, dict[str, Any]] = {}
         self.lock = threading.RLock()
         self._counter = itertools.count()
-        self._card_cache: dict[str, dict[str, Any]] = {}
-
-    # ----------------------------------------------------------------- dispatch
 
     def handle(self, method: str, raw_path: str, request: Request) -> Response:
         route_method = "GET" if method == "HEAD" else method
@@ -443,700 +273,209 @@ class HubApp:
             match = pattern.fullmatch(raw_path)
             if match and verb == route_method:
                 request.params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
-                self._check_token(request)
                 with self.lock:
                     return getattr(self, f"route_{name}")(request)
         raise HubError(501, f"mla-zoo test hub does not implement {method} {raw_path}")
-
-    def _check_token(self, request: Request) -> None:
-        if request.token is not None and self.accepted_token not in (None, request.token):
-            raise HubError(401, "Invalid credentials in Authorization header")
 
     @staticmethod
     def _require_auth(request: Request) -> None:
         if request.token is None:
             raise HubError(401, "You must be authenticated to do this (no Authorization header)")
 
-    # ----------------------------------------------------------------- repos and revisions
-
     def _repo(self, request: Request) -> Repo:
         """The repo named in the URL; private repos exist only for authenticated callers."""
-        repo_type = _TYPE_BY_PLURAL.get(request.params.get("types", "models"), "model")
-        repo_id = request.params["repo"]
-        repo = self.repos.get((repo_type, repo_id))
+        repo = self.repos.get(request.params["repo"])
         if repo is None or (repo.private and request.token is None):
-            raise _repo_not_found(repo_id)
+            raise _repo_not_found(request.params["repo"])
         return repo
 
-    @staticmethod
-    def _resolve(repo: Repo, revision: str) -> Commit:
-        """Branch, then tag, then ``refs/...`` names, then a full or abbreviated (>= 7) commit oid."""
-        oid = repo.branches.get(revision) or repo.tags.get(revision)
-        if oid is None and revision.startswith("refs/heads/"):
-            oid = repo.branches.get(revision.removeprefix("refs/heads/"))
-        if oid is None and revision.startswith("refs/tags/"):
-            oid = repo.tags.get(revision.removeprefix("refs/tags/"))
-        if oid is None and (pr := re.fullmatch(r"refs/pr/(\d+)", revision)):
-            oid = repo.pulls.get(int(pr.group(1)))
-        if oid is None and re.fullmatch(r"[0-9a-f]{7,40}", revision):
-            matches = [c for c in repo.commits if c.startswith(revision)]
-            oid = matches[0] if len(matches) == 1 else None
-        if oid is None:
-            raise _revision_not_found(revision)
-        return repo.commits[oid]
-
     def _new_commit(self, repo: Repo, parent: Commit | None, files: dict[str, str], title: str, message: str) -> Commit:
-        """Build and store an immutable commit; its oid hashes content, ancestry and a unique counter."""
         date = _now()
         tree = "\n".join(f"{path} {oid}" for path, oid in sorted(files.items()))
-        parent_oid = parent.oid if parent else ""
-        header = f"{tree}\nparent {parent_oid}\n{self.user} {date} {next(self._counter)}\n{title}\n{message}"
-        commit = Commit(
-            oid=hashlib.sha1(header.encode()).hexdigest(),
-            parent=parent.oid if parent else None,
-            files=MappingProxyType(dict(files)),
-            title=title,
-            message=message,
-            author=self.user,
-            date=date,
-        )
+        header = f"{tree}\nparent {parent.oid if parent else ''}\n{date} {next(self._counter)}\n{title}\n{message}"
+        commit = Commit(hashlib.sha1(header.encode()).hexdigest(), parent.oid if parent else None,
+                        MappingProxyType(dict(files)), title, message, date)
         repo.commits[commit.oid] = commit
         return commit
 
-    def _history(self, repo: Repo, commit: Commit) -> Iterator[Commit]:
-        current: Commit | None = commit
-        while current is not None:
-            yield current
-            current = repo.commits[current.parent] if current.parent else None
-
-    def _last_commit(self, repo: Repo, commit: Commit, path: str) -> Commit:
-        """Most recent commit that changed ``path`` (a file, or anything under a folder)."""
-
-        def snapshot(c: Commit) -> tuple[tuple[str, str], ...]:
-            if path in c.files:
-                return ((path, c.files[path]),)
-            prefix = path + "/"
-            return tuple(sorted((p, o) for p, o in c.files.items() if p.startswith(prefix)))
-
-        latest = commit
-        for older in itertools.islice(self._history(repo, commit), 1, None):
-            if snapshot(older) != snapshot(latest):
-                break
-            latest = older
-        return latest
-
-    # ----------------------------------------------------------------- card metadata and JSON views
-
     def card_data(self, commit: Commit) -> dict[str, Any]:
-        """README.md front matter of a commit (``{}`` when missing or invalid), cached by blob."""
+        """README.md front matter of a commit (``{}`` when missing or invalid)."""
         oid = commit.files.get("README.md")
-        if oid is None:
-            return {}
-        if oid not in self._card_cache:
-            try:
-                self._card_cache[oid] = parse_card_metadata(self.blobs.get(oid).decode("utf-8", "replace"))
-            except ValueError:
-                self._card_cache[oid] = {}
-        return self._card_cache[oid]
-
-    def _config(self, commit: Commit) -> dict[str, Any] | None:
-        """The parts of config.json the Hub surfaces (``config`` field, model tags)."""
-        oid = commit.files.get("config.json")
-        if oid is None:
-            return None
         try:
-            config = json.loads(self.blobs.get(oid))
-        except (ValueError, UnicodeDecodeError):
-            return None
-        if not isinstance(config, dict):
-            return None
-        return {k: config[k] for k in ("architectures", "model_type", "auto_map") if k in config}
+            return card_metadata(self.blobs.get(oid).decode("utf-8", "replace")) if oid else {}
+        except ValueError:
+            return {}
 
-    def repo_tags(self, commit: Commit) -> list[str]:
-        """Tags as the Hub derives them: card ``tags`` plus library, task, license, base model, files."""
-        card = self.card_data(commit)
-        tags = _as_list(card.get("tags"))
-        tags += _as_list(card.get("library_name"))
-        tags += _as_list(card.get("pipeline_tag"))
-        config = self._config(commit) or {}
-        tags += _as_list(config.get("model_type"))
-        if "auto_map" in config:
-            tags.append("custom_code")
-        extensions = {os.path.splitext(p)[1] for p in commit.files}
-        tags += [tag for ext, tag in _FILE_TAGS.items() if ext in extensions]
-        tags += [f"dataset:{d}" for d in _as_list(card.get("datasets"))]
-        tags += _as_list(card.get("language"))
-        relation = card.get("base_model_relation")
-        for base in _as_list(card.get("base_model")):
-            tags.append(f"base_model:{base}")
-            if relation:
-                tags.append(f"base_model:{relation}:{base}")
-        tags += [f"license:{lic}" for lic in _as_list(card.get("license"))]
-        return list(dict.fromkeys(tags))
-
-    def repo_json(
-        self,
-        repo: Repo,
-        commit: Commit,
-        *,
-        full: bool = True,
-        card: bool = True,
-        blobs: bool = False,
-        config: bool = True,
-        expand: list[str] | None = None,
-    ) -> dict[str, Any]:
+    def repo_json(self, repo: Repo, commit: Commit, *, full: bool, card: bool) -> dict[str, Any]:
         """The JSON of ``/api/models/{id}`` (``full``) or of one entry of ``/api/models``."""
         card_data = self.card_data(commit)
-        data: dict[str, Any] = {
-            "_id": repo.object_id,
-            "id": repo.repo_id,
-            "private": repo.private,
-            "likes": 0,
-            "downloads": 0,
-            "trendingScore": 0,
-            "tags": self.repo_tags(commit),
-            "createdAt": repo.created_at,
-        }
-        if repo.repo_type == "model":
-            data["modelId"] = repo.repo_id
-            for key in ("pipeline_tag", "library_name"):
-                if isinstance(card_data.get(key), str):
-                    data[key] = card_data[key]
+        tags = card_data.get("tags") or []
+        data: dict[str, Any] = {"_id": repo.object_id, "id": repo.repo_id, "modelId": repo.repo_id,
+                                "private": repo.private, "likes": 0, "downloads": 0, "createdAt": repo.created_at,
+                                "tags": [tags] if isinstance(tags, str) else list(tags)}
         if full:
-            data.update(
-                author=repo.author,
-                sha=commit.oid,
-                lastModified=commit.date,
-                gated=repo.gated,
-                disabled=False,
-                siblings=[self._sibling(path, oid, blobs) for path, oid in sorted(commit.files.items())],
-                spaces=[],
-                usedStorage=sum(self.blobs.size(oid) for oid in set(commit.files.values())),
-            )
+            data.update(author=repo.author, sha=commit.oid, lastModified=commit.date, gated=False, disabled=False,
+                        siblings=[{"rfilename": path} for path in sorted(commit.files)])
         if card:
             data["cardData"] = card_data
-        if config and repo.repo_type == "model" and (cfg := self._config(commit)) is not None:
-            data["config"] = cfg
-        if expand:
-            data = {k: v for k, v in data.items() if k in {"_id", "id", *expand}}
         return data
-
-    def _sibling(self, path: str, oid: str, blobs: bool) -> dict[str, Any]:
-        if not blobs:
-            return {"rfilename": path}
-        return {"rfilename": path, "size": self.blobs.size(oid), "blobId": oid}
-
-    # ----------------------------------------------------------------- account
-
-    def route_whoami(self, request: Request) -> Response:
-        if request.token is None:
-            raise HubError(401, "Invalid credentials in Authorization header")
-        orgs = [
-            {"type": "org", "name": org, "fullname": org, "id": _object_id(), "roleInOrg": "admin"} for org in self.orgs
-        ]
-        return Response.json(
-            {
-                "type": "user",
-                "id": _object_id(),
-                "name": self.user,
-                "fullname": self.user,
-                "email": None,
-                "emailVerified": False,
-                "canPay": False,
-                "isPro": False,
-                "periodEnd": None,
-                "orgs": orgs,
-                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": "write"}},
-            }
-        )
-
-    def route_validate_yaml(self, request: Request) -> Response:
-        content = request.json().get("content", "")
-        try:
-            metadata = parse_card_metadata(content)
-        except ValueError as exc:
-            return Response.json({"errors": [{"message": str(exc)}], "warnings": []}, status=400)
-        warnings = [] if metadata else [{"message": "Empty or missing yaml metadata in repo card"}]
-        return Response.json({"errors": [], "warnings": warnings})
-
-    # ----------------------------------------------------------------- repo lifecycle
-
-    def route_create_repo(self, request: Request) -> Response:
-        self._require_auth(request)
-        payload = request.json()
-        repo_type = payload.get("type") or "model"
-        if repo_type not in _URL_PREFIX:
-            raise HubError(400, f"Unsupported repo type: {repo_type}")
-        name = payload.get("name")
-        if not name or "/" in name:
-            raise HubError(400, f"Invalid repo name: {name!r}")
-        repo_id = f"{payload.get('organization') or self.user}/{name}"
-        url = f"{request.endpoint}/{_URL_PREFIX[repo_type]}{repo_id}"
-        if (repo_type, repo_id) in self.repos:
-            raise HubError(409, f"You already created this {repo_type} repo", extra={"url": url})
-        private = payload.get("visibility") == "private" or bool(payload.get("private"))
-        repo = Repo(repo_type=repo_type, repo_id=repo_id, private=private, created_at=_now())
-        initial = self._new_commit(repo, None, {".gitattributes": self.blobs.put(_GITATTRIBUTES)}, "initial commit", "")
-        repo.branches[DEFAULT_BRANCH] = initial.oid
-        self.repos[(repo_type, repo_id)] = repo
-        return Response.json({"url": url, "name": repo_id, "id": repo.object_id})
-
-    def route_delete_repo(self, request: Request) -> Response:
-        self._require_auth(request)
-        payload = request.json()
-        repo_type = payload.get("type") or "model"
-        repo_id = f"{payload.get('organization') or self.user}/{payload.get('name')}"
-        if self.repos.pop((repo_type, repo_id), None) is None:
-            raise _repo_not_found(repo_id)
-        return Response.json({})
-
-    def route_repo_settings(self, request: Request) -> Response:
-        self._require_auth(request)
-        repo = self._repo(request)
-        payload = request.json()
-        if "visibility" in payload:
-            repo.private = payload["visibility"] == "private"
-        if "private" in payload:
-            repo.private = bool(payload["private"])
-        if "gated" in payload:
-            repo.gated = payload["gated"]
-        return Response.json({})
 
     # ----------------------------------------------------------------- reading
 
     def route_repo_info(self, request: Request) -> Response:
         repo = self._repo(request)
-        commit = self._resolve(repo, request.params.get("rev", DEFAULT_BRANCH))
-        expand = request.args("expand") or None
-        return Response.json(self.repo_json(repo, commit, blobs=_truthy(request.arg("blobs")), expand=expand))
+        commit = repo.resolve(request.params.get("rev", DEFAULT_BRANCH))
+        return Response.json(self.repo_json(repo, commit, full=True, card=True))
 
-    def route_list_repos(self, request: Request) -> Response:
-        """``/api/models``: ``author``, ``search``, all ``filter`` tags, ``pipeline_tag``, ``sort``, ``limit``."""
-        repo_type = _TYPE_BY_PLURAL[request.params["types"]]
-        author = request.arg("author")
-        search = (request.arg("search") or "").lower()
-        wanted = set(request.args("filter"))
-        pipeline_tag = request.arg("pipeline_tag")
-        full = _truthy(request.arg("full"))
-        card = _truthy(request.arg("cardData")) or full
-        expand = request.args("expand") or None
+    def route_list_models(self, request: Request) -> Response:
+        """``author`` and all ``filter`` tags; ``cardData`` adds the card metadata."""
+        author, wanted = request.arg("author"), set(request.args("filter"))
         results = []
         for repo in self.repos.values():
-            if repo.repo_type != repo_type or (repo.private and request.token is None):
+            commit = repo.resolve(DEFAULT_BRANCH)
+            entry = self.repo_json(repo, commit, full=False, card=_truthy(request.arg("cardData")))
+            if repo.private and request.token is None or author and repo.author.lower() != author.lower():
                 continue
-            if author is not None and repo.author.lower() != author.lower():
-                continue
-            if search and search not in repo.repo_id.lower():
-                continue
-            commit = repo.commits[repo.branches[DEFAULT_BRANCH]]
-            entry = self.repo_json(
-                repo, commit, full=full, card=card, config=_truthy(request.arg("config")), expand=expand
-            )
-            tags = set(self.repo_tags(commit))
-            if not wanted <= tags or (pipeline_tag and self.card_data(commit).get("pipeline_tag") != pipeline_tag):
-                continue
-            results.append((repo, commit, entry))
-        results = self._sorted(results, request.arg("sort"))
-        limit = request.arg("limit")
-        if limit is not None:
-            results = results[: int(limit)]
-        return Response.json([entry for _, _, entry in results])
-
-    @staticmethod
-    def _sorted(results: list[tuple[Repo, Commit, dict]], sort: str | None) -> list[tuple[Repo, Commit, dict]]:
-        """Descending, like the Hub; counters are all zero here so those sorts keep creation order."""
-        if sort == "lastModified":
-            return sorted(results, key=lambda r: r[1].date, reverse=True)
-        if sort == "createdAt":
-            return sorted(results, key=lambda r: r[0].created_at, reverse=True)
-        return results
-
-    def _tree_entry(self, repo: Repo, commit: Commit, path: str, expand: bool) -> dict[str, Any]:
-        """One ``/tree`` or ``/paths-info`` item: a file, or a directory with a content-derived oid."""
-        if path in commit.files:
-            oid = commit.files[path]
-            entry: dict[str, Any] = {"type": "file", "oid": oid, "size": self.blobs.size(oid), "path": path}
-        else:
-            prefix = path + "/"
-            listing = "\n".join(f"{p} {o}" for p, o in sorted(commit.files.items()) if p.startswith(prefix))
-            entry = {"type": "directory", "oid": hashlib.sha1(listing.encode()).hexdigest(), "size": 0, "path": path}
-        if expand:
-            last = self._last_commit(repo, commit, path)
-            entry["lastCommit"] = {"id": last.oid, "title": last.title, "date": last.date}
-        return entry
-
-    @staticmethod
-    def _directories(commit: Commit) -> set[str]:
-        return {"/".join(p.split("/")[:i]) for p in commit.files for i in range(1, p.count("/") + 1)}
+            if wanted <= set(entry["tags"]):
+                results.append(entry)
+        return Response.json(results)
 
     def route_tree(self, request: Request) -> Response:
-        repo = self._repo(request)
-        commit = self._resolve(repo, request.params["rev"])
-        base = request.params.get("path", "").strip("/")
-        directories = self._directories(commit)
-        if base and base not in directories:
-            raise _entry_not_found(base, commit.oid)
-        prefix = f"{base}/" if base else ""
-        recursive = _truthy(request.arg("recursive"))
-        paths = sorted(
-            p
-            for p in [*directories, *commit.files]
-            if p.startswith(prefix) and (recursive or "/" not in p[len(prefix) :])
-        )
-        expand = _truthy(request.arg("expand"))
-        return Response.json([self._tree_entry(repo, commit, p, expand) for p in paths])
-
-    def route_paths_info(self, request: Request) -> Response:
-        repo = self._repo(request)
-        commit = self._resolve(repo, request.params["rev"])
-        if request.headers.get("content-type", "").startswith("application/json"):
-            form = request.json()
-            paths, expand = _as_list(form.get("paths")), bool(form.get("expand"))
-        else:
-            form = parse_qs(request.body.decode(), keep_blank_values=True)
-            paths, expand = form.get("paths", []), _truthy((form.get("expand") or ["false"])[0])
-        known = set(commit.files) | self._directories(commit)
-        entries = [self._tree_entry(repo, commit, p.strip("/"), expand) for p in paths if p.strip("/") in known]
-        return Response.json(entries)
+        """Every file of a revision (the client's recursive listing)."""
+        commit = self._repo(request).resolve(request.params["rev"])
+        return Response.json([{"type": "file", "oid": oid, "size": self.blobs.size(oid), "path": path}
+                              for path, oid in sorted(commit.files.items())])
 
     def route_refs(self, request: Request) -> Response:
         repo = self._repo(request)
-
-        def ref(name: str, full: str, oid: str) -> dict[str, str]:
-            return {"name": name, "ref": full, "targetCommit": oid}
-
-        data: dict[str, Any] = {
-            "branches": [ref(b, f"refs/heads/{b}", oid) for b, oid in repo.branches.items()],
-            "converts": [],
-            "tags": [ref(t, f"refs/tags/{t}", oid) for t, oid in repo.tags.items()],
-        }
-        if _truthy(request.arg("include_prs")):
-            data["pullRequests"] = [ref(f"refs/pr/{n}", f"refs/pr/{n}", oid) for n, oid in repo.pulls.items()]
-        return Response.json(data)
-
-    def route_commits(self, request: Request) -> Response:
-        repo = self._repo(request)
-        commit = self._resolve(repo, request.params["rev"])
-        formatted = "formatted" in request.args("expand")
-        items = []
-        for c in self._history(repo, commit):
-            item: dict[str, Any] = {
-                "id": c.oid,
-                "title": c.title,
-                "message": c.message,
-                "date": c.date,
-                "authors": [{"user": c.author, "avatar": None}],
-            }
-            if formatted:
-                item["formatted"] = {"title": html.escape(c.title), "message": html.escape(c.message)}
-            items.append(item)
-        return Response.json(items)
+        branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": o} for b, o in repo.branches.items()]
+        tags = [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": o} for t, o in repo.tags.items()]
+        return Response.json({"branches": branches, "converts": [], "tags": tags})
 
     def route_resolve(self, request: Request) -> Response:
         """File download; HEAD gets the same headers. ``X-Repo-Commit`` and ``ETag`` are mandatory for the client."""
-        repo = self._repo(request)
-        commit = self._resolve(repo, request.params["rev"])
+        commit = self._repo(request).resolve(request.params["rev"])
         path = request.params["path"]
-        oid = commit.files.get(path)
-        if oid is None:
+        if path not in commit.files:
             raise _entry_not_found(path, commit.oid)
-        content = self.blobs.get(oid)
-        headers = {
-            "X-Repo-Commit": commit.oid,
-            "ETag": f'"{oid}"',
-            "Accept-Ranges": "bytes",
+        oid = commit.files[path]
+        return Response(200, self.blobs.get(oid), {
+            "X-Repo-Commit": commit.oid, "ETag": f'"{oid}"',
             "Content-Type": mimetypes.guess_type(path)[0] or "application/octet-stream",
-            "Content-Disposition": f'inline; filename="{os.path.basename(path)}"',
-        }
-        byte_range = request.headers.get("range")
-        if byte_range:
-            start, end = _parse_range(byte_range, len(content))
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
-            return Response(206, content[start : end + 1], headers)
-        return Response(200, content, headers)
+        })
 
     # ----------------------------------------------------------------- writing
 
-    def _branch_for_write(self, repo: Repo, revision: str) -> tuple[str, Commit]:
-        """Commits land on a branch or a ``refs/pr/N``; tags and commit oids cannot move."""
-        name = revision.removeprefix("refs/heads/")
-        if name in repo.branches:
-            return name, repo.commits[repo.branches[name]]
-        if (pr := re.fullmatch(r"refs/pr/(\d+)", revision)) and int(pr.group(1)) in repo.pulls:
-            return revision, repo.commits[repo.pulls[int(pr.group(1))]]
-        raise _revision_not_found(revision)
+    def route_validate_yaml(self, request: Request) -> Response:
+        try:
+            card_metadata(request.json().get("content", ""))
+        except ValueError as exc:
+            return Response.json({"errors": [{"message": str(exc)}], "warnings": []}, status=400)
+        return Response.json({"errors": [], "warnings": []})
 
-    def _move_ref(self, repo: Repo, ref: str, oid: str) -> None:
-        if pr := re.fullmatch(r"refs/pr/(\d+)", ref):
-            repo.pulls[int(pr.group(1))] = oid
-        else:
-            repo.branches[ref] = oid
+    def route_create_repo(self, request: Request) -> Response:
+        self._require_auth(request)
+        payload = request.json()
+        if (payload.get("type") or "model") != "model":
+            raise HubError(400, "the test hub holds model repos only")
+        repo_id = f"{payload.get('organization') or self.user}/{payload.get('name')}"
+        url = f"{request.endpoint}/{repo_id}"
+        if repo_id in self.repos:
+            raise HubError(409, "You already created this model repo", extra={"url": url})
+        repo = Repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")), _now())
+        initial = self._new_commit(repo, None, {".gitattributes": self.blobs.put(_GITATTRIBUTES)}, "initial commit", "")
+        repo.branches[DEFAULT_BRANCH] = initial.oid
+        self.repos[repo_id] = repo
+        return Response.json({"url": url, "name": repo_id, "id": repo.object_id})
 
     def route_preupload(self, request: Request) -> Response:
         """Every file is "regular" (inline base64 in the commit): no LFS, no Xet."""
         self._require_auth(request)
-        repo = self._repo(request)
-        revision = request.params["rev"]
-        commit = (
-            repo.commits[repo.branches[DEFAULT_BRANCH]]
-            if _truthy(request.arg("create_pr"))
-            else self._resolve(repo, revision)
-        )
-        payload = request.json()
-        gitignore = payload.get("gitIgnore")
-        if gitignore is None and ".gitignore" in commit.files:
-            gitignore = self.blobs.get(commit.files[".gitignore"]).decode("utf-8", "replace")
-        ignored = _gitignore_matcher(gitignore)
-        files = [
-            {
-                "path": f["path"],
-                "uploadMode": "regular",
-                "shouldIgnore": ignored(f["path"]),
-                "oid": commit.files.get(f["path"]),
-            }
-            for f in payload.get("files", [])
-        ]
+        commit = self._repo(request).resolve(request.params["rev"])
+        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": commit.files.get(f["path"])}
+                 for f in request.json().get("files", [])]
         return Response.json({"files": files, "commitOid": commit.oid})
 
     def route_commit(self, request: Request) -> Response:
-        """NDJSON commit: a header line, then ``file`` / ``deletedFile`` / ``deletedFolder`` lines."""
+        """NDJSON commit on a branch: a header line, then ``file`` / ``deletedFile`` lines."""
         self._require_auth(request)
         repo = self._repo(request)
         lines = [json.loads(line) for line in request.body.splitlines() if line.strip()]
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "Commit payload must start with a header line")
-        header = lines[0]["value"]
-        if _truthy(request.arg("create_pr")):
-            base = repo.commits[repo.branches[DEFAULT_BRANCH]]
-            pr_num = max(repo.pulls, default=0) + 1
-            repo.pulls[pr_num] = base.oid
-            ref = f"refs/pr/{pr_num}"
-        else:
-            ref, base = self._branch_for_write(repo, request.params["rev"])
-        parent_commit = header.get("parentCommit")
-        if parent_commit and not base.oid.startswith(parent_commit):
-            raise HubError(412, f"A commit has happened since {parent_commit}. Please refresh and try again.")
-        files = self._apply_operations(dict(base.files), lines[1:], base)
-        commit = self._new_commit(repo, base, files, header.get("summary") or "", header.get("description") or "")
-        self._move_ref(repo, ref, commit.oid)
-        pr_url = (
-            f"{request.endpoint}/{repo.url_path}/discussions/{ref.rsplit('/', 1)[1]}"
-            if ref.startswith("refs/pr/")
-            else None
-        )
-        return Response.json(
-            {
-                "success": True,
-                "commitOid": commit.oid,
-                "commitUrl": f"{request.endpoint}/{repo.url_path}/commit/{commit.oid}",
-                "commitMessage": commit.title,
-                "hookOutput": "",
-                "pullRequestUrl": pr_url,
-            }
-        )
-
-    def _apply_operations(
-        self, files: dict[str, str], operations: list[dict[str, Any]], base: Commit
-    ) -> dict[str, str]:
-        for operation in operations:
-            key, value = operation.get("key"), operation.get("value", {})
-            raw_path = value.get("path", "")
-            path = _clean_path(raw_path.rstrip("/") if key == "deletedFolder" else raw_path)
-            if key == "file":
-                if value.get("encoding", "base64") != "base64":
-                    raise HubError(400, f"Unsupported encoding for {path}: {value.get('encoding')}")
-                files[path] = self.blobs.put(base64.b64decode(value.get("content", "")))
-            elif key == "deletedFile":
-                if files.pop(path, None) is None:
-                    raise _entry_not_found(f"{path} (A file with this name doesn't exist)", base.oid)
-            elif key == "deletedFolder":
-                doomed = [p for p in files if p.startswith(path + "/")]
-                if not doomed:
-                    raise _entry_not_found(f"{path} (A folder with this name doesn't exist)", base.oid)
-                for p in doomed:
-                    del files[p]
-            elif key == "lfsFile":
-                raise HubError(400, f"The test hub stores no LFS objects; {path} should have been a regular file")
+        header, branch = lines[0]["value"], request.params["rev"]
+        if branch not in repo.branches:
+            raise _revision_not_found(branch)
+        base = repo.resolve(branch)
+        parent = header.get("parentCommit")
+        if parent and not base.oid.startswith(parent):
+            raise HubError(412, f"A commit has happened since {parent}. Please refresh and try again.")
+        files = dict(base.files)
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value", {})
+            if key == "file" and value.get("encoding", "base64") == "base64":
+                files[value["path"]] = self.blobs.put(base64.b64decode(value.get("content", "")))
+            elif key == "deletedFile" and value.get("path") in files:
+                del files[value["path"]]
             else:
-                raise HubError(400, f"Unknown commit operation: {key}")
-        return files
+                raise HubError(400, f"the test hub does not take this commit operation: {key} {value.get('path')}")
+        commit = self._new_commit(repo, base, files, header.get("summary") or "", header.get("description") or "")
+        repo.branches[branch] = commit.oid
+        return Response.json({"success": True, "commitOid": commit.oid, "commitMessage": commit.title,
+                              "commitUrl": f"{request.endpoint}/{repo.repo_id}/commit/{commit.oid}",
+                              "hookOutput": "", "pullRequestUrl": None})
 
     def route_create_tag(self, request: Request) -> Response:
         self._require_auth(request)
         repo = self._repo(request)
-        commit = self._resolve(repo, request.params["rev"])
+        commit = repo.resolve(request.params["rev"])
         tag = request.json().get("tag", "")
-        if not tag or not re.fullmatch(r"[\w.\-/]+", tag) or tag.startswith(("refs/", "/")):
-            raise HubError(400, f"Invalid tag name: {tag!r}")
         if tag in repo.tags:
             raise HubError(409, f"Tag {tag} already exists")
         repo.tags[tag] = commit.oid
         return Response.json({})
 
-    def route_delete_tag(self, request: Request) -> Response:
-        self._require_auth(request)
-        repo = self._repo(request)
-        if repo.tags.pop(request.params["tag"], None) is None:
-            raise _revision_not_found(request.params["tag"])
-        return Response.json({})
-
-    def route_create_branch(self, request: Request) -> Response:
-        self._require_auth(request)
-        repo = self._repo(request)
-        branch = request.params["branch"]
-        if branch.startswith("refs/") or not re.fullmatch(r"[\w.\-/]+", branch):
-            raise HubError(400, f"Invalid reference for a branch: {branch}")
-        if branch in repo.branches:
-            raise HubError(409, f"Branch {branch} already exists")
-        start = request.json().get("startingPoint") or DEFAULT_BRANCH
-        repo.branches[branch] = self._resolve(repo, start).oid
-        return Response.json({})
-
-    def route_delete_branch(self, request: Request) -> Response:
-        self._require_auth(request)
-        repo = self._repo(request)
-        branch = request.params["branch"]
-        if branch == DEFAULT_BRANCH:
-            raise HubError(403, "Cannot delete the default branch")
-        if repo.branches.pop(branch, None) is None:
-            raise _revision_not_found(branch)
-        return Response.json({})
-
     # ----------------------------------------------------------------- collections
-
-    def _collection(self, slug: str) -> dict[str, Any]:
-        if slug not in self.collections:
-            raise HubError(404, f"Collection not found: {slug}")
-        return self.collections[slug]
-
-    def _collection_json(
-        self, collection: dict[str, Any], *, with_position: bool = True, max_items: int | None = None
-    ) -> dict[str, Any]:
-        """Hub shape. ``owner`` is an object ``{"name": ...}`` there, so the client passes it on as a dict.
-
-        ``position`` is left out of list results: ``list_collections`` adds it itself, and a
-        duplicate keyword would raise a TypeError in ``Collection(**data)``.
-        """
-        data = {k: v for k, v in collection.items() if not k.startswith("_")}
-        data["items"] = [dict(item) for item in collection["items"][:max_items]]
-        if not with_position:
-            data.pop("position", None)
-        return data
 
     def route_create_collection(self, request: Request) -> Response:
         self._require_auth(request)
         payload = request.json()
-        namespace = payload.get("namespace") or self.user
-        title = payload.get("title", "")
+        namespace, title = payload.get("namespace") or self.user, payload.get("title", "")
         for slug, collection in self.collections.items():
             if collection["owner"]["name"] == namespace and collection["title"] == title:
                 raise HubError(409, "A collection with this title already exists", extra={"slug": slug})
-        slugified = re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") or "collection"
-        slug = f"{namespace}/{slugified}-{_object_id()}"
+        slug = f"{namespace}/{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}-{_object_id()}"
         self.collections[slug] = {
-            "slug": slug,
-            "title": title,
-            "description": payload.get("description"),
-            "owner": {"name": namespace, "type": "org" if namespace in self.orgs else "user"},
-            "items": [],
-            "lastUpdated": _now(),
-            "position": sum(c["owner"]["name"] == namespace for c in self.collections.values()),
-            "private": bool(payload.get("private", False)),
-            "theme": "default",
-            "upvotes": 0,
-            "isUpvotedByUser": False,
-            "gating": False,
+            "slug": slug, "title": title, "description": payload.get("description"),
+            "owner": {"name": namespace, "type": "org"}, "items": [], "lastUpdated": _now(),
+            "private": bool(payload.get("private", False)), "theme": "default", "upvotes": 0,
+            "isUpvotedByUser": False, "gating": False,
         }
-        return Response.json(self._collection_json(self.collections[slug]))
-
-    def route_get_collection(self, request: Request) -> Response:
-        return Response.json(self._collection_json(self._collection(request.params["slug"])))
+        return Response.json({**self.collections[slug], "position": 0})
 
     def route_list_collections(self, request: Request) -> Response:
-        """Filters ``owner`` and ``item`` (``models/ns/name``); items are cut to 4 as on the Hub."""
+        """Filter ``owner``; items are cut to 4 as on the Hub (and ``position`` is the client's to add)."""
         owners = set(request.args("owner"))
-        wanted_items = set(request.args("item"))
-        results = []
-        for collection in self.collections.values():
-            if owners and collection["owner"]["name"] not in owners:
-                continue
-            keys = {f"{item['type']}s/{item['id']}" for item in collection["items"]}
-            if wanted_items and not wanted_items <= keys:
-                continue
-            results.append(self._collection_json(collection, with_position=False, max_items=4))
-        limit = request.arg("limit")
-        return Response.json(results[: int(limit)] if limit else results)
-
-    def route_update_collection(self, request: Request) -> Response:
-        self._require_auth(request)
-        collection = self._collection(request.params["slug"])
-        for key, value in request.json().items():
-            if key in ("title", "description", "private", "theme", "position"):
-                collection[key] = value
-        collection["lastUpdated"] = _now()
-        return Response.json({"success": True, "data": self._collection_json(collection)})
-
-    def route_delete_collection(self, request: Request) -> Response:
-        self._require_auth(request)
-        self._collection(request.params["slug"])
-        del self.collections[request.params["slug"]]
-        return Response.json({})
+        return Response.json([{**c, "items": c["items"][:4]} for c in self.collections.values()
+                              if not owners or c["owner"]["name"] in owners])
 
     def route_add_collection_item(self, request: Request) -> Response:
-        """Repos must exist (404 otherwise); adding the same item twice is a 409."""
+        """The repo must exist (404 otherwise); adding the same item twice is a 409."""
         self._require_auth(request)
-        collection = self._collection(request.params["slug"])
+        collection = self.collections.get(request.params["slug"])
+        if collection is None:
+            raise HubError(404, f"Collection not found: {request.params['slug']}")
         payload = request.json()
-        item = payload.get("item", {})
-        item_id, item_type = item.get("id"), item.get("type")
-        if item_type in _URL_PREFIX and (item_type, item_id) not in self.repos:
+        item_id, item_type = payload["item"]["id"], payload["item"]["type"]
+        if item_id not in self.repos:
             raise _repo_not_found(item_id)
-        if any(i["id"] == item_id and i["type"] == item_type for i in collection["items"]):
+        if any(i["id"] == item_id for i in collection["items"]):
             raise HubError(409, f"Item {item_id} already exists in the collection")
-        entry: dict[str, Any] = {
-            "_id": _object_id(),
-            "id": item_id,
-            "type": item_type,
-            "position": len(collection["items"]),
-        }
+        entry = {"_id": _object_id(), "id": item_id, "type": item_type, "position": len(collection["items"])}
         if payload.get("note"):
             entry["note"] = {"html": html.escape(payload["note"]), "text": payload["note"]}
         collection["items"].append(entry)
-        collection["lastUpdated"] = _now()
-        return Response.json(self._collection_json(collection))
-
-    def route_delete_collection_item(self, request: Request) -> Response:
-        self._require_auth(request)
-        collection = self._collection(request.params["slug"])
-        kept = [i for i in collection["items"] if i["_id"] != request.params["item"]]
-        if len(kept) == len(collection["items"]):
-            raise HubError(404, f"Item not found: {request.params['item']}")
-        collection["items"] = [{**item, "position": n} for n, item in enumerate(kept)]
-        return Response.json({})
-
-
-def _clean_path(path: str) -> str:
-    """Reject paths a git tree cannot hold (absolute, ``..``, ``.git/``)."""
-    path = path.strip()
-    parts = path.split("/")
-    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or parts[0] == ".git":
-        raise HubError(400, f"Invalid path in repo: {path!r}")
-    return path
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int]:
-    """One ``bytes=a-b`` / ``a-`` / ``-n`` range, inclusive; 416 when unsatisfiable."""
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
-    if match is None or match.groups() == ("", ""):
-        raise HubError(416, f"Unsupported Range header: {header}")
-    first, last = match.groups()
-    if first == "":
-        start, end = max(size - int(last), 0), size - 1
-    else:
-        start, end = int(first), min(int(last), size - 1) if last else size - 1
-    if start >= size or start > end:
-        raise HubError(416, f"Range not satisfiable: {header}", headers={"Content-Range": f"bytes */{size}"})
-    return start, end
+        return Response.json({**collection, "position": 0})
 
 
 # --------------------------------------------------------------------------- HTTP adapter
@@ -1262,8 +601,6 @@ class _Server(ThreadingHTTPServer):
         """Socket-level errors (client went away) are not test failures; keep stderr quiet."""
 
 
-# --------------------------------------------------------------------------- public API
-
 
 class HubServer:
     """A Hub on ``127.0.0.1:<free port>``, served from a background thread.
@@ -1271,23 +608,13 @@ class HubServer:
     >>> with HubServer() as hub:
     ...     api = HfApi(endpoint=hub.endpoint, token="test-token")
 
-    ``root`` defaults to a temporary directory removed on ``stop()``. ``user`` and ``orgs`` are
-    what ``whoami`` reports (and the namespace used when a repo id has none). ``token``, when
-    given, is the only bearer token accepted; by default any token is.
+    Its state lives in a temporary directory removed on ``stop()``; ``user`` is the namespace of a
+    repo created without an organization.
     """
 
-    def __init__(
-        self,
-        root: str | os.PathLike[str] | None = None,
-        *,
-        user: str = DEFAULT_USER,
-        orgs: Iterable[str] = DEFAULT_ORGS,
-        token: str | None = None,
-        host: str = "127.0.0.1",
-    ) -> None:
-        self._tmp = tempfile.mkdtemp(prefix="mla-zoo-hub-") if root is None else None
-        self.root = Path(root if root is not None else self._tmp)
-        self.app = HubApp(self.root, user=user, orgs=orgs, token=token)
+    def __init__(self, *, user: str = DEFAULT_USER, host: str = "127.0.0.1") -> None:
+        self._tmp = tempfile.mkdtemp(prefix="mla-zoo-hub-")
+        self.app = HubApp(Path(self._tmp), user=user)
         self._host = host
         self.errors: list[str] = []  # tracebacks of requests that crashed the server (answered 500)
         self._server: _Server | None = None
@@ -1312,8 +639,7 @@ class HubServer:
             if self._thread is not None:
                 self._thread.join(timeout=5)
             self._server = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -1373,3 +699,14 @@ class HubServer:
         }.items():
             monkeypatch.setattr(constants, name, value, raising=False)
         monkeypatch.setattr(hf_api.api, "endpoint", self.endpoint)
+
+    # what tests check beyond the product's own calls
+
+    def commit_titles(self, repo_id: str, revision: str = DEFAULT_BRANCH) -> list[str]:
+        """Titles of the commits of a revision, newest first."""
+        with self.app.lock:
+            return [c.title for c in self.app.repos[repo_id].history(revision)]
+
+    def collection_items(self, slug: str) -> list[str]:
+        with self.app.lock:
+            return [item["id"] for item in self.app.collections[slug]["items"]]

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 from mla_zoo.modeling.common import (
     BuildError,
@@ -48,78 +47,13 @@ from mla_zoo.modeling.common import (
     replace_directory,
     write_text_atomic,
 )
-from mla_zoo.modeling.convert import ConversionReport, ConvertSettings, KVCacheSize
-from mla_zoo.modeling.schema import Report
+from mla_zoo.modeling.convert import ConversionReport
 from mla_zoo.zoo.evaluate import EvalComparison
 
 from .gates import GateResult, check_gates
+from .manifest import FileHash, RecipeCopy, ReleaseManifest, StageRecord, StageStamp
 from .recipe import Recipe
 from .stages import STAGES, Pending, Stage
-
-
-@dataclass
-class FileHash:
-    sha256: str
-    size: int
-
-
-@dataclass
-class StageRecord(Report):
-    """stages/<stage>.json: what a stage ran on and what it made."""
-
-    stage: str
-    input_hash: str
-    inputs: dict[str, Any]
-    outputs: dict[str, FileHash]  # path in the stage's directory -> hash
-    result: dict[str, Any]  # the stage's JSON result
-    seconds: float
-    finished_at: str
-
-
-@dataclass
-class RecipeCopy:
-    name: str
-    file: str
-    sha256: str
-    text: str
-    data: dict[str, Any]
-
-
-@dataclass
-class StageStamp:
-    input_hash: str
-    seconds: float
-
-
-@dataclass
-class ReleaseManifest(Report):
-    """release.json: a built release (recipe, versions, sha256 of every file, metrics, gates)."""
-
-    FILE = "release.json"
-    SCHEMA_VERSION = 2
-
-    name: str
-    repo_id: str
-    version: str
-    tag: str
-    description: str | None
-    license: str
-    base_model: str | None
-    recipe: RecipeCopy
-    versions: dict[str, str]
-    stages: dict[str, StageStamp | None]  # None: disabled
-    kv_cache: KVCacheSize
-    settings: ConvertSettings
-    metrics: EvalComparison
-    gates: list[GateResult]
-    files: dict[str, FileHash]  # every file of the Hub repo but release.json itself
-    built_at: str
-
-    @classmethod
-    def upgrade(cls, data: dict, version: int) -> dict:
-        """Version 1 had "format": 1 and the conversion settings with the rank twice."""
-        settings = ConversionReport.upgrade({"settings": data["settings"]}, 1)["settings"]
-        return {**{k: v for k, v in data.items() if k != "format"}, "settings": settings}
 
 
 def versions() -> dict[str, str]:
@@ -237,7 +171,7 @@ class Build:
         except Pending as e:
             if selected:
                 raise BuildError(f"stage {stage.name} needs an up-to-date {e.args[0]} stage; build it first "
-                                 f"(--stages {e.args[0]} {stage.name}) or run all stages") from None
+                                 f"(`stages` {e.args[0]} {stage.name}) or run all stages") from None
             return "pending"
         key = hash_json(inputs)
         record = self.load_record(stage.name)
@@ -281,9 +215,8 @@ class Build:
                 shutil.rmtree(work, ignore_errors=True)
             if isinstance(e, BuildError):
                 raise
-            section = {"convert": "conversion"}.get(stage.name, stage.name)
             raise BuildError(f"recipe {self.recipe.name}, stage {stage.name}: "
-                             + name_fields(str(e), lambda f: f"{section}.{f}")) from e
+                             + name_fields(str(e), lambda f: f"{stage.section}.{f}")) from e
         except BaseException:
             if not stage.resumable:
                 shutil.rmtree(work, ignore_errors=True)

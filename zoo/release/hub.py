@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mla_zoo.modeling.common import HubError, VersionExists, changed_files
 
-from .build import ReleaseManifest
+from .manifest import ReleaseManifest
 from .recipe import SEMVER, semver_key
 
 ZOO_TAG = "mla-zoo"
@@ -120,7 +120,7 @@ def plan_publish(release_dir: str | Path, repo_id: str | None = None, private: b
     if repo_id is not None and repo_id != built_for:
         raise HubError(f"the release was built for {built_for} (release.repo_id in the recipe), and its model card "
                        f"and usage snippets name that repo; set release.repo_id = \"{repo_id}\" and rebuild, "
-                       f"or publish with --repo {built_for}")
+                       f"or publish with `repo` {built_for}")
     files = [(rel, hub / rel, meta.size) for rel, meta in sorted(release.files.items())]
     files.append((ReleaseManifest.FILE, hub / ReleaseManifest.FILE, (hub / ReleaseManifest.FILE).stat().st_size))
     return PublishPlan(built_for, release.version, release.tag, files, release, private)

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Stage:
     name: str
+    section: str  # the recipe section its settings come from (its error messages name its keys)
     inputs: Callable[[Build], dict]  # everything its result depends on (raises Pending if upstream is not built)
     run: Callable[[Build, Path], dict]  # writes its files into the work dir, returns its JSON result
     optional: bool = False  # runs only when the recipe enables it
@@ -200,9 +201,10 @@ def card_run(b: Build, work: Path) -> dict:
 
 
 STAGES = (
-    Stage("convert", convert_inputs, convert_run),
-    Stage("finetune", finetune_inputs, finetune_run, optional=True, resumable=True, top_level_outputs=True),
-    Stage("eval", eval_inputs, eval_run, check=lambda b, result: b.check_gates(result)),
-    Stage("export", export_inputs, export_run, optional=True, available=export_available),
-    Stage("card", card_inputs, card_run),
+    Stage("convert", "conversion", convert_inputs, convert_run),
+    Stage("finetune", "finetune", finetune_inputs, finetune_run, optional=True, resumable=True,
+          top_level_outputs=True),
+    Stage("eval", "eval", eval_inputs, eval_run, check=lambda b, result: b.check_gates(result)),
+    Stage("export", "export", export_inputs, export_run, optional=True, available=export_available),
+    Stage("card", "release", card_inputs, card_run),
 )
