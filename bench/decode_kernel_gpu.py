@@ -10,7 +10,9 @@ head_dim 128, latent 512 or 256, 2R=16) at T = 2K/8K/16K/32K and B = 1/16/64, bf
 * SDPA over the ORIGINAL GQA cache (K, V [B, n_kv, T, head_dim]): `enable_gqa=True` as transformers
   calls it, and "packed" (the G query heads of a KV head as G query rows of one MHA head, the
   fastest plain-SDPA GQA decode);
-* the MQA trick through SDPA (K = [latent | all RoPE keys] as one KV head, V = the latent).
+* the MQA trick through SDPA (K = [latent | all RoPE keys] as one KV head, V = the latent), the
+  faster of two layouts: H query heads with `enable_gqa=True` (as in NOTES.md) and H query rows of one
+  head ("packed").
 
 Timing: the kernel and the SDPA variants run K times back to back inside one CUDA graph (K copies of
 the inputs, >= 256 MiB in all, so each call reads cold from HBM as in a real decode step, and no
@@ -139,9 +141,11 @@ def kernel_time_us(d: Dims, b: int, t: int, cfg: DecodeConfig, mask: str | None 
     return graph_time_us(call, lambda i: mla_inputs(d, b, t, seed=i), mla_bytes(d, b, t))
 
 
-TILE_GRID = {  # (block_n, num_warps, num_stages) tried per latent width
-    "narrow": [(64, 4, 3), (64, 4, 2), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 3), (64, 8, 3), (128, 4, 2)],
-    "wide": [(32, 8, 2), (32, 4, 3), (16, 4, 2), (32, 4, 2), (32, 8, 3), (64, 8, 2), (16, 4, 3), (64, 8, 1)],
+TILE_GRID = {  # (block_n, num_warps, num_stages, swap_ab) tried per latent width; the first is the default
+    "narrow": [(128, 8, 3, False), (64, 4, 3, False), (128, 4, 3, False), (128, 4, 2, False), (64, 8, 3, False),
+               (128, 4, 3, True), (128, 8, 3, True), (64, 4, 3, True), (64, 4, 4, True)],
+    "wide": [(32, 4, 3, False), (32, 4, 2, False), (64, 8, 2, False), (32, 8, 2, False),
+             (64, 8, 2, True), (64, 4, 2, True), (64, 8, 3, True), (128, 8, 1, True)],
 }
 PLAN_GRID = [(4, 256), (1, 256), (2, 256), (8, 256), (4, 128), (4, 512)]  # (programs_per_sm, min_split_tokens)
 
@@ -149,11 +153,11 @@ PLAN_GRID = [(4, 256), (1, 256), (2, 256), (8, 256), (4, 128), (4, 512)]  # (pro
 def sweep(d: Dims, deadline: float) -> dict:
     """Tile configs at B = 16/64 x T = 16K, then the split plan at B = 1/16/64 x T = 2K/16K."""
     tiles = []
-    for block_n, warps, stages in TILE_GRID["narrow" if d.latent <= 128 else "wide"]:
+    for block_n, warps, stages, swap_ab in TILE_GRID["narrow" if d.latent <= 128 else "wide"]:
         if time.time() > deadline:
             break
-        cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
-        row = {"block_n": block_n, "num_warps": warps, "num_stages": stages}
+        cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, swap_ab=swap_ab)
+        row = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "swap_ab": swap_ab}
         try:
             for b in (16, 64):
                 row[f"us_b{b}"] = round(kernel_time_us(d, b, SWEEP_T, cfg), 2)
@@ -166,7 +170,7 @@ def sweep(d: Dims, deadline: float) -> dict:
     if not ok:
         return {"tiles": tiles}
     best = min(ok, key=lambda r: r["us_b16"] + r["us_b64"])
-    base = DecodeConfig(block_n=best["block_n"], num_warps=best["num_warps"], num_stages=best["num_stages"])
+    base = DecodeConfig(**{k: best[k] for k in ("block_n", "num_warps", "num_stages", "swap_ab")})
     plans = []
     for pps, min_tok in PLAN_GRID:
         if time.time() > deadline:
@@ -226,16 +230,24 @@ def measure(d: Dims, b: int, t: int, cfg: DecodeConfig | None, copy_gbps: float)
         reference = lambda: mla_decode_reference(*args, None, scale)
         row["reference_us"] = 1e3 * do_bench(reference, warmup=5, rep=50, return_mode="median")
 
-    def mqa_args(i):  # K = [latent | all RoPE keys] as ONE KV head, V = the latent (a view); H query rows
+    def mqa_args(i, packed):  # K = [latent | all RoPE keys] as ONE KV head, V = the latent (a view)
         g = torch.Generator(device="cuda").manual_seed(i)
-        q = torch.randn(b, 1, d.heads, d.latent + d.rope_all, device="cuda", dtype=torch.bfloat16, generator=g)
+        shape = (b, 1, d.heads, d.latent + d.rope_all) if packed else (b, d.heads, 1, d.latent + d.rope_all)
+        q = torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)  # H query rows or H heads
         kk = torch.randn(b, 1, t, d.latent + d.rope_all, device="cuda", dtype=torch.bfloat16, generator=g)
         return q, kk, kk[..., : d.latent]
 
-    try:
-        row["mqa_sdpa_us"] = graph_time_us(F.scaled_dot_product_attention, mqa_args, nbytes)
-    except Exception as e:
-        row["mqa_sdpa_error"] = f"{type(e).__name__}: {str(e)[:160]}"
+    for name, packed in (("mqa_sdpa_gqa_us", False), ("mqa_sdpa_packed_us", True)):
+        if not packed and nbytes * d.heads > 20e9:  # enable_gqa may fall back to repeating K and V per head
+            continue
+        try:
+            row[name] = graph_time_us(sdpa_gqa, lambda i, packed=packed: mqa_args(i, packed), nbytes)
+        except Exception as e:
+            row[name.replace("_us", "_error")] = f"{type(e).__name__}: {str(e)[:160]}"
+            torch.cuda.empty_cache()
+    mqa = [row[k] for k in ("mqa_sdpa_gqa_us", "mqa_sdpa_packed_us") if k in row]
+    if mqa:
+        row["mqa_sdpa_us"] = min(mqa)
 
     def gqa_args(i):
         g = torch.Generator(device="cuda").manual_seed(i)
