@@ -214,7 +214,7 @@ def measure(d: Dims, b: int, t: int, cfg: DecodeConfig | None, copy_gbps: float)
     ref = mla_decode_reference(*args, None, scale)
     out = kernel._launch(*args, None, scale, cfg=cfg)
     row["rel_err_vs_reference"] = float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
-    default = kernel.default_config(d.latent, d.rope_all, d.heads, torch.bfloat16)
+    default = kernel.default_config(d.latent, torch.bfloat16)
     row["config"] = dataclasses.asdict(cfg or default)
     row["splits"] = kernel.plan_splits(b, 1, t, kernel._num_sms(args[0].device), cfg or default)[0]
     del ref, out

@@ -139,7 +139,7 @@ class DecodeConfig:
     swap_ab: bool = False
 
 
-def default_config(r: int, p: int, h: int, dtype: torch.dtype) -> DecodeConfig:
+def default_config(r: int, dtype: torch.dtype) -> DecodeConfig:
     """Tiles by the latent width: the best of the sweep of `bench/decode_kernel_gpu.py --sweep` on an H200
     (triton 3.6) at B = 16 and 64 x T = 16K; bench/RESULTS.md has the numbers."""
     if dtype == torch.float32:  # tests: fp32 dots run on CUDA cores
@@ -332,7 +332,7 @@ def _launch(
         dtypes = [str(x.dtype) for x in (q_lat, q_rope, c_kv, k_rope)]
         raise ValueError(f"mla_decode: q_lat, q_rope, c_kv, k_rope must share one of bf16/fp16/fp32; got {dtypes}")
     p = n_kv * rope
-    cfg = cfg or default_config(r, p, h, c_kv.dtype)
+    cfg = cfg or default_config(r, c_kv.dtype)
     block_h = _block_h(h)
     head_blocks = triton.cdiv(h, block_h)
     n_splits, per_split = plan_splits(b, head_blocks, t, _num_sms(c_kv.device), cfg)
