@@ -5,6 +5,7 @@ left padding, over a prefill and 16 decode steps, and over 32 greedy tokens; cle
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -270,3 +271,24 @@ def test_run_export_and_generate_from_a_checkpoint_dir(tiny_model, tokenizer, tm
         assert result.new_tokens >= 1
         texts[backend] = result.text
     assert texts["onnx"] == texts["torch"]
+
+
+def test_onnxruntime_genai_loads_the_export_but_cannot_run_its_cache_layout(tiny_exports):
+    """genai reads genai_config.json and our library (copied into the export dir: genai only loads a
+    custom-op library from inside the model dir), then allocates past key and value with ONE head
+    size: our latent and RoPE-key caches differ in width. If genai learns per-tensor cache widths,
+    this fails and the README's statement must change."""
+    og = pytest.importorskip("onnxruntime_genai")
+    directory = tiny_exports["fused"].output_dir
+    with open(f"{directory}/genai_config.json") as f:
+        library = json.load(f)["model"]["decoder"]["session_options"]["custom_ops_library"]
+    assert library == build.LIBRARY_NAME
+    assert os.path.isfile(os.path.join(directory, library))
+    model = og.Model(directory)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12)
+    generator = og.Generator(model, params)
+    with pytest.raises(Exception, match=r"past_key_values.0.key_rope[\s\S]*Got: 20 Expected: 8"):
+        generator.append_tokens([[5, 17, 99, 23]])
+        while not generator.is_done():
+            generator.generate_next_token()
