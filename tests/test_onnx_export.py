@@ -292,3 +292,16 @@ def test_onnxruntime_genai_loads_the_export_but_cannot_run_its_cache_layout(tiny
         generator.append_tokens([[5, 17, 99, 23]])
         while not generator.is_done():
             generator.generate_next_token()
+
+
+def test_fp16_export_holds_an_fp16_cache_and_tracks_the_fp32_model(tiny_model, tmp_path, kernel_library):
+    import copy
+
+    report = exporter.export_model(copy.deepcopy(tiny_model).half(), tmp_path / "fp16", dtype="fp16")
+    assert report.cache_bytes_per_token == 2 * 2 * (20 + 8)
+    decoders = {"kernel": runner.OnnxDecoder(report.output_dir, use_kernels=True),
+                "body": runner.OnnxDecoder(report.output_dir, use_kernels=False)}
+    assert decoders["kernel"].cache.dtype is np.float16
+    worst = three_way_logits(tiny_model, decoders, PROMPTS, decode_steps=4)  # against fp32 torch
+    scale = float(np.abs(torch_logits(tiny_model, *left_padded(PROMPTS))).max())
+    assert max(worst.values()) / scale < 1e-2, (worst, scale)
