@@ -263,6 +263,7 @@ def check_real_model(report: Report, smollm2_dir: Path) -> None:
 
     path = smollm2_dir / "dkv32"
     tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.pad_token or tok.eos_token
     model = LlamaMLAForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     prompts = ["The capital of France is", "Once upon a time, in a small village,"]
     ids = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to("cuda")

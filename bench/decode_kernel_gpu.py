@@ -141,11 +141,9 @@ def kernel_time_us(d: Dims, b: int, t: int, cfg: DecodeConfig, mask: str | None 
     return graph_time_us(call, lambda i: mla_inputs(d, b, t, seed=i), mla_bytes(d, b, t))
 
 
-TILE_GRID = {  # (block_n, num_warps, num_stages, swap_ab) tried per latent width; the first is the default
-    "narrow": [(128, 8, 3, False), (64, 4, 3, False), (128, 4, 3, False), (128, 4, 2, False), (64, 8, 3, False),
-               (128, 4, 3, True), (128, 8, 3, True), (64, 4, 3, True), (64, 4, 4, True)],
-    "wide": [(32, 4, 3, False), (32, 4, 2, False), (64, 8, 2, False), (32, 8, 2, False),
-             (64, 8, 2, True), (64, 4, 2, True), (64, 8, 3, True), (128, 8, 1, True)],
+TILE_GRID = {  # (block_n, num_warps, num_stages) tried per latent width; the first is the default
+    "narrow": [(128, 8, 3), (64, 4, 3), (128, 4, 3), (128, 4, 2), (64, 8, 3), (256, 8, 2), (64, 4, 4)],
+    "wide": [(32, 4, 3), (32, 4, 2), (64, 8, 2), (32, 8, 2), (64, 4, 3), (16, 4, 4)],
 }
 PLAN_GRID = [(4, 256), (1, 256), (2, 256), (8, 256), (4, 128), (4, 512)]  # (programs_per_sm, min_split_tokens)
 
@@ -153,11 +151,11 @@ PLAN_GRID = [(4, 256), (1, 256), (2, 256), (8, 256), (4, 128), (4, 512)]  # (pro
 def sweep(d: Dims, deadline: float) -> dict:
     """Tile configs at B = 16/64 x T = 16K, then the split plan at B = 1/16/64 x T = 2K/16K."""
     tiles = []
-    for block_n, warps, stages, swap_ab in TILE_GRID["narrow" if d.latent <= 128 else "wide"]:
+    for block_n, warps, stages in TILE_GRID["narrow" if d.latent <= 128 else "wide"]:
         if time.time() > deadline:
             break
-        cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages, swap_ab=swap_ab)
-        row = {"block_n": block_n, "num_warps": warps, "num_stages": stages, "swap_ab": swap_ab}
+        cfg = DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+        row = {"block_n": block_n, "num_warps": warps, "num_stages": stages}
         try:
             for b in (16, 64):
                 row[f"us_b{b}"] = round(kernel_time_us(d, b, SWEEP_T, cfg), 2)
@@ -170,7 +168,7 @@ def sweep(d: Dims, deadline: float) -> dict:
     if not ok:
         return {"tiles": tiles}
     best = min(ok, key=lambda r: r["us_b16"] + r["us_b64"])
-    base = DecodeConfig(**{k: best[k] for k in ("block_n", "num_warps", "num_stages", "swap_ab")})
+    base = DecodeConfig(**{k: best[k] for k in ("block_n", "num_warps", "num_stages")})
     plans = []
     for pps, min_tok in PLAN_GRID:
         if time.time() > deadline:

@@ -4,8 +4,9 @@
 # (the machine keeps /tmp while warm):
 #
 #   call 1: carry [.gg0, .whl]   cmd: mkdir -p /tmp/stage && cp .gg0/* .whl/* /tmp/stage/
-#   call 2: carry [.gg1]         cmd: cp .gg1/* /tmp/stage/ && bash bench/gpu_decode.sh setup convert test smollm2
-#   call 3: (same machine)       cmd: bash bench/gpu_decode.sh llama
+#   call 2: carry [.gg1]         cmd: cp .gg1/* /tmp/stage/ && bash bench/gpu_decode.sh setup test sweep convert checks
+#   call 3: (same machine)       cmd: bash bench/gpu_decode.sh smollm2
+#   call 4: (same machine)       cmd: bash bench/gpu_decode.sh llama
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (over one call's 64 MiB together) and .whl holds
 # the gguf wheel; the GPU image has no network. Logs and JSON go to $OUT.
@@ -25,25 +26,37 @@ transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_na
 }
 
 convert() {  # d_kv 32 with calibration (the checks use it); 16 and 8 quickly (speed needs no quality)
-  mla-zoo convert smollm2-135m -o /tmp/smollm2-mla/dkv32 --kv-rank-per-head 32 --calib-text data/calib.txt \
+  python3 -m mla_zoo.zoo.cli convert smollm2-135m -o /tmp/smollm2-mla/dkv32 --kv-rank-per-head 32 --calib-text data/calib.txt \
     --dtype bfloat16 --overwrite > "$OUT/convert32.log" 2>&1
   for d in 16 8; do
-    mla-zoo convert smollm2-135m -o /tmp/smollm2-mla/dkv$d --kv-rank-per-head $d --rope-strategy high \
+    python3 -m mla_zoo.zoo.cli convert smollm2-135m -o /tmp/smollm2-mla/dkv$d --kv-rank-per-head $d --rope-strategy high \
       --svd joint --dtype bfloat16 --overwrite > "$OUT/convert$d.log" 2>&1
   done
 }
 
 test() {  # the kernel against its reference on the GPU, and the model tests (CPU parts)
-  python3 -m pytest -q tests/test_decode_kernel.py tests/test_modeling.py 2>&1 | tail -15 | tee "$OUT/pytest.log"
+  python3 -m pytest -q -rf --tb=short -p no:logging tests/test_decode_kernel.py tests/test_modeling.py \
+    > "$OUT/pytest.log" 2>&1 || true
+  tail -8 "$OUT/pytest.log"
+}
+
+sweep() {  # the kernel alone: tile sweep, then the table against SDPA over the original cache
+  python3 bench/decode_kernel_gpu.py --sweep --budget-s 100 --out "$OUT/decode_kernel.json" --md "$OUT/decode_kernel.md" > "$OUT/decode_kernel.log" 2>&1 || true
+  tail -30 "$OUT/decode_kernel.log"
+}
+
+checks() {  # kernel vs PyTorch path and greedy tokens on the real model
+  python3 bench/decode_gpu.py --models "" --checks --prefill --out "$OUT/decode_checks.json" 2>&1 | tail -12 || true
 }
 
 smollm2() {
-  python3 bench/decode_gpu.py --models smollm2 --checks --prefill --out "$OUT/decode_smollm2.json" \
+  python3 bench/decode_gpu.py --models smollm2 --out "$OUT/decode_smollm2.json" \
     2>&1 | tee "$OUT/decode_smollm2.log" | grep -v '^{"model"' || true
 }
 
-llama() {
-  python3 bench/decode_gpu.py --models llama-3.2-1b,llama-3-8b --compile-at "" --out "$OUT/decode_llama.json" \
+llama() {  # CUDA graphs only (eager is launch-bound and shown for SmolLM2); fewer points
+  python3 bench/decode_gpu.py --models llama-3.2-1b,llama-3-8b --modes graph --compile-at "" \
+    --points 2048x16,8192x1,8192x16,8192x64,16384x16,32768x1,32768x16,32768xmax --out "$OUT/decode_llama.json" \
     2>&1 | tee "$OUT/decode_llama.log" | grep -v '^{"model"' || true
 }
 

@@ -147,14 +147,12 @@ def interpreted():
 
 
 # (shape, tile / split overrides): G=3 odd sizes with the default plan, with several splits of which
-# the last ones are empty, G=1 (MHA-like), G=10 (a 32-row head block, 2R=8), and the swapped-operand variant
+# the last ones are empty, G=1 (MHA-like), G=10 (a 32-row head block, 2R=8)
 INTERPRETED_CASES = {
     "odd-default": (ODD, None, None),
     "odd-splits": (ODD, DecodeConfig(block_n=16, num_warps=4, num_stages=1), 7),
     "mha": (dict(b=2, h=4, n_kv=4, r=40, rope=6, t=70), DecodeConfig(block_n=32, num_warps=4, num_stages=1), 3),
     "g10": (G10, DecodeConfig(block_n=16, num_warps=4, num_stages=1), 2),
-    "odd-swap-ab": (ODD, DecodeConfig(block_n=16, num_warps=4, num_stages=1, swap_ab=True), 7),
-    "g10-swap-ab": (G10, DecodeConfig(block_n=16, num_warps=4, num_stages=1, swap_ab=True), 2),
 }
 
 
@@ -277,17 +275,6 @@ def test_cuda_model_dims_bf16(model, b, t):
     out = kernel.mla_decode(q_lat, q_rope, c_kv, k_rope, kv_mask, scale)
     ref = mla_decode_reference(q_lat, q_rope, c_kv, k_rope, kv_mask, scale)
     assert rel_err(out, ref) < 1e-2
-
-
-@needs_cuda
-@pytest.mark.parametrize("model", MODEL_DIMS)
-def test_cuda_swap_ab_variant_bf16(model):
-    """The experimental swapped-operand loop (slots as the MMA's M dimension) at model dims."""
-    h, n_kv, r, rope = MODEL_DIMS[model]
-    args = make_inputs(3, h, n_kv, r, rope, 5000, torch.bfloat16, device="cuda")
-    cfg = DecodeConfig(block_n=64, num_warps=4 if r <= 128 else 8, num_stages=2, swap_ab=True)
-    out = kernel._launch(*args, 0.1, cfg=cfg)
-    assert rel_err(out, mla_decode_reference(*args, 0.1)) < 1e-2
 
 
 @needs_cuda

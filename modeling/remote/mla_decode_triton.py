@@ -133,10 +133,6 @@ class DecodeConfig:
     programs_per_sm: int = 4  # split-K aims at B * splits ~ SMs * this
     min_split_tokens: int = 256  # no split shorter than this many slots
     max_splits: int = 128
-    # Experimental, off until measured: slots as the MMA's M dimension and heads as N (scores^T =
-    # c . q^T, o^T = c^T . p^T). With block_n >= 64 the dots qualify for Hopper's wgmma; with heads
-    # as M (16 rows) they run as mma.sync.
-    swap_ab: bool = False
 
 
 def default_config(r: int, dtype: torch.dtype) -> DecodeConfig:
@@ -199,7 +195,7 @@ if triton is not None:
         s_ob, s_oh, s_os, s_lb, s_lh,
         H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, ROPE: tl.constexpr, P: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_MASK: tl.constexpr, IEEE: tl.constexpr, SWAP_AB: tl.constexpr,
+        HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
         """Stage 1: one (sequence, split, head block): normalised partial output and its LSE (base 2)."""
         b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: B * T_max * r may pass 2**31
@@ -226,10 +222,7 @@ if triton is not None:
         end = tl.minimum(start + per_split, T)
         m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max (base-2 logits)
         l_sum = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2
-        if SWAP_AB:
-            acc_t = tl.zeros([BLOCK_R, BLOCK_H], dtype=tl.float32)  # the accumulator, transposed
-        else:
-            acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
         for i in range(0, per_split, BLOCK_N):  # the same trip count in every program (per_split % BLOCK_N == 0)
             offs_n = start + i + tl.arange(0, BLOCK_N)  # [BN]
             in_split = offs_n < end
@@ -245,29 +238,17 @@ if triton is not None:
             if HAS_MASK:  # the mask only gates the scores: loads that wait on it stall the pipeline
                 keep = tl.load(MASK + b * s_mb + offs_n * s_mt, mask=in_split, other=0)
                 attend = attend & (keep != 0)
-            if SWAP_AB:  # slots as rows: [BN, BH] scores
-                s_t = _mma(c, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32), IEEE)
-                s_t = _mma(k_pe, tl.trans(q_pe), s_t, IEEE)
-                s_t = tl.where(attend[:, None], s_t * scale_log2e, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s_t, axis=0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
-                alpha = tl.exp2(m - m_safe)
-                p_t = tl.exp2(s_t - m_safe[None, :])  # [BN, BH]
-                l_sum = l_sum * alpha + tl.sum(p_t, axis=0)
-                acc_t = _mma(tl.trans(c), p_t.to(c.dtype), acc_t * alpha[None, :], IEEE)  # [BR, BH]
-            else:  # heads as rows: [BH, BN] scores
-                s = _mma(q, tl.trans(c), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), IEEE)
-                s = _mma(q_pe, tl.trans(k_pe), s, IEEE)
-                s = tl.where(attend[None, :], s * scale_log2e, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
-                alpha = tl.exp2(m - m_safe)
-                p = tl.exp2(s - m_safe[:, None])  # [BH, BN]
-                l_sum = l_sum * alpha + tl.sum(p, axis=1)
-                acc = _mma(p.to(c.dtype), c, acc * alpha[:, None], IEEE)  # [BH, BR]
+            # heads as rows: [BH, BN] scores
+            s = _mma(q, tl.trans(c), tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32), IEEE)
+            s = _mma(q_pe, tl.trans(k_pe), s, IEEE)
+            s = tl.where(attend[None, :], s * scale_log2e, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: no NaN
+            alpha = tl.exp2(m - m_safe)
+            p = tl.exp2(s - m_safe[:, None])  # [BH, BN]
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            acc = _mma(p.to(c.dtype), c, acc * alpha[:, None], IEEE)  # [BH, BR]
             m = m_new
-        if SWAP_AB:
-            acc = tl.trans(acc_t)
 
         seen = l_sum > 0.0
         out = acc / tl.where(seen, l_sum, 1.0)[:, None]
@@ -353,7 +334,7 @@ def _launch(
         o_part.stride(0), o_part.stride(1), o_part.stride(2), lse.stride(0), lse.stride(1),
         H=h, G=h // n_kv, R=r, ROPE=rope, P=p,
         BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=max(16, triton.next_power_of_2(p)), BLOCK_N=cfg.block_n,
-        HAS_MASK=kv_mask is not None, IEEE=c_kv.dtype == torch.float32, SWAP_AB=cfg.swap_ab,
+        HAS_MASK=kv_mask is not None, IEEE=c_kv.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     wrap(_mla_decode_merge)[(b, h)](
@@ -366,7 +347,7 @@ def _launch(
 
 
 # ----------------------------------------------------------------------------------------------
-# The op (torch.compile fullgraph and CUDA graphs see one opaque, traceable op)
+# The op (torch.compile fullgraph and CUDA graphs see one opaque op)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -378,7 +359,7 @@ def _op_impl(
     kv_mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    return _launch(q_lat, q_rope, c_kv, k_rope, kv_mask, scale, wrap=torch.library.wrap_triton)
+    return _launch(q_lat, q_rope, c_kv, k_rope, kv_mask, scale)
 
 
 def _op_fake(
@@ -400,10 +381,9 @@ def _register_op():
         return getattr(getattr(torch.ops, ns), name)
     except (AttributeError, RuntimeError):
         pass
-    if hasattr(torch.library, "triton_op"):  # torch >= 2.6: inductor sees through to the Triton kernels
-        torch.library.triton_op(OP_NAME, _op_impl, mutates_args=())
-    else:
-        torch.library.custom_op(OP_NAME, mutates_args=())(_op_impl).register_fake(_op_fake)
+    # An opaque custom op: torch.compile and CUDA graphs call it as one node. (`triton_op` would let
+    # dynamo trace the Triton source, which it failed to do for these kernels with torch 2.11.)
+    torch.library.custom_op(OP_NAME, mutates_args=())(_op_impl).register_fake(_op_fake)
     return getattr(getattr(torch.ops, ns), name)
 
 
