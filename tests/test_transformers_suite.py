@@ -1,27 +1,32 @@
-"""transformers' own model and generation test suites, run on the remote code as users load it.
+"""transformers' own model, generation and training test suites, run on the remote code as users load it.
 
-`ModelTesterMixin` (tests/test_modeling_common.py) and `GenerationTesterMixin`
-(tests/generation/test_utils.py) are the checks every built-in transformers model passes. Here they
-run on the checkpoint's copy of modeling/remote/: a tiny random Llama (GQA) is converted with
-mla_zoo's converter (lossy: partial RoPE, low-rank latent), saved with `save_checkpoint`, and the
-classes come from `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. The tester
-follows transformers' tests/models/deepseek_v3/test_modeling_deepseek_v3.py.
+`ModelTesterMixin` (tests/test_modeling_common.py), `GenerationTesterMixin`
+(tests/generation/test_utils.py) and `TrainingTesterMixin` (tests/test_training_mixin.py) are the
+checks every built-in transformers model passes. Here they run on the checkpoint's copy of
+modeling/remote/: a tiny random Llama (GQA) is converted with mla_zoo's converter (lossy: partial
+RoPE, low-rank latent), saved with `save_checkpoint`, and the classes come from
+`AutoModelForCausalLM` / `AutoModel.from_pretrained(dir, trust_remote_code=True)`. The tester follows
+transformers' tests/models/deepseek_v3/test_modeling_deepseek_v3.py.
 
-The upstream files are not committed; tests/transformers_suite/upstream.py downloads them at the
+The upstream files are not committed: tests/transformers_suite/upstream.py downloads them at the
 INSTALLED transformers version (PyPI sdist, cached under ~/.cache/mla-zoo/transformers-tests/) and
-explains where the generation and export tests come from. Without a network the module is skipped.
+says where the generation and export tests come from (no PyPI package has them: without
+$MLA_ZOO_TRANSFORMERS_SRC they are reported as one skip). Without a network the module is skipped.
+Not run: PipelineTesterMixin (its tiny checkpoints live on the Hub), TensorParallelTesterMixin and
+FSDPTesterMixin (multi-process; their tests/distributed_testing_utils.py is in no sdist).
 
 Commands (from the repository root):
 
     # newest transformers (the README install)
     python -m pytest -q tests/test_transformers_suite.py
-    # with the generation and torch.export tests, from a transformers source tree (git checkout)
+    # with the generation and torch.export / ONNX export tests, from a transformers source tree (git checkout)
     MLA_ZOO_TRANSFORMERS_SRC=/path/to/transformers RUN_SLOW=1 python -m pytest -q tests/test_transformers_suite.py
     # the lowest supported transformers, in a venv pinned to it (as CI does)
     python -m venv .venv-lowest && .venv-lowest/bin/pip install torch==2.13.0 transformers==5.17.0 -e ".[dev]"
     .venv-lowest/bin/python -m pytest -q tests/test_transformers_suite.py
 
-Only what a text-only decoder cannot have is skipped, each with its reason (SKIPS below).
+On the 2-core machine: about 1-1.5 min per transformers version (plus ~20 s once per version for the
+sdist), 2-2.5 min with the generation tests, 6-7 min with those and RUN_SLOW=1.
 """
 
 from __future__ import annotations
@@ -52,18 +57,15 @@ with warnings.catch_warnings():  # upstream's marks (flash_attn_test, ...) are r
     warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
     from tests.generation.test_utils import GenerationTesterMixin
     from tests.test_modeling_common import ModelTesterMixin, ids_tensor
+    from tests.test_training_mixin import TrainingTesterMixin
 
 if UPSTREAM.source_dir is not None and UPSTREAM.source_version != UPSTREAM.version:
     warnings.warn(f"the generation and export tests are of transformers {UPSTREAM.source_version}, "
                   f"the installed transformers is {UPSTREAM.version}: {UPSTREAM.describe()}", stacklevel=1)
 
-# Tests that cannot apply to this model, each with the reason. A name that the installed mixins do
-# not define is ignored, so one list serves every transformers version.
-SKIPS = {
-    "test_past_key_values_format": (
-        "expects DeepSeek's cache layout with ONE shared RoPE key head; MHA2MLA caches one RoPE key per KV head"
-    ),
-}
+# Tests that cannot apply to this model, each with the reason (none today: transformers' own mixins skip
+# what a text-only decoder on CPU cannot have). A name the installed mixins do not define is ignored.
+SKIPS: dict[str, str] = {}
 
 
 class LlamaMLAModelTester:
@@ -120,8 +122,8 @@ def tiny_llama_gqa() -> LlamaForCausalLM:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A converted checkpoint on disk: 2 of 4 RoPE pairs per KV head kept, a 12-wide latent (of 24 possible)."""
-    mla, report = convert_tiny(tiny_llama_gqa(), rope_pairs=2, kv_rank=12)
+    """A converted checkpoint on disk: 2 of 4 RoPE pairs per KV head kept, a latent of 6 per KV head (12 of 24)."""
+    mla, report = convert_tiny(tiny_llama_gqa(), rope_pairs=2, kv_rank_per_head=6)
     return save_checkpoint(mla, None, report, tmp_path_factory.mktemp("suite") / "ckpt")
 
 
@@ -144,7 +146,7 @@ def remote_classes(request, checkpoint):
     cls._torch_compile_train_cls = causal_lm_class  # used in `test_torch_compile_for_training`
 
 
-class LlamaMLAModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase):
+class LlamaMLAModelTest(ModelTesterMixin, GenerationTesterMixin, TrainingTesterMixin, unittest.TestCase):
     # Need to use `0.8` instead of `0.9` for `test_cpu_offload`, as transformers' Llama test does
     model_split_percents = [0.5, 0.7, 0.8]
 
@@ -159,6 +161,14 @@ class LlamaMLAModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
             names.start()
             self.addCleanup(names.stop)
 
+    def _get_attention_shape(self, batch_size, seq_length, config):
+        """The cache layout the generation tests check (upstream's hook for MLA models): the latent as the keys,
+        [B, 1, T, kv_lora_rank], like DeepSeek; as the values the RoPE keys of EVERY KV head (MHA2MLA keeps
+        one per KV head, DeepSeek one shared head), [B, 1, T, num_key_value_heads * qk_rope_head_dim]."""
+        latent = (batch_size, 1, seq_length, config.kv_lora_rank)
+        rope_keys = (batch_size, 1, seq_length, config.num_key_value_heads * config.qk_rope_head_dim)
+        return latent, rope_keys
+
     def test_model(self):
         self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
 
@@ -167,7 +177,7 @@ class LlamaMLAModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCa
             from tests.test_configuration_common import ConfigTester
         except ImportError as e:  # its helper tests/utils/test_configuration_utils.py is in no sdist
             self.skipTest(f"ConfigTester cannot be imported: {e}")
-        ConfigTester(self, config_class=type(self.config), hidden_size=32).run_common_tests()
+        ConfigTester(self, config_class=type(self.config)).run_common_tests()  # as transformers' Llama test does
 
 
 for _name, _reason in SKIPS.items():
