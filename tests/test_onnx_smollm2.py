@@ -47,18 +47,17 @@ def chat_prompts(tokenizer) -> list[list[int]]:
                                           return_dict=True)["input_ids"] for p in PROMPTS]
 
 
-def torch_greedy(model, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
-    """PyTorch greedy decoding by full recomputation (no cache: independent of the cache code path;
-    the model's own generate() runs the same tokens on the tiny model in test_onnx_export)."""
+def torch_greedy_choices(model, ids: np.ndarray, mask: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """PyTorch's greedy choice after each prefix of prompt + `new` ([B, n]), from ONE causal forward:
+    PyTorch's greedy decoding emits exactly `new` iff these choices equal `new` (by induction over
+    the steps), at the cost of one forward instead of n."""
     from test_onnx_export import torch_logits
 
-    new = []
-    for _ in range(n):
-        token = torch_logits(model, ids, mask)[:, -1].argmax(-1)
-        new.append(token)
-        ids = np.concatenate([ids, token[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones_like(token[:, None])], axis=1)
-    return np.stack(new, axis=1)
+    n = new.shape[1]
+    full_ids = np.concatenate([ids, new], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)
+    logits = torch_logits(model, full_ids, full_mask)  # [B, S + n, V]
+    return logits[:, ids.shape[1] - 1 : ids.shape[1] - 1 + n].argmax(-1)
 
 
 def test_smollm2_logits_agree_over_prefill_and_16_decode_steps(smollm2_mla, smollm2_decoders):
@@ -74,8 +73,8 @@ def test_smollm2_32_greedy_tokens_identical(smollm2_mla, smollm2_decoders):
 
     model, tokenizer = smollm2_mla
     ids, mask = left_padded(chat_prompts(tokenizer), pad=tokenizer.pad_token_id or 0)
-    ref = torch_greedy(model, ids, mask, 32)
-    for name, dec in smollm2_decoders.items():
-        got = runner.generate(dec, ids, mask, max_new_tokens=32)
-        np.testing.assert_array_equal(got, ref, err_msg=name)
-    assert len(set(ref[0].tolist())) > 8, tokenizer.decode(ref[0])  # real text, not a loop on one token
+    tokens = {name: runner.generate(dec, ids, mask, max_new_tokens=32) for name, dec in smollm2_decoders.items()}
+    np.testing.assert_array_equal(tokens["kernel"], tokens["body"])
+    np.testing.assert_array_equal(torch_greedy_choices(model, ids, mask, tokens["kernel"]), tokens["kernel"])
+    assert tokens["kernel"].shape == (2, 32)
+    assert len(set(tokens["kernel"][0].tolist())) > 8, tokenizer.decode(tokens["kernel"][0])  # not one token looping
