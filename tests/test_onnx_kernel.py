@@ -1,6 +1,7 @@
 """The MultiHeadLatentAttention node alone: our CPU kernel and the op's function body against the
 torch reference (export/op.py), over the shapes that matter: prefill, long-past decode (several
-split-K chunks per query), chunked prefill, MHA and GQA groupings, left padding, float16."""
+split-K chunks per query), chunked prefill, MHA and GQA groupings, left padding, float16; and each
+instruction-set build of the kernel (native = AVX-512 here, AVX2, portable C++)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,20 @@ from mla_zoo.export.kernels import build  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def kernel_library() -> str:
-    return build.build_kernels().library
+def cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f" {flag}" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module", params=build.ISAS)
+def kernel_library(request) -> str:
+    """Every build of the library (cached after the first build for these sources)."""
+    if request.param == "avx2" and not (cpu_has("avx2") and cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2/FMA")
+    return build.build_kernels(build.BuildSettings(isa=request.param)).library
 
 
 def node_model(attrs: dict, elem: int = TensorProto.FLOAT) -> bytes:

@@ -41,7 +41,8 @@ class BuildSettings:
     ort_include: str | None = field(default=None, metadata={
         "help": "an onnxruntime include dir with onnxruntime_lite_custom_op.h (default: $MLA_ZOO_ORT_INCLUDE, "
                 "else Debian trixie's libonnxruntime-dev, downloaded once)"})
-    native: bool = field(default=True, metadata={"help": "tune for this CPU (-march=native)"})
+    isa: str = field(default="native", metadata={
+        "help": "native (-march=native: AVX-512 / AVX2 kernels where this CPU has them), avx2 or portable"})
     force: bool = field(default=False, metadata={"help": "rebuild even if a library for these sources exists"})
     quiet: bool = field(default=True, metadata={"help": "hide cmake's output unless it fails"})
 
@@ -60,23 +61,26 @@ def cache_root() -> Path:
     return cache_dir()
 
 
-def source_hash(native: bool = True) -> str:
-    h = hashlib.sha256(b"native" if native else b"portable")
+ISAS = ("native", "avx2", "portable")
+
+
+def source_hash(isa: str = "native") -> str:
+    h = hashlib.sha256(isa.encode())
     for name in SOURCES:
         h.update(name.encode())
         h.update((SOURCE_DIR / name).read_bytes())
     return h.hexdigest()[:16]
 
 
-def library_dir(native: bool = True) -> Path:
-    return cache_root() / "kernels" / source_hash(native)
+def library_dir(isa: str = "native") -> Path:
+    return cache_root() / "kernels" / source_hash(isa)
 
 
 def get_library_path() -> str:
     """The path of the kernel library built from the current sources, for
     `SessionOptions.register_custom_ops_library`. Raises KernelLibraryNotBuilt if there is none."""
-    for native in (True, False):
-        lib = library_dir(native) / LIBRARY_NAME
+    for isa in ISAS:
+        lib = library_dir(isa) / LIBRARY_NAME
         if lib.is_file():
             return str(lib)
     raise KernelLibraryNotBuilt(f"the mla_zoo onnxruntime kernel library is not built for these sources: {BUILD_HINT}")
@@ -158,18 +162,20 @@ def find_headers(ort_include: str | None = None) -> Path:
 def build_kernels(settings: BuildSettings | None = None) -> BuildReport:
     """Builds the library for the current sources (cached); returns where it is."""
     settings = settings or BuildSettings()
-    out_dir = library_dir(settings.native)
+    if settings.isa not in ISAS:
+        raise KernelBuildError(f"isa must be one of {', '.join(ISAS)}, got {settings.isa!r}")
+    out_dir = library_dir(settings.isa)
     lib = out_dir / LIBRARY_NAME
     include = find_headers(settings.ort_include)
     if lib.is_file() and not settings.force:
-        return BuildReport(str(lib), str(include), source_hash(settings.native), rebuilt=False)
+        return BuildReport(str(lib), str(include), source_hash(settings.isa), rebuilt=False)
     if shutil.which("cmake") is None:
         raise KernelBuildError(f"cmake is not installed: {BUILD_HINT}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mla-zoo-build-", dir=out_dir.parent) as tmp:
         build = Path(tmp)
         _run(["cmake", "-S", str(SOURCE_DIR), "-B", str(build), f"-DORT_INCLUDE_DIR={include}",
-              f"-DMLA_ZOO_NATIVE={'ON' if settings.native else 'OFF'}", "-DCMAKE_BUILD_TYPE=Release"],
+              f"-DMLA_ZOO_ISA={settings.isa}", "-DCMAKE_BUILD_TYPE=Release"],
              quiet=settings.quiet)
         _run(["cmake", "--build", str(build), "--parallel", "2"], quiet=settings.quiet)
         built = build / LIBRARY_NAME
@@ -181,4 +187,4 @@ def build_kernels(settings: BuildSettings | None = None) -> BuildReport:
         shutil.copy2(built, staging / LIBRARY_NAME)
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
-    return BuildReport(str(lib), str(include), source_hash(settings.native), rebuilt=True)
+    return BuildReport(str(lib), str(include), source_hash(settings.isa), rebuilt=True)

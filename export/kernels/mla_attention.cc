@@ -27,6 +27,13 @@
 #include <immintrin.h>
 #define MLA_ZOO_AVX2 1
 #endif
+#if defined(MLA_ZOO_AVX2) && defined(__AVX512F__)
+#define MLA_ZOO_AVX512 1
+#if defined(__GNUC__) && !defined(__clang__)  // GCC 12's _mm512_extract* use _mm256_undefined_*: false alarms
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#endif
 
 #include "onnxruntime_lite_custom_op.h"
 
@@ -130,6 +137,31 @@ inline void scores_block(const float* q, int64_t qw, const float* c, const float
 }
 #endif
 
+#ifdef MLA_ZOO_AVX512
+// The same with 16 lanes and masked tails (any r, any 2R).
+template <int NH>
+inline void scores_block512(const float* q, int64_t qw, const float* c, const float* k, int64_t r, int64_t e,
+                            const int64_t* k_offset, float* out) {
+  __m512 acc[NH];
+  for (int j = 0; j < NH; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < r; d += 16) {
+    const __mmask16 mk = r - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (r - d)) - 1);
+    const __m512 cv = _mm512_maskz_loadu_ps(mk, c + d);
+    for (int j = 0; j < NH; ++j) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + j * qw + d), cv, acc[j]);
+  }
+  for (int64_t x = 0; x < e; x += 16) {
+    const __mmask16 mk = e - x >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (e - x)) - 1);
+    for (int j = 0; j < NH; ++j)
+      acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + j * qw + r + x),
+                               _mm512_maskz_loadu_ps(mk, k + k_offset[j] + x), acc[j]);
+  }
+  for (int j = 0; j < NH; ++j) {
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[j]), 1));
+    out[j] = hsum(_mm256_add_ps(_mm512_castps512_ps256(acc[j]), hi));
+  }
+}
+#endif
+
 // sc[h * ld] for heads [0, H) of one token; q rows qw apart; k_offset[h] = group(h) * E.
 inline void token_scores(const float* q, int64_t H, int64_t qw, const float* c, const float* k, int64_t r,
                          int64_t e, const int64_t* k_offset, float* sc, int64_t ld) {
@@ -139,7 +171,18 @@ inline void token_scores(const float* q, int64_t H, int64_t qw, const float* c, 
     const int64_t nh = std::min<int64_t>(per_block, H - h0);
     const float* qh = q + h0 * qw;
     const int64_t* ko = k_offset + h0;
-#ifdef MLA_ZOO_AVX2
+#if defined(MLA_ZOO_AVX512)
+    switch (nh) {
+      case 8: scores_block512<8>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 7: scores_block512<7>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 6: scores_block512<6>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 5: scores_block512<5>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 4: scores_block512<4>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 3: scores_block512<3>(qh, qw, c, k, r, e, ko, tmp); break;
+      case 2: scores_block512<2>(qh, qw, c, k, r, e, ko, tmp); break;
+      default: scores_block512<1>(qh, qw, c, k, r, e, ko, tmp); break;
+    }
+#elif defined(MLA_ZOO_AVX2)
     switch (nh) {
       case 8: scores_block<8>(qh, qw, c, k, r, e, ko, tmp); break;
       case 7: scores_block<7>(qh, qw, c, k, r, e, ko, tmp); break;
@@ -160,7 +203,31 @@ inline void token_scores(const float* q, int64_t H, int64_t qw, const float* c, 
 // o[:r] += sum_t p[t] * c[t, :r] (rows of c are r apart)
 inline void weighted_rows(const float* p, const float* c, int64_t L, int64_t r, float* o) {
   int64_t d = 0;
-#ifdef MLA_ZOO_AVX2
+#if defined(MLA_ZOO_AVX512)
+  for (; d + 64 <= r; d += 64) {
+    __m512 a0 = _mm512_loadu_ps(o + d), a1 = _mm512_loadu_ps(o + d + 16);
+    __m512 a2 = _mm512_loadu_ps(o + d + 32), a3 = _mm512_loadu_ps(o + d + 48);
+    for (int64_t t = 0; t < L; ++t) {
+      const __m512 pv = _mm512_set1_ps(p[t]);
+      const float* ct = c + t * r + d;
+      a0 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(ct), a0);
+      a1 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(ct + 16), a1);
+      a2 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(ct + 32), a2);
+      a3 = _mm512_fmadd_ps(pv, _mm512_loadu_ps(ct + 48), a3);
+    }
+    _mm512_storeu_ps(o + d, a0);
+    _mm512_storeu_ps(o + d + 16, a1);
+    _mm512_storeu_ps(o + d + 32, a2);
+    _mm512_storeu_ps(o + d + 48, a3);
+  }
+  for (; d < r; d += 16) {
+    const __mmask16 mk = r - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (r - d)) - 1);
+    __m512 a0 = _mm512_maskz_loadu_ps(mk, o + d);
+    for (int64_t t = 0; t < L; ++t)
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_maskz_loadu_ps(mk, c + t * r + d), a0);
+    _mm512_mask_storeu_ps(o + d, mk, a0);
+  }
+#elif defined(MLA_ZOO_AVX2)
   for (; d + 32 <= r; d += 32) {
     __m256 a0 = _mm256_loadu_ps(o + d), a1 = _mm256_loadu_ps(o + d + 8);
     __m256 a2 = _mm256_loadu_ps(o + d + 16), a3 = _mm256_loadu_ps(o + d + 24);
