@@ -121,6 +121,38 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(source_dir, tmp_path, ca
     assert list(out.iterdir()) == []
 
 
+def test_numbers_are_checked_when_the_flags_are_parsed(source_dir, tmp_path, capsys):
+    """Before any model loads: each bad value exits 2 with a line naming the flag and the valid range."""
+    src, out = source_dir("llama-gqa"), tmp_path / "out"
+    heldout = str(DATA / "heldout.txt")
+    for argv, message in [
+        (["eval", str(src), "--text", heldout, "--seq-len", "1"], "--seq-len must be an int >= 2 (got 1)"),
+        (["eval", str(src), "--text", heldout, "--max-tokens", "0"], "--max-tokens must be an int >= 2 (got 0)"),
+        (["eval", str(src), "--text", str(tmp_path / "none.txt")], "--text names a file that does not exist"),
+        (["convert", str(src), "-o", str(out), "--eval-seq-len", "1"], "--eval-seq-len must be an int >= 2 (got 1)"),
+        (["convert", str(src), "-o", str(out), "--kv-rank", "0"], "--kv-rank must be an int >= 1 (got 0)"),
+        (["convert", str(src), "-o", str(out), "--eval-text", str(tmp_path / "none.txt")],
+         "--eval-text names a file that does not exist"),
+        (["synth-data", str(src), "-o", str(out), "--tokens", "10", "--temperature", "0"],
+         "--temperature must be a number > 0 (got 0.0)"),
+    ]:
+        assert "error: " + message in error_of(capsys, *argv), argv
+    assert not out.exists()
+
+
+def test_every_command_has_a_help_line_and_there_is_a_version(capsys):
+    from mla_zoo.zoo.cli.main import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command")
+    assert {"convert", "eval", "synth-data", "finetune", "build", "publish", "list", "info", "pull"} <= set(
+        commands.choices)
+    assert all(action.help for action in commands._choices_actions)
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("mla-zoo ")
+
+
 def test_failed_save_leaves_no_partial_checkpoint(tmp_path):
     """A failure while writing (here: the tokenizer cannot be saved) removes the temporary dir."""
     from conftest import convert_tiny, tiny_source

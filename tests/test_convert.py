@@ -144,3 +144,18 @@ def test_whitened_svd_survives_fewer_calibration_tokens_than_hidden_dims():
     assert torch.isfinite(up).all() and torch.isfinite(down).all()
     err = lambda u, d: ((w - u @ d) @ x.T).norm()  # noqa: E731
     assert err(up, down) < err(*lowrank.joint(w, 8)[:2])
+
+
+def test_reports_of_the_first_format_still_load():
+    """conversion.json as the first version wrote it (no schema_version, the rank as kv_rank and kv_lora_rank)."""
+    from conftest import REPO
+    from mla_zoo.modeling.convert import ConversionReport
+
+    old = REPO / "bench" / "results" / "recovery" / "convert32.json"
+    assert "schema_version" not in old.read_text()
+    report = ConversionReport.read(old)
+    assert (report.settings.kv_lora_rank, report.settings.kv_rank_per_head) == (96, 32)
+    assert report.kv_cache.reduction == 0.6875 and report.calibration.tokens == 15360
+    assert ConversionReport.from_json(report.to_json()) == report  # and the current format round-trips
+    assert '"kv_rank"' not in report.to_json()
+

@@ -205,6 +205,15 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(dirs):
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
 
 
+def test_training_reports_of_the_first_format_still_load():
+    from mla_zoo.zoo.train.report import TrainingReport
+
+    report = TrainingReport.read(REPO / "bench" / "results" / "recovery" / "ft32.training.json")  # unversioned
+    assert report.settings.learning_rate == 3e-4 and report.settings.layerwise_lr == 1e-3  # was "lr"
+    assert report.stages["global"].learning_rate == 3e-4 and report.stage_steps == {"layerwise": 150, "global": 300}
+    assert TrainingReport.from_json(report.to_json()) == report
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------
