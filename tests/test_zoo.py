@@ -141,6 +141,12 @@ def test_build_writes_a_complete_release(release):
     rel = json.loads((out / "release.json").read_text())
     assert rel == json.loads((out / "hub" / "release.json").read_text())
     assert (rel["repo_id"], rel["version"], rel["tag"]) == (REPO_ID, "0.1.0", "v0.1.0")
+    # release.json as the first version wrote it (no schema_version, "format": 1, the rank twice) still loads
+    from mla_zoo.zoo.release.manifest import ReleaseManifest
+
+    first = {k: v for k, v in rel.items() if k != "schema_version"} | {"format": 1}
+    first["settings"] = {**rel["settings"], "kv_rank": rel["settings"]["kv_lora_rank"]}
+    assert ReleaseManifest.from_dict(first) == ReleaseManifest.from_dict(rel)
     assert rel["license"] == "mit"  # inherited from the source's card
     assert rel["recipe"]["data"]["conversion"]["kv_rank_per_head"] == 8
     assert "kv_rank_per_head = 8" in rel["recipe"]["text"]
@@ -286,7 +292,9 @@ def test_publish_list_pull_and_load(release, published, api: HfApi, hub: HubServ
     assert rows == [{"repo_id": REPO_ID, "name": "Tiny-Llama-MLA", "base_model": "mla-zoo-tests/tiny-llama-gqa",
                      "d_kv": 8, "kv_reduction": 0.625, "perplexity_delta": rows[0]["perplexity_delta"],
                      "version": "0.1.0"}]
-    table = zoo_hub.format_table(rows, zoo_hub.LIST_COLUMNS)
+    from mla_zoo.zoo.cli.release import LIST_COLUMNS, format_table
+
+    table = format_table(rows, LIST_COLUMNS)
     assert "D_KV" in table and "-62.5%" in table and "v0.1.0" in table
 
     cache = tmp_path / "cache"

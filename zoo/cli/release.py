@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mla_zoo.modeling.schema import Settings, setting
@@ -56,15 +57,38 @@ class PublishSettings(Settings):
 
 
 def publish(c: PublishSettings, out: Output) -> int:
-    from mla_zoo.zoo.release.hub import publish
+    from mla_zoo.zoo.release import hub
 
-    result = publish(c.release_dir, c.repo, dry_run=c.dry_run, private=c.private)
+    if c.dry_run:
+        plan = hub.plan_publish(c.release_dir, c.repo, c.private)
+        existing = hub.dry_run_check(hub.make_api(), plan)
+        if out.json:
+            print(json.dumps({"dry_run": True, "repo_id": plan.repo_id, "tag": plan.tag, "existing": existing,
+                              "files": [p for p, _, _ in plan.files]}, indent=2))
+        else:
+            print(format_plan(plan))
+            print(f"existing    {existing}")
+        return 0
+    result = hub.publish(c.release_dir, c.repo, private=c.private)
     if out.json:
         print(json.dumps(result, indent=2))
-    elif not c.dry_run:
+    else:
         print(f"{result['repo_id']} {result['tag']} at commit {result['commit']}"
               + (f"; collection {result['collection']}" if result["collection"] else ""))
     return 0
+
+
+def format_plan(plan) -> str:
+    """What `publish --dry-run` shows: the repo, the tag, every file of the one commit."""
+    from mla_zoo.zoo.release.hub import COLLECTION_TITLE
+
+    total = sum(size for _, _, size in plan.files)
+    lines = [f"repo        {plan.repo_id}{' (private)' if plan.private else ''}",
+             f"version     {plan.version} -> tag {plan.tag}",
+             f"commit      one commit of {len(plan.files)} files, {total:,} bytes:"]
+    lines += [f"  {size:>14,}  {path}" for path, _, size in plan.files]
+    lines.append(f"collection  {plan.owner}: \"{COLLECTION_TITLE}\" (created if missing)")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -73,7 +97,7 @@ class ListSettings(Settings):
 
 
 def list_(c: ListSettings, out: Output) -> int:
-    from mla_zoo.zoo.release.hub import LIST_COLUMNS, default_org, format_table, list_releases
+    from mla_zoo.zoo.release.hub import default_org, list_releases
 
     rows = list_releases(c.org)
     if out.json:
@@ -90,12 +114,56 @@ class InfoSettings(Settings):
     repo: str = setting(positional=True, help="ORG/NAME")
 
 
+def format_table(rows: list[dict], columns: list[tuple[str, str, Callable]]) -> str:
+    """Plain-text table: columns are (key, header, formatter)."""
+    cells = [[header for _, header, _ in columns]]
+    cells += [[fmt(row.get(key)) for key, _, fmt in columns] for row in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells)
+
+
+def _opt(fmt: Callable) -> Callable:
+    return lambda v: "-" if v is None else fmt(v)
+
+
+LIST_COLUMNS = [
+    ("repo_id", "REPO", str),
+    ("base_model", "BASE", _opt(str)),
+    ("d_kv", "D_KV", _opt(str)),
+    ("kv_reduction", "KV REDUCTION", _opt(lambda v: f"-{100 * v:.1f}%")),
+    ("perplexity_delta", "PPL DELTA", _opt(lambda v: f"{100 * v:+.2f}%")),
+    ("version", "LATEST", _opt(lambda v: f"v{v}")),
+]
+
+
 def info(c: InfoSettings, out: Output) -> int:
-    from mla_zoo.zoo.release.hub import format_details, repo_details
+    from mla_zoo.zoo.release.hub import repo_details
 
     details = repo_details(c.repo)
     print(json.dumps(details, indent=2) if out.json else format_details(details))
     return 0
+
+
+def format_details(d: dict) -> str:
+    card, meta = d["card"], d["mla_zoo"]
+    lines = [f"{d['repo_id']}  (main at {d['sha'][:12]})"]
+    for key in ("base_model", "license", "library_name", "pipeline_tag"):
+        if card.get(key) is not None:
+            lines.append(f"  {key:<16}{card[key]}")
+    lines.append(f"  {'tags':<16}{', '.join(d['tags'])}")
+    if meta:
+        lines.append("zoo metadata:")
+        lines += [f"  {k:<26}{v}" for k, v in meta.items()]
+    for entry in card.get("model-index") or []:
+        for result in entry.get("results", []):
+            for metric in result.get("metrics", []):
+                lines.append(f"result: {metric.get('name') or metric.get('type')} = {metric.get('value')} "
+                             f"on {result.get('dataset', {}).get('name')}")
+    lines.append("versions:" if d["versions"] else "versions: none released (no vX.Y.Z tags)")
+    for v in reversed(d["versions"]):
+        latest = "  (latest)" if v["tag"] == d["latest"] else ""
+        lines.append(f"  {v['tag']:<12}{v['commit']}{latest}")
+    return "\n".join(lines)
 
 
 @dataclass

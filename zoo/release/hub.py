@@ -104,16 +104,6 @@ class PublishPlan:
     def owner(self) -> str:
         return self.repo_id.split("/")[0]
 
-    def describe(self) -> str:
-        total = sum(size for _, _, size in self.files)
-        lines = [f"repo        {self.repo_id}{' (private)' if self.private else ''}",
-                 f"version     {self.version} -> tag {self.tag}",
-                 f"commit      one commit of {len(self.files)} files, {total:,} bytes:"]
-        lines += [f"  {size:>14,}  {path}" for path, _, size in self.files]
-        lines.append(f"collection  {self.owner}: \"{COLLECTION_TITLE}\" (created if missing)")
-        return "\n".join(lines)
-
-
 def plan_publish(release_dir: str | Path, repo_id: str | None = None, private: bool = False) -> PublishPlan:
     hub, release = load_release(release_dir)
     built_for = release.repo_id
@@ -171,19 +161,13 @@ def collection_slug(api, owner: str, create: bool = True) -> str | None:
                                      description="MLA (MHA2MLA) conversions with a smaller KV cache, by mla-zoo").slug
 
 
-def publish(release_dir: str | Path, repo_id: str | None = None, *, api=None, dry_run: bool = False,
-            private: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Publish a built release; with dry_run only print the plan (no writes)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    plan = plan_publish(release_dir, repo_id, private)
-    if dry_run:
-        print(plan.describe())
-        print(f"existing    {_dry_run_check(make_api(api), plan)}")
-        return {"dry_run": True, "repo_id": plan.repo_id, "tag": plan.tag, "files": [p for p, _, _ in plan.files]}
-    return execute_publish(plan, api=api, log=log)
+def publish(release_dir: str | Path, repo_id: str | None = None, *, api=None, private: bool = False,
+            log: Callable[[str], None] | None = None) -> dict:
+    """Publish a built release."""
+    return execute_publish(plan_publish(release_dir, repo_id, private), api=api, log=log)
 
 
-def _dry_run_check(api, plan: PublishPlan) -> str:
+def dry_run_check(api, plan: PublishPlan) -> str:
     """Read-only: would the Hub accept this version?"""
     try:
         tags = [v["tag"] for v in released_versions(api, plan.repo_id)]
@@ -264,28 +248,6 @@ def list_releases(org: str | None = None, api=None) -> list[dict]:
     return sorted(rows, key=lambda r: r["repo_id"])
 
 
-def format_table(rows: list[dict], columns: list[tuple[str, str, Callable]]) -> str:
-    """Plain-text table: columns are (key, header, formatter)."""
-    cells = [[header for _, header, _ in columns]]
-    cells += [[fmt(row.get(key)) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells)
-
-
-def _opt(fmt: Callable) -> Callable:
-    return lambda v: "-" if v is None else fmt(v)
-
-
-LIST_COLUMNS = [
-    ("repo_id", "REPO", str),
-    ("base_model", "BASE", _opt(str)),
-    ("d_kv", "D_KV", _opt(str)),
-    ("kv_reduction", "KV REDUCTION", _opt(lambda v: f"-{100 * v:.1f}%")),
-    ("perplexity_delta", "PPL DELTA", _opt(lambda v: f"{100 * v:+.2f}%")),
-    ("version", "LATEST", _opt(lambda v: f"v{v}")),
-]
-
-
 def repo_details(repo_id: str, api=None) -> dict:
     """Card metadata, zoo metadata and every released version of one repo."""
     api = make_api(api)
@@ -296,28 +258,6 @@ def repo_details(repo_id: str, api=None) -> dict:
     return {"repo_id": repo_id, "sha": info.sha, "tags": list(info.tags or []), "card": card,
             "mla_zoo": card.get("mla_zoo") or {}, "versions": versions,
             "latest": versions[-1]["tag"] if versions else None}
-
-
-def format_details(d: dict) -> str:
-    card, meta = d["card"], d["mla_zoo"]
-    lines = [f"{d['repo_id']}  (main at {d['sha'][:12]})"]
-    for key in ("base_model", "license", "library_name", "pipeline_tag"):
-        if card.get(key) is not None:
-            lines.append(f"  {key:<16}{card[key]}")
-    lines.append(f"  {'tags':<16}{', '.join(d['tags'])}")
-    if meta:
-        lines.append("zoo metadata:")
-        lines += [f"  {k:<26}{v}" for k, v in meta.items()]
-    for entry in card.get("model-index") or []:
-        for result in entry.get("results", []):
-            for metric in result.get("metrics", []):
-                lines.append(f"result: {metric.get('name') or metric.get('type')} = {metric.get('value')} "
-                             f"on {result.get('dataset', {}).get('name')}")
-    lines.append("versions:" if d["versions"] else "versions: none released (no vX.Y.Z tags)")
-    for v in reversed(d["versions"]):
-        latest = "  (latest)" if v["tag"] == d["latest"] else ""
-        lines.append(f"  {v['tag']:<12}{v['commit']}{latest}")
-    return "\n".join(lines)
 
 
 def parse_ref(spec: str) -> tuple[str, str | None]:
