@@ -10,7 +10,9 @@ the tokenizer and genai_config.json into DIR (atomically: a failed export leaves
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -100,7 +102,7 @@ def load_checkpoint(path: str, dtype: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def export_ir(model, dtype: str = "fp32"):
+def export_ir(model):
     """The decoder-with-past as an onnx_ir.Model with one MultiHeadLatentAttention node per layer
     (the node's function body is NOT attached yet: see attach_body)."""
     import torch
@@ -123,6 +125,9 @@ def export_ir(model, dtype: str = "fp32"):
         "position_ids": {0: b, 1: s},
         "past": [{0: b, 2: p} for _ in range(2 * n)],
     }
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -131,6 +136,7 @@ def export_ir(model, dtype: str = "fp32"):
             custom_translation_table={torch.ops.mla_zoo.multi_head_latent_attention.default: op.translate},
             optimize=True, verbose=False, report=False,
         )
+    registration.setLevel(level)
     ir_model = program.model
     graph = ir_model.graph
     for value, name in zip(graph.inputs, input_names(n), strict=True):
@@ -292,23 +298,36 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
                  checkpoint: str | Path | None = None) -> ExportReport:
     """Exports an in-memory MLA model into `directory` (created; must be empty or absent)."""
     import onnx
+    import torch
+    from tqdm.auto import tqdm
 
     from .kernels.build import KernelLibraryNotBuilt, get_library_path
 
     start = time.perf_counter()
     directory = Path(directory)
-    ir_model = export_ir(model, dtype)
+    if dtype not in DTYPES:
+        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    param_dtype = next(model.parameters()).dtype
+    if param_dtype != getattr(torch, DTYPES[dtype]):
+        raise ExportError(f"the model is {param_dtype}, but dtype={dtype!r}: cast it first (model.to(...))")
+    bar = tqdm(total=3, desc="export", unit="stage", disable=not sys.stderr.isatty())
+    bar.set_postfix_str("torch.onnx.export")
+    ir_model = export_ir(model)
+    bar.update()
     n_layers = model.config.num_hidden_layers
     mla_nodes = count_mla_nodes(ir_model)
     if mla_nodes != n_layers:
         raise RuntimeError(f"expected one MultiHeadLatentAttention node per layer ({n_layers}), found {mla_nodes}")
     latent_dim = ir_model.graph.inputs[3].shape[3]
     key_rope_dim = ir_model.graph.inputs[4].shape[3]
+    bar.set_postfix_str("inline body" if portable else "attach body")
     if portable:
         inline_body(ir_model)
         mla_nodes = 0
     else:
         attach_body(ir_model)
+    bar.update()
+    bar.set_postfix_str("save + check")
 
     staging = directory.with_name(directory.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -333,6 +352,9 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        bar.update()
+        bar.close()
     itemsize = 4 if dtype == "fp32" else 2
     return ExportReport(
         output_dir=str(directory), model_path=str(directory / MODEL_FILE), dtype=dtype, portable=portable,
