@@ -37,13 +37,15 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 # Random-weight shapes (speed does not need trained weights); SmolLM2 uses its real weights.
 SHAPES = {
+    "smollm2-shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
     "llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 # d_kv per KV head as a fraction of head_dim: hd/2 -> -68.75%, hd/4 -> -81.25%, hd/8 -> -87.5% (R = hd/16)
-SETTINGS = {"smollm2": (2, 4, 8), "llama-3.2-1b": (2, 8), "llama-3-8b": (2, 8)}
+SETTINGS = {"smollm2": (2, 4, 8), "smollm2-shape": (2, 8), "llama-3.2-1b": (2, 8), "llama-3-8b": (2, 8)}
 DEFAULT_POINTS = ["2048x1", "2048x16", "2048x64", "8192x1", "8192x16", "8192x64", "16384x16",
                   "32768x1", "32768x16", "32768x64", "32768xmax"]
 
@@ -164,8 +166,14 @@ def filled_cache(model, batch: int, context: int, spare: int) -> StaticCache:
     return cache
 
 
-def time_decode(model, batch: int, context: int, mode: str, steps: int = 20) -> tuple[float, float]:
-    """ms per decode step and peak GiB, over `steps` steps after warm-up."""
+def time_decode(model, batch: int, context: int, mode: str, steps: int = 20, masked: bool = True
+                ) -> tuple[float, float]:
+    """ms per decode step and peak GiB, over `steps` steps after warm-up.
+
+    masked=False: the step attends to every slot of the static cache, with no mask. It reads the same
+    bytes as a masked step; for the original it lets SDPA run its GQA kernel (transformers repeats
+    K and V for each query head of a group when it is given a mask).
+    """
     warm = 3
     spare = steps + warm + 8
     cache = filled_cache(model, batch, context, spare)
@@ -175,7 +183,8 @@ def time_decode(model, batch: int, context: int, mode: str, steps: int = 20) -> 
     mask = torch.ones(batch, 1, 1, max_len, dtype=torch.bool, device="cuda")  # the new slots stay visible
 
     def step():
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        return model(input_ids=ids, attention_mask=mask if masked else None, position_ids=positions,
+                     past_key_values=cache,
                      use_cache=True, logits_to_keep=1).logits
 
     fn = step
@@ -219,18 +228,19 @@ def largest_batch(model, context: int) -> int:
         try:
             time_decode(model, guess, context, "eager", steps=1)
             return guess
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # RuntimeError: e.g. 32-bit index limits
+            print(f"batch {guess} at {context}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
             torch.cuda.empty_cache()
             guess = int(guess * 0.9)
     return 0
 
 
 def parse_point(text: str) -> tuple[int, str]:
-    context, batch = text.split("x")
+    context, batch = text.split("x", 1)
     return int(context), batch
 
 
-def measure(report: Report, name: str, smollm2_dir, points, modes, compile_at) -> None:
+def measure(report: Report, name: str, smollm2_dir, points, modes, compile_at, masked=True) -> None:
     max_batches = {}
     for variant, model in models_for(name, smollm2_dir):
         wbytes = weight_bytes(model)
@@ -239,14 +249,16 @@ def measure(report: Report, name: str, smollm2_dir, points, modes, compile_at) -
             if batch_text == "max":
                 batch = max_batches[variant] = largest_batch(model, context)
                 print(f"{name} {variant}: largest batch at {context} = {batch}", flush=True)
+                if batch == 0:
+                    continue
             else:
                 batch = int(batch_text)
             for mode in modes + (["compile"] if f"{context}x{batch_text}" in compile_at else []):
-                p = Point(name, variant, mode, context, batch)
+                p = Point(name, variant, mode if masked else f"{mode}-nomask", context, batch)
                 p.step_bytes = wbytes + batch * context * kv
                 p.roofline_ms = p.step_bytes / (report.copy_gbps * 1e9) * 1e3
                 try:
-                    ms, peak = time_decode(model, batch, context, mode)
+                    ms, peak = time_decode(model, batch, context, mode, masked=masked)
                     p.ms_per_token, p.tokens_per_s, p.peak_gib = ms, batch / ms * 1e3, peak
                 except torch.OutOfMemoryError as e:
                     p.error = f"out of memory: {str(e).splitlines()[0]}"
@@ -328,6 +340,7 @@ def main():
     ap.add_argument("--compile-at", default="16384x16", help="points also measured compiled")
     ap.add_argument("--smollm2-dir", type=Path, default=Path("/tmp/smollm2-mla"),
                     help="dir with dkv32/, dkv16/, dkv8/ conversions of the bundled SmolLM2")
+    ap.add_argument("--no-mask", action="store_true", help="attend to every cache slot, no mask (see time_decode)")
     ap.add_argument("--checks", action="store_true", help="kernel-vs-PyTorch and greedy checks on the real model")
     ap.add_argument("--prefill", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("decode_gpu.json"))
@@ -353,7 +366,8 @@ def main():
     points = [parse_point(p) for p in args.points.split(",") if p]
     for name in args.models.split(","):
         if name:
-            measure(report, name, args.smollm2_dir, points, args.modes.split(","), args.compile_at.split(","))
+            measure(report, name, args.smollm2_dir, points, args.modes.split(","), args.compile_at.split(","),
+                    masked=not args.no_mask)
             save()
     print(summary(report), flush=True)
 

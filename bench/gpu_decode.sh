@@ -60,4 +60,18 @@ llama() {  # CUDA graphs only (eager is launch-bound and shown for SmolLM2); few
     2>&1 | tee "$OUT/decode_llama.log" | grep -v '^{"model"' || true
 }
 
+nomask() {  # every model at its best SDPA kernel: no mask (same bytes), random weights, CUDA graphs
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  python3 bench/decode_gpu.py --models smollm2-shape,llama-3.2-1b,llama-3-8b --modes graph --no-mask --compile-at "" \
+    --points 2048x16,8192x16,16384x16,32768x1,32768x16,32768x64,32768xmax --out "$OUT/decode_nomask.json" \
+    2>&1 | tee "$OUT/decode_nomask.log" | grep -v '^{"model"' || true
+}
+
+llama8b() {
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  python3 bench/decode_gpu.py --models llama-3-8b --modes graph --no-mask --compile-at "" \
+    --points 2048x16,16384x16,32768x1,32768x16,32768xmax --out "$OUT/decode_llama8b.json" \
+    2>&1 | tee "$OUT/decode_llama8b.log" | grep -v '^{"model"' | grep -v "Loading weights" || true
+}
+
 for step in "$@"; do "$step"; done

@@ -506,7 +506,7 @@ class LlamaMLAForCausalLM(LlamaMLAPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        loss_kwargs = {k: kwargs.pop(k) for k in LOSS_KWARGS & kwargs.keys()}
+        loss_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in LOSS_KWARGS}
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
