@@ -193,8 +193,9 @@ def test_behaviour_prompts_are_well_formed():
 # Answers of the kind a small chat model gives: each check must take the right one and refuse the wrong one.
 ANSWERS = {
     "capital-france": ("The capital of France is Paris.", "The capital of France is Lyon."),
-    "planet-we-live-on": ("We live on planet Earth.", "We live on Mars."),
-    "water-freezes": ("Water freezes at 0 degrees Celsius (32°F).", "Water freezes at 100 degrees Celsius."),
+    "planet-we-live-on": ("We live on planet Earth.", "The planet we live on is called Kepler-41B. It's a terrestrial "
+                          "planet, similar to Earth."),
+    "water-freezes": ("Water freezes at 0 degrees Celsius (32°F).", "The freezing point of water is -18.0°C."),
     "gold-symbol": ("The chemical symbol for gold is Au.", "The chemical symbol for gold is Ag."),
     "two-plus-two": ("2 + 2 = 4", "2 + 2 = 5"),
     "seven-times-eight": ("7 times 8 is 56.", "7 times 8 is 54."),
