@@ -18,10 +18,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .contract import DATA_FILE, MODEL_FILE, input_names, output_names
+
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 
 
 class ExportError(ValueError):
@@ -54,20 +54,6 @@ class ExportReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def input_names(num_layers: int) -> list[str]:
-    names = ["input_ids", "attention_mask", "position_ids"]
-    for i in range(num_layers):
-        names += [f"past_key_values.{i}.latent", f"past_key_values.{i}.key_rope"]
-    return names
-
-
-def output_names(num_layers: int) -> list[str]:
-    names = ["logits"]
-    for i in range(num_layers):
-        names += [f"present.{i}.latent", f"present.{i}.key_rope"]
-    return names
 
 
 def check_settings(settings: ExportSettings) -> None:

@@ -18,15 +18,11 @@ import torch
 from onnxscript import FLOAT, script
 from onnxscript.values import Op, Opset
 
-DOMAIN = "mla_zoo"
-OP_NAME = "MultiHeadLatentAttention"
-OP_VERSION = 1
-ONNX_OPSET = 18  # the torch exporter's native opset (TORCHLIB_OPSET): no version conversion
-INPUTS = (
-    "query", "latent", "key_rope", "past_latent", "past_key_rope", "attention_mask", "cos", "sin", "w_uk", "w_uv",
-)
-OUTPUTS = ("output", "present_latent", "present_key_rope")
-ATTRIBUTES = ("num_heads", "num_kv_heads", "rope_pairs", "scale")
+from .contract import DOMAIN, ONNX_OPSET, OP_NAME, OP_VERSION
+from .contract import OP_INPUTS as INPUTS
+from .contract import OP_OUTPUTS as OUTPUTS
+
+__all__ = ["DOMAIN", "INPUTS", "ONNX_OPSET", "OP_NAME", "OP_VERSION", "OUTPUTS"]
 
 
 # ----------------------------------------------------------------------------------------------

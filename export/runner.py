@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exporter import MODEL_FILE
-from .op import DOMAIN
+from .contract import DOMAIN, MODEL_FILE, past_name
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -79,8 +78,8 @@ class OnnxDecoder:
         self.session = ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"])
         inputs = {i.name: i for i in self.session.get_inputs()}
         layers = sum(1 for name in inputs if name.endswith(".latent"))
-        first = inputs["past_key_values.0.latent"]
-        self.cache = CacheSpec(layers, first.shape[3], inputs["past_key_values.0.key_rope"].shape[3],
+        first = inputs[past_name(0, "latent")]
+        self.cache = CacheSpec(layers, first.shape[3], inputs[past_name(0, "key_rope")].shape[3],
                                NP_DTYPES[first.type])
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -100,7 +99,7 @@ class OnnxDecoder:
             width = c.latent_dim if i % 2 == 0 else c.key_rope_dim
             want = (batch, 1, past_len, width)
             if tuple(t.shape) != want or t.dtype != c.dtype:
-                name = f"past_key_values.{i // 2}.{'latent' if i % 2 == 0 else 'key_rope'}"
+                name = past_name(i // 2, "latent" if i % 2 == 0 else "key_rope")
                 raise CacheShapeError(f"{name} has shape {tuple(t.shape)} ({t.dtype}), expected {want} "
                                       f"({np.dtype(c.dtype).name}): [batch, 1, past_len, width]")
 
@@ -115,7 +114,7 @@ class OnnxDecoder:
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
                 "position_ids": position_ids.astype(np.int64)}
         for i, t in enumerate(past):
-            feed[f"past_key_values.{i // 2}.{'latent' if i % 2 == 0 else 'key_rope'}"] = t
+            feed[past_name(i // 2, "latent" if i % 2 == 0 else "key_rope")] = t
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], outputs[1:]
 

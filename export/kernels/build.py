@@ -56,9 +56,9 @@ class BuildReport:
 
 
 def cache_root() -> Path:
-    from mla_zoo.modeling.sources import cache_dir
-
-    return cache_dir()
+    """The mla-zoo cache: the rule of mla_zoo.modeling.sources.cache_dir, kept here so that finding the
+    library does not import torch (an onnxruntime-only process stays small)."""
+    return Path(os.environ.get("MLA_ZOO_CACHE", Path.home() / ".cache" / "mla-zoo"))
 
 
 ISAS = ("native", "avx2", "portable")
