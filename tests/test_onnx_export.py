@@ -161,6 +161,24 @@ def test_portable_export_has_only_standard_ops(tiny_exports):
 # ----------------------------------------------------------------------------------------------
 
 
+def test_export_wrapper_in_eager_torch_equals_the_model(tiny_model):
+    """What is exported (weights rewired around the op's torch reference) computes the HF model."""
+    from mla_zoo.export.wrapper import DecoderWithPast
+
+    wrapper = DecoderWithPast(tiny_model).eval()
+    ids, mask = left_padded(PROMPTS)
+    with torch.no_grad():
+        pos = torch.from_numpy(runner.position_ids_from_mask(mask, ids.shape[1]))
+        logits, past = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), pos, wrapper.empty_past(2))
+        step_mask = torch.from_numpy(np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1))
+        step, _ = wrapper(torch.tensor([[9], [10]]), step_mask,
+                          torch.from_numpy(runner.position_ids_from_mask(step_mask.numpy(), 1)), past)
+    ref = torch_logits(tiny_model, np.concatenate([ids, [[9], [10]]], axis=1), step_mask.numpy())
+    real = step_mask.numpy().astype(bool)
+    got = torch.cat([logits, step], dim=1).numpy()
+    assert np.abs(got - ref)[real].max() < 1e-4
+
+
 def test_logits_agree_over_prefill_and_16_decode_steps_batch2_left_padded(tiny_model, decoders):
     worst = three_way_logits(tiny_model, decoders, PROMPTS, decode_steps=16)
     assert max(worst.values()) < 1e-3, worst
