@@ -92,15 +92,19 @@ def smollm2():
 
 
 def convert_tiny(model, **settings):
-    """Convert an in-memory tiny model; returns (mla model in fp32, ConversionReport).
-    `kv_rank` is accepted as short for `kv_lora_rank` (other helpers' tests still use it)."""
+    """Convert an in-memory tiny model; returns (mla model in fp32, ConversionReport)."""
     from mla_zoo.modeling.convert import ConvertSettings, convert_model
     from mla_zoo.modeling.sources import SourceInfo
 
     info = SourceInfo("tiny", "tiny", "tiny", model.config.model_type, "0")
-    if "kv_rank" in settings:
-        settings["kv_lora_rank"] = settings.pop("kv_rank")
     settings.setdefault("rope_strategy", "high")
     settings.setdefault("svd", "joint")  # fixed strategy + weight-only SVD: no calibration data needed
     mla, report = convert_model(model, None, info, ConvertSettings(dtype="float32", **settings), progress=False)
     return mla.eval(), report
+
+
+def cache_of(output):
+    """The cache a model output carries: `.cache` from transformers 5.24 on, `.past_key_values` before."""
+    from mla_zoo.modeling.remote.modeling_llama_mla import CACHE_FIELD
+
+    return getattr(output, CACHE_FIELD)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import convert_tiny, tiny_source
+from conftest import cache_of, convert_tiny, tiny_source
 from mla_zoo.modeling.convert import kv_bytes_per_token
 from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
 from mla_zoo.modeling.remote.modeling_llama_mla import cache_nbytes, mla_absorbed_attention
@@ -19,7 +19,7 @@ from transformers import DynamicCache, StaticCache
 @pytest.fixture(scope="module")
 def mla():
     """A lossy conversion (partial RoPE, low rank) of a tiny GQA model with q/k/v biases."""
-    model, _ = convert_tiny(tiny_source("qwen2-bias"), rope_pairs=2, kv_rank=12, rope_strategy="uniform")
+    model, _ = convert_tiny(tiny_source("qwen2-bias"), rope_pairs=2, kv_lora_rank=12, rope_strategy="uniform")
     return model
 
 
@@ -116,7 +116,7 @@ def test_explicit_absorbed_and_eager_paths_agree_with_padding_and_cache(mla):
     # prefill 7 tokens explicitly, then 3 single steps on the absorbed path over the cache
     positions = (mask.cumsum(-1) - 1).clamp_min(0)  # what generate() passes for left padding
     out = run(mla, "explicit", input_ids=ids[:, :7], attention_mask=mask[:, :7], position_ids=positions[:, :7])
-    cache, steps = out.past_key_values, []
+    cache, steps = cache_of(out), []
     for i in range(7, 10):
         step = run(mla, "absorbed", input_ids=ids[:, i : i + 1], attention_mask=mask[:, : i + 1],
                    cache=cache, position_ids=positions[:, i : i + 1])
@@ -149,10 +149,16 @@ def test_cache_holds_only_latent_and_rope_keys(mla, kind):
 def test_the_cache_argument_has_both_names(mla):
     """transformers >= 5.24 passes `cache=`, older releases `past_key_values=`."""
     ids = torch.randint(3, 384, (1, 6))
+    from mla_zoo.modeling.remote.modeling_llama_mla import CACHE_FIELD
+
     new = run(mla, "auto", input_ids=ids[:, :5], cache=DynamicCache(config=mla.config))
-    old = run(mla, "auto", input_ids=ids[:, :5], past_key_values=DynamicCache(config=mla.config))
-    a = run(mla, "auto", input_ids=ids[:, 5:], cache=new.past_key_values).logits
-    b = run(mla, "auto", input_ids=ids[:, 5:], past_key_values=old.past_key_values).logits
+    if CACHE_FIELD == "cache":  # transformers >= 5.24 renamed it: the old name warns, as built-in models do
+        with pytest.warns(FutureWarning, match="`past_key_values` is deprecated"):
+            old = run(mla, "auto", input_ids=ids[:, :5], past_key_values=DynamicCache(config=mla.config))
+    else:
+        old = run(mla, "auto", input_ids=ids[:, :5], past_key_values=DynamicCache(config=mla.config))
+    a = run(mla, "auto", input_ids=ids[:, 5:], cache=cache_of(new)).logits
+    b = run(mla, "auto", input_ids=ids[:, 5:], past_key_values=cache_of(old)).logits
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="not both"):
         run(mla, "auto", input_ids=ids, cache=DynamicCache(), past_key_values=DynamicCache())
@@ -160,11 +166,11 @@ def test_the_cache_argument_has_both_names(mla):
 
 def test_crop_continues_like_a_fresh_cache(mla):
     ids = torch.randint(3, 384, (2, 12))
-    full = run(mla, "auto", input_ids=ids[:, :10]).past_key_values
+    full = cache_of(run(mla, "auto", input_ids=ids[:, :10]))
     full.crop(-2)  # drop the last two tokens, as assisted decoding does
     assert full.get_seq_length() == 8
     after_crop = run(mla, "auto", input_ids=ids[:, 8:], cache=full).logits
-    fresh = run(mla, "auto", input_ids=ids[:, :8]).past_key_values
+    fresh = cache_of(run(mla, "auto", input_ids=ids[:, :8]))
     reference = run(mla, "auto", input_ids=ids[:, 8:], cache=fresh).logits
     assert (after_crop - reference).abs().max() < 1e-5  # prefills of 10 vs 8 tokens round differently
 
@@ -189,7 +195,7 @@ def test_speculative_decoding_crops_the_cache_and_equals_greedy(mla, drafts):
     """Rejected draft tokens are cropped from the cache: the result must be plain greedy's."""
     ids = torch.randint(3, 384, (1, 6)).repeat(1, 3)  # repeats give prompt lookup drafts to try
     if drafts == "assistant":
-        assistant, _ = convert_tiny(tiny_source("qwen2-bias", seed=1), rope_pairs=2, kv_rank=12)
+        assistant, _ = convert_tiny(tiny_source("qwen2-bias", seed=1), rope_pairs=2, kv_lora_rank=12)
         kwargs = {"assistant_model": assistant}
     else:
         kwargs = {"prompt_lookup_num_tokens": 3}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, cache_of
 from mla_zoo.modeling.common import read_text
 from mla_zoo.modeling.convert import ConvertSettings, convert_model, kv_bytes_per_token
 from mla_zoo.zoo.evaluate import perplexity
@@ -22,7 +22,7 @@ def answer(model, tokenizer, max_new_tokens=12) -> str:
 def test_lossless_conversion_of_the_real_model_keeps_logits_and_answers(smollm2):
     model, tokenizer, info = smollm2
     mla, report = convert_model(model, tokenizer, info, ConvertSettings(
-        rope_pairs=32, kv_rank=192, rope_strategy="high", dtype="float32"), progress=False)
+        rope_pairs=32, kv_lora_rank=192, rope_strategy="high", dtype="float32"), progress=False)
     ids = tokenizer(read_text(DATA / "heldout.txt")[:2000], return_tensors="pt")["input_ids"][:, :256]
     with torch.no_grad():
         diff = (model(ids).logits - mla(ids).logits).abs().max().item()
@@ -44,16 +44,16 @@ def paper_setting(smollm2):
 def test_real_cache_bytes_equal_the_report(paper_setting, smollm2):
     _, tokenizer, _ = smollm2
     mla, report = paper_setting["whitened"]
-    assert report["kv_cache"]["reduction"] == pytest.approx(0.6875)
+    assert report.kv_cache.reduction == pytest.approx(0.6875)
     ids = tokenizer(["The weather today", "Once upon a time, in"], return_tensors="pt", padding=True)
     out = mla.generate(**ids, max_new_tokens=7, do_sample=False, return_dict_in_generate=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     t = cache.get_seq_length()
     assert t == out.sequences.shape[1] - 1  # the last token is never fed back
     from mla_zoo.modeling.remote.modeling_llama_mla import cache_nbytes
 
-    assert cache_nbytes(cache) == 2 * t * report["kv_cache"]["bytes_per_token_after"]
-    assert report["kv_cache"]["bytes_per_token_after"] == kv_bytes_per_token(mla.config, 4)["after"] == 30 * 120 * 4
+    assert cache_nbytes(cache) == 2 * t * report.kv_cache.bytes_per_token_after
+    assert report.kv_cache.bytes_per_token_after == kv_bytes_per_token(mla.config, 4)["after"] == 30 * 120 * 4
 
 
 def test_real_model_generates_the_same_with_static_and_dynamic_cache(paper_setting, smollm2):

@@ -35,6 +35,8 @@ score of a query, which softmax ignores; a bias on v adds b to every output beca
 weights sum to one.
 """
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,7 +46,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_llama_mla import LlamaMLAConfig
@@ -62,7 +65,7 @@ CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__
 # Keyword arguments that callers of a transformers model pass and this model may ignore.
 IGNORED_KWARGS = {"cache_position", "num_logits_to_keep", "token_type_ids"}
 # Loss arguments the Trainer passes through a model's forward.
-LOSS_KWARGS = {"num_items_in_batch", "ignore_index"}
+LOSS_KWARGS = {"num_items_in_batch", "ignore_index", "shift_labels"}
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 ABSORBED_MAX_QUERIES = 16  # "auto" takes the absorbed path for up to this many new tokens over a cache
 USE_TRITON_DECODE = True  # set False to decode with the PyTorch path on CUDA too (tests, benchmarks)
@@ -102,17 +105,19 @@ class LlamaMLAMLP(nn.Module):
 class LlamaMLARotaryEmbedding(nn.Module):
     """cos/sin of every RoPE frequency of the source model; each layer then picks its kept pairs.
 
-    Supports the rope types whose frequencies do not depend on the sequence length ("default",
-    "linear", "llama3", "yarn", ...); "dynamic" and "longrope" raise at construction.
+    Every rope type of transformers' `ROPE_INIT_FUNCTIONS` works ("default", "linear", "llama3",
+    "yarn", ...); "dynamic" and "longrope" recompute their frequencies with the sequence length
+    through transformers' `dynamic_rope_update`, which reads the attributes set here.
     """
 
     def __init__(self, config: LlamaMLAConfig):
         super().__init__()
+        self.config = config
         self.rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        if self.rope_type in ("dynamic", "longrope"):
-            raise NotImplementedError(f"LlamaMLA does not support rope_type={self.rope_type!r}")
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
         inv_freq, self.attention_scaling = self.compute_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2]
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
     @staticmethod
     def compute_inv_freq(config: LlamaMLAConfig) -> tuple[torch.Tensor, float]:
@@ -124,6 +129,7 @@ class LlamaMLARotaryEmbedding(nn.Module):
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device, torch.float)  # [B, S, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, head_dim]
@@ -200,29 +206,28 @@ def mla_absorbed_attention(
     return o_lat, probs
 
 
-def eager_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, dropout: float
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain attention that returns its weights. q: [B, H, S, D], k: [B, n_kv, T, D], v: [B, n_kv, T, Dv]."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [B, H, T, D]
-    scores = q @ k.transpose(-1, -2)  # [B, H, S, T]
-    scores = apply_mask(scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale, attn_mask)
+    """Plain attention that returns its weights, with transformers' attention-interface signature.
+
+    query: [B, H, S, D], key: [B, n_kv, T, D], value: [B, n_kv, T, Dv]; returns [B, S, H, Dv] and the
+    weights [B, H, S, T]. `ALL_ATTENTION_FUNCTIONS` supplies "sdpa" with the same signature.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)  # [B, H, T, D]
+    scores = query @ key.transpose(-1, -2)  # [B, H, S, T]
+    scores = apply_mask(scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling, attention_mask)
     probs = scores.softmax(dim=-1)
-    out = F.dropout(probs, p=dropout, training=dropout > 0).to(v.dtype) @ v  # [B, H, S, Dv]
-    return out, probs
-
-
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float, dropout: float
-) -> torch.Tensor:
-    """The same through torch's SDPA (flash / memory-efficient kernels). Shapes as `eager_attention`."""
-    if attn_mask is not None and attn_mask.dtype != torch.bool:
-        attn_mask = attn_mask.to(q.dtype)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=scale,
-        is_causal=attn_mask is None and q.shape[2] > 1, enable_gqa=k.shape[1] != q.shape[1],
-    )  # [B, H, S, Dv]
+    out = F.dropout(probs, p=dropout, training=module.training).to(value.dtype) @ value  # [B, H, S, Dv]
+    return out.transpose(1, 2), probs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,7 +244,8 @@ class LlamaMLAAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.num_groups = self.num_heads // self.num_kv_heads
+        self.num_groups = self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.is_causal = True
         self.head_dim = config.head_dim
         self.rope_dim = config.qk_rope_head_dim
         self.nope_dim = config.qk_nope_head_dim
@@ -308,11 +314,11 @@ class LlamaMLAAttention(nn.Module):
             k = torch.cat((k_rope.unflatten(-1, (n_kv, -1)).transpose(1, 2), k_nope), dim=-1)  # [B, n_kv, T, hd]
             q = torch.cat((q_rope, q_nope), dim=-1).permute(0, 2, 3, 1, 4).reshape(b, self.num_heads, s, -1)
             dropout = self.config.attention_dropout if self.training else 0.0
-            if output_attentions or self.config._attn_implementation == "eager":
-                out, weights = eager_attention(q, k, v, attention_mask, self.scaling, dropout)  # [B, H, S, d_v]
-            else:
-                out, weights = sdpa_attention(q, k, v, attention_mask, self.scaling, dropout), None
-            out = out.view(b, n_kv, grp, s, -1).permute(0, 3, 1, 2, 4)  # [B, S, n_kv, G, d_v]
+            attention = eager_attention_forward  # "eager", and whenever the weights are asked for
+            if not output_attentions:
+                attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, attention)
+            out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling)
+            out = out.reshape(b, s, n_kv, grp, -1)  # [B, S, n_kv, G, d_v]
         if b_uv is not None:
             out = out + b_uv[:, None]  # [n_kv, 1, d_v] broadcast over the group
         out = self.o_proj(out.reshape(b, s, self.num_heads * self.v_dim))  # [B, S, hidden]
@@ -365,6 +371,8 @@ def resolve_cache_argument(cache: Cache | None, past_key_values: Cache | None) -
     """transformers >= 5.24 passes `cache=`, older releases `past_key_values=`: accept either, not both."""
     if cache is not None and past_key_values is not None:
         raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and CACHE_FIELD == "cache":  # this transformers calls it `cache`
+        warnings.warn("`past_key_values` is deprecated: pass the cache as `cache`", FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 
@@ -391,7 +399,9 @@ class LlamaMLAPreTrainedModel(PreTrainedModel):
         # The non-persistent buffers are rebuilt from the config whenever transformers (re)initialises.
         with torch.no_grad():
             if isinstance(module, LlamaMLARotaryEmbedding):
-                module.inv_freq.copy_(module.compute_inv_freq(self.config)[0])
+                inv_freq = module.compute_inv_freq(self.config)[0]
+                module.inv_freq.copy_(inv_freq)
+                module.original_inv_freq.copy_(inv_freq)
             elif isinstance(module, LlamaMLAAttention):
                 module.rope_pairs.copy_(module.config_rope_pairs())
             elif isinstance(module, LlamaMLARMSNorm):
