@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import calibration, lowrank, partial_rope
+from . import calibration, lowrank, partial_rope, rank_allocation
 from .common import ConversionError, atomic_directory, read_text
 from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
 from .remote.configuration_llama_mla import LlamaMLAConfig
@@ -59,6 +59,9 @@ class ConvertSettings(Settings):
     calib_seq_len: int = setting(512, min=2, help="calibration row length")
     dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's)")
     seed: int = setting(0, min=0, help="random seed (self-sampled calibration)")
+    rank_allocation: str = setting("uniform", choices=rank_allocation.SCHEMES,
+                                   help="uniform: every layer kv_lora_rank; energy: per-layer ranks at the same total, "
+                                        "more where the whitened SVD loses most (needs per-layer ranks in the model)")
 
 
 def head_dim_of(config) -> int:
@@ -90,6 +93,11 @@ def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
     s.kv_rank_per_head = None if s.kv_lora_rank % n_kv else s.kv_lora_rank // n_kv  # None: not per head
     if s.calib_tokens is None:
         s.calib_tokens = 4096 if s.calib_text else 1024
+    if s.rank_allocation != "uniform" and "kv_lora_ranks" not in LlamaMLAConfig.__dict__:
+        raise ConversionError(
+            f"`rank_allocation` {s.rank_allocation} needs per-layer latent ranks, which this version of the model "
+            "(modeling/remote) does not support yet; use uniform (python bench/rank_allocation_smollm2.py measures "
+            "what an energy allocation would keep)")
     return s
 
 
@@ -188,6 +196,19 @@ def head_permutation(pairs: list[int], head_dim: int) -> tuple[list[int], list[i
     return rope, [i for i in range(head_dim) if i not in kept]
 
 
+def stacked_kv(wk: torch.Tensor, wv: torch.Tensor, nope_rows: list[list[int]], head_dim: int) -> torch.Tensor:
+    """The rows the latent factorises: per KV head its NoPE key rows, then its value rows."""
+    d = head_dim
+    return torch.cat([torch.cat((wk[rows], wv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(nope_rows)])
+
+
+def layer_kv_matrix(attn, layer_pairs: list[list[int]], head_dim: int) -> torch.Tensor:
+    """`stacked_kv` of a source attention block whose KV heads keep `layer_pairs` (float64)."""
+    d = head_dim
+    nope = [[kv * d + i for i in head_permutation(p, d)[1]] for kv, p in enumerate(layer_pairs)]
+    return stacked_kv(attn.k_proj.weight.double(), attn.v_proj.weight.double(), nope, d)
+
+
 @torch.no_grad()
 def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment) -> float:
     """Fill one MLA attention block from a source attention block; returns the retained energy."""
@@ -206,7 +227,7 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
         kr_rows += [kv * d + i for i in rope]
         kn_rows.append([kv * d + i for i in nope])
 
-    stacked = torch.cat([torch.cat((wk[rows], wv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)])
+    stacked = stacked_kv(wk, wv, kn_rows, d)
     if s.svd == "joint":
         up, down, energy = lowrank.joint(stacked, s.kv_lora_rank)
     elif s.svd == "split":

@@ -35,8 +35,8 @@ def joint(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float
     return _svd_factor(w, rank)
 
 
-def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Activation-aware joint SVD; `second_moment` is E[x x^T] of the block's input, [hidden, hidden].
+def _whitening(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, root) with C + damp I = L L^T, L = Q diag(root).
 
     The square root of C is taken by eigendecomposition, C = Q diag(l) Q^T, L = Q diag(sqrt(l)), which
     (unlike a Cholesky factor) exists also when fewer calibration tokens than hidden dims make C
@@ -45,10 +45,23 @@ def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[t
     c = second_moment.double()
     damp = 1e-6 * c.diagonal().mean().clamp_min(1e-12)
     evals, q = torch.linalg.eigh(c + damp * torch.eye(c.shape[0], dtype=c.dtype))
-    root = evals.clamp_min(damp).sqrt()  # C + damp I = L L^T with L = Q diag(root)
+    return q, evals.clamp_min(damp).sqrt()
+
+
+def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Activation-aware joint SVD; `second_moment` is E[x x^T] of the block's input, [hidden, hidden]."""
+    q, root = _whitening(second_moment)
     up, down_white, energy = _svd_factor(w.double() @ (q * root), rank)  # (W L) ~ up @ down_white
     down = (down_white / root) @ q.T  # down_white @ L^{-1} = down_white diag(1/root) Q^T
     return up, down, energy
+
+
+@torch.no_grad()
+def whitened_spectrum(w: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """The singular values of W L (descending, float64): what `whitened` keeps the first `rank` of.
+    Per-layer rank allocation (`rank_allocation`) reads them."""
+    q, root = _whitening(second_moment)
+    return torch.linalg.svdvals(w.double() @ (q * root))
 
 
 def split(

@@ -202,5 +202,5 @@ def test_eval_reports_teacher_agreement_and_behaviour(source_dir, tmp_path, caps
     result = json.loads(capsys.readouterr().out)
     assert result["top1_agreement"] > 0.99
     assert result["perplexity"] == pytest.approx(result["teacher_perplexity"], rel=1e-4)
-    assert len(result["behaviour"]) == 5 and all("answer" in b for b in result["behaviour"])
+    assert len(result["behaviour"]) == 31 and all("answer" in b for b in result["behaviour"])  # behaviour.jsonl
     assert result["tokens"] == 597  # 3 windows of 200 tokens, each scoring 199

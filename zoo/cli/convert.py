@@ -92,6 +92,12 @@ def evaluate(c: EvalCommand, settings: EvalSettings, out: Output) -> int:
 
     settings.check_files()
     device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.suite:
+        from mla_zoo.zoo.evaluate import evaluate_suite, format_suite
+
+        suite = evaluate_suite(c.model, c.teacher, settings, device=device, progress=not out.json)
+        print(suite.to_json() if out.json else format_suite(suite), end="\n" if not out.json else "")
+        return 0
     r = evaluate(c.model, settings, teacher=c.teacher, device=device)
     if out.json:
         print(r.to_json(), end="")
@@ -111,6 +117,7 @@ def evaluate(c: EvalCommand, settings: EvalSettings, out: Output) -> int:
 COMMANDS = (
     Command("convert", "convert a Llama/Mistral/Qwen2 checkpoint to MLA (MHA2MLA)",
             (ConvertCommand, ConvertSettings, Output), convert),
-    Command("eval", "perplexity and KV-cache size of an MLA checkpoint or an original model",
+    Command("eval", "perplexity and KV-cache size of a model on a text, or the multi-domain suite against its "
+                    "original (--suite)",
             (EvalCommand, EvalSettings, Output), evaluate),
 )

@@ -1,6 +1,9 @@
-"""Evaluation: the measurements (`metrics`) and the reports built from them (`evaluation`)."""
+"""Evaluation: the measurements (`metrics`), the multi-domain suite (`suite`) and the reports built
+from them (`evaluation`)."""
 
-from .evaluation import EvalComparison, EvalReport, EvalSettings, compare, evaluate, load_model
+from .evaluation import EvalComparison, EvalReport, EvalSettings, compare, evaluate, evaluate_suite, load_model
 from .metrics import perplexity
+from .suite import SuiteReport, format_suite
 
-__all__ = ["EvalComparison", "EvalReport", "EvalSettings", "compare", "evaluate", "load_model", "perplexity"]
+__all__ = ["EvalComparison", "EvalReport", "EvalSettings", "SuiteReport", "compare", "evaluate", "evaluate_suite",
+           "format_suite", "load_model", "perplexity"]

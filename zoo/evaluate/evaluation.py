@@ -1,5 +1,6 @@
-"""`mla-zoo eval` and the build's eval stage: one model's `EvalReport`, or an original and its MLA
-conversion measured the same way (`compare`), so that the two numbers in a table are comparable."""
+"""`mla-zoo eval` and the build's eval stage: one model's `EvalReport` on a text, the multi-domain
+suite against the original (`evaluate_suite`, see `suite.py`), or an original and its MLA conversion
+measured the same way (`compare`), so that the two numbers in a table are comparable."""
 
 from __future__ import annotations
 
@@ -10,22 +11,33 @@ from typing import Any
 
 import torch
 from mla_zoo.modeling import sources
-from mla_zoo.modeling.common import read_text
+from mla_zoo.modeling.common import EvalError, read_text
 from mla_zoo.modeling.convert import kv_bytes_per_token
 from mla_zoo.modeling.schema import Report, Settings, setting
 
-from .metrics import BehaviourAnswer, behaviour, lm_eval_tasks, perplexity, top1_agreement
+from .metrics import BehaviourAnswer, behaviour, lm_eval_tasks, load_behaviour, perplexity, top1_agreement
+from .suite import SuiteReport, run_suite, suite_dir
 
 
 @dataclass
 class EvalSettings(Settings):
     """What is measured: the `[eval]` section of a recipe, the flags of `mla-zoo eval`."""
 
-    text: str = setting(path="file", help="UTF-8 text file to measure perplexity on")
+    text: str | None = setting(None, path="file", help="UTF-8 text file to measure perplexity on")
     seq_len: int = setting(1024, min=2, help="window length (each window scores its tokens 2..seq_len)")
-    max_tokens: int | None = setting(None, min=2, help="score at most this many tokens of the text")
+    max_tokens: int | None = setting(None, min=2, help="score at most this many tokens of the text (of each domain "
+                                                       "with --suite)")
     dtype: str = setting("float32", choices=("float32", "bfloat16"), help="dtype the model runs in")
-    prompts: bool = setting(False, help="answer a fixed set of behaviour prompts (greedy)")
+    prompts: bool = setting(False, help="answer the suite's behaviour prompts (greedy)")
+    suite: bool = setting(False, help="the multi-domain suite against --teacher: every domain's perplexity, the "
+                                      "teacher's, top-1 agreement and KL (worst first), the teacher's chat answers, "
+                                      "the behaviour prompts the teacher answers right")
+    suite_dir: str | None = setting(None, path="dir", help="the suite's data (default: the repository's data/eval)")
+    domains: tuple[str, ...] = setting((), sep=",", help="comma-separated: only these domains of the suite")
+    chat_new_tokens: int = setting(96, min=0, help="length of the teacher's answers to the suite's chat prompts "
+                                                   "(0: no chat part)")
+    behaviour_new_tokens: int = setting(48, min=0, help="length of the greedy answers to behaviour prompts (0: none)")
+    max_prompts: int | None = setting(None, min=1, help="use only the first N chat and behaviour prompts (fast checks)")
     tasks: tuple[str, ...] = setting((), sep=",", help="comma-separated lm-evaluation-harness tasks (needs lm-eval "
                                                        "and a network)")
 
@@ -61,14 +73,27 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def _load_pair(spec: str, teacher: str, dtype: torch.dtype, device: str):
+    """(model, tokenizer, teacher model) on `device`; the two must share a tokenizer."""
+    model, tokenizer = load_model(spec, dtype)
+    teacher_model, teacher_tok = load_model(teacher, dtype)
+    sources.check_same_tokenizer(tokenizer, teacher_tok, model.config, teacher_model.config)
+    return model.to(device), tokenizer, teacher_model.to(device)
+
+
 def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, device: str = "cpu") -> EvalReport:
-    """Everything `mla-zoo eval` reports for one model (an MLA checkpoint or any SOURCE)."""
+    """Everything `mla-zoo eval --text` reports for one model (an MLA checkpoint or any SOURCE)."""
     started = time.time()
     s = settings
+    if s.text is None:
+        raise EvalError("give a `text` to measure (or `suite` for the multi-domain suite)")
     text = read_text(s.text, "text")
     dtype = getattr(torch, s.dtype)
-    model, tokenizer = load_model(spec, dtype)
-    model = model.to(device)
+    if teacher:
+        model, tokenizer, teacher_model = _load_pair(spec, teacher, dtype, device)
+    else:
+        model, tokenizer = load_model(spec, dtype)
+        model = model.to(device)
     ppl = perplexity(model, tokenizer, text, s.seq_len, s.max_tokens)
     report = EvalReport(
         model=str(spec), text=str(s.text), seq_len=s.seq_len, **ppl,
@@ -76,18 +101,25 @@ def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, devi
         kv_cache_dtype=s.dtype,
     )
     if teacher:
-        teacher_model, teacher_tok = load_model(teacher, dtype)
-        sources.check_same_tokenizer(tokenizer, teacher_tok, model.config, teacher_model.config)
-        teacher_model = teacher_model.to(device)
         report.teacher = str(teacher)
         report.teacher_perplexity = perplexity(teacher_model, tokenizer, text, s.seq_len, s.max_tokens)["perplexity"]
         report.top1_agreement = top1_agreement(model, teacher_model, tokenizer, text, s.seq_len, s.max_tokens)
     if s.prompts:
-        report.behaviour = behaviour(model, tokenizer)
+        report.behaviour = behaviour(model, tokenizer, load_behaviour(suite_dir(s.suite_dir) / "behaviour.jsonl"),
+                                     s.behaviour_new_tokens or 48)
     if s.tasks:
         report.tasks = lm_eval_tasks(str(spec), list(s.tasks), device)
     report.seconds = round(time.time() - started, 2)
     return report
+
+
+def evaluate_suite(spec: str, teacher: str, settings: EvalSettings, device: str = "cpu",
+                   progress: bool = False) -> SuiteReport:
+    """`mla-zoo eval SPEC --teacher TEACHER --suite`: the multi-domain suite (`suite.run_suite`)."""
+    if not teacher:
+        raise EvalError("`suite` compares the model with its original: give the `teacher`")
+    model, tokenizer, teacher_model = _load_pair(spec, teacher, getattr(torch, settings.dtype), device)
+    return run_suite(model, teacher_model, tokenizer, settings, str(spec), str(teacher), progress)
 
 
 @dataclass
@@ -103,6 +135,9 @@ class EvalComparison(Report):
     base: EvalReport
     mla: EvalReport
     perplexity_delta: float  # mla / base - 1
+    suite: SuiteReport | None = None  # the MLA model against the base on the multi-domain suite
+
+    SCHEMA_VERSION = 2  # 2: `suite`
 
 
 def compare(base: str, mla: str | Path, settings: EvalSettings, text_name: str,
@@ -114,6 +149,11 @@ def compare(base: str, mla: str | Path, settings: EvalSettings, text_name: str,
         report = evaluate(spec, settings)
         report.model, report.text = label, text_name
         results[label] = report
+    suite = None
+    if settings.suite:
+        log("eval: the multi-domain suite, the MLA model against the base model")
+        suite = evaluate_suite(str(mla), base, settings)
+        suite.model, suite.teacher = "mla", "base"
     return EvalComparison(text=text_name, seq_len=settings.seq_len, max_tokens=settings.max_tokens,
                           dtype=settings.dtype, base=results["base"], mla=results["mla"],
-                          perplexity_delta=results["mla"].perplexity / results["base"].perplexity - 1)
+                          perplexity_delta=results["mla"].perplexity / results["base"].perplexity - 1, suite=suite)

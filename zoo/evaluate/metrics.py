@@ -3,6 +3,7 @@ answers to behaviour prompts, and lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -38,42 +39,79 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int
     return {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll / count}
 
 
-# A fixed set of behaviour prompts, answered greedily: a quick look at whether a conversion kept
-# what the model knew and how it talks (the first one is the project's smoke test: "Paris").
-BEHAVIOUR_PROMPTS = [
-    ("What is the capital of France?", "Paris"),
-    ("How many days are there in a week?", "seven|7"),
-    ("What is the opposite of hot?", "cold"),
-    ("Name a primary colour.", "red|blue|yellow"),
-    ("Translate 'thank you' into French.", "merci"),
-]
+@dataclass
+class BehaviourPrompt:
+    """One line of the suite's behaviour.jsonl: a prompt and a deterministic check of its greedy answer."""
+
+    id: str
+    category: str  # knowledge | arithmetic | instruction | refusal
+    prompt: str
+    check: dict  # {"contains_any": [...]} or {"regex": "..."}, both case-insensitive
+
+    def passes(self, answer: str) -> bool:
+        if "contains_any" in self.check:
+            return any(s.lower() in answer.lower() for s in self.check["contains_any"])
+        return re.search(self.check["regex"], answer, flags=re.IGNORECASE) is not None
+
+
+def load_behaviour(path) -> list[BehaviourPrompt]:
+    """The behaviour prompts of a suite directory's behaviour.jsonl."""
+    rows = []
+    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+        if line.strip():
+            try:
+                rows.append(BehaviourPrompt(**json.loads(line)))
+            except (json.JSONDecodeError, TypeError) as e:
+                raise EvalError(f"{path}:{n}: not a behaviour prompt ({e})") from e
+    return rows
+
+
+def chat_text(tokenizer, prompt: str) -> str:
+    """A user prompt as the model is asked it: its chat template, else a plain question/answer frame."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    return f"Question: {prompt}\nAnswer:"
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16
+                   ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids up to and including the first EOS) of each prompt, greedy, batched
+    with left padding."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [tokenizer(chat_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    results = []
+    for start in range(0, len(encoded), batch_size):
+        part = encoded[start : start + batch_size]
+        width = max(len(e) for e in part)
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in part])  # [b, width]
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in part])
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=eos).cpu()  # [b, width + new]
+        for row, prompt_ids in enumerate(part):
+            answer = out[row, width:].tolist()
+            if eos in answer:
+                answer = answer[: answer.index(eos) + 1]
+            results.append((list(prompt_ids), answer))
+    return results
 
 
 @dataclass
 class BehaviourAnswer:
     prompt: str
     answer: str
-    expected: str  # a regular expression
-    ok: bool  # the answer matches it
+    expected: str  # the check, as JSON
+    ok: bool  # the answer passes it
 
 
-@torch.no_grad()
-def behaviour(model, tokenizer, max_new_tokens: int = 32) -> list[BehaviourAnswer]:
-    """Greedy answers to BEHAVIOUR_PROMPTS (chat template when the tokenizer has one)."""
-    results = []
-    for prompt, expected in BEHAVIOUR_PROMPTS:
-        if getattr(tokenizer, "chat_template", None):
-            enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)
-        else:
-            enc = tokenizer(f"Question: {prompt}\nAnswer:", return_tensors="pt")
-        enc = {k: v.to(model.device) for k, v in enc.items()}
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        ok = re.search(expected, text, flags=re.IGNORECASE) is not None
-        results.append(BehaviourAnswer(prompt, text, expected, ok))
-    return results
+def behaviour(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int = 48) -> list[BehaviourAnswer]:
+    """Greedy answers to behaviour prompts (chat template when the tokenizer has one), each checked."""
+    answers = greedy_answers(model, tokenizer, [p.prompt for p in prompts], max_new_tokens)
+    texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for _, a in answers]
+    return [BehaviourAnswer(p.prompt, t, json.dumps(p.check), p.passes(t)) for p, t in zip(prompts, texts, strict=True)]
 
 
 @torch.no_grad()
