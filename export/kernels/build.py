@@ -159,6 +159,23 @@ def find_headers(ort_include: str | None = None) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_library(path: Path) -> None:
+    """The built library loads, has the onnxruntime entry point, and implements this op version."""
+    import ctypes
+
+    from ..contract import OP_VERSION
+
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise KernelBuildError(f"{path} does not load: {e}") from e
+    if not hasattr(lib, "RegisterCustomOps"):
+        raise KernelBuildError(f"{path} has no RegisterCustomOps entry point")
+    if lib.MlaZooOpVersion() != OP_VERSION:
+        raise KernelBuildError(
+            f"{path} implements op version {lib.MlaZooOpVersion()}, the exporter writes {OP_VERSION}")
+
+
 def build_kernels(settings: BuildSettings | None = None) -> BuildReport:
     """Builds the library for the current sources (cached); returns where it is."""
     settings = settings or BuildSettings()
@@ -181,6 +198,7 @@ def build_kernels(settings: BuildSettings | None = None) -> BuildReport:
         built = build / LIBRARY_NAME
         if not built.is_file():
             raise KernelBuildError(f"cmake finished but {LIBRARY_NAME} is missing")
+        check_library(built)
         staging = out_dir.with_name(out_dir.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
