@@ -23,8 +23,10 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
 #define MLA_ZOO_AVX2 1
 #endif
 #if defined(MLA_ZOO_AVX2) && defined(__AVX512F__)
@@ -60,7 +62,12 @@ inline Ort::Float16_t from_float<Ort::Float16_t>(float x) { return Ort::Float16_
 inline const float* as_float(const float* src, size_t, std::vector<float>&) { return src; }
 inline const float* as_float(const Ort::Float16_t* src, size_t n, std::vector<float>& buf) {
   buf.resize(n);
-  for (size_t i = 0; i < n; ++i) buf[i] = src[i].ToFloat();
+  size_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(buf.data() + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) buf[i] = src[i].ToFloat();
   return buf.data();
 }
 
