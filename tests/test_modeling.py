@@ -297,3 +297,19 @@ def test_config_writes_deepseek_dims_and_rejects_inconsistent_fields(tmp_path):
         LlamaMLAConfig(**base, kv_lora_rank=8, rope_pairs=[[[0], [8]], [[0], [1]]])
     with pytest.raises(ValueError, match="qk_rope_head_dim"):
         LlamaMLAConfig(**base, kv_lora_rank=8, rope_pairs=[[[0], [1]]] * 2, qk_rope_head_dim=4)
+
+
+def test_per_layer_latent_ranks():
+    """Rank allocation gives each layer its own latent width: the cache and generate() follow it."""
+    model, _ = convert_tiny(tiny_source("llama-gqa"), rope_pairs=2, kv_lora_rank=12)
+    cfg = LlamaMLAConfig(**{**model.config.to_dict(), "kv_lora_ranks": [8, 16]})
+    mla = type(model)(cfg).eval()  # random weights: the shapes are what is tested
+    ids = torch.randint(3, 384, (2, 6))
+    out = run(mla, "auto", input_ids=ids)
+    assert [layer.keys.shape[-1] for layer in cache_of(out).layers] == [8, 16]
+    assert cache_nbytes(cache_of(out)) == 2 * 6 * 4 * cfg.kv_cache_values_per_token()
+    assert cfg.kv_cache_values_per_token() == (8 + 2 * 4) + (16 + 2 * 4)
+    assert torch.equal(generate(mla, ids), generate(mla, ids, use_cache=False))
+    assert torch.equal(generate(mla, ids, cache_implementation="static"), generate(mla, ids))
+    with pytest.raises(ValueError, match="kv_lora_ranks has 1 layers"):
+        LlamaMLAConfig(**{**model.config.to_dict(), "kv_lora_ranks": [8]})

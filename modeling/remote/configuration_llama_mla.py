@@ -5,6 +5,8 @@ This file is copied verbatim into every mla-zoo checkpoint (remote code), so it 
 
 * `kv_lora_rank`: the TOTAL width of the shared latent c_kv that is cached (DeepSeek's name). The
   MHA2MLA paper's d_kv is per KV head: `kv_lora_rank = d_kv * num_key_value_heads`.
+* `kv_lora_ranks`: optional per-layer latent widths (rank allocation: layers whose SVD loses most
+  get more), at the same total; None = `kv_lora_rank` in every layer.
 * `rope_pairs[layer][kv_head]`: the RoPE frequency pairs each KV head keeps (pair i = dims i and
   i + head_dim/2 in the rotate-half layout of the source model). Storing explicit indices makes
   every partial-RoPE strategy (high, low, uniform, 2-norm) representable with one format.
@@ -23,6 +25,7 @@ class LlamaMLAConfig(LlamaConfig):
     r"""
     Args (beyond [`LlamaConfig`]):
         kv_lora_rank (`int`): total width of the cached latent (all KV heads together).
+        kv_lora_ranks (`list[int]`, optional): that width per layer, when the layers differ.
         rope_pairs (`list[list[list[int]]]`): per layer, per KV head, the sorted RoPE pair indices
             kept (each in `[0, head_dim // 2)`); every head keeps the same number R of pairs.
         rope_strategy (`str`): how the pairs were chosen (informational: "high", "low", "uniform",
@@ -48,6 +51,7 @@ class LlamaMLAConfig(LlamaConfig):
     }
 
     kv_lora_rank: int = 256
+    kv_lora_ranks: list | None = None
     rope_pairs: list | None = None
     rope_strategy: str = "full"
     attention_output_bias: bool | None = None
@@ -100,8 +104,11 @@ class LlamaMLAConfig(LlamaConfig):
         if len(counts) != 1 or counts == {0}:
             raise ValueError("every KV head must keep the same number (>= 1) of RoPE pairs")
         max_rank = self.num_key_value_heads * (2 * self.head_dim - 2 * len(self.rope_pairs[0][0]))
-        if not 1 <= self.kv_lora_rank <= max_rank:
-            raise ValueError(f"kv_lora_rank must be in [1, {max_rank}] for this shape, got {self.kv_lora_rank}")
+        for rank in [self.kv_lora_rank, *(self.kv_lora_ranks or [])]:
+            if not 1 <= rank <= max_rank:
+                raise ValueError(f"kv_lora_rank must be in [1, {max_rank}] for this shape, got {rank}")
+        if self.kv_lora_ranks is not None and len(self.kv_lora_ranks) != self.num_hidden_layers:
+            raise ValueError(f"kv_lora_ranks has {len(self.kv_lora_ranks)} layers, expected {self.num_hidden_layers}")
         if self.mla_attention not in ("auto", "explicit", "absorbed"):
             raise ValueError(f"mla_attention must be 'auto', 'explicit' or 'absorbed', got {self.mla_attention!r}")
 
@@ -110,10 +117,14 @@ class LlamaMLAConfig(LlamaConfig):
         """R: the RoPE frequency pairs each KV head keeps."""
         return len(self.rope_pairs[0][0])
 
+    def layer_kv_lora_rank(self, layer: int) -> int:
+        """The latent width of one layer."""
+        return self.kv_lora_ranks[layer] if self.kv_lora_ranks is not None else self.kv_lora_rank
+
     def kv_cache_values_per_token(self) -> int:
         """Values cached per token over all layers: the latent plus each KV head's RoPE key dims."""
-        per_layer = self.kv_lora_rank + self.num_key_value_heads * self.qk_rope_head_dim
-        return per_layer * self.num_hidden_layers
+        rope = self.num_key_value_heads * self.qk_rope_head_dim
+        return sum(self.layer_kv_lora_rank(i) + rope for i in range(self.num_hidden_layers))
 
 
 __all__ = ["LlamaMLAConfig"]

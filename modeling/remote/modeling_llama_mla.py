@@ -250,7 +250,7 @@ class LlamaMLAAttention(nn.Module):
         self.rope_dim = config.qk_rope_head_dim
         self.nope_dim = config.qk_nope_head_dim
         self.v_dim = config.v_head_dim
-        self.kv_lora_rank = config.kv_lora_rank
+        self.kv_lora_rank = config.layer_kv_lora_rank(layer_idx)
         self.scaling = self.head_dim**-0.5  # the source model's scale: q.k still spans head_dim dims
 
         hidden = config.hidden_size
