@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-from mla_zoo.zoo.cli import main
 from mla_zoo.zoo.train import data
 
 
@@ -95,41 +94,6 @@ def test_hf_spec_streams_a_local_dataset(tmp_path, tokenizer):
     rows = data.pack_rows(f"hf:{folder}", tokenizer, 8, progress=False)
     want = data.pack_rows(str(folder / "train.jsonl"), tokenizer, 8, progress=False)
     assert torch.equal(rows, want)
-
-
-def test_synth_data_writes_shards_that_finetune_reads(source_dir, tokenizer, tmp_path, capsys):
-    src = source_dir("llama-gqa")
-    out = tmp_path / "synth"
-    code = main(["synth-data", str(src), "-o", str(out), "--tokens", "600", "--seq-len", "32", "--batch-size", "8",
-                 "--max-new-tokens", "24", "--seed", "1"])
-    assert code == 0
-    assert "tokens/s" in capsys.readouterr().out
-    report = json.loads((out / "synth.json").read_text())
-    assert report["tokens"] >= 600 and report["chat"] and report["prompt_count"] >= 400
-    assert report["generated_tokens_per_second"] > 0
-    from safetensors.torch import load_file
-
-    shard = load_file(out / "shard-00000.safetensors")
-    ids, mask = shard["input_ids"], shard["attention_mask"]
-    assert ids.dtype == torch.int32 and ids.shape[1] == 32 and int(mask.sum()) == report["tokens"]
-    text = tokenizer.decode(ids[0].tolist())
-    assert text.startswith("<s>user: ") and "assistant:" in text  # prompts in chat format, then the answer
-    # `--data DIR` reads it, at its own row length or re-packed to another
-    rows = data.pack_rows(str(out), tokenizer, 32, progress=False)
-    assert torch.equal(rows, ids[: rows.shape[0]])
-    repacked = data.pack_rows(str(out), tokenizer, 20, progress=False)
-    assert repacked.flatten().tolist() == ids[mask.bool()].tolist()[: repacked.numel()]
-    assert main(["synth-data", str(src), "-o", str(out), "--tokens", "10"]) == 2  # exists: needs --overwrite
-
-
-def test_prompt_set_is_varied():
-    from mla_zoo.zoo.train.synth import build_prompts
-
-    chat = build_prompts(chat=True)
-    assert len(set(chat)) == len(chat) >= 600
-    assert any("capital of" in p for p in chat) and any("short story" in p for p in chat)
-    assert build_prompts(chat=True, seed=1) != chat
-    assert len(build_prompts(chat=False)) > 50
 
 
 def test_a_mix_takes_an_equal_share_of_rows_from_each_part(tmp_path, tokenizer):

@@ -10,8 +10,9 @@ exactly the keys, types and ranges the command line does:
     [conversion]  ConvertSettings (mla_zoo.modeling.convert), the flags of `mla-zoo convert`
     [finetune]    enabled (default false) + FinetuneSettings (zoo.train.settings), the flags of
                   `mla-zoo finetune`; enabled = true needs a budget, max_steps or tokens
-    [eval]        EvalSettings (zoo.evaluate), the flags of `mla-zoo eval`
-    [eval.gates]  GateSettings (below): limits a release must pass
+    [eval]        EvalSettings (zoo.evaluate), the flags of `mla-zoo eval`; `suite = true` adds the
+                  multi-domain suite (the MLA model against its source), which the suite gates read
+    [eval.gates]  GateSettings (gates.py): limits a release must pass, per domain for the suite
     [export]      enabled (default false) + the options of mla_zoo.export's ExportSettings
                   (once this installation has the export stage)
 
@@ -31,10 +32,11 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mla_zoo.modeling.common import DataError, RecipeError, SettingsError, name_fields
+from mla_zoo.modeling.common import DataError, EvalError, RecipeError, SettingsError, name_fields
 from mla_zoo.modeling.convert import ConvertSettings
 from mla_zoo.modeling.schema import Settings, recipe_fields, setting
 from mla_zoo.zoo.evaluate import EvalSettings
+from mla_zoo.zoo.evaluate.suite import suite_dir
 from mla_zoo.zoo.train.data import describe
 from mla_zoo.zoo.train.settings import FinetuneSettings
 
@@ -178,11 +180,11 @@ class _Reader:
             if f.default is MISSING and f.default_factory is MISSING and f.name not in values:
                 raise RecipeError(f"recipe {self.name}: {section}.{f.name} is required")
             kind, value = f.metadata.get("path"), values.get(f.name)
-            if isinstance(value, str) and kind == "file":
+            if isinstance(value, str) and kind in ("file", "dir"):
                 values[f.name] = str(resolve_path(value, self.base_dir))
             elif isinstance(value, str) and kind == "data":
-                values[f.name] = ",".join(p if p.startswith("hf:") else str(resolve_path(p, self.base_dir))
-                                          for p in value.split(",") if p)
+                values[f.name] = ",".join(p if p.startswith(("hf:", "teacher:"))  # not files
+                                          else str(resolve_path(p, self.base_dir)) for p in value.split(",") if p)
         try:
             settings = cls(**values)
             settings.check_files()
@@ -237,13 +239,26 @@ def parse_recipe(text: str, path: Path) -> Recipe:
     options = [] if cls is None else [f.name for f in fields(cls) if f.name not in EXPORT_FROM_BUILD]
     read.check_keys("export", export, options)
 
+    eval_settings = read.settings("eval", EvalSettings, evaluation)
+    if eval_settings.text is None:
+        raise RecipeError(f"recipe {name}: eval.text is required (the model card's perplexity)")
+    suite_gates = gates.suite_gates()
+    if suite_gates and not eval_settings.suite:
+        raise RecipeError(f"recipe {name}: eval.gates.{suite_gates[0]} reads the multi-domain suite: set "
+                          "eval.suite = true")
+    if eval_settings.suite:
+        try:
+            suite_dir(eval_settings.suite_dir)
+        except EvalError as e:
+            raise read.error("eval", e) from None
+
     return Recipe(
         name=name, path=path, text=text, raw=raw,
         release=read.settings("release", ReleaseSettings, raw["release"]),
         source=located,
         conversion=read.settings("conversion", ConvertSettings, raw.get("conversion", {})),
         finetune=finetune,
-        eval=read.settings("eval", EvalSettings, evaluation),
+        eval=eval_settings,
         gates=gates,
         export=export,
         enabled=tuple(enabled),

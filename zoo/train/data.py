@@ -7,9 +7,12 @@ A data SPEC is one of:
 * a directory written by `mla-zoo synth-data` (its `shard-*.safetensors`, already tokenised);
 * `hf:NAME[:CONFIG][:SPLIT]`: a Hugging Face `datasets` dataset, streamed (needs `datasets` and
   a network; split defaults to `train`), field `text` or `messages`;
-* several of these joined by commas (`synth/,data/train.txt`): a mix with an equal share of rows
-  from each (a part that runs short is repeated), e.g. the teacher's chat samples to keep its chat
-  behaviour plus in-domain real text.
+* `teacher:MIX` (e.g. `teacher:chat=0.7+bos=0.3`): no corpus at all: `mla-zoo finetune` first samples
+  as many tokens as the run needs from its teacher (`synth.synth_data`, MIX as its `mix`) into
+  OUT/synth/, then reads that directory (`sample_teacher_parts`);
+* several of these joined by commas (`teacher:chat=1,data/train.txt`): a mix with an equal share of
+  rows from each (a part that runs short is repeated), e.g. the teacher's own samples to keep its
+  general behaviour plus real text of a domain the user cares about.
 
 Documents are tokenised without special tokens and concatenated with EOS after each one; the
 stream is cut into rows of exactly `seq_len` tokens (the remainder is dropped). Only as many
@@ -28,12 +31,13 @@ import torch
 from mla_zoo.modeling.common import DataError
 from tqdm.auto import tqdm
 
-from .synth import SynthReport
+from .synth import MIX, SynthReport, SynthSettings
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 TEXT_BLOCK = 1 << 20  # read large text files in ~1 MB pieces (split at line ends)
 TOKENIZE_BATCH = 256
+TEACHER = "teacher:"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,15 +87,62 @@ def split_spec(spec: str) -> list[str]:
     return [part for part in spec.split(",") if part]
 
 
+def teacher_mix(spec: str) -> str:
+    """The MIX of a `teacher:MIX` part, checked."""
+    import re
+
+    mix = spec[len(TEACHER):]
+    if not re.fullmatch(MIX, mix):
+        raise DataError(f"`data` {spec}: expected teacher:SOURCE=SHARE[+SOURCE=SHARE], sources chat and bos "
+                        "(e.g. teacher:chat=0.7+bos=0.3)")
+    return mix
+
+
+def sample_teacher_parts(spec: str, teacher: str, out: Path, rows: int | None, seq_len: int, seed: int = 0, *,
+                         run: bool = True, progress: bool = True) -> str:
+    """`spec` with each `teacher:MIX` part replaced by a synth-data directory under `out` that holds
+    enough tokens for its share of `rows` rows (sampled now when `run`, kept from an earlier session
+    of the same run when it matches). Under DDP only the main process runs it; the others get the
+    same spec back with run=False once it is done."""
+    from .synth import synth_data
+
+    parts = split_spec(spec)
+    if not any(p.startswith(TEACHER) for p in parts):
+        return spec
+    if rows is None:
+        raise DataError(f"`data` {spec}: samples of the teacher need a run length: give `tokens` or `max_steps`")
+    share = -(-rows // len(parts))
+    resolved = []
+    for i, part in enumerate(parts):
+        if not part.startswith(TEACHER):
+            resolved.append(part)
+            continue
+        target = out / f"part-{i}"
+        settings = SynthSettings(tokens=(share + 1) * seq_len, mix=teacher_mix(part), seq_len=seq_len, seed=seed)
+        if run and not _same_synth(target, settings):
+            synth_data(teacher, target, settings, overwrite=True, progress=progress)
+        resolved.append(str(target))
+    return ",".join(resolved)
+
+
+def _same_synth(path: Path, settings: SynthSettings) -> bool:
+    """Whether `path` holds a finished synth-data run of these settings."""
+    if not (path / SynthReport.FILE).is_file():
+        return False
+    done = SynthReport.read(path).settings
+    keys = ("tokens", "mix", "seq_len", "seed", "temperature", "prompt_pool")
+    return all(getattr(done, k) == getattr(settings, k) for k in keys)
+
+
 @dataclass
 class DataSource:
     """What a data spec resolves to, for run reports."""
 
     spec: str
-    kind: str  # files | synth | hf | mix
+    kind: str  # files | synth | hf | teacher | mix
     files: int | None = None  # files, synth: how many, and the first
     first: str | None = None
-    name: str | None = None  # hf: the dataset
+    name: str | None = None  # hf: the dataset; teacher: the mix
     config: str | None = None
     split: str | None = None
     parts: list[DataSource] = field(default_factory=list)  # mix
@@ -104,6 +155,8 @@ def describe(spec: str) -> DataSource:
     if spec.startswith("hf:"):
         name, config, split = parse_hf_spec(spec)
         return DataSource(spec, "hf", name=name, config=config, split=split)
+    if spec.startswith(TEACHER):
+        return DataSource(spec, "teacher", name=teacher_mix(spec))
     files = resolve_files(spec)
     kind = "synth" if files[0].suffix == ".safetensors" else "files"
     return DataSource(spec, kind, files=len(files), first=str(files[0]))
@@ -197,6 +250,8 @@ def iter_token_pieces(spec: str, tokenizer) -> Iterator[list[int] | torch.Tensor
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token to separate documents")
+    if spec.startswith(TEACHER):
+        raise DataError(f"`data` {spec}: the teacher's samples are made by `mla-zoo finetune` (sample_teacher_parts)")
     if spec.startswith("hf:"):
         sources = [_hf_docs(spec, tokenizer)]
     else:

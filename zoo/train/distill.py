@@ -3,11 +3,17 @@
 Two losses, one per fine-tuning stage:
 
 * `distill_loss` (global stage): KL(teacher || student) on next-token distributions at
-  temperature T (scaled by T^2), optionally plus next-token cross-entropy. The vocabulary-sized
-  part is computed in chunks of positions from the two models' final hidden states: each chunk
-  applies the LM heads, takes log-softmax in fp32 and is reduced to a scalar, and is wrapped in
-  `torch.utils.checkpoint` so that its logits are recomputed in backward instead of kept. Full
-  logits of the whole batch are never held at once.
+  temperature T (scaled by T^2), optionally plus next-token cross-entropy, from the two models'
+  final hidden states. Full logits of the whole batch are never held at once. Three ways, one result:
+  - `fused` (the KL alone, heads without bias): `FusedLinearKL`, the LM heads fused with the loss:
+    chunk by chunk the forward computes the loss AND its gradients with respect to the hidden states
+    and the student head, so the backward only scales them: no logits kept, none recomputed.
+    On CUDA with Liger-Kernel installed, its `LigerFusedLinearJSD` (beta = 0: forward KL, Triton)
+    does the same (`liger`); elsewhere the plain-torch version below.
+  - `chunked`: each chunk applies the heads, takes log-softmax in fp32, is reduced to a scalar and
+    wrapped in `torch.utils.checkpoint` (its logits are recomputed in backward). Also for the CE term.
+  `kl_impl` picks one (`auto`: liger where it runs, else fused when it applies, else chunked);
+  tests check each against the unchunked float64 reference.
 * `layerwise_loss` (layer-wise stage): every converted attention block against the original block
   on the teacher's own hidden states, all layers at once as independent problems:
   sum_l ||student_l - target_l||^2 / ||target_l||^2 (both as means over positions and dims).
@@ -42,6 +48,78 @@ def _chunk_loss(s_h, t_h, targets, student_head, teacher_head, temperature, want
     return kl, ce
 
 
+class FusedLinearKL(torch.autograd.Function):
+    """mean over rows of KL(softmax(t_h W_t^T / T) || softmax(s_h W_s^T / T)) * T^2, with the LM
+    head fused into the loss: the forward computes, chunk by chunk, the loss and its gradients with
+    respect to s_h and W_s; the backward scales them by the incoming gradient. fp32 softmax; the
+    matmuls in the inputs' dtype. s_h: [n, H], s_w: [V, H], t_h: [n, H'], t_w: [V, H'].
+
+    d/dz_s of T^2 * KL at logits z_s = T * (softmax(z_s / T) - softmax(z_t / T)), so with g = that / n:
+    grad s_h = g W_s and grad W_s = g^T s_h.
+    """
+
+    @staticmethod
+    def forward(ctx, s_h, s_w, t_h, t_w, temperature: float, chunk_size: int):
+        n = s_h.shape[0]
+        acc = torch.promote_types(s_h.dtype, torch.float32)  # softmax in fp32 (fp64 for fp64 inputs)
+        grad_h = torch.empty_like(s_h)
+        grad_w = torch.zeros_like(s_w, dtype=acc) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=acc, device=s_h.device)
+        for start in range(0, n, chunk_size):
+            h = s_h[start : start + chunk_size]  # [c, H]
+            z_s = (h @ s_w.T).to(acc) / temperature  # [c, V]
+            z_t = (t_h[start : start + chunk_size] @ t_w.T).to(acc) / temperature
+            t_logp = F.log_softmax(z_t, dim=-1)
+            s_logp = F.log_softmax(z_s, dim=-1)
+            t_p = t_logp.exp()
+            total += (t_p * (t_logp - s_logp)).sum()
+            g = (s_logp.exp() - t_p) * (temperature / n)  # [c, V] d loss / d logits
+            grad_h[start : start + chunk_size] = (g.to(s_w.dtype) @ s_w).to(s_h.dtype)
+            if grad_w is not None:
+                grad_w += g.T @ h.to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = s_w.dtype
+        return total / n * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None
+
+
+def liger_available(device: torch.device) -> bool:
+    """Whether Liger-Kernel's fused linear JSD can run here (CUDA, triton and liger-kernel installed)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import liger_kernel.transformers.fused_linear_jsd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fused_kl(s_h, s_w, t_h, t_w, temperature: float, chunk_size: int, impl: str) -> torch.Tensor:
+    """The fused KL of `FusedLinearKL` (impl "fused") or Liger-Kernel's (impl "liger")."""
+    if impl == "liger":
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+        # beta = 0: forward KL, sum_v p_t (log p_t - log p_s) / rows, logits / T, no T^2 of its own
+        return LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)(s_h, s_w, t_h, t_w, None) * temperature**2
+    return FusedLinearKL.apply(s_h, s_w, t_h, t_w, float(temperature), chunk_size)
+
+
+def pick_kl_impl(impl: str, student_head: nn.Module, teacher_head: nn.Module, ce_weight: float,
+                 device: torch.device) -> str:
+    """The loss implementation `distill_loss` uses: `auto` takes liger where it runs, else fused;
+    the CE term and heads with a bias need the chunked path."""
+    if impl == "chunked" or ce_weight > 0 or student_head.bias is not None or teacher_head.bias is not None:
+        return "chunked"
+    if impl == "auto":
+        return "liger" if liger_available(device) else "fused"
+    return impl
+
+
 def distill_loss(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -53,6 +131,7 @@ def distill_loss(
     ce_weight: float = 0.0,
     chunk_size: int = KL_CHUNK,
     use_checkpoint: bool = True,
+    impl: str = "chunked",
 ) -> tuple[torch.Tensor, dict]:
     """Chunked KL(teacher || student) * T^2 (+ ce_weight * next-token CE), means over positions.
 
@@ -61,6 +140,7 @@ def distill_loss(
     student_head, teacher_head: the LM heads (hidden -> vocab); the vocab sizes must match
     input_ids: [B, S] the tokens, needed only for the CE term (position i predicts token i+1)
     mask: [B, S] 1 = real token, 0 = padding (excluded), or None
+    impl: auto | fused | liger | chunked (`pick_kl_impl`)
     Returns (loss, {"kl": ..., "ce": ...}) with detached parts.
     """
     b, s, _ = student_hidden.shape
@@ -83,6 +163,11 @@ def distill_loss(
     n = s_flat.shape[0]
     if n == 0:
         raise ValueError("no unmasked positions to distill on")
+    impl = pick_kl_impl(impl, student_head, teacher_head, ce_weight, s_flat.device)
+    if impl != "chunked":
+        kl = fused_kl(s_flat, student_head.weight, t_flat.to(teacher_head.weight.dtype), teacher_head.weight,
+                      float(temperature), chunk_size, impl)
+        return kl, {"kl": kl.detach()}
     fn = partial(_chunk_loss, student_head=student_head, teacher_head=teacher_head,
                  temperature=float(temperature), want_ce=want_ce)
     recompute = use_checkpoint and torch.is_grad_enabled()

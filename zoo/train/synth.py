@@ -1,20 +1,38 @@
-"""`mla-zoo synth-data`: sample training data from the original model (data-free distillation).
+"""`mla-zoo synth-data`: distillation data sampled from the original model itself (no corpus needed).
 
-An instruct model (its tokenizer has a chat template) answers a varied set of prompts built
-combinatorially from topics x task templates plus factual questions; each sample is the prompt
-and the answer in chat format, so the chat behaviour is what gets distilled. A base model
-continues short text openings. Samples are concatenated (EOS after each) and packed into rows
-of `seq_len` tokens, written as `shard-NNNNN.safetensors` (`input_ids` int32 [rows, seq_len],
-`attention_mask` uint8: only the last row of the run may hold padding) plus `synth.json`.
-`--data DIR` of `mla-zoo finetune` reads such a directory (`data.py`).
+The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`, e.g. `chat=0.7+bos=0.3`):
+
+* `chat` (an instruct model, i.e. its tokenizer has a chat template): the teacher WRITES the prompts,
+  then answers them. It is asked, for each of ~100 broad topics and a few request kinds
+  (`build_prompts`), to write one question or instruction a user might send; its reply (sampled at
+  temperature 1, first line, cleaned) becomes a user prompt, and its sampled answer to that prompt is
+  one sample (prompt + answer in chat format). A base model continues short openings instead.
+* `bos`: unconditional samples from BOS (or EOS where the tokenizer has no BOS) at the temperature:
+  whatever the model writes when nothing is asked.
+
+No evaluation prompt enters: the shipped topics and request kinds are held out from data/eval
+(tests/test_synth_prompts.py), and a written prompt that equals or contains an evaluation prompt is
+dropped at run time. Samples are concatenated (EOS after each) and packed into rows of `seq_len`
+tokens, written as `shard-NNNNN.safetensors` (`input_ids` int32 [rows, seq_len], `attention_mask`
+uint8: only the last row may hold padding) plus `synth.json`. `--data DIR` of `mla-zoo finetune`
+reads such a directory, and `--data teacher:MIX` makes finetune sample one itself (`data.py`).
+
+Engines (`engine`): `continuous` = transformers' continuous batching (`generate_batch`): a finished
+row leaves the batch at once and a waiting one takes its place; `generate` = `generate()` in
+fixed batches (static cache on CUDA), every row running to the longest. `auto` takes continuous
+batching on CUDA where the installed transformers has it (5.17 and 5.24 do), and falls back to
+`generate` (said on stdout) if it fails.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
+import re
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +41,8 @@ from mla_zoo.modeling.schema import Report, Settings, setting
 from mla_zoo.modeling.sources import SourceInfo
 from tqdm.auto import tqdm
 
+# Broad subjects the teacher writes prompts about. Held out from data/eval by name: no evaluation chat
+# prompt names one of them (tests/test_synth_prompts.py), and none is a source of an evaluation text.
 TOPICS = [
     "photosynthesis", "black holes", "the French Revolution", "machine learning", "volcanoes",
     "the human immune system", "climate change", "the Roman Empire", "quantum computing", "honeybees",
@@ -32,56 +52,101 @@ TOPICS = [
     "dinosaurs", "the solar system", "gardening", "friendship", "recycling", "the Olympic Games",
     "bread baking", "mountain climbing", "the history of mathematics", "rainforests", "robots",
     "public libraries", "the ocean tides", "learning a new language",
-]
-TASKS = [
-    "Explain {topic} to a ten-year-old.",
-    "Write a short story about {topic}.",
-    "List five interesting facts about {topic}.",
-    "How do I get started with learning about {topic}?",
-    "What are the main pros and cons of {topic}?",
-    "Write a short poem about {topic}.",
-    "Summarize the history of {topic} in a few sentences.",
-    "Give me three practical tips related to {topic}.",
-    "Describe {topic} in simple terms.",
-    "What are common misconceptions about {topic}?",
-    "Write a dialogue between a teacher and a student about {topic}.",
-    "Why does {topic} matter today?",
+    "databases", "web development", "programming in JavaScript", "data structures", "computer networks",
+    "operating systems", "version control", "cybersecurity", "spreadsheets", "statistics",
+    "algebra", "geometry", "probability", "personal finance", "starting a small business",
+    "marketing", "job hunting", "public speaking", "time management", "parenting",
+    "nutrition", "swimming", "yoga", "first aid", "mental health", "the human brain", "genetics",
+    "evolution", "chemistry experiments", "electricity", "magnets", "light and colour", "sound",
+    "weather forecasting", "earthquakes", "glaciers", "lakes and ponds", "birds", "insects", "whales", "trees",
+    "the Renaissance", "ancient Greece", "the Silk Road", "the Cold War", "world religions", "philosophy",
+    "ethics", "democracy", "economics", "architecture", "painting", "photography", "film making",
+    "classical music", "poetry", "writing a novel", "board games", "video games", "football", "cycling",
+    "home repairs", "cooking pasta", "travelling on a budget", "railways", "aviation", "space exploration",
 ]
 COUNTRIES = [
-    "France", "Japan", "Brazil", "Kenya", "Canada", "Australia", "India", "Germany", "Mexico", "Egypt",
+    "Japan", "Brazil", "Kenya", "Canada", "Australia", "India", "Germany", "Mexico", "Egypt",
     "Italy", "Spain", "Norway", "Argentina", "China", "South Korea", "Peru", "Vietnam", "Morocco", "Greece",
     "Sweden", "Chile", "Turkey", "Thailand", "Nigeria", "Portugal", "Ireland", "New Zealand", "Poland", "Iceland",
 ]
-FACT_TASKS = [
-    "What is the capital of {country}?",
-    "What languages are spoken in {country}?",
-    "Describe the geography of {country}.",
-    "What is {country} famous for?",
-    "Suggest a one-week travel itinerary for {country}.",
+# What the teacher is asked in order to write a prompt; {subject} is a topic or "the country X".
+REQUESTS = [
+    "Write one question that someone might ask an AI assistant about {subject}. Reply with the question only.",
+    "Write one instruction asking an assistant to do a short writing task about {subject}. Reply with the "
+    "instruction only.",
+    "Write one question a curious student could ask about {subject}, as the student would ask it. Reply with the "
+    "question only.",
+    "Write a request for practical advice related to {subject}, as a user would type it. Reply with the request only.",
+    "Write one hard question about {subject} that needs a careful explanation. Reply with the question only.",
 ]
 OPENINGS = [
     "The", "In the beginning,", "Once upon a time,", "Scientists have discovered that", "The history of",
     "Here is a recipe for", "Chapter 1", "Dear friend,", "In this article, we", "It was a cold morning when",
     "The most important thing about", "Yesterday,", "According to recent research,", "Step 1:", "A long time ago",
 ]
+SOURCES = ("chat", "bos")
+MIX = r"(chat|bos)=(\d+(\.\d*)?|\.\d+)(\+(chat|bos)=(\d+(\.\d*)?|\.\d+))*"
 SHARD_ROWS = 2048
 
 
+def parse_mix(mix: str) -> dict[str, float]:
+    """`chat=0.7+bos=0.3` -> {"chat": 0.7, "bos": 0.3} (shares normalised to sum 1)."""
+    parts = [p.split("=") for p in mix.split("+")]
+    shares = {name: float(value) for name, value in parts}
+    if len(shares) != len(parts) or sum(shares.values()) <= 0:
+        raise SynthError(f"`mix` {mix}: name each source once, with a positive share")
+    total = sum(shares.values())
+    return {name: value / total for name, value in shares.items() if value > 0}
+
+
 def build_prompts(chat: bool, seed: int = 0) -> list[str]:
-    """The prompt set, shuffled: 480 topic x task + 150 factual prompts (chat), or text openings."""
+    """What the teacher is asked, shuffled: request kinds x (topics + countries) for an instruct model
+    (its replies become the user prompts), or text openings for a base model (continued as they are)."""
     if chat:
-        prompts = [t.format(topic=x) for x, t in itertools.product(TOPICS, TASKS)]
-        prompts += [t.format(country=c) for c, t in itertools.product(COUNTRIES, FACT_TASKS)]
+        subjects = TOPICS + [f"the country {c}" for c in COUNTRIES]
+        prompts = [r.format(subject=s) for s, r in itertools.product(subjects, REQUESTS)]
     else:
         prompts = list(OPENINGS) + [f"{o} {x}" for o, x in itertools.product(("The", "The history of"), TOPICS)]
     random.Random(seed).shuffle(prompts)
     return prompts
 
 
+def clean_prompt(reply: str) -> str | None:
+    """The user prompt in a teacher's reply to a request: its first non-empty line, unquoted; None when
+    it does not look like one (too short or long, or a refusal)."""
+    line = next((x.strip() for x in reply.splitlines() if x.strip()), "")
+    line = re.sub(r"^(question|instruction|request|prompt)\s*\d*\s*:\s*", "", line, flags=re.IGNORECASE)
+    line = line.strip().strip('"“”').strip()
+    if not 12 <= len(line) <= 300 or re.match(r"(i'm sorry|i cannot|i can't|sure|here is)", line, re.IGNORECASE):
+        return None
+    return line
+
+
+def held_out(prompts: list[str], eval_prompts: list[str]) -> list[str]:
+    """`prompts` without any that equals or contains an evaluation prompt (case and spacing ignored)."""
+    norm = [" ".join(p.lower().split()) for p in eval_prompts]
+    return [p for p in prompts if not any(e in " ".join(p.lower().split()) for e in norm)]
+
+
+def evaluation_prompts() -> list[str]:
+    """The held-out chat and behaviour prompts of the repository's data/eval (none where it is absent)."""
+    import json
+
+    from mla_zoo.zoo.evaluate.suite import DEFAULT_SUITE
+
+    found = []
+    chat, behaviour = DEFAULT_SUITE / "chat_prompts.txt", DEFAULT_SUITE / "behaviour.jsonl"
+    if chat.is_file():
+        found += [x.strip() for x in chat.read_text(encoding="utf-8").splitlines() if x.strip()]
+    if behaviour.is_file():
+        found += [json.loads(x)["prompt"] for x in behaviour.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return found
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos = eos if eos is not None else tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
+    ids = list(eos) if isinstance(eos, list) else [eos]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return [int(i) for i in ids if i is not None]
@@ -132,10 +197,17 @@ class SynthSettings(Settings):
     """How distillation data is sampled from the original model (`mla-zoo synth-data`)."""
 
     tokens: int = setting(help="tokens to write (prompts + answers)", min=1)
+    mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos)",
+                       help="shares of the tokens: chat = the teacher's answers to prompts it wrote itself, "
+                            "bos = unconditional samples from BOS")
+    prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share")
     seq_len: int = setting(512, min=2, help="row length of the packed shards")
-    batch_size: int = setting(64, min=1, help="prompts sampled at once")
+    batch_size: int = setting(64, min=1, help="requests per generation call")
     temperature: float = setting(1.0, gt=0, help="sampling temperature")
     max_new_tokens: int | None = setting(None, min=1, help="answer length cap (default: seq_len)")
+    engine: str = setting("auto", choices=("auto", "continuous", "generate"),
+                          help="continuous = transformers' continuous batching (finished rows stop costing), "
+                               "generate = fixed batches; auto = continuous on CUDA")
     cache: str = setting("auto", choices=("auto", "static", "dynamic"),
                          help="generate()'s KV cache: static (fixed shapes, fast on CUDA), dynamic; auto = static on "
                               "CUDA")
@@ -148,36 +220,191 @@ class SynthSettings(Settings):
 class SynthReport(Report):
     """synth.json: what was sampled, and how fast."""
 
+    SCHEMA_VERSION = 2  # 2: mix, per-source tokens, the engine, teacher-written prompts
     FILE = "synth.json"
 
     model: str
     source: SourceInfo
-    settings: SynthSettings  # resolved: max_new_tokens, cache and dtype as used
+    settings: SynthSettings  # resolved: max_new_tokens, engine, cache and dtype as used
     tokens: int
     generated_tokens: int
     samples: int
     rows: int
     shards: int
-    prompt_count: int
-    prompt_pad_len: int
+    prompt_count: int  # distinct user prompts (the teacher's own, for the chat share)
     chat: bool
     device: str
     seconds: float
     generation_seconds: float
     generated_tokens_per_second: float
     tokens_per_second: float
-    steady_generated_tokens_per_second: float | None  # without the first batch (a static cache compiles there)
+    steady_generated_tokens_per_second: float | None  # without the first call (compilation, warm-up)
+    tokens_by_source: dict[str, int] = field(default_factory=dict)
+    prompt_seconds: float = 0.0  # writing the prompts (part of generation_seconds)
+    example_prompts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        """Version 1: the fixed template prompts, one engine, a padded prompt length."""
+        data = dict(data)
+        data.pop("prompt_pad_len", None)
+        return data
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+@dataclass
+class Sampler:
+    """Samples answers to token-id prompts with one engine; counts the time and tokens it generates."""
+
+    model: object
+    pad_id: int
+    eos_ids: list[int]
+    engine: str  # continuous | generate
+    cache: str  # static | dynamic (generate only)
+    temperature: float | None  # None: greedy
+    seconds: float = 0.0
+    generated: int = 0
+    calls: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens) per call
+
+    def __call__(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Each prompt's answer, cut after its first EOS."""
+        t0 = time.time()
+        if self.engine == "continuous":
+            try:
+                answers = self._continuous(prompts, max_new_tokens)
+            except Exception as e:  # noqa: BLE001 - fall back once, say so
+                print(f"synth-data: continuous batching failed ({type(e).__name__}: {e}); using generate()")
+                self.engine = "generate"
+                answers = self._generate(prompts, max_new_tokens)
+        else:
+            answers = self._generate(prompts, max_new_tokens)
+        answers = [self._cut(a) for a in answers]
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - t0
+        tokens = sum(len(a) for a in answers)
+        self.seconds += seconds
+        self.generated += tokens
+        self.calls.append((seconds, tokens))
+        return answers
+
+    def _cut(self, answer: list[int]) -> list[int]:
+        cut = next((k for k, t in enumerate(answer) if t in self.eos_ids), None)
+        return answer if cut is None else answer[: cut + 1]
+
+    def _kwargs(self) -> dict:
+        if self.temperature is None:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
+
+    @torch.no_grad()
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        width = -(-max(len(p) for p in prompts) // 16) * 16  # few distinct shapes for a static cache
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+                      **self._kwargs())
+        if self.cache == "static":
+            try:
+                out = self.model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+            except Exception as e:  # noqa: BLE001 - fall back once, say so
+                print(f"synth-data: static cache failed ({type(e).__name__}: {e}); using the dynamic cache")
+                self.cache = "dynamic"
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        else:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        return [row.tolist() for row in out[:, width:].cpu()]
+
+    @torch.no_grad()
+    def _continuous(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                                  eos_token_id=self.eos_ids, **self._kwargs())
+        cb = None
+        if self.model.device.type != "cuda":  # size the paged cache for the requests (not by free memory)
+            page = 16
+            longest = max(len(p) for p in prompts) + max_new_tokens
+            cb = ContinuousBatchingConfig(page_size=page, num_blocks=len(prompts) * -(-longest // page) + 1,
+                                          max_batch_tokens=max(256, longest))
+        results = self.model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
+                                            max_new_tokens=max_new_tokens, progress_bar=False,
+                                            warmup=self.model.device.type == "cuda")
+        outputs = list(results.values())
+        failed = [o for o in outputs if o.error is not None]
+        if len(outputs) != len(prompts) or failed:
+            raise RuntimeError(f"{len(outputs)} of {len(prompts)} requests came back"
+                               + (f", {len(failed)} failed: {failed[0].error}" if failed else ""))
+        return [list(o.generated_tokens) for o in outputs]
+
+    @property
+    def steady(self) -> float | None:
+        rest = self.calls[1:]
+        return round(sum(n for _, n in rest) / sum(s for s, _ in rest), 1) if rest else None
+
+
+def has_continuous_batching(model) -> bool:
+    return hasattr(model, "generate_batch")
+
+
+# ----------------------------------------------------------------------------- the sources
+
+
+def chat_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, batch_size: int,
+                  exclude: list[str]) -> list[str]:
+    """Up to `pool` distinct user prompts written by the teacher in reply to `requests` (cycled)."""
+    found: dict[str, None] = {}
+    order = itertools.cycle(requests)
+    asked = 0
+    limit = max(4 * pool, batch_size)  # requests: a model that cannot write prompts stops here
+    while len(found) < pool and asked < limit:
+        batch = [next(order) for _ in range(batch_size)]
+        asked += len(batch)
+        replies = sampler([chat_ids(tokenizer, r) for r in batch], 64)
+        cleaned = [clean_prompt(tokenizer.decode(a, skip_special_tokens=True)) for a in replies]
+        for p in held_out([c for c in cleaned if c], exclude):
+            found.setdefault(p, None)
+    return list(found)[:pool]
+
+
+def _requests(source: str, chat: bool, tokenizer, prompts: list[str]) -> Iterator[tuple[list[int], str]]:
+    """(prompt ids, source) forever: the chat prompts (cycled) or BOS."""
+    if source == "bos":
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        while True:
+            yield [start], "bos"
+    if chat:
+        encoded = [chat_ids(tokenizer, p) for p in prompts]
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    for ids in itertools.cycle(encoded):
+        yield ids, "chat"
+
+
+# ----------------------------------------------------------------------------- the run
 
 
 def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwrite: bool = False,
                progress: bool = True) -> SynthReport:
-    """Sample about `settings.tokens` tokens (prompts + answers) from SOURCE into shards under `out`
-    (written atomically, with synth.json)."""
+    """Sample about `settings.tokens` tokens from SOURCE into shards under `out` (written atomically,
+    with synth.json)."""
     from mla_zoo.modeling import sources
 
     s, out = settings, Path(out)
     if out.exists() and not overwrite:
         raise SynthError(f"{out} already exists; pass `overwrite` to replace it")
+    shares = parse_mix(s.mix)
+    started = time.time()
     cuda = torch.cuda.is_available()
     torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16}[s.dtype]
@@ -187,93 +414,59 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and s.seq_len > max_pos:
         raise SynthError(f"`seq_len` {s.seq_len} is beyond the model's max_position_embeddings ({max_pos})")
+    if tokenizer.eos_token_id is None:
+        raise SynthError("the tokenizer has no EOS token to end the samples with")
     chat = bool(getattr(tokenizer, "chat_template", None))
+    engine = s.engine if s.engine != "auto" else "continuous" if cuda else "generate"
+    if engine == "continuous" and not has_continuous_batching(model):
+        print("synth-data: this transformers has no continuous batching (generate_batch); using generate()")
+        engine = "generate"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
+                      "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature)
+    torch.manual_seed(s.seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(s.seed)
+
     prompts = build_prompts(chat, s.seed)
-    if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                               tokenize=False) for p in prompts]
-    else:
-        texts = [(tokenizer.bos_token or "") + p for p in prompts]
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    prompt_len = max(len(e) for e in encoded)
-    prompt_len = -(-prompt_len // 16) * 16  # one padded length for every batch: fixed shapes for a static cache
-    used = SynthSettings(**{**vars(s), "max_new_tokens": s.max_new_tokens or s.seq_len,
-                            "cache": "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic",
-                            "dtype": str(torch_dtype).replace("torch.", "")})
+    if chat and "chat" in shares:
+        prompts = write_prompts(sampler, tokenizer, prompts, s.prompt_pool, s.batch_size, evaluation_prompts())
+        if not prompts:
+            raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
+    prompt_seconds = sampler.seconds
+    max_new = s.max_new_tokens or s.seq_len
+    used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
+                   dtype=str(torch_dtype).replace("torch.", ""))
+    by_source = dict.fromkeys(shares, 0)
+    samples = 0
     with atomic_directory(out) as tmp:
         writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
-        counts = _sample(model, tokenizer, texts, prompt_len, used, writer, device, progress)
+        with tqdm(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True, disable=not progress) as bar:
+            for name, share in shares.items():
+                target = math.ceil(share * s.tokens)
+                requests = _requests(name, chat, tokenizer, prompts)
+                while by_source[name] < target:
+                    batch = [next(requests)[0] for _ in range(s.batch_size)]
+                    for prompt, answer in zip(batch, sampler(batch, max_new), strict=True):
+                        sample = prompt + answer
+                        if sample[-1] != tokenizer.eos_token_id:
+                            sample.append(tokenizer.eos_token_id)
+                        writer.add(sample)
+                        by_source[name] += len(sample)
+                        samples += 1
+                        bar.update(len(sample))
+                    bar.set_postfix(gen_tok_s=f"{sampler.generated / max(sampler.seconds, 1e-9):.0f}")
         writer.close()
-        seconds = time.time() - counts["started"]
+        seconds = time.time() - started
+        written = sum(by_source.values())
         report = SynthReport(
-            model=info.name, source=info, settings=used, tokens=counts["written"],
-            generated_tokens=counts["generated"], samples=counts["samples"], rows=writer.total_rows,
-            shards=writer.shards, prompt_count=len(prompts), prompt_pad_len=prompt_len, chat=chat,
+            model=info.name, source=info, settings=used, tokens=written, generated_tokens=sampler.generated,
+            samples=samples, rows=writer.total_rows, shards=writer.shards, prompt_count=len(prompts), chat=chat,
             device=torch.cuda.get_device_name() if cuda else "cpu", seconds=round(seconds, 2),
-            generation_seconds=round(counts["gen_seconds"], 2),
-            generated_tokens_per_second=round(counts["generated"] / max(counts["gen_seconds"], 1e-9), 1),
-            tokens_per_second=round(counts["written"] / max(seconds, 1e-9), 1),
-            steady_generated_tokens_per_second=counts["steady"],
+            generation_seconds=round(sampler.seconds, 2),
+            generated_tokens_per_second=round(sampler.generated / max(sampler.seconds, 1e-9), 1),
+            tokens_per_second=round(written / max(seconds, 1e-9), 1), steady_generated_tokens_per_second=sampler.steady,
+            tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
         )
         report.write(tmp)
     return report
-
-
-def _sample(model, tokenizer, texts: list[str], prompt_len: int, s: SynthSettings, writer: _ShardWriter,
-            device: torch.device, progress: bool) -> dict:
-    """Sample batches of prompts (cycling through them) until `s.tokens` tokens are written; the counts.
-    `s.cache` may fall back from static to dynamic (said on stdout)."""
-    eos_ids = _eos_ids(model, tokenizer)
-    torch.manual_seed(s.seed)
-    written = generated = samples = 0
-    gen_seconds = 0.0
-    batch_times: list[float] = []
-    batch_counts: list[int] = []
-    started = time.time()
-    order = itertools.cycle(range(len(texts)))
-    kwargs = dict(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_ids)
-    with tqdm(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True, disable=not progress) as bar:
-        while written < s.tokens:
-            idx = [next(order) for _ in range(s.batch_size)]
-            batch = tokenizer([texts[i] for i in idx], add_special_tokens=False, padding="max_length",
-                              max_length=prompt_len, return_tensors="pt").to(device)
-            t0 = time.time()
-            if s.cache == "static":
-                try:
-                    out_ids = model.generate(**batch, **kwargs, cache_implementation="static")
-                except Exception as e:  # noqa: BLE001 - fall back once, say so
-                    print(f"synth-data: static cache failed ({type(e).__name__}: {e}); using the dynamic cache")
-                    s.cache = "dynamic"
-                    out_ids = model.generate(**batch, **kwargs)
-            else:
-                out_ids = model.generate(**batch, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            gen_seconds += time.time() - t0
-            batch_times.append(time.time() - t0)
-            out_ids = out_ids.cpu()
-            batch_generated = 0
-            mask = batch["attention_mask"].cpu()
-            for row in range(len(idx)):
-                prompt = out_ids[row, :prompt_len][mask[row].bool()].tolist()
-                answer = out_ids[row, prompt_len:].tolist()
-                cut = next((k for k, t in enumerate(answer) if t in eos_ids), None)
-                answer = answer if cut is None else answer[: cut + 1]
-                generated += len(answer)
-                batch_generated += len(answer)
-                sample = prompt + answer
-                if sample[-1] != tokenizer.eos_token_id:
-                    sample.append(tokenizer.eos_token_id)
-                writer.add(sample)
-                written += len(sample)
-                samples += 1
-                bar.update(len(sample))
-            batch_counts.append(batch_generated)
-            bar.set_postfix(gen_tok_s=f"{generated / max(gen_seconds, 1e-9):.0f}")
-    steady = round(sum(batch_counts[1:]) / sum(batch_times[1:]), 1) if len(batch_times) > 1 else None
-    return {"written": written, "generated": generated, "samples": samples, "gen_seconds": gen_seconds,
-            "started": started, "steady": steady}

@@ -1,0 +1,84 @@
+"""`mla-zoo synth-data`: the teacher's own distribution (prompts it writes, BOS samples), both engines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_source
+from mla_zoo.zoo.cli import main
+from mla_zoo.zoo.train import data
+from mla_zoo.zoo.train.synth import Sampler, build_prompts, clean_prompt, held_out, parse_mix
+
+
+def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tokenizer, tmp_path, capsys):
+    src = source_dir("llama-gqa")
+    out = tmp_path / "synth"
+    code = main(["synth-data", str(src), "-o", str(out), "--tokens", "600", "--seq-len", "32", "--batch-size", "8",
+                 "--max-new-tokens", "24", "--seed", "1", "--mix", "chat=0.5+bos=0.5", "--prompt-pool", "6"])
+    assert code == 0
+    assert "tokens/s" in capsys.readouterr().out
+    report = json.loads((out / "synth.json").read_text())
+    assert report["tokens"] >= 600 and report["chat"] and 1 <= report["prompt_count"] <= 6
+    assert set(report["tokens_by_source"]) == {"chat", "bos"} and min(report["tokens_by_source"].values()) >= 300
+    assert report["generated_tokens_per_second"] > 0 and report["settings"]["engine"] == "generate"  # auto on CPU
+    from safetensors.torch import load_file
+
+    shard = load_file(out / "shard-00000.safetensors")
+    ids, mask = shard["input_ids"], shard["attention_mask"]
+    assert ids.dtype == torch.int32 and ids.shape[1] == 32 and int(mask.sum()) == report["tokens"]
+    stream = tokenizer.decode(ids[mask.bool()].tolist())
+    assert stream.startswith("<s>user: ") and "assistant:" in stream  # the chat share first: prompt, then answer
+    # `--data DIR` reads it, at its own row length or re-packed to another
+    rows = data.pack_rows(str(out), tokenizer, 32, progress=False)
+    assert torch.equal(rows, ids[: rows.shape[0]])
+    repacked = data.pack_rows(str(out), tokenizer, 20, progress=False)
+    assert repacked.flatten().tolist() == ids[mask.bool()].tolist()[: repacked.numel()]
+    assert main(["synth-data", str(src), "-o", str(out), "--tokens", "10"]) == 2  # exists: needs --overwrite
+
+
+def test_bos_only_mix_needs_no_prompts(source_dir, tmp_path):
+    out = tmp_path / "bos"
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "100", "--seq-len", "16",
+                 "--batch-size", "4", "--max-new-tokens", "10", "--mix", "bos=1"]) == 0
+    report = json.loads((out / "synth.json").read_text())
+    assert report["tokens_by_source"] == {"bos": report["tokens"]} and report["samples"] >= 100 // 11
+    assert main(["synth-data", "x", "-o", str(tmp_path / "y"), "--tokens", "1", "--mix", "chat=0.5+text=0.5"]) == 2
+
+
+def test_continuous_batching_gives_generate_s_greedy_answers():
+    """The continuous-batching engine against generate(), greedy, prompts of different lengths (CPU)."""
+    model = tiny_source("llama-gqa")
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 30, 31, 32, 33, 34, 35], [1, 200, 201]]
+    answers = {}
+    for engine in ("generate", "continuous"):
+        sampler = Sampler(model, pad_id=0, eos_ids=[2], engine=engine, cache="dynamic", temperature=None)
+        answers[engine] = sampler(prompts, 12)
+        assert sampler.engine == engine and sampler.generated == sum(len(a) for a in answers[engine])
+    assert answers["continuous"] == answers["generate"]
+    assert all(0 < len(a) <= 12 for a in answers["generate"])
+
+
+def test_an_answer_stops_at_its_first_eos():
+    sampler = Sampler(None, pad_id=0, eos_ids=[2, 7], engine="generate", cache="dynamic", temperature=None)
+    assert sampler._cut([5, 6, 7, 2, 9]) == [5, 6, 7] and sampler._cut([5, 6]) == [5, 6]
+
+
+def test_the_request_set_is_varied_and_prompts_are_cleaned():
+    chat = build_prompts(chat=True)
+    assert len(set(chat)) == len(chat) >= 600
+    assert build_prompts(chat=True, seed=1) != chat and len(build_prompts(chat=False)) > 50
+    assert clean_prompt('Question: "How do tides work?"\nMore text') == "How do tides work?"
+    assert clean_prompt("Sure! Here is a question") is None and clean_prompt("Why?") is None
+    assert held_out(["What is the capital of France? Tell me.", "Name a river."],
+                    ["what is the capital of  France?"]) == ["Name a river."]
+    assert parse_mix("chat=3+bos=1") == {"chat": 0.75, "bos": 0.25}
+
+
+@pytest.mark.parametrize("mix", ["chat=0+bos=0", "chat=1+chat=2"])
+def test_bad_mixes_are_refused(mix):
+    from mla_zoo.modeling.common import SynthError
+
+    with pytest.raises(SynthError, match="mix"):
+        parse_mix(mix)
