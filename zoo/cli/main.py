@@ -19,12 +19,12 @@ import typing
 from mla_zoo.modeling.common import GateFailed, MlaZooError, name_fields
 from transformers import HfArgumentParser
 
-from . import convert, release, train
+from . import convert, pipeline, release, train
 from .command import Command
 
 # The export group (export, build-kernels, generate) comes with mla_zoo.export (ExportSettings,
 # GenerateSettings, run_export, ...): it is wired here, as a module with its COMMANDS, when it lands.
-GROUPS = (convert.COMMANDS, train.COMMANDS, release.COMMANDS)
+GROUPS = (convert.COMMANDS, train.COMMANDS, release.COMMANDS, pipeline.COMMANDS)
 
 
 def _base_type(hint):
