@@ -15,8 +15,11 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from mla_zoo.modeling.common import MlaZooError
+from mla_zoo.modeling.schema import Settings, setting
 
 from .contract import DATA_FILE, MODEL_FILE, input_names, output_names
 
@@ -24,18 +27,20 @@ DTYPES = {"fp32": "float32", "fp16": "float16"}
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
 
 
-class ExportError(ValueError):
+class ExportError(MlaZooError):
     """Bad export input (unsupported dtype, existing output, ...)."""
 
 
 @dataclass
-class ExportSettings:
-    checkpoint: str = field(metadata={"help": "a converted MLA checkpoint directory (config.json with llama_mla)"})
-    output_dir: str = field(metadata={"help": "where the ONNX model, tokenizer and genai_config.json go"})
-    portable: bool = field(default=False, metadata={
-        "help": "inline the op's standard-ONNX body (runs anywhere; no custom node, no fused kernel)"})
-    dtype: str = field(default="fp32", metadata={"help": "fp32 (CPU) or fp16 (GPU, issue 17); weights and cache"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output_dir"})
+class ExportSettings(Settings):
+    checkpoint: str = setting(positional=True, recipe=False,
+                              help="a converted MLA checkpoint directory (config.json with llama_mla)")
+    output_dir: str = setting(aliases=["-o"], recipe=False,
+                              help="where the ONNX model, tokenizer and genai_config.json go")
+    portable: bool = setting(False, help="inline the op's standard-ONNX body (runs anywhere; no custom node, "
+                                         "no fused kernel)")
+    dtype: str = setting("fp32", choices=tuple(DTYPES), help="fp32 (CPU) or fp16 (GPU); weights and cache")
+    overwrite: bool = setting(False, recipe=False, help="replace an existing output_dir")
 
 
 @dataclass

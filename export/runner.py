@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mla_zoo.modeling.common import MlaZooError
+from mla_zoo.modeling.schema import Settings, setting
 
 from .contract import DOMAIN, MODEL_FILE, past_name
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class CacheShapeError(ValueError):
+class CacheShapeError(MlaZooError):
     """A past tensor does not have the shape the model expects."""
 
 
@@ -180,20 +182,21 @@ def generate(decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.nda
 
 
 @dataclass
-class GenerateSettings:
-    model: str = field(metadata={"help": "an MLA checkpoint dir (torch) or an exported ONNX dir (onnx)"})
-    prompt: str = field(metadata={"help": "the prompt text"})
-    backend: str = field(default="onnx", metadata={"help": "onnx (onnxruntime) or torch"})
-    max_new_tokens: int = field(default=32, metadata={"help": "tokens to generate"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
-    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens (0 = all)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
-    seed: int = field(default=0, metadata={"help": "sampling seed"})
-    chat: bool = field(default=False, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
-    use_kernels: bool | None = field(default=None, metadata={
-        "help": "onnx: require (True) or skip (False) the kernel library; default: use it if built"})
-    threads: int | None = field(default=None, metadata={"help": "onnx: intra-op threads (default: all cores)"})
+class GenerateSettings(Settings):
+    model: str = setting(positional=True, path="dir",
+                         help="an MLA checkpoint dir (torch) or an exported ONNX dir (onnx)")
+    prompt: str = setting(positional=True, help="the prompt text")
+    backend: str = setting("onnx", choices=("onnx", "torch"), help="onnx (onnxruntime) or torch")
+    max_new_tokens: int = setting(32, min=1, help="tokens to generate")
+    do_sample: bool = setting(False, help="sample instead of greedy decoding")
+    temperature: float = setting(1.0, gt=0, help="sampling temperature")
+    top_k: int = setting(0, min=0, help="keep the k most likely tokens (0 = all)")
+    top_p: float = setting(1.0, gt=0, max=1, help="nucleus sampling mass")
+    seed: int = setting(0, help="sampling seed")
+    chat: bool = setting(False, help="wrap the prompt in the tokenizer's chat template")
+    use_kernels: bool | None = setting(None, help="onnx: require (--use-kernels) or skip (--no-use-kernels) the "
+                                                  "kernel library; default: use it if built")
+    threads: int | None = setting(None, min=1, help="onnx: intra-op threads (default: all cores)")
 
 
 @dataclass

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from mla_zoo.modeling.common import MlaZooError
 from torch import nn
 
 from . import op as _op  # noqa: F401  (registers torch.ops.mla_zoo.multi_head_latent_attention)
 
 
-class NotMLACheckpointError(ValueError):
+class NotMLACheckpointError(MlaZooError):
     """The checkpoint is not an mla-zoo MLA model."""
 
 

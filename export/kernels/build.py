@@ -16,8 +16,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from mla_zoo.modeling.common import MlaZooError
+from mla_zoo.modeling.schema import Settings, setting
 
 SOURCE_DIR = Path(__file__).resolve().parent
 SOURCES = ("CMakeLists.txt", "mla_attention.cc")
@@ -28,23 +31,23 @@ HEADER = "onnxruntime_lite_custom_op.h"
 BUILD_HINT = "build it with `mla-zoo build-kernels` (needs cmake, a C++17 compiler and, for the headers, apt-get)"
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(MlaZooError):
     """The library could not be built; the message says what is missing."""
 
 
-class KernelLibraryNotBuilt(FileNotFoundError):
+class KernelLibraryNotBuilt(MlaZooError, FileNotFoundError):
     """get_library_path() found no library built from the current sources."""
 
 
 @dataclass
-class BuildSettings:
-    ort_include: str | None = field(default=None, metadata={
-        "help": "an onnxruntime include dir with onnxruntime_lite_custom_op.h (default: $MLA_ZOO_ORT_INCLUDE, "
-                "else Debian trixie's libonnxruntime-dev, downloaded once)"})
-    isa: str = field(default="native", metadata={
-        "help": "native (-march=native: AVX-512 / AVX2 kernels where this CPU has them), avx2 or portable"})
-    force: bool = field(default=False, metadata={"help": "rebuild even if a library for these sources exists"})
-    quiet: bool = field(default=True, metadata={"help": "hide cmake's output unless it fails"})
+class BuildSettings(Settings):
+    ort_include: str | None = setting(None, path="dir", help="an onnxruntime include dir with "
+                                      "onnxruntime_lite_custom_op.h (default: $MLA_ZOO_ORT_INCLUDE, else Debian "
+                                      "trixie's libonnxruntime-dev, downloaded once)")
+    isa: str = setting("native", choices=("native", "avx2", "portable"),
+                       help="native (-march=native: AVX-512 / AVX2 kernels where this CPU has them), avx2 or portable")
+    force: bool = setting(False, help="rebuild even if a library for these sources exists")
+    quiet: bool = setting(True, help="hide cmake's output unless it fails")
 
 
 @dataclass

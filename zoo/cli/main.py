@@ -19,12 +19,10 @@ import typing
 from mla_zoo.modeling.common import GateFailed, MlaZooError, name_fields
 from transformers import HfArgumentParser
 
-from . import convert, pipeline, release, train
+from . import convert, export, pipeline, release, train
 from .command import Command
 
-# The export group (export, build-kernels, generate) comes with mla_zoo.export (ExportSettings,
-# GenerateSettings, run_export, ...): it is wired here, as a module with its COMMANDS, when it lands.
-GROUPS = (convert.COMMANDS, train.COMMANDS, release.COMMANDS, pipeline.COMMANDS)
+GROUPS = (convert.COMMANDS, train.COMMANDS, export.COMMANDS, release.COMMANDS, pipeline.COMMANDS)
 
 
 def _base_type(hint):
@@ -100,8 +98,21 @@ def run(command: Command, args: argparse.Namespace) -> int:
     return command.run(*values)
 
 
+def quiet_progress_bars() -> None:
+    """No progress bars in logs: when stderr is not a terminal, transformers' and huggingface_hub's
+    bars are turned off (mla-zoo's own check it themselves, `common.progress_bar`)."""
+    if sys.stderr.isatty():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_progress_bars()
     command = args.run
     flags = {f.name: flag(f) for cls in command.schema for f in dataclasses.fields(cls)}
     try:
