@@ -39,7 +39,8 @@ class ExportSettings(Settings):
                               help="where the ONNX model, tokenizer and genai_config.json go")
     portable: bool = setting(False, help="inline the op's standard-ONNX body (runs anywhere; no custom node, "
                                          "no fused kernel)")
-    dtype: str = setting("fp32", choices=tuple(DTYPES), help="fp32 (CPU) or fp16 (GPU); weights and cache")
+    dtype: str = setting("fp32", choices=tuple(DTYPES), help="fp32 (CPU) or fp16 (GPU); weights and cache "
+                                                             "(no bf16: onnxruntime's CPU provider has no bf16 MatMul)")
     overwrite: bool = setting(False, recipe=False, help="replace an existing output_dir")
 
 
