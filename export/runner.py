@@ -31,11 +31,17 @@ def model_uses_op(model_path: str | Path) -> bool:
     return any(o.domain == DOMAIN for o in model.opset_import)
 
 
-def session_options(use_kernels: bool | None, model_path: str | Path, threads: int | None = None):
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def session_options(use_kernels: bool | None, model_path: str | Path, threads: int | None = None,
+                    device: str = "cpu"):
     """SessionOptions with the kernel library registered when wanted and available.
 
     use_kernels: True = require the library, False = run the function body, None = use it if built,
-    else fall back to the body with a warning that says how to build it. Returns (options, used)."""
+    else fall back to the body with a warning that says how to build it. device "cuda" needs a library
+    built with the CUDA kernels (`--cuda`): a CPU-only one would run the op on the CPU between CUDA
+    nodes. Returns (options, used)."""
     import onnxruntime as ort
 
     from .kernels.build import BUILD_HINT, KernelLibraryNotBuilt, get_library_path
@@ -46,13 +52,14 @@ def session_options(use_kernels: bool | None, model_path: str | Path, threads: i
     if use_kernels is False or not model_uses_op(model_path):
         return so, False
     try:
-        library = get_library_path()
-    except KernelLibraryNotBuilt:
+        library = get_library_path(cuda=True if device == "cuda" else None)
+    except KernelLibraryNotBuilt as e:
         if use_kernels:
             raise
+        hint = "build it with `mla-zoo build-kernels --cuda`" if device == "cuda" else BUILD_HINT
         warnings.warn(
-            f"the mla_zoo kernel library is not built: running MultiHeadLatentAttention through its portable "
-            f"function body (slower). To use the fused kernel, {BUILD_HINT}.", stacklevel=2)
+            f"{e.args[0].split(':')[0]}: running MultiHeadLatentAttention through its portable function body "
+            f"(slower). To use the fused kernel, {hint}.", stacklevel=2)
         return so, False
     so.register_custom_ops_library(library)
     return so, True
@@ -69,15 +76,21 @@ class CacheSpec:
 class OnnxDecoder:
     """One onnxruntime session over an exported decoder-with-past (model.onnx in a directory)."""
 
-    def __init__(self, path: str | Path, use_kernels: bool | None = None, threads: int | None = None):
+    def __init__(self, path: str | Path, use_kernels: bool | None = None, threads: int | None = None,
+                 device: str = "cpu"):
         import onnxruntime as ort
 
+        if device not in PROVIDERS:
+            raise ValueError(f"device must be one of {', '.join(PROVIDERS)}, got {device!r}")
+        if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise MlaZooError(f"device='cuda' needs onnxruntime-gpu: this onnxruntime ({ort.__version__}) has "
+                              f"{', '.join(ort.get_available_providers())}")
         path = Path(path)
         self.model_path = path / MODEL_FILE if path.is_dir() else path
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path} does not exist: export the checkpoint with `mla-zoo export`")
-        so, self.uses_kernels = session_options(use_kernels, self.model_path, threads)
-        self.session = ort.InferenceSession(str(self.model_path), so, providers=["CPUExecutionProvider"])
+        so, self.uses_kernels = session_options(use_kernels, self.model_path, threads, device)
+        self.session = ort.InferenceSession(str(self.model_path), so, providers=PROVIDERS[device])
         inputs = {i.name: i for i in self.session.get_inputs()}
         layers = sum(1 for name in inputs if name.endswith(".latent"))
         first = inputs[past_name(0, "latent")]

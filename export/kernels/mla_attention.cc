@@ -10,8 +10,8 @@
 //      latent): split-K, so one decode token at batch 1 still spreads over every thread;
 //   D. per (b, s): merge the chunk partials (log-sum-exp) and apply W_uv.
 // Math in float32; inputs and outputs float32 or float16. Threads: onnxruntime's intra-op pool.
-// The CPU and (later, issue 17) CUDA kernels are registered from this one library: RegisterCustomOps
-// at the bottom is the single entry point.
+// The CPU and CUDA (mla_attention_cuda.cc / .cu, built with `mla-zoo build-kernels --cuda`) kernels are
+// registered from this one library: RegisterCustomOps at the bottom is the single entry point.
 
 #include <algorithm>
 #include <cmath>
@@ -37,13 +37,21 @@
 #endif
 #endif
 
+#include "mla_attention_common.h"
 #include "onnxruntime_lite_custom_op.h"
+
+#ifdef MLA_ZOO_CUDA
+namespace mla_zoo {
+void add_cuda_kernels(Ort::CustomOpDomain& domain);  // mla_attention_cuda.cc
+}
+#endif
 
 namespace {
 
-constexpr const char* kDomain = "mla_zoo";
-constexpr const char* kOpName = "MultiHeadLatentAttention";
-constexpr int kOpVersion = 1;
+using mla_zoo::kDomain;
+using mla_zoo::kOpName;
+using mla_zoo::kOpVersion;
+using mla_zoo::ShapeError;
 
 // ---------------------------------------------------------------------------------------------
 // float / float16 element access
@@ -272,33 +280,6 @@ void parallel_for(Ort::KernelContext& ctx, size_t n, F& f) {
   ctx.ParallelFor([](void* data, size_t i) { (*static_cast<F*>(data))(i); }, n, 0, &f);
 }
 
-struct ShapeError {
-  std::string message;
-};
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::ostringstream s;
-  s << "[";
-  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
-  s << "]";
-  return s.str();
-}
-
-void expect(bool ok, const std::string& what) {
-  if (!ok) throw ShapeError{what};
-}
-
-void expect_shape(const char* name, const std::vector<int64_t>& got, const std::vector<int64_t>& want) {
-  bool ok = got.size() == want.size();
-  for (size_t i = 0; ok && i < got.size(); ++i) ok = want[i] < 0 || got[i] == want[i];
-  if (!ok) {
-    std::ostringstream s;
-    s << "input '" << name << "' has shape " << shape_str(got) << ", expected " << shape_str(want)
-      << " (-1 = any; see mla_zoo export/op_spec.md)";
-    throw ShapeError{s.str()};
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
@@ -342,36 +323,13 @@ struct MultiHeadLatentAttention {
            const Ort::Custom::Tensor<T>& w_uv, Ort::Custom::Tensor<T>& output,
            Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope) {
     // ---- shapes (every mismatch is a clear error, never a crash) ----
-    const int64_t H = num_heads, n_kv = num_kv_heads;
-    expect(H > 0 && n_kv > 0 && H % n_kv == 0, "num_heads must be a positive multiple of num_kv_heads");
-    expect(!rope_pairs.empty() && rope_pairs.size() % n_kv == 0, "rope_pairs must hold n_kv * R >= 1 indices");
-    const int64_t R = static_cast<int64_t>(rope_pairs.size()) / n_kv, E = 2 * R, G = H / n_kv;
-    const auto qs = query.Shape();
-    expect(qs.size() == 3 && qs[2] % H == 0, "input 'query' must be [B, S, num_heads * head_dim], got " + shape_str(qs));
-    const int64_t B = qs[0], S = qs[1], hd = qs[2] / H, dn = hd - E;
-    expect(dn >= 0, "head_dim is smaller than the RoPE dims 2R");
-    const auto ls = latent.Shape();
-    expect(ls.size() == 3, "input 'latent' must be [B, S, r], got " + shape_str(ls));
-    const int64_t r = ls[2];
-    expect_shape("latent", ls, {B, S, r});
-    expect_shape("key_rope", key_rope.Shape(), {B, S, n_kv * E});
-    const auto ps = past_latent.Shape();
-    expect(ps.size() == 4, "input 'past_latent' must be [B, 1, P, r], got " + shape_str(ps));
-    const int64_t P = ps[2], Tt = P + S;
-    expect_shape("past_latent", ps, {B, 1, P, r});
-    expect_shape("past_key_rope", past_key_rope.Shape(), {B, 1, P, n_kv * E});
-    expect_shape("attention_mask", attention_mask.Shape(), {B, Tt});
-    const int64_t half = *std::max_element(rope_pairs.begin(), rope_pairs.end()) + 1;
-    const auto cs = cos.Shape();
-    expect(cs.size() == 3 && cs[0] == B && cs[1] == S && cs[2] >= half,
-           "input 'cos' must be [B, S, >= max(rope_pairs) + 1], got " + shape_str(cs));
-    expect_shape("sin", sin.Shape(), cs);
-    expect_shape("w_uk", w_uk.Shape(), {n_kv, dn, r});
-    const auto vs = w_uv.Shape();
-    expect(vs.size() == 3, "input 'w_uv' must be [n_kv, d_v, r], got " + shape_str(vs));
-    const int64_t dv = vs[1];
-    expect_shape("w_uv", vs, {n_kv, dv, r});
-    const int64_t C = cs[2], KR = n_kv * E;
+    const mla_zoo::MlaDims dims = mla_zoo::check_shapes(
+        num_heads, num_kv_heads, rope_pairs,
+        {query.Shape(), latent.Shape(), key_rope.Shape(), past_latent.Shape(), past_key_rope.Shape(),
+         attention_mask.Shape(), cos.Shape(), sin.Shape(), w_uk.Shape(), w_uv.Shape()});
+    const int64_t H = dims.H, n_kv = dims.n_kv, R = dims.R, E = dims.E, G = dims.G;
+    const int64_t B = dims.B, S = dims.S, hd = dims.hd, dn = dims.dn, r = dims.r, P = dims.P, Tt = dims.T;
+    const int64_t dv = dims.dv, C = dims.C, KR = dims.KR;
 
     const T* q_in = query.Data();
     const T* lat_in = latent.Data();
@@ -538,10 +496,10 @@ struct MultiHeadLatentAttention {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Registration (one domain, one library; CUDA kernels of issue 17 register here too)
+// Registration (one domain, one library: the CPU kernels here, the CUDA kernels when built with them)
 // ---------------------------------------------------------------------------------------------
 
-void add_cpu_kernels(Ort::CustomOpDomain& domain) {
+[[maybe_unused]] void add_cpu_kernels(Ort::CustomOpDomain& domain) {
   static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f32{
       Ort::Custom::CreateLiteCustomOp<MultiHeadLatentAttention<float>>(kOpName, "CPUExecutionProvider", kOpVersion)};
   static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f16{
@@ -567,7 +525,14 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   try {
     std::lock_guard<std::mutex> lock(registration_mutex);
     Ort::CustomOpDomain domain{kDomain};
+#if defined(MLA_ZOO_CUDA_EMULATION)
+    mla_zoo::add_cuda_kernels(domain);  // tests only: the CUDA kernels, emulated on the CPU provider
+#else
     add_cpu_kernels(domain);
+#ifdef MLA_ZOO_CUDA
+    mla_zoo::add_cuda_kernels(domain);
+#endif
+#endif
     Ort::UnownedSessionOptions session_options(options);
     session_options.Add(domain);
     domains.push_back(std::move(domain));
@@ -579,5 +544,17 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
 
 // The version of the op contract this library implements (checked by mla_zoo.export.kernels.build).
 __attribute__((visibility("default"))) int MlaZooOpVersion() { return kOpVersion; }
+
+// 1 when this library also registers the CUDA kernels (built with `mla-zoo build-kernels --cuda`);
+// 2 for the test build that runs them emulated on the CPU provider (cuda_emulation.h); 0 otherwise.
+__attribute__((visibility("default"))) int MlaZooHasCuda() {
+#if defined(MLA_ZOO_CUDA_EMULATION)
+  return 2;
+#elif defined(MLA_ZOO_CUDA)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 }  // extern "C"

@@ -1,0 +1,395 @@
+// A CPU emulation of the small part of CUDA that mla_attention_cuda.cu and cuda_harness.cu use, so
+// that the SAME kernel source runs on a machine without a GPU (CI): compiled as C++ with
+// -DMLA_ZOO_CUDA_EMULATION, a launch runs its blocks one after the other, and the threads of a block
+// as cooperative fibers (ucontext) on the calling thread. Faithful where the kernels depend on it:
+//   * __syncthreads and warp shuffles are real barriers (a thread waits until every thread of its
+//     block / warp has arrived), so a missing barrier or a divergent one shows up as a wrong result
+//     or a hang, not as luck;
+//   * dynamic shared memory starts as 0xFF bytes (NaN in float and half), so a read of an unwritten
+//     element poisons the result;
+//   * WMMA (nvcuda::wmma, m16n16k16, half inputs, float accumulators) does the warp-wide operation
+//     once, in lane 0 (the fragments are opaque, only these functions touch them), and checks the
+//     alignment rules of the real API (32-byte pointers, ldm a multiple of 16 bytes) and that shared
+//     memory operands lie inside the block's allocation.
+// Not emulated: timing, memory coalescing, bank conflicts, asynchronous streams (a launch is done
+// when it returns), several devices. Speed: slow (fibers switch at every barrier); small cases only.
+#pragma once
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------
+// language
+// ---------------------------------------------------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+struct uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline uint4 __ldcs(const uint4* p) { return *p; }
+inline uint4 __ldcg(const uint4* p) { return *p; }
+inline void __stcs(uint4* p, uint4 v) { *p = v; }
+
+using __half = _Float16;  // IEEE binary16, round-to-nearest-even conversions (GCC >= 12 on x86-64)
+inline __half __float2half_rn(float x) { return static_cast<__half>(x); }
+inline __half __float2half(float x) { return static_cast<__half>(x); }
+inline float __half2float(__half x) { return static_cast<float>(x); }
+
+using std::max;
+using std::min;
+
+namespace mla_zoo {
+namespace emulation {
+
+[[noreturn]] inline void fail(const std::string& what) {
+  std::fprintf(stderr, "cuda emulation: %s\n", what.c_str());
+  std::abort();
+}
+
+constexpr size_t kStackBytes = 128 * 1024;
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  bool done = false;
+};
+
+// One block in flight on this thread.
+struct Block {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  unsigned threads = 0, current = 0;
+  unsigned block_arrived = 0;
+  uint64_t block_generation = 0;
+  std::vector<unsigned> warp_arrived;
+  std::vector<uint64_t> warp_generation;
+  std::vector<uint32_t> exchange;  // warp shuffles: 32 values per warp
+  std::vector<unsigned char> smem_storage;
+  unsigned char* smem = nullptr;  // 128-byte aligned, inside smem_storage
+  size_t smem_bytes = 0;
+  std::function<void()> body;
+};
+
+inline thread_local Block* block = nullptr;
+
+inline Block& current_block() {
+  if (block == nullptr) fail("a device function ran outside a kernel launch");
+  return *block;
+}
+
+}  // namespace emulation
+}  // namespace mla_zoo
+
+// the built-in variables of the running emulated thread (set by the scheduler before each resume)
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace mla_zoo {
+namespace emulation {
+
+inline void yield() {
+  Block& b = current_block();
+  swapcontext(&b.fibers[b.current].context, &b.scheduler);
+}
+
+inline void* dynamic_smem() { return current_block().smem; }
+
+inline void warp_barrier() {
+  Block& b = current_block();
+  const unsigned w = threadIdx.x / 32;
+  const uint64_t generation = b.warp_generation[w];
+  if (++b.warp_arrived[w] == 32) {
+    b.warp_arrived[w] = 0;
+    ++b.warp_generation[w];
+    return;
+  }
+  while (b.warp_generation[w] == generation) yield();
+}
+
+inline void run_fiber(int index) {
+  Block& b = current_block();
+  b.body();
+  b.fibers[index].done = true;
+}
+
+// (not inlined: getcontext "returns twice" for the compiler, which then distrusts the caller's registers)
+[[gnu::noinline]] inline void start_fiber(Block& b, unsigned t) {
+  Fiber& f = b.fibers[t];
+  f.done = false;
+  getcontext(&f.context);
+  f.context.uc_stack.ss_sp = f.stack.data();
+  f.context.uc_stack.ss_size = f.stack.size();
+  f.context.uc_link = &b.scheduler;
+  makecontext(&f.context, reinterpret_cast<void (*)()>(run_fiber), 1, static_cast<int>(t));
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t smem_bytes, Args&&... args) {
+  if (threads.y != 1 || threads.z != 1 || threads.x == 0 || threads.x % 32 != 0 || threads.x > 1024)
+    fail("blocks must be 1-D with a multiple of 32 threads");
+  Block b;
+  Block* outer = block;
+  block = &b;
+  b.threads = threads.x;
+  b.fibers.resize(threads.x);
+  for (auto& f : b.fibers) f.stack.resize(kStackBytes);
+  b.warp_arrived.assign(threads.x / 32, 0);
+  b.warp_generation.assign(threads.x / 32, 0);
+  b.exchange.assign(threads.x, 0);
+  b.body = [&] { kernel(args...); };
+  gridDim = grid;
+  blockDim = threads;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        b.smem_storage.assign(smem_bytes + 128, 0xFF);  // NaN everywhere until written
+        b.smem = b.smem_storage.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_storage.data()) % 128) % 128;
+        b.smem_bytes = smem_bytes;
+        b.block_arrived = 0;
+        for (unsigned t = 0; t < threads.x; ++t) start_fiber(b, t);
+        for (bool running = true; running;) {
+          running = false;
+          for (unsigned t = 0; t < threads.x; ++t) {
+            if (b.fibers[t].done) continue;
+            running = true;
+            b.current = t;
+            threadIdx = dim3(t, 0, 0);
+            blockIdx = dim3(x, y, z);
+            swapcontext(&b.scheduler, &b.fibers[t].context);
+          }
+        }
+        if (b.block_arrived != 0) fail("a block ended with threads waiting at __syncthreads");
+      }
+  block = outer;
+}
+
+// WMMA operands in shared memory must lie inside the block's allocation.
+inline void check_smem_range(const void* p, size_t bytes, const char* what) {
+  if (block == nullptr || block->smem_bytes == 0) return;
+  const unsigned char* base = block->smem;
+  auto* q = static_cast<const unsigned char*>(p);
+  if (q >= base && q < base + block->smem_bytes && q + bytes > base + block->smem_bytes)
+    fail(std::string(what) + ": operand runs past the end of shared memory");
+}
+
+}  // namespace emulation
+}  // namespace mla_zoo
+
+inline void __syncthreads() {
+  using namespace mla_zoo::emulation;
+  Block& b = current_block();
+  const uint64_t generation = b.block_generation;
+  if (++b.block_arrived == b.threads) {
+    b.block_arrived = 0;
+    ++b.block_generation;
+    return;
+  }
+  while (b.block_generation == generation) yield();
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  using namespace mla_zoo::emulation;
+  Block& b = current_block();
+  const unsigned lane = threadIdx.x % 32, base = threadIdx.x - lane;
+  std::memcpy(&b.exchange[threadIdx.x], &value, 4);
+  warp_barrier();
+  T out;
+  std::memcpy(&out, &b.exchange[base + (lane ^ static_cast<unsigned>(lane_mask))], 4);
+  warp_barrier();
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// nvcuda::wmma, m16n16k16 with half inputs and float accumulators
+// ---------------------------------------------------------------------------------------------
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "m16n16k16 only");
+  T x[16 * 16];  // row-major [row][col] of the operand (A: m x k, B: k x n, C: m x n); lane 0 only
+};
+
+namespace detail {
+inline bool lane0() { return threadIdx.x % 32 == 0; }
+inline void check(const void* p, unsigned ldm, size_t elem, size_t rows, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) mla_zoo::emulation::fail(std::string(what) + ": pointer not 32-byte aligned");
+  if ((ldm * elem) % 16 != 0) mla_zoo::emulation::fail(std::string(what) + ": ldm not a multiple of 16 bytes");
+  mla_zoo::emulation::check_smem_range(p, ((rows - 1) * ldm + 16) * elem, what);
+}
+}  // namespace detail
+
+template <typename T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, T v) {
+  if (!detail::lane0()) return;
+  for (auto& x : f.x) x = v;
+}
+
+inline void load_matrix_sync(fragment<matrix_a, 16, 16, 16, __half, row_major>& f, const __half* p, unsigned ldm) {
+  if (!detail::lane0()) return;
+  detail::check(p, ldm, 2, 16, "load_matrix_sync(matrix_a)");
+  for (int i = 0; i < 16; ++i)
+    for (int k = 0; k < 16; ++k) f.x[i * 16 + k] = p[i * ldm + k];
+}
+
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, __half, col_major>& f, const __half* p, unsigned ldm) {
+  if (!detail::lane0()) return;
+  detail::check(p, ldm, 2, 16, "load_matrix_sync(matrix_b, col_major)");
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[n * ldm + k];
+}
+
+inline void load_matrix_sync(fragment<matrix_b, 16, 16, 16, __half, row_major>& f, const __half* p, unsigned ldm) {
+  if (!detail::lane0()) return;
+  detail::check(p, ldm, 2, 16, "load_matrix_sync(matrix_b, row_major)");
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k * 16 + n] = p[k * ldm + n];
+}
+
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t l) {
+  if (!detail::lane0()) return;
+  if (l != mem_row_major) mla_zoo::emulation::fail("only row-major accumulators are emulated");
+  detail::check(p, ldm, 4, 16, "load_matrix_sync(accumulator)");
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) f.x[i * 16 + j] = p[i * ldm + j];
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t l) {
+  if (!detail::lane0()) return;
+  if (l != mem_row_major) mla_zoo::emulation::fail("only row-major accumulators are emulated");
+  detail::check(p, ldm, 4, 16, "store_matrix_sync");
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) p[i * ldm + j] = f.x[i * 16 + j];
+}
+
+template <typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, __half, LayoutA>& a,
+              const fragment<matrix_b, 16, 16, 16, __half, LayoutB>& b,
+              const fragment<accumulator, 16, 16, 16, float>& c) {
+  if (!detail::lane0()) return;
+  float out[16 * 16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float acc = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k) acc += static_cast<float>(a.x[i * 16 + k]) * static_cast<float>(b.x[k * 16 + j]);
+      out[i * 16 + j] = acc;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
+
+// ---------------------------------------------------------------------------------------------
+// runtime API (one device; memory is host memory; a launch has finished when it returns)
+// ---------------------------------------------------------------------------------------------
+
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidValue = 1 };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
+enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice };
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+struct CUevent_st;
+using cudaEvent_t = CUevent_st*;
+
+struct cudaDeviceProp {
+  char name[256];
+  int major, minor, multiProcessorCount;
+};
+
+inline const char* cudaGetErrorName(cudaError_t e) { return e == cudaSuccess ? "cudaSuccess" : "cudaError"; }
+inline const char* cudaGetErrorString(cudaError_t e) { return e == cudaSuccess ? "no error" : "emulated error"; }
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = 1;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? 8 : 227 * 1024;  // a few "SMs": some split-K even on short caches
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int) {
+  std::snprintf(p->name, sizeof(p->name), "CPU emulation");
+  p->major = 0, p->minor = 0, p->multiProcessorCount = 8;
+  return cudaSuccess;
+}
+inline cudaError_t cudaMalloc(void** p, size_t n) {
+  *p = std::aligned_alloc(256, (n + 255) / 256 * 256);
+  return *p ? cudaSuccess : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFree(void* p) {
+  std::free(p);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpy(void* dst, const void* src, size_t n, cudaMemcpyKind) {
+  std::memcpy(dst, src, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, cudaMemcpyKind k, cudaStream_t = nullptr) {
+  return cudaMemcpy(dst, src, n, k);
+}
+inline cudaError_t cudaMemset(void* p, int v, size_t n) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+
+struct CUevent_st {
+  std::chrono::steady_clock::time_point at;
+};
+inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
+  *e = new CUevent_st;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
+  delete e;
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
+  e->at = std::chrono::steady_clock::now();
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return cudaSuccess; }
+inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
+  *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+  return cudaSuccess;
+}

@@ -1,0 +1,639 @@
+// CUDA kernels of mla_zoo.MultiHeadLatentAttention: prepare -> attend (split-K) -> merge.
+// Design and interface: mla_attention_cuda.h. Semantics: export/op_spec.md (the CPU kernel,
+// mla_attention.cc, and the torch reference, export/op.py, are the references it is tested against).
+//
+// Layouts (row-major, element type T = float or __half unless noted):
+//   query [B, S, H*hd] (per head [rope 2R | nope hd-2R]), latent [B, S, r], key_rope [B, S, KR],
+//   past_latent [B, 1, P, r], past_key_rope [B, 1, P, KR], attention_mask [B, T] int64,
+//   cos / sin [B, S, C], w_uk [n_kv, dn, r], w_uv [n_kv, dv, r];
+//   output [B, S, H*dv], present_latent [B, 1, T, r], present_key_rope [B, 1, T, KR].
+// Scratch: q [B*S*H, ldq] T (row (b, s, h) = [q_lat (r) | q_rope in its group's slot of KR | 0]),
+//   then, when the cache is split, part_o [B*S*H, splits, r] fp32 and part_lse [B*S*H, splits] fp32.
+// A query row within a sequence is m = s*H + h: prefill and decode are the same kernel (decode has H rows).
+
+#ifdef MLA_ZOO_CUDA_EMULATION
+#include "cuda_emulation.h"  // the same source as plain C++ on the CPU (tests without a GPU)
+#define MLA_DYNAMIC_SMEM(type, name) type* name = static_cast<type*>(::mla_zoo::emulation::dynamic_smem())
+#define MLA_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ((void)(stream), ::mla_zoo::emulation::launch(kernel, grid, block, smem, __VA_ARGS__))
+#else
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+#define MLA_DYNAMIC_SMEM(type, name) extern __shared__ __align__(128) type name[]
+#define MLA_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <sstream>
+#include <type_traits>
+
+#include "mla_attention_cuda.h"
+
+namespace mla_zoo {
+namespace cuda {
+namespace {
+
+constexpr float kNegInf = -INFINITY;
+constexpr int kWarp = 32;
+
+// ---------------------------------------------------------------------------------------------
+// element access
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+struct RopeIndex {
+  uint16_t v[kMaxRopeIndices];  // rope_pairs, row-major [n_kv, R]
+};
+
+// Every dimension as int64 (offsets into [B, T, r] caches overflow 32 bits at long contexts).
+struct Dims {
+  int64_t B, S, P, T, H, n_kv, G, R, E, KR, hd, dn, r, dv, C;
+};
+
+Dims to_dims(const MlaDims& d) {
+  return Dims{d.B, d.S, d.P, d.T, d.H, d.n_kv, d.G, d.R, d.E, d.KR, d.hd, d.dn, d.r, d.dv, d.C};
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. prepare: one block per new token (x) and slice of its H*r absorbed query outputs (y)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+struct PrepareArgs {
+  const T *query, *latent, *key_rope, *cos, *sin, *w_uk;
+  T *present_latent, *present_key_rope, *q;
+  float scale;
+  int ldq;
+};
+
+template <typename T>
+__global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
+  MLA_DYNAMIC_SMEM(float, prep_smem);  // [H*dn] scaled q_nope | [n_kv*R] cos | [n_kv*R] sin
+  float* qn = prep_smem;
+  float* cs = qn + d.H * d.dn;
+  float* sn = cs + d.n_kv * d.R;
+  const int64_t tok = blockIdx.x;  // b*S + s
+  const int64_t b = tok / d.S, s = tok % d.S;
+  const int64_t slot = b * d.T + d.P + s;  // the token's row in the presents
+  const T* q = a.query + tok * d.H * d.hd;
+  for (int64_t i = threadIdx.x; i < d.H * d.dn; i += blockDim.x)
+    qn[i] = a.scale * to_f(q[(i / d.dn) * d.hd + d.E + i % d.dn]);
+  for (int64_t i = threadIdx.x; i < d.n_kv * d.R; i += blockDim.x) {
+    cs[i] = to_f(a.cos[tok * d.C + pairs.v[i]]);
+    sn[i] = to_f(a.sin[tok * d.C + pairs.v[i]]);
+  }
+  __syncthreads();
+  T* qrow = a.q + tok * d.H * a.ldq;  // this token's H prepared rows
+
+  // q_lat[h, :] = W_uk[g]^T (scale * q_nope[h])   (this block's slice of the H*r outputs)
+  for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < d.H * d.r; i += gridDim.y * blockDim.x) {
+    const int64_t h = i / d.r, c = i % d.r;
+    const float* x = qn + h * d.dn;
+    const T* w = a.w_uk + (h / d.G) * d.dn * d.r + c;
+    float acc = 0.f;
+    for (int64_t j = 0; j < d.dn; ++j) acc = fmaf(x[j], to_f(w[j * d.r]), acc);
+    qrow[h * a.ldq + c] = from_f<T>(acc);
+  }
+  if (blockIdx.y != 0) return;
+
+  for (int64_t c = threadIdx.x; c < d.r; c += blockDim.x) a.present_latent[slot * d.r + c] = a.latent[tok * d.r + c];
+  // y = x * [c, c] + rotate_half(x) * [s, s] over each KV head's 2R dims
+  const T* k = a.key_rope + tok * d.KR;
+  for (int64_t i = threadIdx.x; i < d.n_kv * d.R; i += blockDim.x) {
+    const int64_t g = i / d.R, j = i % d.R;
+    const float x1 = to_f(k[g * d.E + j]), x2 = to_f(k[g * d.E + d.R + j]);
+    a.present_key_rope[slot * d.KR + g * d.E + j] = from_f<T>(x1 * cs[i] - x2 * sn[i]);
+    a.present_key_rope[slot * d.KR + g * d.E + d.R + j] = from_f<T>(x2 * cs[i] + x1 * sn[i]);
+  }
+  // the RoPE part of each head's row: its rotated query in its own group's slot, zeros elsewhere
+  const int64_t tail = a.ldq - d.r;
+  for (int64_t i = threadIdx.x; i < d.H * tail; i += blockDim.x) {
+    const int64_t h = i / tail, c = i % tail;
+    float v = 0.f;
+    if (c < d.KR && c / d.E == h / d.G) {
+      const int64_t j = c % d.E, jj = j % d.R, ci = (h / d.G) * d.R + jj;
+      const float x1 = to_f(q[h * d.hd + jj]), x2 = to_f(q[h * d.hd + d.R + jj]);
+      v = a.scale * (j < d.R ? x1 * cs[ci] - x2 * sn[ci] : x2 * cs[ci] + x1 * sn[ci]);
+    }
+    qrow[h * a.ldq + d.r + c] = from_f<T>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. attend: one block per (split, row block, sequence)
+// ---------------------------------------------------------------------------------------------
+
+// Byte offsets of the attend block's shared memory regions (the same on host and device).
+struct SmemLayout {
+  size_t kv, q, o, s, p, m, l, alpha, keep, total;
+};
+
+__host__ __device__ inline size_t align128(size_t x) { return (x + 127) / 128 * 128; }
+
+__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem) {
+  SmemLayout L{};
+  size_t at = 0;
+  L.kv = at, at = align128(at + static_cast<size_t>(bn) * ld * elem);   // cache tile [bn, ld] T
+  L.q = at, at = align128(at + static_cast<size_t>(bm) * ld * elem);    // query rows [bm, ld] T
+  L.o = at, at = align128(at + static_cast<size_t>(bm) * ldo * 4);      // output accumulators [bm, ldo] f32
+  L.s = at, at = align128(at + static_cast<size_t>(bm) * bn * 4);       // scores (then probs for CUDA cores) f32
+  L.p = at, at = align128(at + static_cast<size_t>(bm) * bn * elem);    // probs as T for tensor cores
+  L.m = at, at = align128(at + static_cast<size_t>(bm) * 4);            // running max
+  L.l = at, at = align128(at + static_cast<size_t>(bm) * 4);            // running sum
+  L.alpha = at, at = align128(at + static_cast<size_t>(bm) * 4);        // this tile's rescale
+  L.keep = at, at = align128(at + static_cast<size_t>(bn));             // attention_mask of the tile's slots
+  L.total = at;
+  return L;
+}
+
+template <typename T>
+struct AttendArgs {
+  const T *past_latent, *past_key_rope, *q, *w_uv;
+  const int64_t* mask;
+  T *present_latent, *present_key_rope, *out;
+  float *part_o, *part_lse;
+  int bm, bn, ld, ldq, ldo, r16;
+  int64_t splits, split_len;
+  bool vec;  // 16-byte loads: r and KR are multiples of 16 / sizeof(T)
+};
+
+// The cache tile [t0, t0 + n_valid) -> smem kv [bn, ld] as [latent (r) | RoPE keys (KR) | 0 ...];
+// past slots come from the past inputs (and, for the copying block, go on to the presents), new
+// slots from the presents (written by prepare earlier on the stream).
+template <typename T>
+__device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0, int n_valid,
+                                          bool copy_past, T* kv) {
+  const int ld16 = a.ldq;
+  if (a.vec) {
+    constexpr int V = 16 / sizeof(T);
+    const int chunks = ld16 / V;
+    constexpr int kBatch = 4;  // loads in flight per thread before their stores
+    for (int base = threadIdx.x; base < a.bn * chunks; base += kBatch * blockDim.x) {
+      uint4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int idx = base + u * blockDim.x;
+        v[u] = make_uint4(0, 0, 0, 0);
+        if (idx < a.bn * chunks) {
+          const int n = idx / chunks, c = (idx % chunks) * V;
+          const int64_t t = t0 + n;
+          if (n < n_valid && c < d.r + d.KR) {
+            const bool past = t < d.P;
+            const T* src = c < d.r ? (past ? a.past_latent + (b * d.P + t) * d.r : a.present_latent + (b * d.T + t) * d.r) + c
+                                   : (past ? a.past_key_rope + (b * d.P + t) * d.KR
+                                           : a.present_key_rope + (b * d.T + t) * d.KR) + (c - d.r);
+            v[u] = past ? __ldcs(reinterpret_cast<const uint4*>(src)) : __ldcg(reinterpret_cast<const uint4*>(src));
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int idx = base + u * blockDim.x;
+        if (idx < a.bn * chunks) {
+          const int n = idx / chunks, c = (idx % chunks) * V;
+          *reinterpret_cast<uint4*>(kv + n * a.ld + c) = v[u];
+          const int64_t t = t0 + n;
+          if (copy_past && n < n_valid && t < d.P && c < d.r + d.KR) {
+            T* dst = c < d.r ? a.present_latent + (b * d.T + t) * d.r + c
+                             : a.present_key_rope + (b * d.T + t) * d.KR + (c - d.r);
+            __stcs(reinterpret_cast<uint4*>(dst), v[u]);
+          }
+        }
+      }
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < a.bn * ld16; idx += blockDim.x) {
+      const int n = idx / ld16, c = idx % ld16;
+      const int64_t t = t0 + n;
+      T v = from_f<T>(0.f);
+      if (n < n_valid && c < d.r + d.KR) {
+        const bool past = t < d.P;
+        if (c < d.r) {
+          v = past ? a.past_latent[(b * d.P + t) * d.r + c] : a.present_latent[(b * d.T + t) * d.r + c];
+          if (past && copy_past) a.present_latent[(b * d.T + t) * d.r + c] = v;
+        } else {
+          const int64_t e = c - d.r;
+          v = past ? a.past_key_rope[(b * d.P + t) * d.KR + e] : a.present_key_rope[(b * d.T + t) * d.KR + e];
+          if (past && copy_past) a.present_key_rope[(b * d.T + t) * d.KR + e] = v;
+        }
+      }
+      kv[n * a.ld + c] = v;
+    }
+  }
+}
+
+// scores s[m, n] = q[m] . kv[n] over the ldq columns (zeros past r + KR)
+template <typename T, bool kTensorCores>
+__device__ __forceinline__ void tile_scores(const AttendArgs<T>& a, const T* q, const T* kv, float* s) {
+  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  if constexpr (kTensorCores) {
+    using namespace nvcuda;
+    const int nf = a.bn / 16, frags = (a.bm / 16) * nf;
+    for (int f = warp; f < frags; f += warps) {
+      const int mi = f / nf, ni = f % nf;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.f);
+      for (int k = 0; k < a.ldq; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, q + mi * 16 * a.ld + k, a.ld);
+        wmma::load_matrix_sync(fb, kv + ni * 16 * a.ld + k, a.ld);  // kv^T as a column-major k x n
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(s + mi * 16 * a.bn + ni * 16, acc, a.bn, wmma::mem_row_major);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < a.bm * a.bn; idx += blockDim.x) {
+      const int m = idx / a.bn, n = idx % a.bn;
+      const T* x = q + m * a.ld;
+      const T* y = kv + n * a.ld;
+      float acc = 0.f;
+      for (int k = 0; k < a.ldq; ++k) acc = fmaf(to_f(x[k]), to_f(y[k]), acc);
+      s[idx] = acc;
+    }
+  }
+}
+
+// o[m, :r16] += p[m, :] @ kv[:, :r16]
+template <typename T, bool kTensorCores>
+__device__ __forceinline__ void tile_weighted_sum(const AttendArgs<T>& a, const float* s, const T* p, const T* kv,
+                                                  float* o) {
+  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  if constexpr (kTensorCores) {
+    using namespace nvcuda;
+    const int df = a.r16 / 16, frags = (a.bm / 16) * df;
+    for (int f = warp; f < frags; f += warps) {
+      const int mi = f / df, di = f % df;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      float* dst = o + mi * 16 * a.ldo + di * 16;
+      wmma::load_matrix_sync(acc, dst, a.ldo, wmma::mem_row_major);
+      for (int k = 0; k < a.bn; k += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major> fb;
+        wmma::load_matrix_sync(fa, p + mi * 16 * a.bn + k, a.bn);
+        wmma::load_matrix_sync(fb, kv + k * a.ld + di * 16, a.ld);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      wmma::store_matrix_sync(dst, acc, a.ldo, wmma::mem_row_major);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < a.bm * a.r16; idx += blockDim.x) {
+      const int m = idx / a.r16, c = idx % a.r16;
+      const float* pm = s + m * a.bn;
+      float acc = 0.f;
+      for (int n = 0; n < a.bn; ++n) acc = fmaf(pm[n], to_f(kv[n * a.ld + c]), acc);
+      o[m * a.ldo + c] += acc;
+    }
+  }
+}
+
+template <typename T, bool kTensorCores>
+__global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
+  MLA_DYNAMIC_SMEM(unsigned char, smem);
+  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T));
+  T* kv = reinterpret_cast<T*>(smem + L.kv);
+  T* qs = reinterpret_cast<T*>(smem + L.q);
+  float* o = reinterpret_cast<float*>(smem + L.o);
+  float* sc = reinterpret_cast<float*>(smem + L.s);
+  T* pr = reinterpret_cast<T*>(smem + L.p);
+  float* row_max = reinterpret_cast<float*>(smem + L.m);
+  float* row_sum = reinterpret_cast<float*>(smem + L.l);
+  float* alpha = reinterpret_cast<float*>(smem + L.alpha);
+  unsigned char* keep = smem + L.keep;
+
+  const int64_t split = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
+  const int64_t rows = d.S * d.H, row0 = rb * a.bm;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(a.bm), rows - row0));
+  const int64_t limit = d.P + (row0 + nrows - 1) / d.H + 1;  // causal: no row of the block sees a slot >= limit
+  const int64_t t_begin = split * a.split_len;
+  const int64_t t_end = min(min(d.T, t_begin + a.split_len), limit);
+  const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
+
+  // the block's query rows (zeros past nrows), accumulators
+  const T* qsrc = a.q + (b * rows + row0) * a.ldq;
+  for (int idx = threadIdx.x; idx < a.bm * a.ldq; idx += blockDim.x) {
+    const int m = idx / a.ldq, c = idx % a.ldq;
+    qs[m * a.ld + c] = m < nrows ? qsrc[static_cast<int64_t>(m) * a.ldq + c] : from_f<T>(0.f);
+  }
+  for (int idx = threadIdx.x; idx < a.bm * a.ldo; idx += blockDim.x) o[idx] = 0.f;
+  for (int m = threadIdx.x; m < a.bm; m += blockDim.x) {
+    row_max[m] = kNegInf;
+    row_sum[m] = 0.f;
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn) {
+    const int n_valid = static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t0));
+    load_tile(d, a, b, t0, n_valid, copy_past, kv);
+    for (int n = threadIdx.x; n < a.bn; n += blockDim.x) keep[n] = n < n_valid && a.mask[b * d.T + t0 + n] != 0;
+    __syncthreads();
+    tile_scores<T, kTensorCores>(a, qs, kv, sc);
+    __syncthreads();
+
+    // online softmax, one warp per row: allowed = (t <= self and mask) or t == self (op_spec.md)
+    for (int m = warp; m < a.bm; m += warps) {
+      float* srow = sc + m * a.bn;
+      if (m >= nrows) {
+        for (int n = lane; n < a.bn; n += kWarp) {
+          srow[n] = 0.f;
+          if constexpr (kTensorCores) pr[m * a.bn + n] = from_f<T>(0.f);
+        }
+        if (lane == 0) alpha[m] = 1.f;
+        continue;
+      }
+      const int64_t self = d.P + (row0 + m) / d.H;
+      float mx = kNegInf;
+      for (int n = lane; n < a.bn; n += kWarp) {
+        const int64_t t = t0 + n;
+        const bool ok = n < n_valid && (t == self || (t < self && keep[n]));
+        const float v = ok ? srow[n] : kNegInf;
+        srow[n] = v;
+        mx = fmaxf(mx, v);
+      }
+      mx = warp_max(mx);
+      const float old = row_max[m];
+      const float now = fmaxf(old, mx);
+      float sum = 0.f;
+      for (int n = lane; n < a.bn; n += kWarp) {
+        const float p = now == kNegInf ? 0.f : expf(srow[n] - now);  // exp(-inf) = 0 for masked slots
+        srow[n] = p;
+        if constexpr (kTensorCores) pr[m * a.bn + n] = from_f<T>(p);
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float f = now == kNegInf ? 1.f : expf(old - now);  // old = -inf: 0
+        alpha[m] = f;
+        row_sum[m] = row_sum[m] * f + sum;
+        row_max[m] = now;
+      }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < a.bm * a.r16; idx += blockDim.x) {
+      const int m = idx / a.r16;
+      o[m * a.ldo + idx % a.r16] *= alpha[m];
+    }
+    __syncthreads();
+    tile_weighted_sum<T, kTensorCores>(a, sc, pr, kv, o);
+    __syncthreads();
+  }
+
+  // epilogue: one split -> output = (o / l) @ W_uv[g]^T; several -> normalised partial + its lse
+  if (a.splits == 1) {
+    for (int idx = threadIdx.x; idx < nrows * d.dv; idx += blockDim.x) {
+      const int m = idx / static_cast<int>(d.dv);
+      const int64_t e = idx % d.dv, row = row0 + m, h = row % d.H;
+      const float l = row_sum[m];
+      const T* w = a.w_uv + ((h / d.G) * d.dv + e) * d.r;
+      const float* om = o + m * a.ldo;
+      float acc = 0.f;
+      for (int64_t c = 0; c < d.r; ++c) acc = fmaf(om[c], to_f(w[c]), acc);
+      a.out[(b * rows + row) * d.dv + e] = from_f<T>(l > 0.f ? acc / l : 0.f);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < nrows * d.r; idx += blockDim.x) {
+      const int m = idx / static_cast<int>(d.r);
+      const int64_t c = idx % d.r;
+      const float l = row_sum[m];
+      const int64_t prow = (b * rows + row0 + m) * a.splits + split;
+      a.part_o[prow * d.r + c] = l > 0.f ? o[m * a.ldo + c] / l : 0.f;
+      if (c == 0) a.part_lse[prow] = l > 0.f ? row_max[m] + logf(l) : kNegInf;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. merge: one block per query row (b, s, h): log-sum-exp over the splits, then W_uv
+// ---------------------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void merge_kernel(Dims d, const float* part_o, const float* part_lse, int64_t splits, const T* w_uv, T* out) {
+  MLA_DYNAMIC_SMEM(float, merge_smem);  // [1] total weight | [splits] weights | [r] o_lat
+  float& total = merge_smem[0];
+  float* weight = merge_smem + 1;
+  float* o = weight + splits;
+  const int64_t row = blockIdx.x;  // (b*S + s)*H + h
+  const float* lse = part_lse + row * splits;
+  if (threadIdx.x < kWarp) {
+    float mx = kNegInf;
+    for (int64_t i = threadIdx.x; i < splits; i += kWarp) mx = fmaxf(mx, lse[i]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int64_t i = threadIdx.x; i < splits; i += kWarp) {
+      const float w = lse[i] == kNegInf ? 0.f : expf(lse[i] - mx);
+      weight[i] = w;
+      sum += w;
+    }
+    sum = warp_sum(sum);
+    if (threadIdx.x == 0) total = sum;
+  }
+  __syncthreads();
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t c = threadIdx.x; c < d.r; c += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < splits; ++i)
+      if (weight[i] != 0.f) acc = fmaf(weight[i], part_o[(row * splits + i) * d.r + c], acc);
+    o[c] = acc * inv;
+  }
+  __syncthreads();
+  const T* w = w_uv + ((row % d.H) / d.G) * d.dv * d.r;
+  for (int64_t e = threadIdx.x; e < d.dv; e += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t c = 0; c < d.r; ++c) acc = fmaf(o[c], to_f(w[e * d.r + c]), acc);
+    out[row * d.dv + e] = from_f<T>(acc);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// host side
+// ---------------------------------------------------------------------------------------------
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+size_t align256(size_t x) { return (x + 255) / 256 * 256; }
+
+std::string cuda_error(const char* what, cudaError_t e) {
+  std::ostringstream s;
+  s << what << ": " << cudaGetErrorName(e) << " (" << cudaGetErrorString(e) << ")";
+  return s.str();
+}
+
+template <typename T>
+std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, float scale, const Plan& plan,
+                         const Inputs& in, const Outputs& out, void* scratch, cudaStream_t stream) {
+  auto* q = static_cast<T*>(scratch);
+  float* part_o = nullptr;
+  float* part_lse = nullptr;
+  if (plan.splits > 1) {
+    part_o = reinterpret_cast<float*>(static_cast<char*>(scratch) + plan.q_bytes);
+    part_lse = part_o + d.B * d.S * d.H * plan.splits * d.r;
+  }
+
+  // 1. prepare
+  RopeIndex pairs{};
+  for (size_t i = 0; i < rope_pairs.size(); ++i) pairs.v[i] = static_cast<uint16_t>(rope_pairs[i]);
+  PrepareArgs<T> pa{static_cast<const T*>(in.query), static_cast<const T*>(in.latent),
+                    static_cast<const T*>(in.key_rope), static_cast<const T*>(in.cos), static_cast<const T*>(in.sin),
+                    static_cast<const T*>(in.w_uk), static_cast<T*>(out.present_latent),
+                    static_cast<T*>(out.present_key_rope), q, scale, plan.ldq};
+  const int prep_threads = 256;
+  const dim3 prep_grid(static_cast<unsigned>(d.B * d.S),
+                       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(8, ceil_div(d.H * d.r, prep_threads)))));
+  const size_t prep_smem = sizeof(float) * (d.H * d.dn + 2 * d.n_kv * d.R);
+  void (*prepare)(Dims, PrepareArgs<T>, RopeIndex) = prepare_kernel<T>;
+  if (prep_smem > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(prepare, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(prep_smem));
+    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare (shared memory)", e);
+  }
+  MLA_LAUNCH(prepare, prep_grid, prep_threads, prep_smem, stream, d, pa, pairs);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare launch", e);
+
+  // 2. attend
+  AttendArgs<T> aa{static_cast<const T*>(in.past_latent), static_cast<const T*>(in.past_key_rope), q,
+                   static_cast<const T*>(in.w_uv), in.attention_mask, static_cast<T*>(out.present_latent),
+                   static_cast<T*>(out.present_key_rope), static_cast<T*>(out.output), part_o, part_lse,
+                   plan.block_m, plan.block_n, plan.ld, plan.ldq, plan.ldo, static_cast<int>((d.r + 15) / 16 * 16),
+                   plan.splits, plan.split_len, false};
+  constexpr int V = 16 / sizeof(T);
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  aa.vec = d.r % V == 0 && d.KR % V == 0 && aligned(in.past_latent) && aligned(in.past_key_rope) &&
+           aligned(out.present_latent) && aligned(out.present_key_rope);
+  const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.row_blocks),
+                  static_cast<unsigned>(d.B));
+  void (*attend)(Dims, AttendArgs<T>) = attend_kernel<T, false>;
+  if constexpr (std::is_same<T, __half>::value) {
+    if (plan.tensor_cores) attend = attend_kernel<T, true>;
+  }
+  if (plan.smem_bytes > 48 * 1024) {
+    e = cudaFuncSetAttribute(attend, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend (shared memory)", e);
+  }
+  MLA_LAUNCH(attend, grid, plan.threads, plan.smem_bytes, stream, d, aa);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend launch", e);
+
+  // 3. merge
+  if (plan.splits > 1) {
+    const size_t merge_smem = sizeof(float) * (1 + plan.splits + d.r);
+    void (*merge)(Dims, const float*, const float*, int64_t, const T*, T*) = merge_kernel<T>;
+    MLA_LAUNCH(merge, static_cast<unsigned>(d.B * d.S * d.H), 128, merge_smem, stream, d, part_o, part_lse,
+               plan.splits, static_cast<const T*>(in.w_uv), static_cast<T*>(out.output));
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention merge launch", e);
+  }
+  return "";
+}
+
+}  // namespace
+
+Device current_device() {
+  static std::mutex mutex;
+  static std::vector<Device> cache;  // per device index; sm_count 0 = not queried yet
+  int index = 0;
+  if (cudaGetDevice(&index) != cudaSuccess) return Device{};
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() <= static_cast<size_t>(index)) cache.resize(index + 1, Device{0, 0});
+  Device& dev = cache[index];
+  if (dev.sm_count == 0) {
+    int sms = 0, smem = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, index) != cudaSuccess) {
+      cudaGetLastError();  // not sticky: leave no error behind for onnxruntime to trip over
+      return Device{};
+    }
+    dev = Device{sms, smem};
+  }
+  return dev;
+}
+
+Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math) {
+  const Dims d = to_dims(md);
+  Plan plan;
+  if (d.n_kv * d.R > kMaxRopeIndices) {
+    std::ostringstream s;
+    s << "the CUDA kernel supports n_kv * R <= " << kMaxRopeIndices << " RoPE pair indices, got " << d.n_kv * d.R;
+    throw ShapeError{s.str()};
+  }
+  const int elem = dtype == Dtype::kFloat32 ? 4 : 2;
+  plan.tensor_cores = dtype == Dtype::kFloat16 && math != Math::kCudaCores;
+  if (dtype == Dtype::kFloat32 && math == Math::kTensorCores)
+    throw ShapeError{"the CUDA kernel's tensor-core path is float16 only"};
+  plan.ldq = static_cast<int>(ceil_div(d.r + d.KR, 16) * 16);
+  plan.ld = plan.ldq + 8;
+  const int r16 = static_cast<int>(ceil_div(d.r, 16) * 16);
+  plan.ldo = r16 + 4;
+  const int64_t rows = d.S * d.H;
+
+  // the largest tiles that fit: rows per block by the rows of a sequence, then slots per tile
+  const int smem_cap = std::max(48 * 1024, device.max_smem_per_block);
+  bool fits = false;
+  for (int bm : {64, 32, 16}) {
+    if (bm > 16 && rows <= bm / 2) continue;  // decode: as few padded rows as possible
+    for (int bn : {64, 32}) {
+      const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem);
+      if (L.total <= static_cast<size_t>(smem_cap)) {
+        plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total;
+        fits = true;
+        break;
+      }
+    }
+    if (fits) break;
+  }
+  if (!fits) {
+    std::ostringstream s;
+    s << "the CUDA kernel's tiles do not fit in shared memory at r + KR = " << d.r + d.KR;
+    throw ShapeError{s.str()};
+  }
+  plan.threads = plan.block_m == 16 ? 128 : 256;
+  plan.row_blocks = ceil_div(rows, plan.block_m);
+
+  // split-K: enough blocks to fill the GPU (about 4 per SM), no split shorter than 2 tiles
+  const int64_t blocks = d.B * plan.row_blocks;
+  const int64_t want = std::max<int64_t>(1, ceil_div(4LL * std::max(1, device.sm_count), blocks));
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(256, d.T / (2 * plan.block_n)));
+  int64_t splits = std::min(want, most);
+  plan.split_len = ceil_div(ceil_div(std::max<int64_t>(d.T, 1), splits), plan.block_n) * plan.block_n;
+  plan.splits = std::max<int64_t>(1, ceil_div(d.T, plan.split_len));
+
+  plan.q_bytes = align256(static_cast<size_t>(rows * d.B) * plan.ldq * elem);
+  plan.part_bytes = plan.splits > 1 ? align256(static_cast<size_t>(d.B * rows * plan.splits) * (d.r + 1) * 4) : 0;
+  return plan;
+}
+
+std::string launch(const MlaDims& md, const std::vector<int64_t>& rope_pairs, float scale, Dtype dtype,
+                   const Plan& plan, const Inputs& in, const Outputs& out, void* scratch, void* stream) {
+  const Dims d = to_dims(md);
+  if (d.B == 0 || d.S == 0) return "";
+  if (static_cast<int64_t>(rope_pairs.size()) != d.n_kv * d.R || d.n_kv * d.R > kMaxRopeIndices)
+    return "MultiHeadLatentAttention: rope_pairs does not match the dims";
+  if (d.B * d.S > 0x7fffffffLL || plan.splits > 0x7fffffffLL || plan.row_blocks > 65535 || d.B > 65535)
+    return "MultiHeadLatentAttention: the CUDA grid is too large for these dims";
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == Dtype::kFloat32) return launch_typed<float>(d, rope_pairs, scale, plan, in, out, scratch, s);
+  return launch_typed<__half>(d, rope_pairs, scale, plan, in, out, scratch, s);
+}
+
+}  // namespace cuda
+}  // namespace mla_zoo

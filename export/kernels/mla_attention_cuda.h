@@ -1,0 +1,93 @@
+// The CUDA kernel of mla_zoo.MultiHeadLatentAttention (export/op_spec.md): the interface between the
+// kernels (mla_attention_cuda.cu, nvcc) and their callers: the onnxruntime glue
+// (mla_attention_cuda.cc, g++: nvcc cannot compile onnxruntime's lite custom-op header) and the
+// standalone harness (cuda_harness.cu). Plain C++: no onnxruntime and no CUDA headers.
+//
+// One call enqueues three kernels on the caller's stream, with no host synchronisation:
+//   1. prepare (per new token): the new latent row and the rotated RoPE key into the presents; each
+//      head's query as ONE row [q_lat | q_rope zero-padded into all KV heads' RoPE slots] (W_uk
+//      absorbed, softmax scale folded in), so one dot over a cached [latent | all RoPE keys] row is
+//      the exact score of every head (the Triton decode kernel's per-KV-head RoPE trick);
+//   2. attend (per sequence, block of query rows, split of the cache): split-K flash attention over
+//      the latent cache; each cache tile is loaded once into shared memory and serves both the scores
+//      and the weighted sum of every row of the block (tensor cores for float16); the block of the
+//      first rows also copies the past rows of its split into the present (the past is read once);
+//   3. merge (only when the cache was split): the log-sum-exp merge of the splits.
+//   W_uv is applied in the epilogue of 2 (one split) or in 3.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "mla_attention_common.h"
+
+namespace mla_zoo {
+namespace cuda {
+
+enum class Dtype { kFloat32, kFloat16 };
+// How the attention tiles are multiplied: kAuto = tensor cores (WMMA, fp32 accumulation) for
+// float16, CUDA cores for float32 (exact fp32 math for tests); the harness forces either.
+enum class Math { kAuto, kTensorCores, kCudaCores };
+
+constexpr int kMaxRopeIndices = 1024;  // n_kv * R: passed by value to the prepare kernel
+
+// Device pointers in the op's input / output order; element type `dtype`, attention_mask int64.
+struct Inputs {
+  const void* query = nullptr;
+  const void* latent = nullptr;
+  const void* key_rope = nullptr;
+  const void* past_latent = nullptr;
+  const void* past_key_rope = nullptr;
+  const int64_t* attention_mask = nullptr;
+  const void* cos = nullptr;
+  const void* sin = nullptr;
+  const void* w_uk = nullptr;
+  const void* w_uv = nullptr;
+};
+
+struct Outputs {
+  void* output = nullptr;
+  void* present_latent = nullptr;
+  void* present_key_rope = nullptr;
+};
+
+// The launch configuration of one call and the scratch memory it needs.
+struct Plan {
+  bool tensor_cores = false;
+  int block_m = 16;         // query rows (token, head) per attend block
+  int block_n = 64;         // cache slots per tile
+  int threads = 128;        // per attend block
+  int64_t row_blocks = 1;   // per sequence
+  int64_t splits = 1;       // of the cache, per (sequence, row block)
+  int64_t split_len = 0;    // slots per split (a multiple of block_n)
+  int ldq = 0;              // row stride of the prepared queries in scratch: r + KR rounded up to 16
+  int ld = 0;               // shared-memory row stride of query / cache tiles (ldq + 8: fewer bank conflicts)
+  int ldo = 0;              // shared-memory row stride of the fp32 output accumulators
+  size_t smem_bytes = 0;    // dynamic shared memory of an attend block
+  size_t q_bytes = 0;       // scratch: prepared queries [B*S*H, ldq]
+  size_t part_bytes = 0;    // scratch: split partials (output [rows*splits, r] + lse [rows*splits]), 0 if one split
+  size_t scratch_bytes() const { return q_bytes + part_bytes; }
+};
+
+// Device facts the plan depends on (queried once per device; the harness may pass its own).
+struct Device {
+  int sm_count = 132;
+  int max_smem_per_block = 227 * 1024;
+};
+
+Device current_device();  // of the calling thread's current CUDA device (cached per device)
+
+// The launch configuration for these dims. Throws ShapeError for dims the kernel cannot run.
+Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto);
+
+// Enqueues the op on `stream` (a cudaStream_t; nullptr = the legacy default stream). `scratch` holds
+// plan.scratch_bytes() bytes of device memory, 256-byte aligned, that stay untouched until the
+// kernels are done (stream order). Returns "" or an error message (cudaGetLastError after each
+// launch: a bad configuration, or an earlier asynchronous error of the device). No host synchronisation.
+std::string launch(const MlaDims& d, const std::vector<int64_t>& rope_pairs, float scale, Dtype dtype,
+                   const Plan& plan, const Inputs& in, const Outputs& out, void* scratch, void* stream);
+
+}  // namespace cuda
+}  // namespace mla_zoo
