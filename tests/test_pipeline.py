@@ -23,7 +23,7 @@ from hub_server import HubServer
 from huggingface_hub import HfApi
 from mla_zoo.zoo.release.expressions import ExpressionError, Scope, condition, evaluate, substitute
 from mla_zoo.zoo.release.pipeline import RehearsalError, load_workflow, pip_stand_in, rehearse, rehearse_workflow
-from mla_zoo.zoo.release.stages import STAGES, export_available
+from mla_zoo.zoo.release.stages import STAGES
 
 WORKFLOWS = REPO / ".github" / "workflows"
 RELEASE = WORKFLOWS / "zoo-release.yml"
@@ -72,13 +72,13 @@ max_perplexity_increase = 1.0
 min_kv_reduction = 0.5
 
 [export]
-enabled = {export}
+enabled = true
 """
 
 
 def write_recipe(root: Path, name: str = "tiny-pipeline", version: str = "0.1.0", repo_id: str = REPO_ID) -> Path:
     path = root / f"{name}.toml"
-    path.write_text(RECIPE.format(version=version, repo_id=repo_id, export=str(export_available()).lower()))
+    path.write_text(RECIPE.format(version=version, repo_id=repo_id))
     return path
 
 
@@ -160,6 +160,7 @@ def test_conditions_and_substitution():
     assert condition("${{ always() && env.A != '' }}", failed)
     assert substitute("${{ fromJSON('[1, 2]') }}", ok) == [1, 2]  # a whole expression keeps its type
     assert substitute("v${{ 1 }}-${{ inputs.dry-run }}", ok) == "v1-false"  # embedded: as text
+    assert substitute("${{ 'a' }}/${{ 'b' }}", ok) == "a/b"  # two expressions are not one
 
 
 # ----------------------------------------------------------------------------- the workflow files
@@ -266,7 +267,8 @@ def test_rehearsal_builds_gates_exports_and_publishes(rehearsed, hub: HubServer)
         assert any(name.startswith(f"Stage {stage.name}:") for name in ran), f"no step ran stage {stage.name}"
     assert "Validate the ONNX export in onnxruntime against PyTorch" in ran
     records = {p.stem for p in (release_dir(work) / "stages").glob("*.json")}
-    assert records == {s.name for s in STAGES if s.name != "export" or export_available()}
+    assert records == {s.name for s in STAGES}
+    assert (release_dir(work) / "hub" / "onnx" / "model.onnx").is_file()
 
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     tags = {t.name for t in api.list_repo_refs(REPO_ID).tags}
@@ -313,12 +315,27 @@ def test_rehearsal_catches_a_flag_the_cli_does_not_have(workspace: Path, hub: Hu
     assert failure.value is not None
 
 
-@pytest.mark.xfail(strict=True, reason="zoo/release/build.py is not rank-aware: under `accelerate launch` every "
-                                       "process runs the stage bookkeeping, and the second to move the finetune "
-                                       "work directory into place fails (FileNotFoundError); see the actions report")
 def test_multi_gpu_branch_runs_accelerate_launch(workspace: Path, hub: HubServer, tmp_path: Path):
+    import yaml
+
+    workflow = load_workflow(RELEASE)  # the build job up to its finetune step: what two GPUs change
+    steps = workflow["jobs"]["build"]["steps"]
+    workflow["jobs"]["build"]["steps"] = steps[:next(i for i, s in enumerate(steps)
+                                                      if s.get("name", "").startswith("Stage finetune")) + 1]
+    del workflow["jobs"]["publish"]
+    short = tmp_path / "zoo-release.yml"
+    short.write_text(yaml.safe_dump(workflow, sort_keys=False))
     recipe = write_recipe(workspace, "two-gpus", repo_id="mla-zoo/Two-GPUs")
-    report = rehearse(str(recipe), hub.endpoint, tmp_path, gpus=2, log=lambda msg: None)
+    try:
+        report = rehearse(str(recipe), hub.endpoint, tmp_path, gpus=2, workflow=short, log=lambda msg: None)
+    except RehearsalError:
+        log = next((tmp_path / "logs").glob("build-two-gpus-*stage-finetune*.log")).read_text()
+        if "replace_directory" in log and "FileNotFoundError" in log:
+            # Known, and only this: zoo/release/build.py is not rank-aware. Under `accelerate launch` every
+            # process runs the stage bookkeeping, and the second to move the finetune work directory into
+            # place finds it gone. Anything else fails the test.
+            pytest.xfail("build.py runs the stage bookkeeping on every rank (see the actions report)")
+        raise
     log = next((tmp_path / "logs").glob("build-two-gpus-*stage-finetune*.log")).read_text()
     assert "on cpu x 2" in log and report.jobs["build (two-gpus)"] == "success"
 
@@ -349,19 +366,13 @@ def test_recheck_catches_a_checkpoint_that_decodes_without_its_cache(rehearsed, 
 
 
 def test_validate_onnx_against_pytorch(rehearsed, tmp_path: Path):
-    pytest.importorskip("onnxruntime")
-    from mla_zoo.export.exporter import ExportSettings, run_export
     from mla_zoo.zoo.release.pipeline_steps import ValidationError, validate_onnx
     from safetensors.torch import load_file, save_file
 
     out = tmp_path / "release"
-    shutil.copytree(release_dir(rehearsed[1]) / "hub", out / "hub")
-    manifest = json.loads((out / "hub" / "release.json").read_text())
-    assert validate_onnx(release_dir(rehearsed[1])).exported == export_available()
-    manifest["stages"]["export"] = {"input_hash": "0" * 64, "seconds": 0.0}
-    (out / "release.json").write_text(json.dumps(manifest))
-    run_export(ExportSettings(checkpoint=str(out / "hub"), output_dir=str(out / "hub" / "onnx")))
-    result = validate_onnx(out, new_tokens=6, log=lambda msg: None)
+    shutil.copytree(release_dir(rehearsed[1]), out, ignore=shutil.ignore_patterns(
+        "convert", "finetune", "eval", "export", "card", "stages"))
+    result = validate_onnx(out, new_tokens=6, log=lambda msg: None)  # the export the rehearsal built
     assert result.exported and result.dtype == "fp32" and result.backends[0].backend == "function body"
     assert all(b.passed and b.positions == 12 and b.max_abs_diff <= b.tolerance for b in result.backends)
     # a checkpoint that no longer matches its export is caught
@@ -371,6 +382,11 @@ def test_validate_onnx_against_pytorch(rehearsed, tmp_path: Path):
     save_file(weights, out / "hub" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValidationError, match="onnxruntime \\(function body\\) differs from PyTorch"):
         validate_onnx(out, new_tokens=6, kernels="off", log=lambda msg: None)
+    # a release without the export stage has nothing to validate, and says so
+    manifest = json.loads((out / "release.json").read_text())
+    manifest["stages"]["export"] = None
+    (out / "release.json").write_text(json.dumps(manifest))
+    assert not validate_onnx(out).exported
 
 
 def test_summary_recomputes_the_gates_when_a_gate_stopped_the_release(rehearsed, workspace: Path, tmp_path: Path):
@@ -418,6 +434,20 @@ def test_plan_on_push_releases_the_changed_recipes(workspace: Path, hub: HubServ
     assert [(p.recipe, p.name, p.repo_id, p.version) for p in planned] == [
         ("zoo/recipes/a.toml", "a", "mla-zoo/A", "0.2.0"), ("zoo/recipes/b.toml", "b", "mla-zoo/B", "0.1.0")]
     assert len(notices) == 1 and "v0.1.0 is already published" in notices[0]
+
+
+def test_plan_validates_every_shipped_recipe(monkeypatch: pytest.MonkeyPatch):
+    from mla_zoo.modeling.common import RecipeError
+    from mla_zoo.zoo.release.pipeline_steps import plan_releases
+    from mla_zoo.zoo.release.recipe import load_recipe
+
+    monkeypatch.chdir(REPO)
+    for path in sorted((REPO / "zoo" / "recipes").glob("*.toml")):
+        version = load_recipe(path).release.version
+        (planned,) = plan_releases("workflow_dispatch", recipe=path.stem, version=version, check_hub=False)
+        assert (planned.recipe, planned.name) == (f"zoo/recipes/{path.name}", path.stem)
+    with pytest.raises(RecipeError, match="the version to release is 9.9.9"):
+        plan_releases("workflow_dispatch", recipe="smollm2-135m-dkv32", version="9.9.9", check_hub=False)
 
 
 def test_pip_stand_in_installs_nothing_and_checks_requirements(capsys):

@@ -25,7 +25,7 @@ from typing import Any
 
 from mla_zoo.modeling.common import MlaZooError
 
-EXPRESSION = re.compile(r"\$\{\{(.*?)\}\}", re.S)
+EXPRESSION = re.compile(r"\$\{\{((?:(?!\}\}).)*)\}\}", re.S)
 _TOKEN = re.compile(r"""\s*(?:
     (?P<num>0x[0-9a-fA-F]+|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)
   | (?P<str>'(?:[^']|'')*')

@@ -254,7 +254,7 @@ def validate_onnx(release_dir: str | Path, new_tokens: int = 16, kernels: str = 
     from mla_zoo.export.runner import OnnxDecoder
 
     model = AutoModelForCausalLM.from_pretrained(hub, trust_remote_code=True, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hub)
+    tokenizer = AutoTokenizer.from_pretrained(hub, trust_remote_code=True)
     sequences, references = [], []
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])  # [1, S]
@@ -343,7 +343,7 @@ def recheck(ref: str, new_tokens: int = 16, log: Callable[[str], None] = _log) -
                 "transformers": transformers.__version__}
     log(f"recheck: {pulled['repo_id']}@{pulled['revision']} on transformers {transformers.__version__}")
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     equal, diff, scale = True, 0.0, 1.0
     for prompt in PROMPTS:
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
@@ -352,9 +352,9 @@ def recheck(ref: str, new_tokens: int = 16, log: Callable[[str], None] = _log) -
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
-                                     output_scores=True, return_dict_in_generate=True,
+                                     output_logits=True, return_dict_in_generate=True,
                                      pad_token_id=tokenizer.eos_token_id)
-            runs.append((out.sequences[0], torch.stack(out.scores)))  # [S + n], [n, 1, vocab]
+            runs.append((out.sequences[0], torch.stack(out.logits)))  # [S + n], [n, 1, vocab] (raw logits)
         (cached, s_cached), (uncached, s_uncached) = runs
         if not torch.isfinite(s_cached).all():
             raise ValidationError(f"{ref}: the logits are not finite on transformers {transformers.__version__}")
