@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mla_zoo.modeling.common import BuildError, hash_json, sha256_file
+from mla_zoo.modeling.common import BuildError, hash_json, hash_tree, sha256_file
 from mla_zoo.modeling.convert import ConversionReport
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ def settings_inputs(settings) -> dict:
         elif kind == "data":
             from mla_zoo.zoo.train.data import resolve_files, split_spec
 
-            values[name] = [part if part.startswith("hf:") else [file_identity(f) for f in resolve_files(part)]
-                            for part in split_spec(value)]
+            values[name] = [part if part.startswith(("hf:", "teacher:"))  # named, not files
+                            else [file_identity(f) for f in resolve_files(part)] for part in split_spec(value)]
     return values
 
 
@@ -128,8 +128,11 @@ def finetune_run(b: Build, work: Path) -> dict:
 
 
 def eval_inputs(b: Build) -> dict:
+    from mla_zoo.zoo.evaluate.suite import suite_dir
+
+    suite = b.recipe.eval.suite and hash_json(hash_tree(suite_dir(b.recipe.eval.suite_dir)))  # by content
     return {"source": b.source_identity, "model": b.digest(b.model_stage()),
-            "eval": settings_inputs(b.recipe.eval), "code": code_hash("mla_zoo.zoo.evaluate")}
+            "eval": {**settings_inputs(b.recipe.eval), "suite_dir": suite}, "code": code_hash("mla_zoo.zoo.evaluate")}
 
 
 def eval_run(b: Build, work: Path) -> dict:

@@ -188,6 +188,28 @@ def distill_loss(
     return loss, parts
 
 
+def on_policy_step(share: float, seed: int, step: int) -> bool:
+    """Whether global step `step` trains on the student's own rows (a fixed draw per step and seed,
+    so that a resumed run makes the same choices)."""
+    import random
+
+    return share > 0 and random.Random(seed * 1_000_003 + step).random() < share
+
+
+@torch.no_grad()
+def student_rows(student, ids: torch.Tensor, prefix: int, temperature: float = 1.0) -> torch.Tensor:
+    """On-policy rows (GKD, MiniLLM): each row's first `prefix` tokens, continued by the student's own
+    samples to the row's length (no early stop: rows are packed streams). ids: [B, S] -> [B, S]."""
+    was_training = student.training
+    student.eval()
+    new = ids.shape[1] - prefix
+    out = student.generate(input_ids=ids[:, :prefix], attention_mask=torch.ones_like(ids[:, :prefix]),
+                           do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new,
+                           min_new_tokens=new, eos_token_id=None, pad_token_id=0)
+    student.train(was_training)
+    return out[:, : ids.shape[1]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Layer-wise stage
 # ----------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from mla_zoo.modeling.convert import ConversionReport, save_checkpoint
 from . import data as data_mod
 from .distill import LayerwiseStudent
 from .report import PerplexityPoint, RunState, StageResult, TrainingReport, plot_training
-from .settings import FinetuneSettings
+from .settings import COMPILE_PAYS_TOKENS, FinetuneSettings
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
@@ -62,6 +62,12 @@ def checkpoint_hash(path: str | Path) -> str:
             h.update(f.name.encode())
             h.update(fh.read(n))
     return h.hexdigest()
+
+
+def compile_pays(s: FinetuneSettings, cuda: bool) -> bool:
+    """Whether compiling pays for a run: on CUDA, from COMPILE_PAYS_TOKENS tokens of global stage on."""
+    tokens = s.tokens if s.tokens is not None else s.max_steps and s.max_steps * s.batch_size * s.grad_accum * s.seq_len
+    return cuda and "global" in s.stages and bool(tokens) and tokens >= COMPILE_PAYS_TOKENS
 
 
 def stage_steps(s: FinetuneSettings, rows_per_step: int, data_rows: int | None) -> dict[str, int]:
@@ -162,6 +168,7 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
     eval_text = read_text(s.eval_text, "eval_text") if s.eval_text else None
     cuda = torch.cuda.is_available()
     s = replace(s, eval_seq_len=s.eval_seq_len or min(s.seq_len, 1024), bf16=cuda if s.bf16 is None else s.bf16)
+    s = replace(s, compile=compile_pays(s, cuda) if s.compile is None else s.compile)
     if eval_text is not None:
         data_mod.check_seq_len(s.eval_seq_len, config, "eval_seq_len")
 
@@ -192,7 +199,12 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
     rows_per_step = s.batch_size * s.grad_accum * world
     steps = stage_steps(s, rows_per_step, None)
     need = max(steps.values()) * rows_per_step if steps else None
-    rows = data_mod.pack_rows(s.data, tokenizer, s.seq_len, max_rows=need, progress=progress and state.is_main_process)
+    if state.is_main_process:  # `teacher:MIX` parts: sampled from the teacher into OUT/synth first
+        out.mkdir(parents=True, exist_ok=True)
+        data_mod.sample_teacher_parts(s.data, teacher, out / "synth", need, s.seq_len, s.seed, progress=progress)
+    state.wait_for_everyone()
+    spec = data_mod.sample_teacher_parts(s.data, teacher, out / "synth", need, s.seq_len, s.seed, run=False)
+    rows = data_mod.pack_rows(spec, tokenizer, s.seq_len, max_rows=need, progress=progress and state.is_main_process)
     if rows.shape[0] < s.batch_size * world:
         raise FinetuneError(f"`data` {s.data} gives {rows.shape[0]} rows of {s.seq_len} tokens, fewer than one batch "
                             f"({s.batch_size} x {world} processes): lower `batch_size` or `seq_len`, or add data")
@@ -246,6 +258,9 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
     else:
         student.requires_grad_(True)
         model, trainer_cls, lr, grad_ckpt = student, GlobalTrainer, s.learning_rate, s.gradient_checkpointing
+        if s.bf16_weights:  # bf16 weights instead of fp32 master weights under autocast
+            student.to(torch.bfloat16)
+            s = replace(s, bf16=False)
     ckpt_dir = r.out / "checkpoints" / stage
     args = training_args(ckpt_dir, s, r.steps[stage], lr, s.bf16, grad_ckpt, r.progress)
     ppl = None

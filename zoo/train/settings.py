@@ -8,6 +8,9 @@ from mla_zoo.modeling.common import SettingsError
 from mla_zoo.modeling.schema import Settings, setting
 
 STAGES = ("layerwise", "global")  # in the order they run: layer-wise first measured better (bench/RESULTS.md)
+# torch.compile of the global stage: ~130 s up front for 76.8k -> 111.1k tokens/s (H100, bench/RESULTS.md), so
+# it pays from 130 / (1/76.8k - 1/111.1k) = 32M tokens on; `compile` unset means on from there (CUDA only).
+COMPILE_PAYS_TOKENS = 32_000_000
 KL_CHUNK = 1024  # positions per chunk of the vocabulary-sized KL: 1024 x vocab fp32 logits (200 MB at 49k vocab)
 
 
@@ -36,8 +39,16 @@ class FinetuneSettings(Settings):
     save_total_limit: int | None = setting(2, min=1, help="Trainer checkpoints kept per stage")
     bf16: bool | None = setting(None, help="bf16 autocast and a bf16 teacher (default: on CUDA)")
     gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)")
-    compile: bool = setting(False, help="torch.compile student and teacher: faster past ~1000 steps "
-                                        "(bench/RESULTS.md)")
+    compile: bool | None = setting(None, help="torch.compile student and teacher (default: on CUDA when the global "
+                                               "stage has >= COMPILE_PAYS_TOKENS tokens, where its ~130 s pay)")
+    bf16_weights: bool = setting(False, help="the global stage trains bf16 weights (no fp32 master copy, no "
+                                             "autocast): less memory and traffic; measure the quality first")
+    on_policy: float = setting(0.0, min=0, max=1, help="share of global-stage steps on rows the STUDENT writes (the "
+                                                       "first half of a data row, sampled on), scored by the teacher "
+                                                       "(GKD / MiniLLM)")
+    kl_impl: str = setting("auto", choices=("auto", "fused", "liger", "chunked"),
+                           help="the global stage's loss: fused linear+KL (liger on CUDA when installed, else "
+                                "plain torch) or checkpointed chunks; auto: the fastest that applies")
     eval_text: str | None = setting(None, path="file", help="measure perplexity on this text during training")
     eval_every: int = setting(100, min=1, help="steps between perplexity measurements")
     eval_tokens: int = setting(16384, min=2, help="tokens of eval_text scored each time")

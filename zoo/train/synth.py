@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from mla_zoo.modeling.common import SynthError, atomic_directory
+from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_dir
 from mla_zoo.modeling.schema import Report, Settings, setting
 from mla_zoo.modeling.sources import SourceInfo
 from tqdm.auto import tqdm
@@ -200,7 +200,8 @@ class SynthSettings(Settings):
     mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos)",
                        help="shares of the tokens: chat = the teacher's answers to prompts it wrote itself, "
                             "bos = unconditional samples from BOS")
-    prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share")
+    prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share (at most "
+                                                 "one per 128 of its tokens)")
     seq_len: int = setting(512, min=2, help="row length of the packed shards")
     batch_size: int = setting(64, min=1, help="requests per generation call")
     temperature: float = setting(1.0, gt=0, help="sampling temperature")
@@ -367,7 +368,7 @@ def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, b
     asked = 0
     limit = max(4 * pool, batch_size)  # requests: a model that cannot write prompts stops here
     while len(found) < pool and asked < limit:
-        batch = [next(order) for _ in range(batch_size)]
+        batch = [next(order) for _ in range(min(batch_size, 2 * (pool - len(found))))]
         asked += len(batch)
         replies = sampler([chat_ids(tokenizer, r) for r in batch], 64)
         cleaned = [clean_prompt(tokenizer.decode(a, skip_special_tokens=True)) for a in replies]
@@ -401,8 +402,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     from mla_zoo.modeling import sources
 
     s, out = settings, Path(out)
-    if out.exists() and not overwrite:
-        raise SynthError(f"{out} already exists; pass `overwrite` to replace it")
+    check_output_dir(out, marker=SynthReport.FILE, overwrite=overwrite, inputs={"source": source})
     shares = parse_mix(s.mix)
     started = time.time()
     cuda = torch.cuda.is_available()
@@ -430,7 +430,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
 
     prompts = build_prompts(chat, s.seed)
     if chat and "chat" in shares:
-        prompts = write_prompts(sampler, tokenizer, prompts, s.prompt_pool, s.batch_size, evaluation_prompts())
+        pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
+        prompts = write_prompts(sampler, tokenizer, prompts, pool, s.batch_size, evaluation_prompts())
         if not prompts:
             raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
     prompt_seconds = sampler.seconds
@@ -446,7 +447,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                 target = math.ceil(share * s.tokens)
                 requests = _requests(name, chat, tokenizer, prompts)
                 while by_source[name] < target:
-                    batch = [next(requests)[0] for _ in range(s.batch_size)]
+                    n = min(s.batch_size, math.ceil((target - by_source[name]) / max_new))  # no more than needed
+                    batch = [next(requests)[0] for _ in range(n)]
                     for prompt, answer in zip(batch, sampler(batch, max_new), strict=True):
                         sample = prompt + answer
                         if sample[-1] != tokenizer.eos_token_id:

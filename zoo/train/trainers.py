@@ -15,7 +15,7 @@ from mla_zoo.zoo.evaluate.metrics import perplexity
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .distill import distill_loss, teacher_layer_io
+from .distill import distill_loss, on_policy_step, student_rows, teacher_layer_io
 
 
 class DistillTrainer(Trainer):
@@ -77,6 +77,9 @@ class GlobalTrainer(DistillTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]  # [B, S]
         s = self.loss_settings
+        on_policy = on_policy_step(s.on_policy, s.seed, self.state.global_step)
+        if on_policy:  # the student writes the rows' second halves itself; the teacher scores them
+            ids = student_rows(self.accelerator.unwrap_model(model), ids, ids.shape[1] // 2)
         with torch.no_grad():
             t_hidden = self.teacher.model(input_ids=ids, use_cache=False).last_hidden_state  # [B, S, H]
         # Through the (possibly DDP-wrapped) model: its forward returns all hidden states; the
@@ -86,8 +89,8 @@ class GlobalTrainer(DistillTrainer):
         student = self.accelerator.unwrap_model(model)
         with self.autocast(ids.device):
             loss, parts = distill_loss(s_hidden, t_hidden, student.lm_head, self.teacher.lm_head, ids, None,
-                                       s.temperature, s.ce_weight, s.kl_chunk)
-        self.track(parts)
+                                       s.temperature, s.ce_weight, s.kl_chunk, impl=s.kl_impl)
+        self.track({**parts, "on_policy": torch.tensor(float(on_policy))})
         return (loss, out) if return_outputs else loss
 
 
