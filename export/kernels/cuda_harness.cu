@@ -5,6 +5,7 @@
 //
 //   mla_zoo_cuda_harness                 # every case, float32 and float16 (both paths); exit 1 on failure
 //   mla_zoo_cuda_harness --case NAME     # one case
+//   mla_zoo_cuda_harness --quick         # the small cases only (the CPU emulation in CI)
 //   mla_zoo_cuda_harness --bench [--contexts 2048,8192,32768 --batches 1,16 --iters 50]
 //                                        # decode latency at SmolLM2-MLA's dims (float16) + copy bandwidth
 // Each result is one JSON line on stdout.
@@ -47,6 +48,7 @@ struct Case {
   std::string name;
   int64_t B, S, P, H, n_kv, hd, R, r;
   std::vector<int64_t> pad;  // left padding per row
+  bool quick = true;         // in --quick (the CPU emulation in CI runs these only)
 };
 
 const std::vector<Case>& cases() {
@@ -57,12 +59,15 @@ const std::vector<Case>& cases() {
       {"chunked-prefill", 2, 4, 11, 4, 4, 32, 3, 40, {5, 0}},     // MHA (G = 1)
       {"decode-batch1-mqa", 1, 1, 1000, 8, 1, 32, 1, 24, {}},
       // the GPU's own: several row blocks (causal within a block), long contexts, large dims
-      {"prefill-long", 2, 300, 0, 9, 3, 64, 4, 96, {50, 0}},
-      {"chunked-prefill-long", 2, 37, 500, 9, 3, 64, 4, 96, {10, 0}},
-      {"decode-smollm2-16x4k", 16, 1, 4096, 9, 3, 64, 4, 96, {0, 1, 2, 3, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4000}},
-      {"decode-llama3-8b-dims", 2, 1, 3000, 32, 8, 128, 8, 512, {0, 100}},  // r + KR = 640: 32-slot tiles
+      {"prefill-row-blocks", 2, 40, 0, 4, 2, 32, 2, 40, {7, 0}},     // 160 rows: 3 blocks of 64, causal inside
+      {"decode-wide", 1, 1, 300, 16, 8, 128, 8, 512, {20}},           // Llama-3-8B's r + KR = 640
       {"decode-64-heads", 1, 1, 2000, 64, 8, 128, 4, 256, {}},
       {"decode-past0", 3, 1, 0, 9, 3, 64, 4, 96, {}},               // first step of a one-token prompt
+      {"prefill-long", 2, 300, 0, 9, 3, 64, 4, 96, {50, 0}, false},
+      {"chunked-prefill-long", 2, 37, 500, 9, 3, 64, 4, 96, {10, 0}, false},
+      {"decode-smollm2-16x4k", 16, 1, 4096, 9, 3, 64, 4, 96, {0, 1, 2, 3, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4000},
+       false},
+      {"decode-llama3-8b-dims", 2, 1, 3000, 32, 8, 128, 8, 512, {0, 100}, false},  // 32-slot tiles in fp32
   };
   return all;
 }
@@ -405,13 +410,15 @@ std::vector<int64_t> parse_list(const char* s) {
 
 int main(int argc, char** argv) {
   std::string only;
-  bool do_bench = false;
+  bool do_bench = false, quick = false;
   std::vector<int64_t> contexts{2048, 8192, 32768}, batches{1, 16};
   int iters = 50;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--case" && i + 1 < argc) {
       only = argv[++i];
+    } else if (a == "--quick") {
+      quick = true;
     } else if (a == "--bench") {
       do_bench = true;
     } else if (a == "--contexts" && i + 1 < argc) {
@@ -421,7 +428,7 @@ int main(int argc, char** argv) {
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::atoi(argv[++i]);
     } else {
-      std::printf("usage: %s [--case NAME] | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n",
+      std::printf("usage: %s [--case NAME] [--quick] | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n",
                   argv[0]);
       return a == "--help" || a == "-h" ? 0 : 2;
     }
@@ -433,7 +440,7 @@ int main(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("{\"device\": \"%s\", \"sm\": %d%d, \"sms\": %d}\n", prop.name, prop.major, prop.minor,
+  std::printf("{\"device\": \"%s\", \"sm\": \"%d.%d\", \"sms\": %d}\n", prop.name, prop.major, prop.minor,
               prop.multiProcessorCount);
   if (do_bench) {
     bench(contexts, batches, iters);
@@ -441,7 +448,7 @@ int main(int argc, char** argv) {
   }
   int failed = 0, run = 0;
   for (const Case& c : cases()) {
-    if (!only.empty() && c.name != only) continue;
+    if ((!only.empty() && c.name != only) || (quick && !c.quick)) continue;
     const std::pair<Dtype, Math> modes[] = {
         {Dtype::kFloat32, Math::kAuto}, {Dtype::kFloat16, Math::kTensorCores}, {Dtype::kFloat16, Math::kCudaCores}};
     for (const auto& [dtype, math] : modes) {

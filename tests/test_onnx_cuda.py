@@ -1,0 +1,174 @@
+"""The CUDA kernel of MultiHeadLatentAttention where there is no GPU (CI):
+
+* its source (export/kernels/mla_attention_cuda.cu) and onnxruntime glue (mla_attention_cuda.cc),
+  compiled for the CPU through export/kernels/cuda_emulation.h (GPU threads as fibers with real
+  barriers, WMMA done by one lane with the real API's alignment checks) and registered for the CPU
+  provider, run through onnxruntime against the torch reference: node cases in float32 and float16,
+  and a tiny exported model over a prefill and 16 decode steps against PyTorch;
+* the standalone harness (cuda_harness.cu), emulated, against its float64 reference, both float16
+  paths (tensor cores and CUDA cores);
+* with nvcc: the real CUDA build compiles and links into the same library as the CPU kernels, loads
+  without a GPU, and its CPU kernels stay exact; without nvcc, a clear build error.
+On the GPU machine tests/test_onnx_cuda_gpu.py runs the real thing (bench/ort_cuda_gpu.sh)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from mla_zoo.export import exporter, op, runner  # noqa: E402
+from mla_zoo.export.kernels import build  # noqa: E402
+from onnx import TensorProto  # noqa: E402
+from test_onnx_export import PROMPTS, left_padded, three_way_logits, tiny_mla, torch_logits  # noqa: E402
+from test_onnx_kernel import CASES, node_model, random_case  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    """The emulation build: CUDA kernels + glue for the CPU provider, and the emulated harness."""
+    return build.build_emulation()
+
+
+def emulated_session(model: bytes | str, library: str):
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(library)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("case", CASES)
+def test_emulated_cuda_kernel_matches_the_reference_through_onnxruntime(case, dtype, emulated):
+    inputs, attrs = random_case(*CASES[case], seed=3)
+    if dtype == "float16":
+        inputs = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+    ref = [t.float().numpy() for t in op.reference(*inputs.values(), **attrs)]  # fp32 math on the same inputs
+    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    session = emulated_session(node_model(attrs, elem), emulated.library)
+    out, present_latent, present_key_rope = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(present_latent.astype(np.float32), ref[1])  # a copy: exact
+    if dtype == "float32":
+        np.testing.assert_allclose(out, ref[0], atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(present_key_rope, ref[2], atol=1e-6, rtol=1e-6)
+    else:  # tensor cores: queries and probabilities rounded to fp16 on the way in
+        rel = np.abs(out.astype(np.float32) - ref[0]).max() / np.abs(ref[0]).max()
+        assert rel < 1e-2, rel
+        np.testing.assert_array_equal(present_key_rope.astype(np.float32), ref[2])  # same fp32 rotation, rounded
+
+
+def test_emulated_cuda_kernel_reports_bad_shapes_like_the_cpu_kernel(emulated):
+    inputs, attrs = random_case(*CASES["chunked-prefill"])
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    session = emulated_session(node_model(attrs), emulated.library)
+    bad = dict(feed, attention_mask=feed["attention_mask"][:, 1:])
+    with pytest.raises(Exception, match=r"input 'attention_mask' has shape \[2, 14\], expected \[2, 15\]"):
+        session.run(None, bad)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_emulated_cuda_kernel_runs_a_tiny_export_like_pytorch(dtype, emulated, tmp_path):
+    """The whole decoder: prefill with left padding, then 16 decode steps, the op on the CUDA kernel's
+    code path (emulated); logits against PyTorch (fp32)."""
+    reference = tiny_mla()  # fp32
+    model = tiny_mla().half() if dtype == "fp16" else tiny_mla()
+    report = exporter.export_model(model, tmp_path / dtype, dtype=dtype)
+    decoder = runner.OnnxDecoder(report.output_dir, use_kernels=False)
+    decoder.session = emulated_session(report.model_path, emulated.library)
+    worst = three_way_logits(reference, {"emulated-cuda": decoder}, PROMPTS, decode_steps=16)
+    if dtype == "fp32":
+        assert worst["emulated-cuda"] < 1e-3, worst
+    else:
+        scale = float(np.abs(torch_logits(reference, *left_padded(PROMPTS))).max())
+        assert worst["emulated-cuda"] / scale < 1e-2, (worst, scale)
+
+
+def test_emulated_harness_passes_against_its_float64_reference(emulated):
+    proc = subprocess.run([emulated.harness, "--quick"], capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    checks = [r for r in rows if "case" in r]
+    failed = [r for r in checks if not r["ok"]]
+    assert proc.returncode == 0 and not failed, failed or proc.stderr[-2000:]
+    # every path ran: float32, float16 on tensor cores and on CUDA cores; split caches and row blocks
+    assert {(r["dtype"], r["tensor_cores"]) for r in checks} == {
+        ("float32", False), ("float16", True), ("float16", False)}
+    assert any(r["splits"] > 1 for r in checks) and any(r["row_blocks"] > 1 for r in checks)
+    assert rows[-1] == {"summary": True, "checks": len(checks), "failed": 0}
+
+
+def test_emulation_is_never_the_library_onnxruntime_is_given(emulated, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))
+    target = build.library_dir("native", "cuda-emulation")
+    target.mkdir(parents=True)
+    shutil.copy(emulated.library, target / build.LIBRARY_NAME)
+    with pytest.raises(build.KernelLibraryNotBuilt):
+        build.get_library_path()
+
+
+# ----------------------------------------------------------------------------------------------
+# The real CUDA build (nvcc), without a GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def have_nvcc() -> bool:
+    try:
+        build.find_nvcc()
+        return True
+    except build.KernelBuildError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def cuda_build():
+    if not have_nvcc():
+        pytest.skip("no nvcc: the CUDA build is tested where the CUDA toolkit is installed")
+    return build.build_kernels(build.BuildSettings(cuda=True))
+
+
+def test_cuda_library_builds_links_and_loads_without_a_gpu(cuda_build):
+    lib = ctypes.CDLL(cuda_build.library)
+    assert lib.MlaZooHasCuda() == 1 and lib.MlaZooOpVersion() == op.OP_VERSION
+    assert build.get_library_path(cuda=True) == cuda_build.library
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", cuda_build.library], capture_output=True, text=True)
+    assert "cudart" not in undefined.stdout and "cudaLaunch" not in undefined.stdout  # the runtime is static
+    # the harness is built beside it; on a machine without a GPU it says so and exits 3
+    proc = subprocess.run([cuda_build.harness, "--quick"], capture_output=True, text=True, timeout=120)
+    if proc.returncode == 3:
+        assert "no CUDA device" in proc.stderr
+    else:  # a GPU is there after all: then it must pass
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("case", ["prefill", "decode-long-past"])
+def test_cuda_library_keeps_the_cpu_kernel_exact(case, cuda_build):
+    """The library with the CUDA kernels registered: a CPU session still runs the CPU kernel."""
+    inputs, attrs = random_case(*CASES[case])
+    ref = [t.numpy() for t in op.reference(*inputs.values(), **attrs)]
+    got = emulated_session(node_model(attrs), cuda_build.library).run(None, {k: v.numpy() for k, v in inputs.items()})
+    for name, a, b in zip(op.OUTPUTS, got, ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name)
+
+
+def test_a_cuda_build_without_nvcc_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))
+    monkeypatch.delenv("CUDACXX", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(build, "NVCC_FALLBACKS", ())
+    monkeypatch.setattr(build, "find_headers", lambda *_: tmp_path)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cmake" if name == "cmake" else None)
+    with pytest.raises(build.KernelBuildError, match="need nvcc"):
+        build.build_kernels(build.BuildSettings(cuda=True))
+
+
+def test_runner_refuses_cuda_without_onnxruntime_gpu(tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(Exception, match="needs onnxruntime-gpu"):
+        runner.OnnxDecoder(tmp_path, device="cuda")
