@@ -14,6 +14,7 @@ Everything else (embeddings, MLPs, norms, LM head) is copied unchanged.
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass, field, replace
@@ -93,11 +94,9 @@ def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
     s.kv_rank_per_head = None if s.kv_lora_rank % n_kv else s.kv_lora_rank // n_kv  # None: not per head
     if s.calib_tokens is None:
         s.calib_tokens = 4096 if s.calib_text else 1024
-    if s.rank_allocation != "uniform" and "kv_lora_ranks" not in LlamaMLAConfig.__dict__:
-        raise ConversionError(
-            f"`rank_allocation` {s.rank_allocation} needs per-layer latent ranks, which this version of the model "
-            "(modeling/remote) does not support yet; use uniform (python bench/rank_allocation_smollm2.py measures "
-            "what an energy allocation would keep)")
+    if s.rank_allocation == "energy" and s.svd == "split":
+        raise ConversionError("`rank_allocation` energy reads the spectrum of the joint factorisation: use `svd` "
+                              "whitened or joint")
     return s
 
 
@@ -148,6 +147,7 @@ class ConversionReport(Report):
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     one_shot: OneShotPerplexity | None = None
+    kv_lora_ranks: list[int] | None = None  # per layer, when `rank_allocation` is not uniform
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
@@ -170,7 +170,8 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
     return {"before": before, "after": before, "reduction": 0.0}
 
 
-def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str) -> LlamaMLAConfig:
+def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str,
+               ranks: list[int] | None = None) -> LlamaMLAConfig:
     src = source_config.to_dict()
     fields = {k: src[k] for k in LLAMA_FIELDS if k in src}
     fields["head_dim"] = head_dim_of(source_config)
@@ -181,6 +182,7 @@ def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str)
         attention_bias=qkv_bias,
         attention_output_bias=o_bias,
         kv_lora_rank=s.kv_lora_rank,
+        kv_lora_ranks=ranks,
         rope_pairs=pairs,
         rope_strategy=s.rope_strategy,
         source_model=source_name,
@@ -210,8 +212,10 @@ def layer_kv_matrix(attn, layer_pairs: list[list[int]], head_dim: int) -> torch.
 
 
 @torch.no_grad()
-def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment) -> float:
-    """Fill one MLA attention block from a source attention block; returns the retained energy."""
+def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment, rank: int | None = None) -> float:
+    """Fill one MLA attention block from a source attention block (latent width `rank`, default
+    `kv_lora_rank`); returns the retained energy."""
+    rank = rank or s.kv_lora_rank
     cfg = mla_attn.config
     d, n_kv, g = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
     wq, wk, wv = (p.weight.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -229,11 +233,11 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
 
     stacked = stacked_kv(wk, wv, kn_rows, d)
     if s.svd == "joint":
-        up, down, energy = lowrank.joint(stacked, s.kv_lora_rank)
+        up, down, energy = lowrank.joint(stacked, rank)
     elif s.svd == "split":
-        up, down, energy = lowrank.split(stacked, s.kv_lora_rank, n_kv, d - 2 * s.rope_pairs, d)
+        up, down, energy = lowrank.split(stacked, rank, n_kv, d - 2 * s.rope_pairs, d)
     else:
-        up, down, energy = lowrank.whitened(stacked, s.kv_lora_rank, second_moment)
+        up, down, energy = lowrank.whitened(stacked, rank, second_moment)
 
     mla_attn.q_proj.weight.copy_(wq[q_rows])
     mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
@@ -249,6 +253,21 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
     if mla_attn.o_proj.bias is not None:
         mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
     return energy
+
+
+def layer_ranks(model, s: ConvertSettings, pairs: list, stats) -> list[int] | None:
+    """Per-layer latent widths under `rank_allocation` (None: uniform), at the same total: energy gives
+    dims to the layers whose (whitened) spectrum loses most (`rank_allocation.allocate`), in multiples
+    of gcd(kv_lora_rank, 8)."""
+    if s.rank_allocation == "uniform":
+        return None
+    d = head_dim_of(model.config)
+    moments = stats.second_moments() if s.svd == "whitened" else None
+    spectra = []
+    for i, layer in enumerate(model.model.layers):
+        w = layer_kv_matrix(layer.self_attn, pairs[i], d)
+        spectra.append(lowrank.whitened_spectrum(w, moments[i]) if moments else torch.linalg.svdvals(w.detach()))
+    return rank_allocation.allocate(spectra, s.kv_lora_rank, "energy", step=math.gcd(s.kv_lora_rank, 8))
 
 
 def calibrate(model, tokenizer, s: ConvertSettings):
@@ -286,7 +305,8 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
         s.rope_strategy, src_cfg.num_hidden_layers, src_cfg.num_key_value_heads, d, s.rope_pairs,
         stats.pair_norms() if stats is not None and s.rope_strategy == "2-norm" else None,
     )
-    config = mla_config(src_cfg, s, pairs, source_info.name)
+    ranks = layer_ranks(model, s, pairs, stats)
+    config = mla_config(src_cfg, s, pairs, source_info.name, ranks)
     mla = LlamaMLAForCausalLM(config).to(torch.float32).eval()
     # Everything outside attention keeps its name and value.
     own = mla.state_dict()
@@ -301,7 +321,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
         tqdm(list(layers), desc="converting layers", unit="layer", disable=not progress)
     ):
         energies.append(convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], s,
-                                      moments[i] if moments else None))
+                                      moments[i] if moments else None, ranks[i] if ranks else None))
     out_dtype = DTYPES[s.dtype] if s.dtype != "auto" else _source_dtype(src_cfg)
     mla = mla.to(out_dtype)
     s.dtype = str(out_dtype).replace("torch.", "")
@@ -316,6 +336,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
             values_per_token_per_layer_after=s.kv_lora_rank + src_cfg.num_key_value_heads * 2 * s.rope_pairs,
         ),
         svd_retained_energy=energies,
+        kv_lora_ranks=ranks,
         rope_pairs=pairs,
         calibration=calib_source,
         source=source_info,

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import tiny_source
 from mla_zoo.modeling import lowrank, rank_allocation
 from mla_zoo.zoo.cli import main
 
@@ -55,12 +56,42 @@ def test_whitened_spectrum_gives_the_energy_the_converter_keeps():
         assert rank_allocation.retained(s, rank) == pytest.approx(lowrank.whitened(w, rank, c)[2], rel=1e-9)
 
 
-def test_convert_refuses_energy_allocation_until_the_model_has_per_layer_ranks(source_dir, tmp_path, capsys):
-    from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
+def test_convert_with_energy_allocation_keeps_the_total_and_more_energy(tokenizer, tmp_path, capsys):
+    """`mla-zoo convert --rank-allocation energy`: per-layer widths in the config (the remote code's
+    kv_lora_ranks) at the same total, at least the uniform scheme's mean retained energy, and a
+    checkpoint that loads through its remote code and computes what the converted model computes."""
+    import json
 
-    if "kv_lora_ranks" in LlamaMLAConfig.__dict__:
-        pytest.skip("the model supports per-layer ranks")
-    assert main(["convert", str(source_dir("llama-gqa")), "-o", str(tmp_path / "m"), "--rank-allocation", "energy",
-                 "--rope-strategy", "high", "--svd", "joint"]) == 2
-    err = capsys.readouterr().err
-    assert "--rank-allocation energy needs per-layer latent ranks" in err and not (tmp_path / "m").exists()
+    from mla_zoo.zoo.evaluate import load_model
+
+    model = tiny_source("llama-gqa")
+    with torch.no_grad():  # layer 0's keys and values of rank 4: it needs few latent dims, layer 1 more
+        for proj in (model.model.layers[0].self_attn.k_proj, model.model.layers[0].self_attn.v_proj):
+            proj.weight.copy_(proj.weight[:, :4] @ proj.weight[:4] / 4)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    reports = {}
+    for scheme in ("uniform", "energy"):
+        out = tmp_path / scheme
+        assert main(["convert", str(src), "-o", str(out), "--rank-allocation", scheme, "--rope-strategy", "high",
+                     "--rope-pairs", "2", "--kv-rank", "16", "--svd", "joint", "--dtype", "float32"]) == 0
+        reports[scheme] = json.loads((out / "conversion.json").read_text())
+    uniform, energy = reports["uniform"], reports["energy"]
+    assert uniform["kv_lora_ranks"] is None
+    ranks = energy["kv_lora_ranks"]
+    assert ranks == [8, 24]  # multiples of gcd(16, 8), the total of 2 x 16
+    assert energy["kv_cache"] == uniform["kv_cache"]  # the same total KV size
+    mean = {k: sum(r["svd_retained_energy"]) / 2 for k, r in reports.items()}
+    assert mean["energy"] > mean["uniform"] + 0.01
+    config = json.loads((tmp_path / "energy" / "config.json").read_text())
+    assert config["kv_lora_ranks"] == ranks
+    model, _ = load_model(str(tmp_path / "energy"))  # through the remote code
+    assert [layer.self_attn.kv_a_proj.out_features for layer in model.model.layers] == ranks
+    ids = torch.arange(3, 27)[None]
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+    capsys.readouterr()
+    assert main(["convert", str(src), "-o", str(tmp_path / "s"), "--rank-allocation", "energy", "--svd", "split",
+                 "--rope-strategy", "high"]) == 2
+    assert "--rank-allocation energy reads the spectrum of the joint factorisation" in capsys.readouterr().err

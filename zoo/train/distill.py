@@ -28,6 +28,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from mla_zoo.modeling.common import FinetuneError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -117,6 +118,8 @@ def pick_kl_impl(impl: str, student_head: nn.Module, teacher_head: nn.Module, ce
         return "chunked"
     if impl == "auto":
         return "liger" if liger_available(device) else "fused"
+    if impl == "liger" and not liger_available(device):
+        raise FinetuneError("`kl_impl` liger needs CUDA and liger-kernel (pip install liger-kernel); use fused")
     return impl
 
 
