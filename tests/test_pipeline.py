@@ -266,6 +266,8 @@ def test_rehearsal_builds_gates_exports_and_publishes(rehearsed, hub: HubServer)
     for stage in STAGES:
         assert any(name.startswith(f"Stage {stage.name}:") for name in ran), f"no step ran stage {stage.name}"
     assert "Validate the ONNX export in onnxruntime against PyTorch" in ran
+    validation = next((work / "logs").glob("build-*validate-the-onnx-export*.log")).read_text()
+    assert "function body" in validation and "fused kernel" in validation  # both, each within tolerance
     records = {p.stem for p in (release_dir(work) / "stages").glob("*.json")}
     assert records == {s.name for s in STAGES}
     assert (release_dir(work) / "hub" / "onnx" / "model.onnx").is_file()
