@@ -3,7 +3,8 @@
 Two statistics are read off the SOURCE model while it runs over calibration tokens:
 * per-pair norms of queries and keys before RoPE (for the 2-norm partial-RoPE strategy);
 * the second moment X X^T of each attention block's input (for activation-aware SVD).
-Without a calibration text the model's own samples are used (data-free), and the report says so.
+Without a calibration text the model's own samples are used (data-free), and the report says so;
+sampling needs token ids only, so a source without a tokenizer calibrates that way too.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
-from .common import ConversionError
+from .common import ConversionError, progress_bar
 
 CHAT_PROMPTS = [
     "Tell me a short story about a lighthouse keeper.",
@@ -38,11 +38,15 @@ def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Ten
     return ids[: rows * seq_len].view(rows, seq_len)
 
 
-@torch.no_grad()
-def self_samples(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """Data-free calibration: sample from the model itself, in its chat format if it has one."""
-    torch.manual_seed(seed)
-    batch = max(1, min(len(CHAT_PROMPTS), -(-n_tokens // seq_len)))
+def _sampling_prompts(model, tokenizer, batch: int) -> dict:
+    """The prompts of one sampling batch: the chat prompts in the model's chat format if it has one,
+    else BOS; without a tokenizer, the BOS token id (a random token id when the model has none)."""
+    if tokenizer is None:
+        bos = model.config.bos_token_id
+        bos = bos[0] if isinstance(bos, list) else bos
+        ids = (torch.randint(0, model.config.vocab_size, (batch, 1)) if bos is None
+               else torch.full((batch, 1), int(bos)))  # [batch, 1]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if getattr(tokenizer, "chat_template", None):
         prompts = [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
@@ -53,12 +57,34 @@ def self_samples(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    out = model.generate(
-        **enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=seq_len,
-        min_new_tokens=seq_len, pad_token_id=tokenizer.pad_token_id,
-    )
-    return out[:, -seq_len:]  # [batch, seq_len] of generated tokens
+    return dict(tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def _pad_id(model, tokenizer) -> int:
+    if tokenizer is not None:
+        return tokenizer.pad_token_id
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    return (pad[0] if isinstance(pad, list) else pad) or 0
+
+
+@torch.no_grad()
+def self_samples(model, tokenizer, n_tokens: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Data-free calibration: ceil(n_tokens / seq_len) rows sampled from the model itself, in batches
+    of at most len(CHAT_PROMPTS) rows (`tokenizer` may be None: see `_sampling_prompts`)."""
+    torch.manual_seed(seed)
+    wanted = max(1, -(-n_tokens // seq_len))
+    rows: list[torch.Tensor] = []
+    done = 0
+    while done < wanted:
+        batch = min(len(CHAT_PROMPTS), wanted - done)
+        enc = _sampling_prompts(model, tokenizer, batch)
+        out = model.generate(
+            **enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=seq_len,
+            min_new_tokens=seq_len, pad_token_id=_pad_id(model, tokenizer),
+        )
+        rows.append(out[:, -seq_len:])  # [batch, seq_len] of generated tokens
+        done += batch
+    return torch.cat(rows)  # [rows, seq_len]
 
 
 @dataclass
@@ -115,7 +141,7 @@ def collect_stats(model, batches: torch.Tensor, want_moments: bool, batch_size: 
 
             hooks.append(attn.q_proj.register_forward_pre_hook(x_hook))
     try:
-        for start in tqdm(range(0, len(batches), batch_size), desc="calibration", unit="batch", leave=False):
+        for start in progress_bar(range(0, len(batches), batch_size), desc="calibration", unit="batch", leave=False):
             rows = batches[start : start + batch_size].to(model.device)
             model(input_ids=rows, use_cache=False)
             stats.tokens += rows.numel()

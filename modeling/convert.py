@@ -21,15 +21,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import calibration, lowrank, partial_rope, rank_allocation
-from .common import ConversionError, atomic_directory, read_text
+from .common import ConversionError, atomic_directory, check_output_dir, progress_bar, read_text
 from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
 from .remote.configuration_llama_mla import LlamaMLAConfig
 from .remote.modeling_llama_mla import LlamaMLAForCausalLM
 from .schema import Report, Settings, setting
-from .sources import SourceInfo
+from .sources import TOKENIZER_FILES, SourceInfo, source_dtype
 
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -58,7 +57,8 @@ class ConvertSettings(Settings):
     calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of a text, 1024 "
                                                          "self-sampled)")
     calib_seq_len: int = setting(512, min=2, help="calibration row length")
-    dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's)")
+    dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's; "
+                                                                  "bfloat16 for a GGUF source, which is dequantised)")
     seed: int = setting(0, min=0, help="random seed (self-sampled calibration)")
     rank_allocation: str = setting("uniform", choices=rank_allocation.SCHEMES,
                                    help="uniform: every layer kv_lora_rank; energy: per-layer ranks at the same total, "
@@ -255,6 +255,15 @@ def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment
     return energy
 
 
+def tokenizer_needed(field: str) -> ConversionError:
+    """The error for a text input (`field`) given for a source without a tokenizer."""
+    return ConversionError(
+        f"`{field}` needs a tokenizer, and the source has none (no {', '.join(TOKENIZER_FILES[:3])}, ...): pass "
+        f"`tokenizer` (a directory with the source's tokenizer files), or drop `{field}`"
+        + (" to calibrate on the model's own samples (drawn as token ids, no tokenizer needed)"
+           if field == "calib_text" else ""))
+
+
 def layer_ranks(model, s: ConvertSettings, pairs: list, stats) -> list[int] | None:
     """Per-layer latent widths under `rank_allocation` (None: uniform), at the same total: energy gives
     dims to the layers whose (whitened) spectrum loses most (`rank_allocation.allocate`), in multiples
@@ -277,9 +286,14 @@ def calibrate(model, tokenizer, s: ConvertSettings):
     if not (need_norms or need_moments):
         return None, None
     if s.calib_text:
+        if tokenizer is None:
+            raise tokenizer_needed("calib_text")
         text = read_text(s.calib_text, "calib_text")
         rows = calibration.text_batches(tokenizer, text, s.calib_tokens, s.calib_seq_len)
         kind, file, note = "text", str(s.calib_text), None
+        if rows.numel() < s.calib_tokens:
+            note = f"`calib_text` gives {rows.numel()} tokens in rows of {rows.shape[1]}, fewer than the " \
+                   f"{s.calib_tokens} of `calib_tokens`"
     else:
         rows = calibration.self_samples(model, tokenizer, s.calib_tokens, min(s.calib_seq_len, 128), s.seed)
         kind, file, note = "self-samples", None, "data-free: no `calib_text`, the model's own samples were used"
@@ -318,11 +332,11 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     energies = []
     layers = zip(model.model.layers, mla.model.layers, strict=True)
     for i, (src_layer, dst_layer) in enumerate(
-        tqdm(list(layers), desc="converting layers", unit="layer", disable=not progress)
+        progress_bar(list(layers), enabled=progress, desc="converting layers", unit="layer")
     ):
         energies.append(convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], s,
                                       moments[i] if moments else None, ranks[i] if ranks else None))
-    out_dtype = DTYPES[s.dtype] if s.dtype != "auto" else _source_dtype(src_cfg)
+    out_dtype = DTYPES[s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg)]
     mla = mla.to(out_dtype)
     s.dtype = str(out_dtype).replace("torch.", "")
     kv = kv_bytes_per_token(config, torch.finfo(out_dtype).bits // 8)
@@ -346,27 +360,19 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     if sliding:
         report.warnings.append(f"the source uses a {sliding}-token sliding window; the MLA model attends to the "
                                "whole context (identical up to that length)")
+    if calib_source is not None and calib_source.kind == "text" and calib_source.note:
+        report.warnings.append(calib_source.note)
+    if tokenizer is None:
+        report.warnings.append("the source has no tokenizer, so neither has this checkpoint: copy the source's "
+                               "tokenizer files into it")
     return mla, report
-
-
-def _source_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if dtype in DTYPES.values() else torch.float32
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass `overwrite` to replace it")
-    return out
 
 
 def save_checkpoint(model, tokenizer, report: ConversionReport, out: str | Path, overwrite: bool = False) -> Path:
     """Write weights, config, remote code, tokenizer and conversion.json; all or nothing
-    (an interrupted run leaves no partial checkpoint, and an existing one stays until replaced)."""
-    out = check_output_dir(out, overwrite)
+    (an interrupted run leaves no partial checkpoint, and an existing one stays until replaced).
+    Only an empty directory or a checkpoint (conversion.json) is replaced (`common.check_output_dir`)."""
+    out = check_output_dir(out, marker=ConversionReport.FILE, overwrite=overwrite)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         for name in REMOTE_CODE_FILES:  # verbatim: a checkpoint loads without mla-zoo installed

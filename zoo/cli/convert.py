@@ -16,23 +16,39 @@ class ConvertCommand(Settings):
     output: str = setting(aliases=["-o"], help="output checkpoint directory")
     source: str = setting("smollm2-135m", positional=True,
                           help="local checkpoint dir, .gguf file, Hub id, or the bundled 'smollm2-135m'")
+    tokenizer: str | None = setting(None, path="dir", help="a directory with the tokenizer, for a SOURCE without one "
+                                                           "(needed by calib_text and eval_text)")
     eval_text: str | None = setting(None, path="file", help="also measure one-shot perplexity before/after on this "
                                                             "text")
     eval_tokens: int | None = setting(None, min=2, help="score at most this many tokens of eval_text")
     eval_seq_len: int = setting(1024, min=2, help="window length of the one-shot perplexity")
-    overwrite: bool = setting(False, help="replace an existing output directory")
+    overwrite: bool = setting(False, help="replace an existing output directory (only a checkpoint that mla-zoo "
+                                          "wrote)")
 
 
 def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
     import torch
     from mla_zoo.modeling import convert, sources
-    from mla_zoo.modeling.common import read_text
+    from mla_zoo.modeling.common import SettingsError, check_output_dir, read_text
     from mla_zoo.zoo.evaluate import perplexity
 
-    convert.check_output_dir(c.output, c.overwrite)  # fail before the slow part
+    # Every input is checked before the slow part: the output, the texts, the source, its tokenizer.
+    check_output_dir(c.output, marker=ConversionReport.FILE, overwrite=c.overwrite,
+                     inputs={"source": c.source, "tokenizer": c.tokenizer, "calib_text": settings.calib_text,
+                             "eval_text": c.eval_text})
+    c.check_files()
     texts = {name: read_text(path, name) for name, path in (("calib_text", settings.calib_text),
                                                             ("eval_text", c.eval_text)) if path}
+    kind = sources.locate(c.source)
+    if c.tokenizer is not None and not sources.has_tokenizer(c.tokenizer):
+        raise SettingsError(f"`tokenizer` names a directory without tokenizer files: {c.tokenizer}")
+    if c.tokenizer is None and kind == "local" and not sources.has_tokenizer(c.source) and texts:
+        raise convert.tokenizer_needed(next(iter(texts)))
     model, tokenizer, info = sources.resolve(c.source, dtype=torch.float32)
+    if c.tokenizer is not None:
+        tokenizer = sources.load_tokenizer(c.tokenizer)
+    if tokenizer is None and texts:
+        raise convert.tokenizer_needed(next(iter(texts)))
     convert.resolve_settings(settings, model.config)  # range errors before any calibration work
     mla, report = convert.convert_model(model, tokenizer, info, settings)
     if c.eval_text:
@@ -88,9 +104,14 @@ class EvalCommand(Settings):
 
 def evaluate(c: EvalCommand, settings: EvalSettings, out: Output) -> int:
     import torch
+    from mla_zoo.modeling import sources
+    from mla_zoo.modeling.common import check_json_files
     from mla_zoo.zoo.evaluate import evaluate
 
     settings.check_files()
+    for spec in (c.model, c.teacher):  # both checked before either loads
+        if spec is not None and sources.locate(spec) == "local":
+            check_json_files(spec)
     device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if settings.suite:
         from mla_zoo.zoo.evaluate import evaluate_suite, format_suite

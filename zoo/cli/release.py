@@ -172,12 +172,13 @@ class PullSettings(Settings):
                        help="ORG/NAME, optionally @version (tag), branch or commit")
     local_dir: str | None = setting(None, aliases=["-o"], help="download into this directory instead of the Hugging "
                                                                "Face cache")
+    overwrite: bool = setting(False, help="replace an existing --local-dir (only one that pull wrote)")
 
 
 def pull(c: PullSettings, out: Output) -> int:
     from mla_zoo.zoo.release.hub import pull
 
-    result = pull(c.ref, local_dir=c.local_dir)
+    result = pull(c.ref, local_dir=c.local_dir, overwrite=c.overwrite)
     if out.json:
         print(json.dumps(result, indent=2))
         return 0

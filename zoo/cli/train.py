@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 from mla_zoo.modeling.schema import Settings, setting
@@ -18,13 +19,15 @@ class SynthCommand(Settings):
     source: str = setting(positional=True, help="the original model: any SOURCE accepted by convert "
                                                 "(e.g. smollm2-135m)")
     output: str = setting(aliases=["-o"], help="output directory (shards + synth.json)")
-    overwrite: bool = setting(False, help="replace an existing output directory")
+    overwrite: bool = setting(False, help="replace an existing output directory (only one that synth-data wrote)")
 
 
 def synth(c: SynthCommand, settings: SynthSettings) -> int:
+    from mla_zoo.modeling import sources
     from mla_zoo.zoo.train.synth import synth_data
 
-    r = synth_data(c.source, c.output, settings, overwrite=c.overwrite)
+    sources.locate(c.source)  # a missing path fails before any model loads
+    r = synth_data(c.source, c.output, settings, overwrite=c.overwrite, progress=sys.stderr.isatty())
     print(f"wrote {r.tokens:,} tokens ({r.samples} samples from {r.prompt_count} prompts, "
           f"{r.rows} rows of {r.settings.seq_len}) to {c.output} in {r.seconds:.1f} s; "
           f"generation {r.generated_tokens_per_second:,.0f} tokens/s on {r.device} "
@@ -37,16 +40,19 @@ class FinetuneCommand(Settings):
     checkpoint: str = setting(positional=True, help="an mla-zoo checkpoint (from `mla-zoo convert`)")
     output: str = setting(aliases=["-o"], help="run directory; the fine-tuned checkpoint is written here")
     teacher: str = setting(help="the original model (any SOURCE, e.g. smollm2-135m)")
-    resume: bool = setting(False, help="continue the run in OUTPUT from its last checkpoints")
-    overwrite: bool = setting(False, help="delete an existing OUTPUT and start over")
-    progress: bool = setting(True, help="progress bars")
+    resume: bool = setting(False, help="continue the run in OUTPUT from its newest complete checkpoints")
+    overwrite: bool = setting(False, help="delete an existing OUTPUT (only a run directory, with run.json) and "
+                                          "start over")
+    progress: bool = setting(True, help="progress bars (shown only when stderr is a terminal)")
 
 
 def finetune(c: FinetuneCommand, settings: FinetuneSettings, out: Output) -> int:
+    from mla_zoo.modeling import sources
     from mla_zoo.zoo.train.finetune import run_finetune
 
+    sources.locate(c.teacher)  # a missing path fails before any model loads
     r = run_finetune(c.checkpoint, c.output, c.teacher, settings, resume=c.resume, overwrite=c.overwrite,
-                     progress=c.progress)
+                     progress=c.progress and sys.stderr.isatty())
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one summary
         return 0
     if out.json:

@@ -41,6 +41,7 @@ from mla_zoo.modeling.common import (
     MlaZooError,
     StageUnavailable,
     changed_files,
+    check_output_dir,
     hash_json,
     hash_tree,
     name_fields,
@@ -64,6 +65,18 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return found
+
+
+def recipe_inputs(recipe: Recipe) -> dict:
+    """The files and directories a build reads ({recipe key: path or paths}), which its output must not hold."""
+    from mla_zoo.zoo.train.data import split_spec
+
+    inputs = {"recipe": recipe.path, "source.model": recipe.source.path,
+              "conversion.calib_text": recipe.conversion.calib_text, "eval.text": recipe.eval.text}
+    if recipe.finetune is not None:
+        inputs["finetune.data"] = split_spec(recipe.finetune.data)
+        inputs["finetune.eval_text"] = recipe.finetune.eval_text
+    return inputs
 
 
 @dataclass
@@ -290,6 +303,9 @@ class Build:
 
 def build(recipe: Recipe, out: str | Path, stages: list[str] | None = None, *, force: bool = False,
           progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
-    """Run the stages of a recipe into `out`; returns {stages: status per stage, gates, release, out}."""
+    """Run the stages of a recipe into `out`; returns {stages: status per stage, gates, release, out}.
+    `out` is new, empty or a release directory (`stages/`): a build resumes there, and never writes
+    into a directory it did not make, or one that holds the recipe or its inputs."""
+    check_output_dir(out, marker=("stages", ReleaseManifest.FILE), overwrite=True, inputs=recipe_inputs(recipe))
     kwargs = {} if log is None else {"log": log}
     return Build(recipe, Path(out).resolve(), force=force, progress=progress, **kwargs).run(stages)

@@ -8,7 +8,9 @@ version, d_kv, KV-cache bytes and reduction, perplexity of base and MLA.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -21,6 +23,8 @@ TAGS = ["mla", "mha2mla", "kv-cache-compression", "custom_code", "mla-zoo"]
 PLOT = "kv_cache.png"
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 GIB = 1024**3
+SERVE_DTYPE = "bfloat16"  # the dtype models are served in: the card's KV-cache figures are in it
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CITATION = """\
 @article{ji2025mha2mla,
   title   = {Towards Economical Inference: Enabling DeepSeek's Multi-Head Latent Attention
@@ -49,6 +53,43 @@ def human_bytes(n: float) -> str:
 def contexts(max_positions: int) -> list[int]:
     found = [c for c in CONTEXTS if c <= max_positions]
     return found if max_positions in found else [*found, max_positions]
+
+
+def serving_kv_bytes(conversion: ConversionReport) -> tuple[int, int]:
+    """KV-cache bytes per token (all layers), base and MLA, in SERVE_DTYPE, whatever dtype the weights are in."""
+    kv = conversion.kv_cache
+    scale = DTYPE_BYTES[SERVE_DTYPE] / DTYPE_BYTES[conversion.settings.dtype]
+    return round(kv.bytes_per_token_before * scale), round(kv.bytes_per_token_after * scale)
+
+
+def describe_data(path: str | Path | None) -> str | None:
+    """What a data file is, as the SOURCES.md next to it says (its table row `| `name` | what it is | ...`)."""
+    if path is None:
+        return None
+    path = Path(path)
+    sources_md = path.parent / "SOURCES.md"
+    if not sources_md.is_file():
+        return None
+    row = re.search(rf"^\|\s*`{re.escape(path.name)}`\s*\|([^|]+)\|", sources_md.read_text(encoding="utf-8"),
+                    flags=re.MULTILINE)
+    return row[1].strip() if row else None
+
+
+def data_name(path: str | Path, description: str | None) -> str:
+    """How the card names a data file: its name and what it is, never a path of the build machine."""
+    return f"`{Path(path).name}`" + (f" ({description})" if description else "")
+
+
+def tested_transformers() -> dict[str, str | None]:
+    """The transformers versions a release is tested on: mla-zoo's lower bound and the one installed now."""
+    from packaging.requirements import Requirement
+
+    lowest = None
+    for text in importlib.metadata.requires("mla-zoo") or []:
+        req = Requirement(text)
+        if req.name == "transformers":
+            lowest = next((spec.version for spec in req.specifier if spec.operator == ">="), None)
+    return {"lowest": lowest, "built_with": importlib.metadata.version("transformers")}
 
 
 def plot_kv_cache(path: Path, before: int, after: int, max_positions: int, title: str) -> None:
@@ -80,6 +121,7 @@ def plot_kv_cache(path: Path, before: int, after: int, max_positions: int, title
 
 def zoo_metadata(recipe, conversion: ConversionReport, metrics: EvalComparison, finetuned: bool, onnx: bool) -> dict:
     s, kv = conversion.settings, conversion.kv_cache
+    before, after = serving_kv_bytes(conversion)
     return {
         "version": recipe.release.version,
         "name": recipe.release.name,
@@ -90,8 +132,9 @@ def zoo_metadata(recipe, conversion: ConversionReport, metrics: EvalComparison, 
         "rope_strategy": s.rope_strategy,
         "svd": s.svd,
         "dtype": s.dtype,
-        "kv_bytes_per_token_base": kv.bytes_per_token_before,
-        "kv_bytes_per_token_mla": kv.bytes_per_token_after,
+        "kv_dtype": SERVE_DTYPE,
+        "kv_bytes_per_token_base": before,
+        "kv_bytes_per_token_mla": after,
         "kv_reduction": round(kv.reduction, 6),
         "perplexity_base": round(metrics.base.perplexity, 4),
         "perplexity_mla": round(metrics.mla.perplexity, 4),
@@ -122,7 +165,7 @@ def card_data(recipe, metrics: EvalComparison, license: str, base_model: str | N
 
 def _kv_section(conversion: ConversionReport, max_positions: int) -> str:
     s, kv = conversion.settings, conversion.kv_cache
-    before, after = kv.bytes_per_token_before, kv.bytes_per_token_after
+    before, after = serving_kv_bytes(conversion)
     rows = [
         "| context (tokens) | base | MLA | saved |",
         "|---:|---:|---:|---:|",
@@ -137,7 +180,8 @@ def _kv_section(conversion: ConversionReport, max_positions: int) -> str:
         f"Per token and layer the cache holds {kv.values_per_token_per_layer_after} values instead of "
         f"{kv.values_per_token_per_layer_before}: a latent of {s.kv_lora_rank} "
         f"({s.kv_rank_per_head} per KV head, the paper's d_kv) plus {2 * s.rope_pairs} RoPE dims per KV head. "
-        f"In {s.dtype}, batch 1, that is **{100 * kv.reduction:.2f}% less KV cache**:",
+        f"In {SERVE_DTYPE} (the dtype models are served in), batch 1, that is "
+        f"**{100 * kv.reduction:.2f}% less KV cache**:",
         "",
         *rows,
         "",
@@ -145,23 +189,23 @@ def _kv_section(conversion: ConversionReport, max_positions: int) -> str:
     ])
 
 
-def _eval_section(metrics: EvalComparison, gates: list[GateResult], finetune: dict | None) -> str:
+def _eval_section(metrics: EvalComparison, gates: list[GateResult], finetune: dict | None,
+                  text: str, kv_bytes: tuple[int, int]) -> str:
     base, mla = metrics.base, metrics.mla
     lines = [
         "## Evaluation",
         "",
-        f"Perplexity on `{Path(metrics.text).name}` ({mla.tokens:,} tokens scored, windows of "
+        f"Perplexity on {text} ({mla.tokens:,} tokens scored, windows of "
         f"{metrics.seq_len} tokens, {metrics.dtype}); lower is better. "
         + ("The MLA model was fine-tuned after conversion." if finetune is not None
            else "One-shot conversion: no fine-tuning after conversion."),
         "",
         "| model | perplexity | KV cache bytes / token |",
         "|---|---:|---:|",
-        f"| base | {base.perplexity:.3f} | {base.kv_cache_bytes_per_token:,} |",
-        f"| MLA (this model) | {mla.perplexity:.3f} ({100 * metrics.perplexity_delta:+.2f}%) | "
-        f"{mla.kv_cache_bytes_per_token:,} |",
+        f"| base | {base.perplexity:.3f} | {kv_bytes[0]:,} |",
+        f"| MLA (this model) | {mla.perplexity:.3f} ({100 * metrics.perplexity_delta:+.2f}%) | {kv_bytes[1]:,} |",
         "",
-        f"(KV bytes here are for the {base.kv_cache_dtype} evaluation.)",
+        f"(KV bytes in {SERVE_DTYPE}, all layers.)",
     ]
     if gates:
         lines += ["", "Release gates:", "", "| gate | result | passed |", "|---|---|:-:|"]
@@ -169,18 +213,23 @@ def _eval_section(metrics: EvalComparison, gates: list[GateResult], finetune: di
     return "\n".join(lines)
 
 
-def _usage_section(repo_id: str, tag: str, export: dict | None) -> str:
+def _usage_section(repo_id: str, tag: str, export: dict | None, transformers: dict[str, str | None]) -> str:
+    tested = (f"transformers >= {transformers['lowest']} (the lowest mla-zoo supports) up to "
+              if transformers["lowest"] else "transformers ")
     lines = [
         "## Usage",
         "",
+        f"Tested on {tested}{transformers['built_with']} (installed when this release was built).",
+        "",
         "The attention is custom code shipped in this repo (`modeling_llama_mla.py`), so loading needs "
-        "`trust_remote_code=True`; pin `revision` to the release tag so the code you run cannot change under you.",
+        "`trust_remote_code=True`, the tokenizer's too (transformers reads the model's config to find it); pin "
+        "`revision` to the release tag so the code you run cannot change under you.",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'repo, revision = "{repo_id}", "{tag}"',
-        "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision)",
+        "tokenizer = AutoTokenizer.from_pretrained(repo, revision=revision, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(repo, revision=revision, trust_remote_code=True)",
         'inputs = tokenizer("The key-value cache of this model", return_tensors="pt")',
         "output = model.generate(**inputs, max_new_tokens=40)",
@@ -232,12 +281,12 @@ def _limitations(conversion: ConversionReport, finetune: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _details(conversion: ConversionReport) -> str:
+def _details(conversion: ConversionReport, calib_data: str | None) -> str:
     s, energy = conversion.settings, conversion.svd_retained_energy
     calib = conversion.calibration
     calib_text = ("none needed" if calib is None else
-                  f"{calib.tokens} tokens of `{calib.file}`" if calib.kind == "text" else
-                  f"{calib.tokens} tokens of the model's own samples")
+                  f"{calib.tokens} tokens of {calib_data or data_name(calib.file, None)}" if calib.kind == "text"
+                  else f"{calib.tokens} tokens of the model's own samples")
     return "\n".join([
         "## Conversion",
         "",
@@ -272,13 +321,18 @@ def render(recipe, conversion: ConversionReport, max_positions: int, license: st
         f"Release `{r.tag}` of the mla-zoo model zoo (`mla-zoo list --org {r.repo_id.split('/')[0]}`), "
         f"built from the recipe `{recipe.name}` below.",
     ]
+    calib = recipe.conversion.calib_text
+    eval_text = recipe.eval.text or metrics.text
     body = "\n\n".join([
         "\n".join(intro),
         _kv_section(conversion, max_positions),
-        _eval_section(metrics, gates, finetune),
-        _usage_section(r.repo_id, r.tag, export),
-        _details(conversion),
-        "## Recipe\n\n```toml\n" + recipe.text.rstrip() + "\n```",
+        _eval_section(metrics, gates, finetune, data_name(eval_text, describe_data(eval_text)),
+                      serving_kv_bytes(conversion)),
+        _usage_section(r.repo_id, r.tag, export, tested_transformers()),
+        _details(conversion, calib and data_name(calib, describe_data(calib))),
+        "## Recipe\n\nIts relative paths are relative to the recipe file's directory (for a shipped recipe, "
+        "`zoo/recipes/` of the mla-zoo repository).\n\n```toml\n"
+        + recipe.text.rstrip() + "\n```",
         _limitations(conversion, finetune),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```",
     ])
@@ -290,9 +344,8 @@ def write_card(out_dir: Path, *, recipe, conversion: ConversionReport, max_posit
                export: dict | None) -> dict:
     """Write README.md and the plot into out_dir; returns the card stage's result."""
     out_dir = Path(out_dir)
-    kv = conversion.kv_cache
-    plot_kv_cache(out_dir / PLOT, kv.bytes_per_token_before, kv.bytes_per_token_after, max_positions,
-                  f"{recipe.release.name}: KV cache ({conversion.settings.dtype})")
+    before, after = serving_kv_bytes(conversion)
+    plot_kv_cache(out_dir / PLOT, before, after, max_positions, f"{recipe.release.name}: KV cache ({SERVE_DTYPE})")
     card = render(recipe, conversion, max_positions, license, base_model, metrics, gates, finetune, export)
     card.save(out_dir / "README.md")
     return {"files": ["README.md", PLOT], "mla_zoo": json.loads(json.dumps(card.data.to_dict()["mla_zoo"]))}

@@ -9,19 +9,21 @@ owner's "mla-zoo" Collection (found with `list_collections(owner=...)`, created 
 
 The token is whatever huggingface_hub resolves (`HF_TOKEN`, else the stored login); this module
 never reads, prints or logs it. The endpoint likewise (`HF_ENDPOINT`, default the public Hub).
+Every request runs inside `hub_client.hub_call`: a time limit, bounded attempts (browsing: one),
+and errors that say what was being done.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mla_zoo.modeling.common import HubError, VersionExists, changed_files
+from mla_zoo.modeling.common import HubError, VersionExists, atomic_directory, changed_files, check_output_dir
+from mla_zoo.modeling.hub_client import hub_call
 
 from .manifest import ReleaseManifest
 from .recipe import SEMVER, semver_key
@@ -29,6 +31,7 @@ from .recipe import SEMVER, semver_key
 ZOO_TAG = "mla-zoo"
 COLLECTION_TITLE = "mla-zoo"
 DEFAULT_ORG = "mla-zoo"
+PULL_MARKERS = (ReleaseManifest.FILE, ".cache/huggingface")  # what `pull --local-dir` leaves in a directory
 
 
 def default_org() -> str:
@@ -39,33 +42,6 @@ def make_api(api=None):
     from huggingface_hub import HfApi
 
     return api if api is not None else HfApi()
-
-
-@contextlib.contextmanager
-def hub_errors(action: str) -> Iterator[None]:
-    """Turn the client's HTTP and connection errors into a HubError that says what was being done."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        yield
-    except HubError:
-        raise
-    except RepositoryNotFoundError as e:
-        raise HubError(f"{action}: repository not found (or not visible with your credentials)") from e
-    except RevisionNotFoundError as e:
-        raise HubError(f"{action}: revision not found") from e
-    except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        hint = ""
-        if status in (401, 403):
-            hint = " (not logged in, or no write access: set HF_TOKEN or run `hf auth login`)"
-        raise HubError(f"{action} failed{hint}: {str(e).splitlines()[0]}") from e
-    except (ConnectionError, TimeoutError) as e:
-        raise HubError(f"{action} failed: cannot reach the Hub ({e})") from e
-    except Exception as e:  # httpx's transport errors are not OSErrors
-        if type(e).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")):
-            raise HubError(f"{action} failed: cannot reach the Hub ({type(e).__name__}: {e})") from e
-        raise
 
 
 # ----------------------------------------------------------------------------- releases on disk
@@ -121,7 +97,7 @@ def plan_publish(release_dir: str | Path, repo_id: str | None = None, private: b
 
 def released_versions(api, repo_id: str) -> list[dict]:
     """Release tags (vX.Y.Z) of a repo, oldest first: [{version, tag, commit}]."""
-    with hub_errors(f"listing the tags of {repo_id}"):
+    with hub_call(f"listing the tags of {repo_id}"):
         refs = api.list_repo_refs(repo_id)
     found = []
     for tag in refs.tags:
@@ -134,7 +110,7 @@ def prepare_repo(api, plan: PublishPlan) -> str:
     """Create the repo if needed, refuse an existing version; returns the head of main to commit on."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    with hub_errors(f"preparing {plan.repo_id}"):
+    with hub_call(f"preparing {plan.repo_id}"):
         try:
             refs = api.list_repo_refs(plan.repo_id)
         except RepositoryNotFoundError:
@@ -151,7 +127,7 @@ def prepare_repo(api, plan: PublishPlan) -> str:
 
 def collection_slug(api, owner: str, create: bool = True) -> str | None:
     """The owner's mla-zoo collection (created when missing and `create`)."""
-    with hub_errors(f"finding the {COLLECTION_TITLE} collection of {owner}"):
+    with hub_call(f"finding the {COLLECTION_TITLE} collection of {owner}"):
         for collection in api.list_collections(owner=owner, limit=100):
             if collection.title == COLLECTION_TITLE:
                 return collection.slug
@@ -170,7 +146,8 @@ def publish(release_dir: str | Path, repo_id: str | None = None, *, api=None, pr
 def dry_run_check(api, plan: PublishPlan) -> str:
     """Read-only: would the Hub accept this version?"""
     try:
-        tags = [v["tag"] for v in released_versions(api, plan.repo_id)]
+        with hub_call(f"reading the versions of {plan.repo_id}", browse=True):
+            tags = [v["tag"] for v in released_versions(api, plan.repo_id)]
     except HubError as e:
         return f"could not check the Hub ({e})" if "not found" not in str(e) else "the repo does not exist yet"
     if plan.tag in tags:
@@ -192,21 +169,21 @@ def commit_release(api, plan: PublishPlan, head: str, log: Callable[[str], None]
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    with hub_errors(f"listing the files of {plan.repo_id}"):
+    with hub_call(f"listing the files of {plan.repo_id}"):
         existing = api.list_repo_files(plan.repo_id, revision=head)
     wanted = {path for path, _, _ in plan.files}
     operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=str(local)) for path, local, _ in plan.files]
     operations += [CommitOperationDelete(path_in_repo=p) for p in existing if p not in wanted and p != ".gitattributes"]
     release = plan.release
     log(f"uploading {len(plan.files)} files to {plan.repo_id} in one commit")
-    with hub_errors(f"uploading {plan.tag} to {plan.repo_id} (nothing was tagged)"):
+    with hub_call(f"uploading {plan.tag} to {plan.repo_id} (nothing was tagged)"):
         commit = api.create_commit(
             plan.repo_id, operations, parent_commit=head,
             commit_message=f"Release {plan.tag}: {release.name}",
             commit_description=f"mla-zoo release built from recipe `{release.recipe.name}` "
                                f"(sha256 {release.recipe.sha256[:12]}).",
         )
-    with hub_errors(f"tagging commit {commit.oid} as {plan.tag} (the commit is on main but untagged)"):
+    with hub_call(f"tagging commit {commit.oid} as {plan.tag} (the commit is on main but untagged)"):
         api.create_tag(plan.repo_id, tag=plan.tag, revision=commit.oid, tag_message=f"mla-zoo release {plan.tag}")
     log(f"published {plan.repo_id} {plan.tag} (commit {commit.oid})")
     slug = None
@@ -214,7 +191,7 @@ def commit_release(api, plan: PublishPlan, head: str, log: Callable[[str], None]
         slug = collection_slug(api, plan.owner)
         kv = release.kv_cache.reduction
         note = f"{release.name}: d_kv {release.settings.kv_rank_per_head}, KV cache -{100 * kv:.1f}%"
-        with hub_errors(f"adding {plan.repo_id} to the collection {slug}"):
+        with hub_call(f"adding {plan.repo_id} to the collection {slug}"):
             api.add_collection_item(slug, plan.repo_id, "model", note=note, exists_ok=True)
     except HubError as e:  # the release itself is complete; say so and go on
         log(f"warning: {e}")
@@ -230,7 +207,7 @@ def list_releases(org: str | None = None, api=None) -> list[dict]:
     org = org or default_org()
     api = make_api(api)
     rows = []
-    with hub_errors(f"listing the models of {org}"):
+    with hub_call(f"listing the models of {org}", browse=True):
         models = list(api.list_models(author=org, filter=ZOO_TAG, cardData=True))
     for model in models:
         card = model.card_data.to_dict() if model.card_data is not None else {}
@@ -251,10 +228,10 @@ def list_releases(org: str | None = None, api=None) -> list[dict]:
 def repo_details(repo_id: str, api=None) -> dict:
     """Card metadata, zoo metadata and every released version of one repo."""
     api = make_api(api)
-    with hub_errors(f"reading {repo_id}"):
+    with hub_call(f"reading {repo_id}", browse=True):
         info = api.model_info(repo_id)
+        versions = released_versions(api, repo_id)
     card = info.card_data.to_dict() if info.card_data is not None else {}
-    versions = released_versions(api, repo_id)
     return {"repo_id": repo_id, "sha": info.sha, "tags": list(info.tags or []), "card": card,
             "mla_zoo": card.get("mla_zoo") or {}, "versions": versions,
             "latest": versions[-1]["tag"] if versions else None}
@@ -270,20 +247,35 @@ def parse_ref(spec: str) -> tuple[str, str | None]:
     return repo_id, f"v{revision}" if re.fullmatch(SEMVER, revision) else revision
 
 
-def pull(spec: str, api=None, local_dir: str | Path | None = None, cache_dir: str | Path | None = None) -> dict:
-    """Download a release (default: the latest version) and check its files against its release.json."""
+def pull(spec: str, api=None, local_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+         overwrite: bool = False) -> dict:
+    """Download a release (default: the latest version) and check its files against its release.json.
+    Into `local_dir`: all or nothing, replacing only a directory that pull wrote (`check_output_dir`)."""
+    if local_dir is not None:
+        check_output_dir(local_dir, marker=PULL_MARKERS, overwrite=overwrite, field="local_dir")
     api = make_api(api)
     repo_id, revision = parse_ref(spec)
-    if revision is None:
-        versions = released_versions(api, repo_id)
-        revision = versions[-1]["tag"] if versions else "main"
-    with hub_errors(f"downloading {repo_id}@{revision}"):
-        path = Path(api.snapshot_download(repo_id, revision=revision, local_dir=local_dir, cache_dir=cache_dir))
-    verified = None
-    if (path / ReleaseManifest.FILE).is_file():
-        files = {k: asdict(v) for k, v in ReleaseManifest.read(path).files.items()}
-        changed = changed_files(path, files)
-        if changed:
-            raise HubError(f"{repo_id}@{revision}: {changed[0]} does not match the release's release.json")
-        verified = len(files)
+    with hub_call(f"downloading {repo_id}@{revision or 'its latest version'}"):
+        if revision is None:
+            versions = released_versions(api, repo_id)
+            revision = versions[-1]["tag"] if versions else "main"
+        if local_dir is None:
+            path = Path(api.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir))
+            verified = _verify(path, repo_id, revision)
+        else:
+            with atomic_directory(local_dir) as tmp:
+                downloaded = Path(api.snapshot_download(repo_id, revision=revision, local_dir=tmp))
+                verified = _verify(downloaded, repo_id, revision)
+            path = Path(local_dir)
     return {"repo_id": repo_id, "revision": revision, "path": str(path), "verified_files": verified}
+
+
+def _verify(path: Path, repo_id: str, revision: str) -> int | None:
+    """How many files of a downloaded release match its release.json (None: it has none)."""
+    if not (path / ReleaseManifest.FILE).is_file():
+        return None
+    files = {k: asdict(v) for k, v in ReleaseManifest.read(path).files.items()}
+    changed = changed_files(path, files)
+    if changed:
+        raise HubError(f"{repo_id}@{revision}: {changed[0]} does not match the release's release.json")
+    return len(files)

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mla_zoo.modeling import sources
-from mla_zoo.modeling.common import BuildError, SettingsError, hash_json, hash_tree, sha256_file
+from mla_zoo.modeling.common import BuildError, HubError, SettingsError, hash_json, hash_tree, sha256_file
+from mla_zoo.modeling.hub_client import hub_call
 from mla_zoo.modeling.schema import Settings, setting
 
-REPO_ID = r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}"
+REPO_ID = sources.HUB_ID
 
 
 def resolve_path(raw: str, base_dir: Path) -> Path:
@@ -73,10 +74,10 @@ class RecipeSource:
         from huggingface_hub import HfApi
 
         try:
-            return HfApi().model_info(self.model, revision=self.revision).sha
-        except Exception as e:  # offline: the revision string (and the local cache) is all there is
-            log(f"note: could not resolve {self.model}@{self.revision or 'main'} on the Hub "
-                f"({type(e).__name__}); hashing the revision name instead")
+            with hub_call(f"resolving {self.model}@{self.revision or 'main'}", browse=True):
+                return HfApi().model_info(self.model, revision=self.revision).sha
+        except HubError as e:  # offline: the revision string (and the local cache) is all there is
+            log(f"note: {e}; hashing the revision name instead")
             return None
 
     def local(self, commit: str | None) -> str:
@@ -89,8 +90,8 @@ class RecipeSource:
         revision = commit or self.revision
         try:
             return str(sources.download_hub_source(self.model, revision))
-        except Exception as e:
-            raise BuildError(f"cannot download the source {self.model}@{revision or 'main'}: {e}") from e
+        except HubError as e:
+            raise BuildError(f"cannot download the source: {e}") from e
 
     def license(self, commit: str | None) -> str | None:
         """The license in the source's model card (Hub metadata at `commit`, or a local dir's README.md)."""
@@ -98,8 +99,9 @@ class RecipeSource:
             from huggingface_hub import HfApi
 
             try:
-                card = HfApi().model_info(self.model, revision=commit or self.revision).card_data
-            except Exception:
+                with hub_call(f"reading the card of {self.model}", browse=True):
+                    card = HfApi().model_info(self.model, revision=commit or self.revision).card_data
+            except HubError:
                 return None
             return card.license if card is not None else None
         if self.kind == "local" and (self.path / "README.md").is_file():

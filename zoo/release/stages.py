@@ -100,8 +100,8 @@ def convert_run(b: Build, work: Path) -> dict:
     report.source.revision, report.source.commit = s.revision, b.source_identity.get("commit")
     if r.conversion.calib_text is not None:
         report.settings.calib_text = r.raw["conversion"]["calib_text"]
-        if report.calibration is not None:
-            report.calibration.file = r.raw["conversion"]["calib_text"]
+        if report.calibration is not None:  # the data's name, not a path of the build machine
+            report.calibration.file = Path(r.conversion.calib_text).name
     convert.save_checkpoint(mla, tokenizer, report, work, overwrite=True)
     return {"license": license, "base_model": base_model}
 
@@ -175,12 +175,14 @@ def export_run(b: Build, work: Path) -> dict:
 
 
 def card_inputs(b: Build) -> dict:
+    from . import card
+
     ft, ex = b.record("finetune"), b.record("export")
     return {
         "recipe": b.recipe.sha256, "release": asdict(b.recipe.release), "convert": b.digest("convert"),
         "finetune": ft and [b.digest("finetune"), ft.result], "eval": b.record("eval").result,
         "gates": [asdict(g) for g in b.gates], "export": ex and [b.digest("export"), ex.result],
-        "code": code_hash("mla_zoo.zoo.release.card"),
+        "code": code_hash("mla_zoo.zoo.release.card"), "transformers": card.tested_transformers(),
     }
 
 

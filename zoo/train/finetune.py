@@ -28,16 +28,17 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
+import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from mla_zoo.modeling import sources
-from mla_zoo.modeling.common import FinetuneError, read_text
+from mla_zoo.modeling.common import FinetuneError, check_json_files, check_output_dir, read_text, remove_stale, temp_dir
 from mla_zoo.modeling.convert import ConversionReport, save_checkpoint
+from mla_zoo.zoo.evaluate import EvalSettings
 
 from . import data as data_mod
 from .distill import LayerwiseStudent
@@ -45,6 +46,8 @@ from .report import PerplexityPoint, RunState, StageResult, TrainingReport, plot
 from .settings import COMPILE_PAYS_TOKENS, FinetuneSettings
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+EVAL_SEQ_LEN = next(f.default for f in fields(EvalSettings) if f.name == "seq_len")  # as `mla-zoo eval`
+FINAL = "final"  # the final checkpoint is staged in OUT/.final.tmp-PID@HOST-* (`common.temp_dir`)
 
 
 def checkpoint_hash(path: str | Path) -> str:
@@ -129,22 +132,24 @@ def _load_student(path):
     return LlamaMLAForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def _open_out(out: Path, ckpt_hash: str, resume: bool, overwrite: bool, is_main: bool) -> RunState | None:
-    """Check OUT against `resume` / `overwrite`; the existing run's state when resuming."""
+def _open_out(out: Path, inputs: dict, ckpt_hash: str, resume: bool, overwrite: bool,
+              is_main: bool) -> RunState | None:
+    """Check OUT against `resume` / `overwrite` and the output rule (`common.check_output_dir`: only a
+    run directory, one with run.json, is resumed or replaced); the existing run's state when resuming."""
+    if resume and not (out / RunState.FILE).is_file():
+        raise FinetuneError(f"`resume`: {out} holds no run.json (nothing to resume); drop `resume` to start a run")
+    if not (resume or overwrite) and (out / RunState.FILE).is_file():
+        raise FinetuneError(f"{out} holds a run already; pass `resume` to continue it or `overwrite` to start over")
+    check_output_dir(out, marker=RunState.FILE, overwrite=resume or overwrite, inputs=inputs)
+    remove_stale(out / FINAL)
     if resume:
-        if not (out / RunState.FILE).is_file():
-            raise FinetuneError(f"`resume`: {out} holds no run.json (nothing to resume); drop `resume` to start a run")
         run = RunState.read(out)
         if run.student_hash != ckpt_hash:
             raise FinetuneError(f"`resume`: the checkpoints in {out} were trained from another model "
                                 f"({run.student}), not from this `checkpoint`; use a new `output` directory")
         return run
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FinetuneError(f"{out} already exists and is not empty; pass `resume` to continue that run "
-                                "or `overwrite` to start over")
-        if is_main:
-            shutil.rmtree(out)
+    if overwrite and out.exists() and any(out.iterdir()) and is_main:
+        shutil.rmtree(out)
     return None
 
 
@@ -161,20 +166,26 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
     if not sources.is_mla_checkpoint(ckpt):
         raise FinetuneError(f"{ckpt} is not an mla-zoo checkpoint (no config.json with model_type llama_mla); "
                             "convert a model with `mla-zoo convert` first")
+    check_json_files(ckpt)  # a cut-off file is named here, not deep inside transformers
     s.check_files()
     config = LlamaMLAConfig.from_pretrained(ckpt)
     data_mod.check_seq_len(s.seq_len, config)
     data_info = data_mod.describe(s.data)  # a spec matching nothing fails here, before any model loads
     eval_text = read_text(s.eval_text, "eval_text") if s.eval_text else None
     cuda = torch.cuda.is_available()
-    s = replace(s, eval_seq_len=s.eval_seq_len or min(s.seq_len, 1024), bf16=cuda if s.bf16 is None else s.bf16)
+    eval_seq_len = s.eval_seq_len or min(EVAL_SEQ_LEN, config.max_position_embeddings)
+    if eval_text is not None and s.eval_seq_len is None and eval_seq_len < EVAL_SEQ_LEN:
+        print(f"finetune: perplexity windows of {eval_seq_len} tokens, the model's max_position_embeddings "
+              f"(`mla-zoo eval` uses {EVAL_SEQ_LEN}): set `eval_seq_len` to choose", file=sys.stderr)
+    s = replace(s, eval_seq_len=eval_seq_len, bf16=cuda if s.bf16 is None else s.bf16)
     s = replace(s, compile=compile_pays(s, cuda) if s.compile is None else s.compile)
     if eval_text is not None:
         data_mod.check_seq_len(s.eval_seq_len, config, "eval_seq_len")
 
     state = PartialState(cpu=not cuda)  # joins the process group under torchrun / accelerate
     ckpt_hash = checkpoint_hash(ckpt)
-    previous = _open_out(out, ckpt_hash, resume, overwrite, state.is_main_process)
+    inputs = {"checkpoint": ckpt, "teacher": teacher, "eval_text": s.eval_text, "data": data_mod.split_spec(s.data)}
+    previous = _open_out(out, inputs, ckpt_hash, resume, overwrite, state.is_main_process)
     state.wait_for_everyone()
     if previous is not None and previous.finished and (out / TrainingReport.FILE).is_file():
         if state.is_main_process:
@@ -241,10 +252,16 @@ def _steady(logs: list[dict]) -> float | None:
 
 
 def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
-    """One stage with its own Trainer, resuming from its last checkpoint in OUT when asked to."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from .trainers import DropPickledArgs, GlobalTrainer, LayerwiseTrainer, PerplexityCallback, training_args
+    """One stage with its own Trainer, resuming from its newest complete checkpoint in OUT when asked to."""
+    from .trainers import (
+        STAGING,
+        CheckpointCommit,
+        GlobalTrainer,
+        LayerwiseTrainer,
+        PerplexityCallback,
+        resumable_checkpoint,
+        training_args,
+    )
 
     s, student = r.settings, r.student
     student.to(r.state.device)
@@ -267,11 +284,23 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
     if r.eval_text is not None:
         ppl = PerplexityCallback(student, r.tokenizer, r.eval_text, s.eval_seq_len, s.eval_every, s.eval_tokens,
                                  s.bf16)
-    resume_from = get_last_checkpoint(str(ckpt_dir)) if r.resume and ckpt_dir.is_dir() else None
+    resume_from = None
+    if r.resume and ckpt_dir.is_dir():
+        newest, broken = resumable_checkpoint(ckpt_dir)
+        r.state.wait_for_everyone()  # every process has looked before the main one removes anything
+        if r.state.is_main_process:
+            shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # a save in progress when the run was killed
+            for path, why in broken:
+                shutil.rmtree(path, ignore_errors=True)
+                print(f"finetune: {stage} stage: {path.name} is incomplete ({why}): removed", file=sys.stderr)
+            if newest is not None:
+                print(f"finetune: {stage} stage: resuming from {newest.name}, the newest complete checkpoint",
+                      file=sys.stderr)
+        resume_from = str(newest) if newest is not None else None
     start_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
+    commit = CheckpointCommit(ckpt_dir, s.save_total_limit)
     trainer = trainer_cls(model=model, args=args, train_dataset=data_mod.PackedDataset(r.rows),
-                          data_collator=data_mod.collate, callbacks=[DropPickledArgs(), *([ppl] if ppl else []),
-                                                                     *callbacks],
+                          data_collator=data_mod.collate, callbacks=[commit, *([ppl] if ppl else []), *callbacks],
                           teacher=r.teacher_model, tokens_per_step=r.tokens_per_step, loss_settings=s, bf16=s.bf16,
                           start_step=start_step)
     if ppl is not None:
@@ -285,6 +314,8 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
             "and raise `grad_accum` to keep the same tokens per step, lower `seq_len`, or pass "
             f"`gradient_checkpointing` ({e})") from e
     seconds = time.time() - t0
+    if r.state.is_main_process:
+        shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # empty: every save was moved out
     done_steps = trainer.state.global_step - start_step
     history = trainer.state.log_history
     losses = [h for h in history if "loss" in h]
@@ -377,9 +408,10 @@ def write_output(r: FinetuneRun, report: TrainingReport) -> None:
     so a complete training.json always means a complete checkpoint."""
     conversion = ConversionReport.read(r.checkpoint)
     (r.out / TrainingReport.FILE).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".final-", dir=r.out) as staging:
+    staging = temp_dir(r.out / FINAL)
+    try:
         final = save_checkpoint(r.student.to(getattr(torch, conversion.settings.dtype)), r.tokenizer, conversion,
-                                Path(staging) / "model")
+                                staging / "model")
         plot_training(report, final / "training.png")
         report.plot = "training.png"
         report.write(final)
@@ -389,6 +421,8 @@ def write_output(r: FinetuneRun, report: TrainingReport) -> None:
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(final / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def run_finetune(checkpoint: str | Path, out: str | Path, teacher: str, settings: FinetuneSettings, *,

@@ -52,7 +52,8 @@ class FinetuneSettings(Settings):
     eval_text: str | None = setting(None, path="file", help="measure perplexity on this text during training")
     eval_every: int = setting(100, min=1, help="steps between perplexity measurements")
     eval_tokens: int = setting(16384, min=2, help="tokens of eval_text scored each time")
-    eval_seq_len: int | None = setting(None, min=2, help="default: min(seq_len, 1024)")
+    eval_seq_len: int | None = setting(None, min=2, help="window length of those measurements (default: 1024, as "
+                                                          "`mla-zoo eval`, whatever seq_len is)")
     seed: int = setting(0, min=0, help="random seed (data order, initialisation of the Trainer)")
     kl_chunk: int = setting(KL_CHUNK, min=1, help="positions per chunk of the vocabulary-sized KL")
     logging_steps: int = setting(10, min=1, help="steps between loss logs")

@@ -6,11 +6,14 @@ Importing this module imports the Trainer stack (seconds): `finetune.py` imports
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
+import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
+from mla_zoo.modeling.common import replace_directory
 from mla_zoo.zoo.evaluate.metrics import perplexity
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
@@ -137,27 +140,95 @@ class PerplexityCallback(TrainerCallback):
         return control
 
 
-class DropPickledArgs(TrainerCallback):
-    """The Trainer also writes training_args.bin (a pickle it never reads back): remove it."""
+# ----------------------------------------------------------------------------- checkpoints
+#
+# The Trainer writes checkpoint-N straight into its output_dir, file by file: a run killed while
+# saving leaves a partial checkpoint that the next --resume would pick as the newest. So the
+# Trainer's output_dir is a staging dir (`STAGING` inside the stage's checkpoint dir), and
+# `CheckpointCommit` renames each checkpoint into the checkpoint dir once the Trainer has written
+# all of it: there, every checkpoint-N is complete.
+
+STAGING = ".staging"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+class CheckpointCommit(TrainerCallback):
+    """After each save: drop the pickle the Trainer writes (training_args.bin, never read back), move
+    the complete checkpoint from the staging dir into `checkpoint_dir` in one rename, and keep the
+    newest `keep` there. Every process waits for all to have written their files first."""
+
+    def __init__(self, checkpoint_dir: Path, keep: int | None):
+        self.checkpoint_dir, self.keep = Path(checkpoint_dir), keep
 
     def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()  # under DDP every rank writes its own rng_state_<rank>.pth
         if state.is_world_process_zero:
-            f = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin"
-            f.unlink(missing_ok=True)
+            name = f"checkpoint-{state.global_step}"
+            staged = Path(args.output_dir) / name
+            (staged / "training_args.bin").unlink(missing_ok=True)
+            replace_directory(staged, self.checkpoint_dir / name)
+            done = sorted(checkpoints(self.checkpoint_dir), key=lambda c: c[0])
+            for _, old in done[: max(0, len(done) - self.keep)] if self.keep else []:
+                shutil.rmtree(old, ignore_errors=True)
+        PartialState().wait_for_everyone()
 
 
-def training_args(output_dir: Path, s, steps: int, lr: float, bf16: bool, grad_ckpt: bool,
+def checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint-N dirs in a stage's checkpoint dir."""
+    found = []
+    for path in Path(checkpoint_dir).glob("checkpoint-*"):
+        m = CHECKPOINT.fullmatch(path.name)
+        if m and path.is_dir():
+            found.append((int(m[1]), path))
+    return found
+
+
+def incomplete(path: Path, step: int) -> str | None:
+    """Why a checkpoint dir cannot be resumed from (None: it can). The Trainer writes trainer_state.json
+    last, after the weights, optimizer, scheduler and RNG states."""
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json: its save was interrupted"
+    try:
+        saved = json.loads(state.read_text())
+    except json.JSONDecodeError:
+        return "trainer_state.json is cut off: its save was interrupted"
+    if saved.get("global_step") != step:
+        return f"trainer_state.json is of step {saved.get('global_step')}"
+    if not any(path.glob("model*.safetensors")):
+        return "no model weights"
+    return None
+
+
+def resumable_checkpoint(checkpoint_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of a stage that can be resumed from (None: none), and the newer ones that
+    cannot, with why (left by a run killed while saving, before saves were atomic)."""
+    broken = []
+    for step, path in sorted(checkpoints(checkpoint_dir), key=lambda c: c[0], reverse=True):
+        why = incomplete(path, step)
+        if why is None:
+            return path, broken
+        broken.append((path, why))
+    return None, broken
+
+
+def training_args(checkpoint_dir: Path, s, steps: int, lr: float, bf16: bool, grad_ckpt: bool,
                   progress: bool) -> TrainingArguments:
-    """The Trainer's arguments for one stage of `s` (FinetuneSettings): AdamW (0.9, 0.95), clip 1.0, cosine."""
+    """The Trainer's arguments for one stage of `s` (FinetuneSettings): AdamW (0.9, 0.95), clip 1.0, cosine.
+    The Trainer saves into `checkpoint_dir`/STAGING (see `CheckpointCommit`); `save_total_limit` is
+    applied by `CheckpointCommit`. Warm-up steps are rounded down: a stage of few steps (a 5-step
+    run's 1-step layer-wise stage) must not spend them all at the warm-up's learning rate of 0."""
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     # transformers 5.2x renamed gradient checkpointing (the old name is a deprecated alias there; 5.17 has only it)
     ckpt = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     return TrainingArguments(
-        output_dir=str(output_dir), per_device_train_batch_size=s.batch_size,
+        output_dir=str(Path(checkpoint_dir) / STAGING), per_device_train_batch_size=s.batch_size,
         gradient_accumulation_steps=s.grad_accum, learning_rate=lr, weight_decay=s.weight_decay,
         adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="cosine",
-        warmup_steps=math.ceil(s.warmup_ratio * steps), max_steps=steps, logging_steps=s.logging_steps,
-        logging_first_step=True, save_strategy="steps", save_steps=s.save_steps, save_total_limit=s.save_total_limit,
+        warmup_steps=int(s.warmup_ratio * steps), max_steps=steps, logging_steps=s.logging_steps,
+        logging_first_step=True, save_strategy="steps", save_steps=s.save_steps, save_total_limit=None,
         bf16=bf16, seed=s.seed, data_seed=s.seed, report_to="none", disable_tqdm=not progress,
         dataloader_drop_last=True, dataloader_num_workers=0, remove_unused_columns=False,
         ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
