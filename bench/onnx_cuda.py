@@ -1,0 +1,264 @@
+"""Decode latency in onnxruntime-gpu (CUDA execution provider), fp16: SmolLM2-135M-MLA (d_kv=32, r=4:
+-68.75% cache) exported with `mla_zoo.export` and run with our CUDA kernel, against the ORIGINAL
+SmolLM2-135M exported with `torch.onnx` (dynamo, opset 18, flat past K/V, its attention as
+onnxruntime's graph optimizer leaves it) on the same provider; plus the kernel alone (one node at
+SmolLM2-MLA's dims) and its achieved bandwidth against the device's copy bandwidth.
+
+    python bench/onnx_cuda.py --out $OUT/onnx_cuda.json          # on the GPU machine (bench/ort_cuda_gpu.sh)
+    python bench/onnx_cuda.py --contexts 16384 --batches 16      # the goal's point only
+
+A step feeds one token per row over a random past of the given length, with every tensor bound to
+the GPU (IOBinding: past in, present out; no host copies of the cache), so the figure is the
+per-token decode latency at that context. tokens/s = batch / latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch  # before onnxruntime (imported where used): torch loads the CUDA libraries its CUDA provider needs
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def export_original_fp16(model, path: Path) -> None:
+    """The original GQA model, fp16, flat past K/V [B, n_kv, P, hd] (bench/onnx_cpu.py's decoder)."""
+    from onnx_cpu import gqa_decoder
+
+    dec = gqa_decoder(model).half().eval()
+    c = model.config
+    ids = torch.randint(0, c.vocab_size, (2, 3))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    pos = torch.arange(4, 7)[None].expand(2, -1).contiguous()
+    past = [torch.zeros(2, c.num_key_value_heads, 4, c.head_dim, dtype=torch.float16)
+            for _ in range(2 * c.num_hidden_layers)]
+    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past", "total"))
+    shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
+              "past": [{0: b, 2: p} for _ in past]}
+    program = torch.onnx.export(dec, (ids, mask, pos, past), dynamo=True, dynamic_shapes=shapes, opset_version=18,
+                                verbose=False)
+    names = ["input_ids", "attention_mask", "position_ids"]
+    names += [f"past_key_values.{i}.{kv}" for i in range(c.num_hidden_layers) for kv in ("key", "value")]
+    for value, name in zip(program.model.graph.inputs, names, strict=True):
+        value.name = name
+    path.mkdir(parents=True, exist_ok=True)
+    program.save(str(path / "model.onnx"))
+
+
+def prepare(workdir: Path) -> dict[str, Path]:
+    """Exports (once) SmolLM2-135M-MLA and the original, both fp16."""
+    from mla_zoo.export.exporter import export_model
+    from mla_zoo.modeling import sources
+    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+
+    mla_dir, gqa_dir = workdir / "smollm2-mla-fp16", workdir / "smollm2-gqa-fp16"
+    if not (mla_dir / "model.onnx").exists() or not (gqa_dir / "model.onnx").exists():
+        model, tokenizer, info = sources.resolve("smollm2-135m", dtype=torch.float32)
+        if not (gqa_dir / "model.onnx").exists():
+            export_original_fp16(model.eval(), gqa_dir)
+        if not (mla_dir / "model.onnx").exists():  # speed does not depend on the SVD: the fast one
+            settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="high", svd="joint",
+                                       dtype="float32")
+            mla, _ = convert_model(model, tokenizer, info, settings, progress=False)
+            export_model(mla.eval().half(), mla_dir, dtype="fp16")
+    return {"mla": mla_dir, "gqa": gqa_dir}
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing with every tensor on the GPU
+# ----------------------------------------------------------------------------------------------
+
+
+def bound_step(session, feed_shapes: dict, int_feeds: dict[str, np.ndarray], seed: int = 0):
+    """An IOBinding with the int inputs and random fp16 past tensors on the GPU, outputs on the GPU."""
+    import onnxruntime as ort
+
+    binding = session.io_binding()
+    rng = np.random.default_rng(seed)
+    keep = []
+    for name, value in int_feeds.items():
+        v = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+        keep.append(v)
+        binding.bind_ortvalue_input(name, v)
+    for name, shape in feed_shapes.items():
+        v = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(shape, dtype=np.float32).astype(np.float16), "cuda", 0)
+        keep.append(v)
+        binding.bind_ortvalue_input(name, v)
+    for out in session.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+    return binding, keep
+
+
+def time_binding(session, binding, steps: int, warmup: int = 3) -> dict:
+    for _ in range(warmup):
+        session.run_with_iobinding(binding)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        session.run_with_iobinding(binding)  # returns when the outputs are ready
+        times.append(time.perf_counter() - t)
+    return {"ms_median": 1e3 * float(np.median(times)), "ms_min": 1e3 * float(np.min(times))}
+
+
+def model_session(path: Path, fused: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if fused:
+        from mla_zoo.export.kernels.build import get_library_path
+
+        so.register_custom_ops_library(get_library_path(cuda=True))
+    return ort.InferenceSession(str(path / "model.onnx"), so, providers=PROVIDERS)
+
+
+def decode_point(session, past: int, batch: int, steps: int) -> dict:
+    ints = {"input_ids": np.random.default_rng(0).integers(0, 1000, (batch, 1)).astype(np.int64),
+            "attention_mask": np.ones((batch, past + 1), np.int64),
+            "position_ids": np.full((batch, 1), past, np.int64)}
+    shapes = {i.name: [batch, i.shape[1], past, i.shape[3]] for i in session.get_inputs()[3:]}
+    binding, keep = bound_step(session, shapes, ints)
+    result = time_binding(session, binding, steps)
+    result["past_cache_mb"] = sum(2 * int(np.prod(s)) for s in shapes.values()) / 2**20
+    result["tokens_per_s"] = batch / (result["ms_median"] / 1e3)
+    del keep
+    torch.cuda.synchronize()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel alone: one node at SmolLM2-MLA's dims, fp16
+# ----------------------------------------------------------------------------------------------
+
+
+def node_model(h=9, kv=3, hd=64, pairs=4) -> bytes:
+    from mla_zoo.export import op
+    from onnx import TensorProto, helper
+
+    ranks = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, attention_mask=2, cos=3, sin=3,
+                 w_uk=3, w_uv=3, output=3, present_latent=4, present_key_rope=4)
+
+    def info(name):
+        return helper.make_tensor_value_info(
+            name, TensorProto.INT64 if name == "attention_mask" else TensorProto.FLOAT16, [None] * ranks[name])
+
+    attrs = dict(num_heads=h, num_kv_heads=kv, rope_pairs=[28, 29, 30, 31] * kv, scale=hd**-0.5)
+    node = helper.make_node(op.OP_NAME, list(op.INPUTS), list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
+    graph = helper.make_graph([node], "mla", [info(n) for n in op.INPUTS], [info(n) for n in op.OUTPUTS])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", op.ONNX_OPSET),
+                                                    helper.make_opsetid(op.DOMAIN, op.OP_VERSION)])
+    return model.SerializeToString()
+
+
+def kernel_point(past: int, batch: int, steps: int) -> dict:
+    import onnxruntime as ort
+    from mla_zoo.export.kernels.build import get_library_path
+
+    h, kv, hd, pairs, r = 9, 3, 64, 4, 96
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(get_library_path(cuda=True))
+    session = ort.InferenceSession(node_model(h, kv, hd, pairs), so, providers=PROVIDERS)
+    rng = np.random.default_rng(0)
+    shapes = {"query": [batch, 1, h * hd], "latent": [batch, 1, r], "key_rope": [batch, 1, kv * 2 * pairs],
+              "past_latent": [batch, 1, past, r], "past_key_rope": [batch, 1, past, kv * 2 * pairs],
+              "cos": [batch, 1, hd // 2], "sin": [batch, 1, hd // 2], "w_uk": [kv, hd - 2 * pairs, r],
+              "w_uv": [kv, hd, r]}
+    binding, keep = bound_step(session, shapes, {"attention_mask": np.ones((batch, past + 1), np.int64)}, seed=1)
+    del rng
+    result = time_binding(session, binding, steps)
+    cache = 2 * batch * past * (r + kv * 2 * pairs)  # bytes of the past (fp16)
+    result["bytes"] = 2 * cache  # the contract: read the past once, write the present once
+    result["gb_per_s"] = result["bytes"] / (result["ms_min"] / 1e3) / 1e9
+    del keep
+    return result
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 2 GiB device copy, read + write counted (as the kernel's figure)."""
+    a = torch.empty(2**30, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(10):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        stop.record()
+        stop.synchronize()
+        best = min(best, start.elapsed_time(stop) / 1e3)
+    return 2 * a.numel() * 2 / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="2048,8192,16384,32768")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--workdir", default="/tmp/mla-zoo-bench-onnx-cuda")
+    p.add_argument("--out", default=str(ROOT / "results" / "onnx_cuda.json"))
+    args = p.parse_args()
+
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        sys.exit(f"needs onnxruntime-gpu: this onnxruntime ({ort.__version__}) has {ort.get_available_providers()}")
+    dirs = prepare(Path(args.workdir))
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    sessions = {"mla-fused": model_session(dirs["mla"], True), "original": model_session(dirs["gqa"], False)}
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            row = {"context": context, "batch": batch}
+            for name, session in sessions.items():
+                try:
+                    row[name] = decode_point(session, context, batch, args.steps)
+                except Exception as e:  # e.g. out of memory: the row says so, the others still run
+                    row[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                torch.cuda.empty_cache()
+            if "ms_median" in row["mla-fused"] and "ms_median" in row["original"]:
+                row["speedup"] = row["original"]["ms_median"] / row["mla-fused"]["ms_median"]
+            row["kernel"] = kernel_point(context, batch, args.steps)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    bandwidth = copy_bandwidth()
+    for row in rows:
+        row["kernel"]["fraction_of_copy"] = row["kernel"]["gb_per_s"] / bandwidth
+    result = {"device": torch.cuda.get_device_name(), "onnxruntime": ort.__version__, "torch": torch.__version__,
+              "copy_gb_per_s": bandwidth, "steps": args.steps, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+
+
+def table(result: dict) -> str:
+    lines = [f"{result['device']}, onnxruntime {result['onnxruntime']}, copy {result['copy_gb_per_s']:.0f} GB/s",
+             "| context | batch | MLA fused ms | original ms | speed-up | MLA tokens/s | original tokens/s | "
+             "kernel alone µs | kernel GB/s | of copy |", "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in result["rows"]:
+        m, o, k = r["mla-fused"], r["original"], r["kernel"]
+        lines.append(f"| {r['context']} | {r['batch']} | {m.get('ms_median', nan):.2f} | "
+                     f"{o.get('ms_median', nan):.2f} | {r.get('speedup', nan):.2f}x | "
+                     f"{m.get('tokens_per_s', nan):,.0f} | {o.get('tokens_per_s', nan):,.0f} | "
+                     f"{1e3 * k['ms_min']:.1f} | {k['gb_per_s']:.0f} | {k['fraction_of_copy']:.0%} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
