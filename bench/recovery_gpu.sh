@@ -11,6 +11,7 @@
 #   release (60 GPU-min; 10-min calls, same machine):
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
 #   mixes (which data mix generalizes; ~5 min each): cmd: bash bench/recovery_gpu.sh mixes
+#   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
 # the gguf wheel and liger-kernel's (pip download --no-deps gguf liger-kernel==0.8.5): the GPU image has
@@ -116,6 +117,12 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
     suite "oneshot$d" "$W/mla$d"
   done
   echo '{"done": true}' > "$OUT/release-done.json"
+}
+
+plots() {  # per-domain increases of every suite report in $OUT
+  python3 bench/plot_suite.py "$OUT"/quick*.suite.json "$OUT"/release*.suite.json "$OUT"/mix-*.suite.json \
+    -o "$OUT/recovery_suite.png" 2> /dev/null || true
+  python3 bench/plot_suite.py "$OUT"/oneshot*.suite.json -o "$OUT/oneshot_suite.png" --log 2> /dev/null || true
 }
 
 mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); one per call if needed

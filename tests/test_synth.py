@@ -82,3 +82,16 @@ def test_bad_mixes_are_refused(mix):
 
     with pytest.raises(SynthError, match="mix"):
         parse_mix(mix)
+
+
+def test_no_evaluation_prompt_survives_the_run_time_filter():
+    """The prompts the teacher writes are filtered against every held-out prompt of data/eval."""
+    from mla_zoo.zoo.evaluate.suite import DEFAULT_SUITE
+    from mla_zoo.zoo.train.synth import evaluation_prompts
+
+    found = evaluation_prompts()
+    chat = [x for x in (DEFAULT_SUITE / "chat_prompts.txt").read_text().splitlines() if x.strip()]
+    behaviour = [x for x in (DEFAULT_SUITE / "behaviour.jsonl").read_text().splitlines() if x.strip()]
+    assert len(found) == len(chat) + len(behaviour) >= 90
+    written = [f"Please answer this: {p.upper()}" for p in found] + ["How do volcanoes form?"]
+    assert held_out(written, found) == ["How do volcanoes form?"]

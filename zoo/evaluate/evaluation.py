@@ -143,16 +143,17 @@ class EvalComparison(Report):
 def compare(base: str, mla: str | Path, settings: EvalSettings, text_name: str,
             log=lambda msg: None) -> EvalComparison:
     """Both models measured with the same settings; `text_name` is how reports name the text."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for label, spec in (("base", base), ("mla", str(mla))):
         log(f"eval: perplexity of the {label} model on {text_name}")
-        report = evaluate(spec, settings)
+        report = evaluate(spec, settings, device=device)
         report.model, report.text = label, text_name
         results[label] = report
     suite = None
     if settings.suite:
         log("eval: the multi-domain suite, the MLA model against the base model")
-        suite = evaluate_suite(str(mla), base, settings)
+        suite = evaluate_suite(str(mla), base, settings, device=device)
         suite.model, suite.teacher = "mla", "base"
     return EvalComparison(text=text_name, seq_len=settings.seq_len, max_tokens=settings.max_tokens,
                           dtype=settings.dtype, base=results["base"], mla=results["mla"],
