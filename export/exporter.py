@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mla_zoo.modeling.common import MlaZooError
+from mla_zoo.modeling.common import MlaZooError, check_output_dir
 from mla_zoo.modeling.schema import Settings, setting
 
 from .contract import DATA_FILE, MODEL_FILE, input_names, output_names
@@ -76,9 +76,8 @@ def check_settings(settings: ExportSettings) -> None:
             self.__dict__.update(d)
 
     check_mla_config(_Config(json.loads((ckpt / "config.json").read_text())))
-    out = Path(settings.output_dir)
-    if out.exists() and any(out.iterdir()) and not settings.overwrite:
-        raise ExportError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    check_output_dir(settings.output_dir, marker="genai_config.json", overwrite=settings.overwrite,
+                     inputs={"checkpoint": ckpt}, field="output_dir")  # the output rule of every command
 
 
 def load_checkpoint(path: str, dtype: str):

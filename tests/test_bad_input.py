@@ -126,6 +126,10 @@ CONVERT = [
                                                     p(r, "notes")], "--calib-text names a directory, not a file"),
     Case("--eval-seq-len 1", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--eval-seq-len", "1"],
          "--eval-seq-len must be an int >= 2 (got 1)"),
+    Case("--eval-seq-len beyond the model, before converting",
+         lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--eval-text", p(r, "text.txt"),
+                    "--eval-seq-len", "512"],
+         "--eval-seq-len 512 is beyond the model's 256 positions"),
     Case("--calib-tokens -5", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--calib-tokens", "-5"],
          "--calib-tokens must be an int >= 1 (got -5)"),
     Case("--kv-rank abc", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--kv-rank", "abc"],
@@ -201,6 +205,13 @@ FINETUNE = [
          "ckpt-cut/tokenizer.json is not valid JSON"),
 ]
 
+EXPORT = [
+    Case("the checkpoint as output", lambda r: ["export", p(r, "ckpt"), "-o", p(r, "ckpt"), "--overwrite"],
+         ("--output-dir", "is the CHECKPOINT")),
+    Case("a directory mla-zoo did not write", lambda r: ["export", p(r, "ckpt"), "-o", p(r, "notes"), "--overwrite"],
+         ("--output-dir", "mla-zoo did not write", "genai_config.json")),
+]
+
 BUILD = [
     Case("a missing recipe", lambda r: ["build", p(r, "recipes/none.toml"), "-o", p(r, "new")], "no recipe file"),
     Case("a directory mla-zoo did not write", lambda r: ["build", p(r, "recipes/good.toml"), "-o", p(r, "notes")],
@@ -229,7 +240,7 @@ HUB = [
          ("--local-dir", "afile.txt is a file")),
 ]
 
-CASES = [(c.argv(Path("/"))[0], c) for c in CONVERT + EVAL + SYNTH + FINETUNE + BUILD + HUB]
+CASES = [(c.argv(Path("/"))[0], c) for c in CONVERT + EVAL + SYNTH + FINETUNE + EXPORT + BUILD + HUB]
 
 
 @pytest.mark.parametrize("case", [c for _, c in CASES], ids=[f"{cmd}: {c.name}" for cmd, c in CASES])

@@ -234,3 +234,23 @@ def test_readme_says_where_build_writes():
     out = re.search(r"mla-zoo build \S+ -o (\S+)", text)[1]
     assert f"`{out}/hub/`" in text and f"`{out}/release.json`" in text
     assert f"mla-zoo publish {out}" in text and "`out/hub/`" not in text
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(source_dir, tmp_path, capsys):
+    """A log file gets no progress-bar lines: not mla-zoo's (conversion, calibration, perplexity, data
+    packing, the Trainer's), nor transformers' and huggingface_hub's own ("Loading weights")."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging
+
+    src, out = source_dir("llama-gqa"), tmp_path / "mla"
+    capsys.readouterr()
+    logging.enable_progress_bar()  # as in a fresh process: main() turns them off itself
+    enable_progress_bars()
+    assert main(["convert", str(src), "-o", str(out), "--calib-text", str(DATA / "calib.txt"), "--calib-tokens",
+                 "256", "--eval-text", str(DATA / "heldout.txt"), "--eval-tokens", "300", "--eval-seq-len", "100"]) == 0
+    assert main(["eval", str(out), "--text", str(DATA / "heldout.txt"), "--max-tokens", "300", "--seq-len", "100"]) == 0
+    assert main(["finetune", str(out), "-o", str(tmp_path / "ft"), "--teacher", str(src), "--data",
+                 str(DATA / "calib.txt"), "--seq-len", "32", "--batch-size", "2", "--max-steps", "2",
+                 "--save-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s]" not in err and "%|" not in err, err[-2000:]

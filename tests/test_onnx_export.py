@@ -280,7 +280,7 @@ def test_run_export_and_generate_from_a_checkpoint_dir(tiny_model, tokenizer, tm
     tokenizer.save_pretrained(ckpt)
     report = exporter.run_export(exporter.ExportSettings(checkpoint=str(ckpt), output_dir=str(tmp_path / "onnx")))
     assert report.mla_nodes == 2 and (tmp_path / "onnx" / "tokenizer.json").is_file()
-    with pytest.raises(exporter.ExportError, match="exists and is not empty"):
+    with pytest.raises(exporter.MlaZooError, match="already exists; pass `overwrite`"):  # the output rule
         exporter.run_export(exporter.ExportSettings(checkpoint=str(ckpt), output_dir=str(tmp_path / "onnx")))
     texts = {}
     for backend, path in (("onnx", tmp_path / "onnx"), ("torch", ckpt)):

@@ -50,6 +50,9 @@ def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
     if tokenizer is None and texts:
         raise convert.tokenizer_needed(next(iter(texts)))
     convert.resolve_settings(settings, model.config)  # range errors before any calibration work
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if c.eval_text and positions is not None and c.eval_seq_len > positions:
+        raise SettingsError(f"`eval_seq_len` {c.eval_seq_len} is beyond the model's {positions} positions")
     mla, report = convert.convert_model(model, tokenizer, info, settings)
     if c.eval_text:
         before = perplexity(model, tokenizer, texts["eval_text"], c.eval_seq_len, c.eval_tokens)

@@ -30,7 +30,7 @@ def build(c: BuildSettings, out: Output) -> int:
     from mla_zoo.zoo.release.build import build
     from mla_zoo.zoo.release.recipe import load_recipe
 
-    summary = build(load_recipe(c.recipe), c.output, c.stages, force=c.force)
+    summary = build(load_recipe(c.recipe), c.output, c.stages, force=c.force, progress=sys.stderr.isatty())
     if out.json:
         print(json.dumps(summary, indent=2))
         return 0

@@ -9,8 +9,7 @@ import re
 from dataclasses import dataclass
 
 import torch
-from mla_zoo.modeling.common import EvalError
-from tqdm.auto import tqdm
+from mla_zoo.modeling.common import EvalError, progress_bar
 
 
 @torch.no_grad()
@@ -28,7 +27,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int
         raise EvalError("the evaluation text has fewer than 2 tokens")
     nll, count = 0.0, 0
     starts = range(0, ids.numel() - 1, seq_len)
-    for start in tqdm(starts, desc="perplexity", unit="window", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc="perplexity", unit="window", enabled=progress, leave=False):
         window = ids[start : start + seq_len][None].to(model.device)  # [1, L]
         if window.shape[1] < 2:
             break

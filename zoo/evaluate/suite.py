@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mla_zoo.modeling.common import EvalError, read_text
+from mla_zoo.modeling.common import EvalError, progress_bar, read_text
 from mla_zoo.modeling.schema import Report
-from tqdm.auto import tqdm
 
 from .metrics import BehaviourPrompt, greedy_answers, load_behaviour
 
@@ -156,7 +155,7 @@ def score_domain(model, teacher, tokenizer, name: str, text: str, seq_len: int, 
         raise EvalError(f"the {name} text has fewer than 2 tokens")
     sums = _Sums()
     starts = range(0, ids.numel() - 1, seq_len)
-    for start in tqdm(starts, desc=name, unit="window", disable=not progress, leave=False):
+    for start in progress_bar(starts, desc=name, unit="window", enabled=progress, leave=False):
         window = ids[start : start + seq_len][None]  # [1, L]
         if window.shape[1] < 2:
             break

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from mla_zoo.modeling.common import DataError
-from tqdm.auto import tqdm
+from mla_zoo.modeling.common import DataError, progress_bar
 
 from .synth import MIX, SynthReport, SynthSettings
 
@@ -307,7 +306,7 @@ def pack_rows(spec: str, tokenizer, seq_len: int, max_rows: int | None = None, p
     rows: list[torch.Tensor] = []
     buf: list[torch.Tensor] = []
     held = 0
-    bar = tqdm(total=max_rows, desc="packing data", unit="row", disable=not progress, leave=False)
+    bar = progress_bar(total=max_rows, desc="packing data", unit="row", enabled=progress, leave=False)
     try:
         for piece in iter_token_pieces(spec, tokenizer):
             t = piece if isinstance(piece, torch.Tensor) else torch.tensor(piece, dtype=torch.int32)

@@ -36,10 +36,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_dir
+from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_dir, progress_bar
 from mla_zoo.modeling.schema import Report, Settings, setting
 from mla_zoo.modeling.sources import SourceInfo
-from tqdm.auto import tqdm
 
 # Broad subjects the teacher writes prompts about. Held out from data/eval by name: no evaluation chat
 # prompt names one of them (tests/test_synth_prompts.py), and none is a source of an evaluation text.
@@ -442,7 +441,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     samples = 0
     with atomic_directory(out) as tmp:
         writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
-        with tqdm(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True, disable=not progress) as bar:
+        with progress_bar(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True, enabled=progress) as bar:
             for name, share in shares.items():
                 target = math.ceil(share * s.tokens)
                 requests = _requests(name, chat, tokenizer, prompts)
