@@ -403,6 +403,25 @@ def test_summary_recomputes_the_gates_when_a_gate_stopped_the_release(rehearsed,
     assert "| max_perplexity_increase |" in text and "passed" in text
 
 
+def test_summary_shows_the_suite_worst_domain_first(rehearsed, tmp_path: Path):
+    from mla_zoo.zoo.release.pipeline_steps import release_summary
+
+    out = tmp_path / "suite"
+    out.mkdir()
+    manifest = json.loads((release_dir(rehearsed[1]) / "release.json").read_text())
+    domain = {"tokens": 100, "teacher_perplexity": 10.0, "top1_agreement": 0.9, "kl": 0.01}
+    manifest["metrics"]["suite"] = {
+        "domains": [{**domain, "name": "fiction", "perplexity": 10.5, "perplexity_increase": 0.05},
+                    {**domain, "name": "code", "perplexity": 12.0, "perplexity_increase": 0.2}],
+        "behaviour": [{"teacher_ok": True, "ok": True}, {"teacher_ok": True, "ok": False},
+                      {"teacher_ok": False, "ok": None}]}
+    (out / "release.json").write_text(json.dumps(manifest))
+    text = release_summary(out)
+    assert text.index("| code | 10.000 | 12.000 | +20.00% |") < text.index("| fiction | 10.000 | 10.500 | +5.00% |")
+    assert "Behaviour prompts the original answers right: 1 / 2 kept." in text
+    assert "| convert | built |" not in text and "| export | built |" not in text  # no stage records here
+
+
 # ----------------------------------------------------------------------------- plan and pip
 
 

@@ -57,10 +57,11 @@ def changed_recipes(before: str | None, after: str, repo: Path = REPO) -> list[s
 def published_tags(repo_id: str, api=None) -> list[str]:
     """The repo's tags on the Hub (none when it does not exist yet); read-only, no token needed."""
     from huggingface_hub.errors import RepositoryNotFoundError
+    from mla_zoo.modeling.hub_client import hub_call
 
-    from .hub import hub_errors, make_api
+    from .hub import make_api
 
-    with hub_errors(f"reading the tags of {repo_id}"):
+    with hub_call(f"reading the tags of {repo_id}", browse=True):
         try:
             return [t.name for t in make_api(api).list_repo_refs(repo_id).tags]
         except RepositoryNotFoundError:
