@@ -75,6 +75,8 @@ def check_gates(gates: GateSettings, metrics: EvalComparison, kv_cache: KVCacheS
         rows += [GateResult(name, float("nan"), getattr(g, name), False, "no suite result (eval.suite = false)")
                  for name in g.suite_gates()]
         return rows
+    if suite is None:  # no suite result, and no suite gate asks for one
+        return rows
     if g.max_domain_perplexity_increase is not None:
         limit = g.max_domain_perplexity_increase
         rows += [_at_most(f"max_domain_perplexity_increase[{d.name}]", d.perplexity_increase, limit,
