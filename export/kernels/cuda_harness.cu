@@ -262,7 +262,7 @@ struct Run {
   mla_zoo::cuda::Outputs out;
 };
 
-void setup(Run& run, const Tensors& t, Dtype dtype, Math math) {
+void setup(Run& run, const Tensors& t, Dtype dtype, Math math, bool pipeline = true) {
   const MlaDims& d = t.d;
   const size_t elem = dtype == Dtype::kFloat16 ? 2 : 4;
   run.query = DeviceBuffer(t.query, dtype);
@@ -279,7 +279,7 @@ void setup(Run& run, const Tensors& t, Dtype dtype, Math math) {
   run.output = DeviceBuffer(d.B * d.S * d.H * d.dv * elem);
   run.present_latent = DeviceBuffer(d.B * d.T * d.r * elem);
   run.present_key_rope = DeviceBuffer(d.B * d.T * d.KR * elem);
-  run.plan = mla_zoo::cuda::make_plan(d, dtype, mla_zoo::cuda::current_device(), math);
+  run.plan = mla_zoo::cuda::make_plan(d, dtype, mla_zoo::cuda::current_device(), math, pipeline);
   run.scratch = DeviceBuffer(run.plan.scratch_bytes());
   run.in = {run.query.ptr, run.latent.ptr, run.key_rope.ptr, run.past_latent.ptr, run.past_key_rope.ptr,
             static_cast<const int64_t*>(run.mask.ptr), run.cos.ptr, run.sin.ptr, run.w_uk.ptr, run.w_uv.ptr};
@@ -304,11 +304,11 @@ Error compare(const std::vector<double>& got, const std::vector<double>& want) {
 
 const char* math_name(Math m) { return m == Math::kTensorCores ? "tensor" : m == Math::kCudaCores ? "cuda" : "auto"; }
 
-bool check_case(const Case& c, Dtype dtype, Math math) {
+bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype dtype, Math math, bool pipeline) {
   const Tensors t = make_inputs(c, dtype, 1234);
-  const Result want = reference(t);
+  const Result& want = dtype == Dtype::kFloat16 ? want16 : want32;
   Run run;
-  setup(run, t, dtype, math);
+  setup(run, t, dtype, math, pipeline);
   const std::string err = mla_zoo::cuda::launch(t.d, t.pairs, static_cast<float>(t.scale), dtype, run.plan, run.in,
                                                 run.out, run.scratch.ptr, nullptr);
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -323,11 +323,12 @@ bool check_case(const Case& c, Dtype dtype, Math math) {
   const bool ok = err.empty() && out.finite && lat.finite && kr.finite && out.rel() < out_tol && lat.max_abs == 0 &&
                   kr.rel() < rope_tol;
   std::printf(
-      "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"block_m\": %d, \"block_n\": %d, "
+      "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"pipelined\": %s, "
+      "\"block_m\": %d, \"block_n\": %d, "
       "\"row_blocks\": %lld, \"splits\": %lld, \"output_rel_err\": %.3e, \"present_latent_max_abs\": %.3e, "
       "\"present_key_rope_rel_err\": %.3e, \"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
       c.name.c_str(), fp16 ? "float16" : "float32", math_name(math), run.plan.tensor_cores ? "true" : "false",
-      run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
+      run.plan.pipelined ? "true" : "false", run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
       static_cast<long long>(run.plan.splits), out.rel(), lat.max_abs, kr.rel(), out_tol, err.c_str(),
       ok ? "true" : "false");
   std::fflush(stdout);
@@ -449,11 +450,21 @@ int main(int argc, char** argv) {
   int failed = 0, run = 0;
   for (const Case& c : cases()) {
     if ((!only.empty() && c.name != only) || (quick && !c.quick)) continue;
-    const std::pair<Dtype, Math> modes[] = {
-        {Dtype::kFloat32, Math::kAuto}, {Dtype::kFloat16, Math::kTensorCores}, {Dtype::kFloat16, Math::kCudaCores}};
-    for (const auto& [dtype, math] : modes) {
+    struct Mode {
+      Dtype dtype;
+      Math math;
+      bool pipeline;
+    };
+    const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true},
+                          {Dtype::kFloat32, Math::kAuto, false},
+                          {Dtype::kFloat16, Math::kTensorCores, true},
+                          {Dtype::kFloat16, Math::kTensorCores, false},
+                          {Dtype::kFloat16, Math::kCudaCores, true}};
+    const Result want32 = reference(make_inputs(c, Dtype::kFloat32, 1234));
+    const Result want16 = reference(make_inputs(c, Dtype::kFloat16, 1234));
+    for (const Mode& m : modes) {
       ++run;
-      if (!check_case(c, dtype, math)) ++failed;
+      if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline)) ++failed;
     }
   }
   std::printf("{\"summary\": true, \"checks\": %d, \"failed\": %d}\n", run, failed);

@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <sstream>
 #include <type_traits>
@@ -145,15 +147,17 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
 
 // Byte offsets of the attend block's shared memory regions (the same on host and device).
 struct SmemLayout {
-  size_t kv, q, o, s, p, m, l, alpha, keep, total;
+  size_t kv, kv2, q, o, s, p, m, l, alpha, keep, total;
 };
 
 __host__ __device__ inline size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
-__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem) {
+__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem, bool pipelined) {
   SmemLayout L{};
   size_t at = 0;
   L.kv = at, at = align128(at + static_cast<size_t>(bn) * ld * elem);   // cache tile [bn, ld] T
+  L.kv2 = at;                                                           // the next tile, while this one is used
+  if (pipelined) at = align128(at + static_cast<size_t>(bn) * ld * elem);
   L.q = at, at = align128(at + static_cast<size_t>(bm) * ld * elem);    // query rows [bm, ld] T
   L.o = at, at = align128(at + static_cast<size_t>(bm) * ldo * 4);      // output accumulators [bm, ldo] f32
   L.s = at, at = align128(at + static_cast<size_t>(bm) * bn * 4);       // scores (then probs for CUDA cores) f32
@@ -174,8 +178,69 @@ struct AttendArgs {
   float *part_o, *part_lse;
   int bm, bn, ld, ldq, ldo, r16;
   int64_t splits, split_len;
-  bool vec;  // 16-byte loads: r and KR are multiples of 16 / sizeof(T)
+  bool vec;        // 16-byte loads: r and KR are multiples of 16 / sizeof(T), 16-byte aligned rows
+  bool pipelined;  // vec + cp.async: the next tile streams into the second buffer during this one's math
 };
+
+// Asynchronous 16-byte global -> shared copies (sm_80+), to overlap a tile's loads with the math on
+// the previous one. (Emulation: plain copies; the waits are then no-ops.)
+__device__ __forceinline__ void cp_async16(void* dst_smem, const void* src) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  std::memcpy(dst_smem, src, 16);
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef MLA_ZOO_CUDA_EMULATION
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef MLA_ZOO_CUDA_EMULATION
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Starts the copies of the cache tile [t0, t0 + n_valid) into kv (pipelined mode): as load_tile,
+// but asynchronous; the copy of past rows to the present happens later, from shared memory.
+template <typename T>
+__device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0, int n_valid,
+                                           T* kv) {
+  constexpr int V = 16 / sizeof(T);
+  const int chunks = a.ldq / V;
+  for (int idx = threadIdx.x; idx < a.bn * chunks; idx += blockDim.x) {
+    const int n = idx / chunks, c = (idx % chunks) * V;
+    const int64_t t = t0 + n;
+    T* dst = kv + n * a.ld + c;
+    if (n < n_valid && c < d.r + d.KR) {
+      const bool past = t < d.P;
+      const T* src = c < d.r ? (past ? a.past_latent + (b * d.P + t) * d.r : a.present_latent + (b * d.T + t) * d.r) + c
+                             : (past ? a.past_key_rope + (b * d.P + t) * d.KR
+                                     : a.present_key_rope + (b * d.T + t) * d.KR) + (c - d.r);
+      cp_async16(dst, src);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// The past rows of an arrived tile -> the present (pipelined mode; the block that copies the past).
+template <typename T>
+__device__ __forceinline__ void store_past_rows(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0,
+                                                int n_valid, const T* kv) {
+  constexpr int V = 16 / sizeof(T);
+  const int chunks = static_cast<int>((d.r + d.KR) / V);
+  const int rows = static_cast<int>(min(static_cast<int64_t>(n_valid), d.P - t0));
+  for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
+    const int n = idx / chunks, c = (idx % chunks) * V;
+    const int64_t t = t0 + n;
+    T* dst = c < d.r ? a.present_latent + (b * d.T + t) * d.r + c : a.present_key_rope + (b * d.T + t) * d.KR + (c - d.r);
+    __stcs(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(kv + n * a.ld + c));
+  }
+}
 
 // The cache tile [t0, t0 + n_valid) -> smem kv [bn, ld] as [latent (r) | RoPE keys (KR) | 0 ...];
 // past slots come from the past inputs (and, for the copying block, go on to the presents), new
@@ -310,8 +375,9 @@ __device__ __forceinline__ void tile_weighted_sum(const AttendArgs<T>& a, const 
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   MLA_DYNAMIC_SMEM(unsigned char, smem);
-  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T));
-  T* kv = reinterpret_cast<T*>(smem + L.kv);
+  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T), a.pipelined);
+  T* const kv0 = reinterpret_cast<T*>(smem + L.kv);
+  T* const kv1 = reinterpret_cast<T*>(smem + L.kv2);
   T* qs = reinterpret_cast<T*>(smem + L.q);
   float* o = reinterpret_cast<float*>(smem + L.o);
   float* sc = reinterpret_cast<float*>(smem + L.s);
@@ -343,11 +409,29 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   __syncthreads();
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn) {
+  if (a.pipelined && t_begin < t_end) {
+    issue_tile(d, a, b, t_begin, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t_begin)), kv0);
+    cp_async_commit();
+  }
+  int stage = 0;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn, stage ^= 1) {
     const int n_valid = static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t0));
-    load_tile(d, a, b, t0, n_valid, copy_past, kv);
+    T* kv = a.pipelined && stage ? kv1 : kv0;
+    if (a.pipelined) {
+      const int64_t next = t0 + a.bn;
+      if (next < t_end) {  // the next tile streams into the other buffer (free since the last iteration's end)
+        issue_tile(d, a, b, next, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - next)), stage ? kv0 : kv1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this tile's group has landed (the next one may be in flight)
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      load_tile(d, a, b, t0, n_valid, copy_past, kv);
+    }
     for (int n = threadIdx.x; n < a.bn; n += blockDim.x) keep[n] = n < n_valid && a.mask[b * d.T + t0 + n] != 0;
     __syncthreads();
+    if (a.pipelined && copy_past && t0 < d.P) store_past_rows(d, a, b, t0, n_valid, kv);
     tile_scores<T, kTensorCores>(a, qs, kv, sc);
     __syncthreads();
 
@@ -515,11 +599,12 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
                    static_cast<const T*>(in.w_uv), in.attention_mask, static_cast<T*>(out.present_latent),
                    static_cast<T*>(out.present_key_rope), static_cast<T*>(out.output), part_o, part_lse,
                    plan.block_m, plan.block_n, plan.ld, plan.ldq, plan.ldo, static_cast<int>((d.r + 15) / 16 * 16),
-                   plan.splits, plan.split_len, false};
+                   plan.splits, plan.split_len, false, false};
   constexpr int V = 16 / sizeof(T);
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   aa.vec = d.r % V == 0 && d.KR % V == 0 && aligned(in.past_latent) && aligned(in.past_key_rope) &&
            aligned(out.present_latent) && aligned(out.present_key_rope);
+  aa.pipelined = aa.vec && plan.pipelined;
   const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.row_blocks),
                   static_cast<unsigned>(d.B));
   void (*attend)(Dims, AttendArgs<T>) = attend_kernel<T, false>;
@@ -568,7 +653,7 @@ Device current_device() {
   return dev;
 }
 
-Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math) {
+Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, bool pipeline) {
   const Dims d = to_dims(md);
   Plan plan;
   if (d.n_kv * d.R > kMaxRopeIndices) {
@@ -585,18 +670,21 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math) 
   const int r16 = static_cast<int>(ceil_div(d.r, 16) * 16);
   plan.ldo = r16 + 4;
   const int64_t rows = d.S * d.H;
+  const char* env = std::getenv("MLA_ZOO_CUDA_PIPELINE");  // "0": no cp.async double buffering (diagnosis)
+  plan.pipelined = pipeline && d.r % (16 / elem) == 0 && d.KR % (16 / elem) == 0 && !(env && env[0] == '0');
 
   // the largest tiles that fit: rows per block by the rows of a sequence, then slots per tile
   const int smem_cap = std::max(48 * 1024, device.max_smem_per_block);
   bool fits = false;
-  for (int bm : {64, 32, 16}) {
-    if (bm > 16 && rows <= bm / 2) continue;  // decode: as few padded rows as possible
-    for (int bn : {64, 32}) {
-      const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem);
-      if (L.total <= static_cast<size_t>(smem_cap)) {
-        plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total;
-        fits = true;
-        break;
+  for (const bool pipelined : {plan.pipelined, false}) {  // double buffering only where it fits
+    for (int bm : {64, 32, 16}) {
+      if (bm > 16 && rows <= bm / 2) continue;  // decode: as few padded rows as possible
+      for (int bn : {64, 32}) {
+        const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem, pipelined);
+        if (!fits && L.total <= static_cast<size_t>(smem_cap)) {
+          plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total, plan.pipelined = pipelined;
+          fits = true;
+        }
       }
     }
     if (fits) break;

@@ -56,6 +56,7 @@ struct Outputs {
 // The launch configuration of one call and the scratch memory it needs.
 struct Plan {
   bool tensor_cores = false;
+  bool pipelined = false;   // cp.async double buffering of the cache tiles (sm_80+)
   int block_m = 16;         // query rows (token, head) per attend block
   int block_n = 64;         // cache slots per tile
   int threads = 128;        // per attend block
@@ -80,7 +81,9 @@ struct Device {
 Device current_device();  // of the calling thread's current CUDA device (cached per device)
 
 // The launch configuration for these dims. Throws ShapeError for dims the kernel cannot run.
-Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto);
+// pipeline=false (or MLA_ZOO_CUDA_PIPELINE=0 in the environment) turns the cp.async double
+// buffering of the cache tiles off: the plain synchronous loads (the harness tests both).
+Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto, bool pipeline = true);
 
 // Enqueues the op on `stream` (a cudaStream_t; nullptr = the legacy default stream). `scratch` holds
 // plan.scratch_bytes() bytes of device memory, 256-byte aligned, that stay untouched until the
