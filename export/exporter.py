@@ -18,7 +18,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mla_zoo.modeling.common import MlaZooError, check_output_dir
+from mla_zoo.modeling.common import MlaZooError, atomic_directory, check_output_dir
 from mla_zoo.modeling.schema import Settings, setting
 
 from .contract import DATA_FILE, MODEL_FILE, input_names, output_names
@@ -285,14 +285,33 @@ def copy_tokenizer(checkpoint: Path, directory: Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def copy_library(directory: Path) -> str | None:
+    """Copies the kernel library into the export (genai loads one only from there); returns its name.
+
+    The export travels to other machines, so the most portable build there is goes in: portable, then
+    avx2, and a native build (this CPU's instruction set) only with a warning."""
+    from .kernels.build import ISAS, LIBRARY_NAME, library_dir
+
+    for isa in reversed(ISAS):  # portable, avx2, native
+        for variant in ("cuda", "cpu"):
+            lib = library_dir(isa, variant) / LIBRARY_NAME
+            if lib.is_file():
+                if isa == "native":
+                    warnings.warn("the export ships a kernel library built for this CPU (-march=native); run "
+                                  "`mla-zoo build-kernels --isa portable` first for one that runs anywhere",
+                                  stacklevel=3)
+                shutil.copyfile(lib, directory / LIBRARY_NAME)
+                return LIBRARY_NAME
+    warnings.warn("the kernel library is not built: genai_config.json names none", stacklevel=3)
+    return None
+
+
 def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bool = False,
                  checkpoint: str | Path | None = None) -> ExportReport:
     """Exports an in-memory MLA model into `directory` (created; must be empty or absent)."""
     import onnx
     import torch
     from tqdm.auto import tqdm
-
-    from .kernels.build import KernelLibraryNotBuilt, get_library_path
 
     start = time.perf_counter()
     directory = Path(directory)
@@ -320,29 +339,17 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     bar.update()
     bar.set_postfix_str("save + check")
 
-    staging = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
-        external = save_model(ir_model, staging)
-        onnx.checker.check_model(str(staging / MODEL_FILE), full_check=False)
-        library = None
-        if not portable:  # genai loads a custom-op library only from inside the model directory
-            try:
-                library = Path(get_library_path()).name
-                shutil.copyfile(get_library_path(), staging / library)
-            except KernelLibraryNotBuilt:
-                warnings.warn("the kernel library is not built: genai_config.json names none", stacklevel=2)
-        cfg = genai_config(model.config, latent_dim, library)
-        (staging / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if checkpoint is not None:
-            copy_tokenizer(Path(checkpoint), staging)
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with atomic_directory(directory) as staging:
+            external = save_model(ir_model, staging)
+            onnx.checker.check_model(str(staging / MODEL_FILE), full_check=False)
+            library = None
+            if not portable:  # genai loads a custom-op library only from inside the model directory
+                library = copy_library(staging)
+            cfg = genai_config(model.config, latent_dim, library)
+            (staging / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+            if checkpoint is not None:
+                copy_tokenizer(Path(checkpoint), staging)
     finally:
         bar.update()
         bar.close()
