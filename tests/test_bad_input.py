@@ -247,6 +247,8 @@ CASES = [(c.argv(Path("/"))[0], c) for c in CONVERT + EVAL + SYNTH + FINETUNE + 
 def test_bad_input(case: Case, ws: Path, request, capsys):
     if case.hub:
         request.getfixturevalue("no_hub")
+    if case.argv(ws)[0] == "export":
+        pytest.importorskip("onnx", reason="the export command needs the onnx extra")
     before = tree(ws)
     started = time.monotonic()
     try:
