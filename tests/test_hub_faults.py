@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mla_zoo.modeling.hub_client import BROWSE_ATTEMPTS, TRANSFER_ATTEMPTS
 from mla_zoo.zoo.cli import main
+from test_zoo import workspace, write_recipe  # noqa: F401 (workspace: a fixture, the tiny recipe's directory)
 
 TIMEOUT = 1.0  # HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT here
 BACKOFF = (1, 2, 4, 8, 8)  # huggingface_hub's sleeps between retries
@@ -81,21 +82,12 @@ def run_within(argv: list[str], seconds: float) -> tuple[int | None, float]:
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory, source_dir) -> Path:
+def release(workspace: Path) -> Path:  # noqa: F811 (the fixture imported above)
     """A built release of the tiny recipe of test_zoo, to publish."""
-    import shutil
-
-    from conftest import DATA
     from mla_zoo.zoo.release.build import build
-    from test_zoo import write_recipe
 
-    root = tmp_path_factory.mktemp("faults")
-    shutil.copytree(source_dir("llama-gqa"), root / "src")
-    (root / "src" / "README.md").write_text("---\nlicense: mit\n---\n")
-    (root / "calib.txt").write_text((DATA / "calib.txt").read_text()[:8000])
-    (root / "heldout.txt").write_text((DATA / "heldout.txt").read_text()[:8000])
-    out = root / "release"
-    build(write_recipe(root), out, progress=False, log=lambda _: None)
+    out = workspace / "release"
+    build(write_recipe(workspace), out, progress=False, log=lambda _: None)
     return out
 
 
