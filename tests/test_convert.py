@@ -159,3 +159,42 @@ def test_reports_of_the_first_format_still_load():
     assert ConversionReport.from_json(report.to_json()) == report  # and the current format round-trips
     assert '"kv_rank"' not in report.to_json()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources as a new user has them
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_source_without_a_tokenizer_converts_on_its_own_samples(tmp_path):
+    """No tokenizer files: 2-norm and whitened SVD calibrate on samples drawn as token ids, exactly the
+    asked number of tokens, and the report says the checkpoint has no tokenizer either."""
+    import json
+
+    from mla_zoo.zoo.cli import main
+
+    src = tmp_path / "weights-only"
+    tiny_source("llama-gqa").save_pretrained(src)
+    out = tmp_path / "mla"
+    assert main(["convert", str(src), "-o", str(out), "--calib-tokens", "2048", "--rope-pairs", "2", "--json"]) == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["calibration"] == {"kind": "self-samples", "tokens": 2048, "file": None,
+                                     "note": "data-free: no `calib_text`, the model's own samples were used"}
+    assert any("no tokenizer" in w for w in report["warnings"])
+    assert not list(out.glob("tokenizer*"))
+
+
+def test_checkpoints_keep_the_source_dtype(tmp_path, smollm2):
+    """`--dtype auto` writes the source's dtype: a bf16 checkpoint stays bf16, and the bundled GGUF counts as
+    the bf16 model it was made from (it is dequantised to float32 only for the conversion)."""
+    from mla_zoo.zoo.cli import main
+    from safetensors import safe_open
+
+    src = tmp_path / "bf16"
+    tiny_source("llama-gqa").to(torch.bfloat16).save_pretrained(src)
+    out = tmp_path / "mla"
+    assert main(["convert", str(src), "-o", str(out), "--rope-strategy", "high", "--svd", "joint"]) == 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    model, _, info = smollm2
+    assert info.dtype == "bfloat16" and next(model.parameters()).dtype == torch.float32

@@ -271,6 +271,19 @@ def test_a_five_step_run_trains_its_one_step_layerwise_stage(dirs):
     assert all(torch.equal(before[k], after[k]) for k in before if "self_attn" not in k)
 
 
+def test_perplexity_windows_do_not_follow_the_training_rows(dirs, capsys):
+    """Training on 32-token rows, the perplexity during training keeps `mla-zoo eval`'s 1024-token windows
+    (here capped by the tiny model's 256 positions, which it says), so the two numbers compare."""
+    from mla_zoo.zoo.train.finetune import run_finetune
+    from mla_zoo.zoo.train.settings import FinetuneSettings
+
+    settings = FinetuneSettings(data=str(DATA / "calib.txt"), seq_len=32, batch_size=2, max_steps=1,
+                                stages=("global",), eval_text=str(DATA / "heldout.txt"), eval_tokens=600)
+    report = run_finetune(dirs["lossy"], dirs["root"] / "windows", str(dirs["teacher"]), settings, progress=False)
+    assert report.settings.eval_seq_len == 256
+    assert "perplexity windows of 256 tokens, the model's max_position_embeddings" in capsys.readouterr().err
+
+
 def test_training_reports_of_the_first_format_still_load():
     from mla_zoo.zoo.train.report import TrainingReport
 

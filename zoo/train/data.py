@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from mla_zoo.modeling.common import DataError, progress_bar
+from mla_zoo.modeling.hub_client import hub_call
 
 from .synth import MIX, SynthReport, SynthSettings
 
@@ -223,12 +224,13 @@ def _hf_docs(spec: str, tokenizer) -> Iterator[tuple[str, bool]]:
     except ImportError as e:
         raise DataError(f"`data` {spec} needs the datasets package: pip install datasets "
                         "(or pip install 'mla-zoo[train]')") from e
-    try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as e:
-        raise DataError(f"`data` {spec}: cannot open the dataset ({type(e).__name__}: {e})") from e
-    for n, record in enumerate(ds):
-        yield _render(record, tokenizer, f"{spec} record {n}"), True
+    with hub_call(f"reading the dataset {spec}"):  # its streamed requests too: time limits, bounded attempts
+        try:
+            ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        except Exception as e:
+            raise DataError(f"`data` {spec}: cannot open the dataset ({type(e).__name__}: {e})") from e
+        for n, record in enumerate(ds):
+            yield _render(record, tokenizer, f"{spec} record {n}"), True
 
 
 def _synth_tokens(files: list[Path]) -> Iterator[torch.Tensor]:
