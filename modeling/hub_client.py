@@ -6,8 +6,9 @@ runs inside `hub_call(action, browse=...)`:
 
 * Each request gets a timeout: `HF_HUB_ETAG_TIMEOUT` seconds when browsing (list, info: metadata
   only), `HF_HUB_DOWNLOAD_TIMEOUT` otherwise (both huggingface_hub's own settings, default 10 s),
-  for connecting and for every read and write. huggingface_hub >= 2 sends no timeout at all, so a
-  server that accepts connections and never answers would hang a command forever.
+  for connecting and for every read and write (a shorter one the request has already stays).
+  huggingface_hub >= 2 sends no timeout at all, so a server that accepts connections and never
+  answers would hang a command forever.
 * A request that gets no answer (refused, unreachable, timed out) is tried at most `BROWSE_ATTEMPTS`
   (1) times when browsing, `TRANSFER_ATTEMPTS` (3) otherwise: huggingface_hub's own retry loop (5
   retries with back-off) stops there, and so does every later request of the same call.
@@ -58,8 +59,9 @@ class _Limits:
             if self.unreachable is not None:
                 raise HubUnreachable(self.unreachable)
             self.tries[key] = (self.tries.get(key, (0, 0.0))[0] + 1, time.monotonic())
-        t = self.timeout
-        request.extensions["timeout"] = {"connect": t, "read": t, "write": t, "pool": t}
+        asked = request.extensions.get("timeout") or {}  # a shorter limit of the caller's own stays
+        request.extensions["timeout"] = {k: min(self.timeout, asked.get(k) or self.timeout)
+                                         for k in ("connect", "read", "write", "pool")}
 
     def on_response(self, response) -> None:
         with self.lock:
