@@ -31,3 +31,14 @@ def output_names(num_layers: int) -> list[str]:
     for i in range(num_layers):
         names += [f"present.{i}.latent", f"present.{i}.key_rope"]
     return names
+
+
+def require(*modules: str) -> None:
+    """Fails with a clear error, not a traceback, when the `onnx` extra is not installed."""
+    import importlib.util
+
+    from mla_zoo.modeling.common import MlaZooError
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MlaZooError(f"this needs {', '.join(missing)}, which are not installed: pip install 'mla-zoo[onnx]'")

@@ -21,7 +21,7 @@ from pathlib import Path
 from mla_zoo.modeling.common import MlaZooError, atomic_directory, check_output_dir
 from mla_zoo.modeling.schema import Settings, setting
 
-from .contract import DATA_FILE, MODEL_FILE, input_names, output_names
+from .contract import DATA_FILE, MODEL_FILE, input_names, output_names, require
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
@@ -364,6 +364,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
 
 def run_export(settings: ExportSettings) -> ExportReport:
     """`mla-zoo export`: checks the input first (fast, clear errors), then loads and exports."""
+    require("onnx", "onnxscript", "onnx_ir")
     check_settings(settings)
     model = load_checkpoint(settings.checkpoint, settings.dtype)
     return export_model(model, settings.output_dir, settings.dtype, settings.portable, settings.checkpoint)

@@ -14,7 +14,7 @@ import numpy as np
 from mla_zoo.modeling.common import MlaZooError
 from mla_zoo.modeling.schema import Settings, setting
 
-from .contract import DOMAIN, MODEL_FILE, past_name
+from .contract import DOMAIN, MODEL_FILE, past_name, require
 
 NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -78,6 +78,7 @@ class OnnxDecoder:
 
     def __init__(self, path: str | Path, use_kernels: bool | None = None, threads: int | None = None,
                  device: str = "cpu"):
+        require("onnxruntime")
         import onnxruntime as ort
 
         if device not in PROVIDERS:
