@@ -19,6 +19,9 @@ the table:
 * When every stage is up to date, the release is assembled in `RELEASE_DIR/hub/` (exactly the
   files of the Hub repo) and described by release.json (`ReleaseManifest`), written both at
   `RELEASE_DIR/release.json` and inside `hub/`.
+* Under `accelerate launch` / `torchrun` (several processes, e.g. `--stages finetune` on several
+  GPUs) every process runs the selected stages' work in the same work directory, but only the main
+  process (RANK 0) keeps the records, moves directories and assembles the release.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ from .gates import GateResult, check_gates
 from .manifest import FileHash, RecipeCopy, ReleaseManifest, StageRecord, StageStamp
 from .recipe import Recipe
 from .stages import STAGES, Pending, Stage
+
+
+def is_main_process() -> bool:
+    """RANK 0, or a single process (torchrun and accelerate launch set RANK for each process)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def versions() -> dict[str, str]:
@@ -166,7 +174,9 @@ class Build:
         for stage in STAGES:
             status[stage.name] = self._advance(stage, stage.name in selected)
         release = None
-        if all(s in self.fresh for s in names):
+        if not is_main_process():
+            pass  # the main process assembles
+        elif all(s in self.fresh for s in names):
             release = self.assemble()
         else:
             pending = [s for s in names if s not in self.fresh]
@@ -217,6 +227,11 @@ class Build:
         self.log(f"{stage.name}: running")
         started = time.time()
         work = self.out / f".{stage.name}.{key[:16]}.tmp"
+        if not is_main_process():  # a worker of a multi-process stage: the work only, the main process records it
+            work.mkdir(parents=True, exist_ok=True)
+            stage.run(self, work)
+            return StageRecord(stage=stage.name, input_hash=key, inputs=inputs, outputs={}, result={}, seconds=0.0,
+                               finished_at="")
         for stale in self.out.glob(f".{stage.name}.*.tmp"):
             if stale != work or not stage.resumable:
                 shutil.rmtree(stale, ignore_errors=True)
