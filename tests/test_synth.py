@@ -70,7 +70,10 @@ def test_the_request_set_is_varied_and_prompts_are_cleaned():
     assert len(set(chat)) == len(chat) >= 600
     assert build_prompts(chat=True, seed=1) != chat and len(build_prompts(chat=False)) > 50
     assert clean_prompt('Question: "How do tides work?"\nMore text') == "How do tides work?"
+    assert clean_prompt('Here is a question a student could ask: "Why is the sea salty?') == "Why is the sea salty?"
     assert clean_prompt("Sure! Here is a question") is None and clean_prompt("Why?") is None
+    assert clean_prompt("I'm ready to help. What's your request?") is None
+    assert clean_prompt("Ask: Why do friends drift apart?") == "Why do friends drift apart?"
     assert held_out(["What is the capital of France? Tell me.", "Name a river."],
                     ["what is the capital of  France?"]) == ["Name a river."]
     assert parse_mix("chat=3+bos=1") == {"chat": 0.75, "bos": 0.25}

@@ -130,7 +130,7 @@ def _same_synth(path: Path, settings: SynthSettings) -> bool:
     if not (path / SynthReport.FILE).is_file():
         return False
     done = SynthReport.read(path).settings
-    keys = ("tokens", "mix", "seq_len", "seed", "temperature", "prompt_pool")
+    keys = ("tokens", "mix", "seq_len", "seed", "temperature", "prompt_temperature", "prompt_pool")
     return all(getattr(done, k) == getattr(settings, k) for k in keys)
 
 

@@ -5,7 +5,8 @@ The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`,
 * `chat` (an instruct model, i.e. its tokenizer has a chat template): the teacher WRITES the prompts,
   then answers them. It is asked, for each of ~100 broad topics and a few request kinds
   (`build_prompts`), to write one question or instruction a user might send; its reply (sampled at
-  temperature 1, first line, cleaned) becomes a user prompt, and its sampled answer to that prompt is
+  `prompt_temperature` 0.7: a 135M model's prompts at 1.0 are often garbled; first line, cleaned)
+  becomes a user prompt, and its sampled answer to that prompt is
   one sample (prompt + answer in chat format). A base model continues short openings instead.
 * `bos`: unconditional samples from BOS (or EOS where the tokenizer has no BOS) at the temperature:
   whatever the model writes when nothing is asked.
@@ -114,9 +115,12 @@ def clean_prompt(reply: str) -> str | None:
     """The user prompt in a teacher's reply to a request: its first non-empty line, unquoted; None when
     it does not look like one (too short or long, or a refusal)."""
     line = next((x.strip() for x in reply.splitlines() if x.strip()), "")
-    line = re.sub(r"^(question|instruction|request|prompt)\s*\d*\s*:\s*", "", line, flags=re.IGNORECASE)
+    quoted = re.search(r':\s*"(.+?)("|$)', line)  # Here's a question a student could ask: "..."
+    line = quoted[1] if quoted else line
+    line = re.sub(r"^(question|instruction|request|prompt|ask)\s*\d*\s*:\s*", "", line, flags=re.IGNORECASE)
     line = line.strip().strip('"“”').strip()
-    if not 12 <= len(line) <= 300 or re.match(r"(i'm sorry|i cannot|i can't|sure|here is)", line, re.IGNORECASE):
+    assistant_voice = r"(i'm|i am|i cannot|i can't|sure|here is|here's|certainly|of course|what a )"
+    if not 12 <= len(line) <= 300 or re.match(assistant_voice, line, re.IGNORECASE):
         return None
     return line
 
@@ -203,7 +207,10 @@ class SynthSettings(Settings):
                                                  "one per 128 of its tokens)")
     seq_len: int = setting(512, min=2, help="row length of the packed shards")
     batch_size: int = setting(64, min=1, help="requests per generation call")
-    temperature: float = setting(1.0, gt=0, help="sampling temperature")
+    temperature: float = setting(1.0, gt=0, help="sampling temperature of the samples (1: the teacher's own "
+                                                 "distribution)")
+    prompt_temperature: float = setting(0.7, gt=0, help="sampling temperature when the teacher writes the prompts "
+                                                        "(lower: fewer garbled prompts)")
     max_new_tokens: int | None = setting(None, min=1, help="answer length cap (default: seq_len)")
     engine: str = setting("auto", choices=("auto", "continuous", "generate"),
                           help="continuous = transformers' continuous batching (finished rows stop costing), "
@@ -360,12 +367,14 @@ def chat_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, batch_size: int,
-                  exclude: list[str]) -> list[str]:
-    """Up to `pool` distinct user prompts written by the teacher in reply to `requests` (cycled)."""
+                  exclude: list[str], temperature: float) -> list[str]:
+    """Up to `pool` distinct user prompts written by the teacher (at `temperature`) in reply to `requests`
+    (cycled)."""
     found: dict[str, None] = {}
     order = itertools.cycle(requests)
     asked = 0
     limit = max(4 * pool, batch_size)  # requests: a model that cannot write prompts stops here
+    answer_temperature, sampler.temperature = sampler.temperature, temperature
     while len(found) < pool and asked < limit:
         batch = [next(order) for _ in range(min(batch_size, 2 * (pool - len(found))))]
         asked += len(batch)
@@ -373,6 +382,7 @@ def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, b
         cleaned = [clean_prompt(tokenizer.decode(a, skip_special_tokens=True)) for a in replies]
         for p in held_out([c for c in cleaned if c], exclude):
             found.setdefault(p, None)
+    sampler.temperature = answer_temperature
     return list(found)[:pool]
 
 
@@ -430,7 +440,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     prompts = build_prompts(chat, s.seed)
     if chat and "chat" in shares:
         pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
-        prompts = write_prompts(sampler, tokenizer, prompts, pool, s.batch_size, evaluation_prompts())
+        prompts = write_prompts(sampler, tokenizer, prompts, pool, s.batch_size, evaluation_prompts(),
+                                s.prompt_temperature)
         if not prompts:
             raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
     prompt_seconds = sampler.seconds
