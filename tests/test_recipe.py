@@ -58,9 +58,11 @@ def test_shipped_recipes_validate():
     small = load_recipe("smollm2-135m-dkv16")
     assert small.source.kind == "bundled" and small.enabled == ()
     assert small.conversion.calib_text == str(REPO / "data" / "calib.txt")
-    assert small.finetune.max_steps == 300  # a budget is recorded even while the stage is off
-    assert small.finetune.data == str(REPO / "data" / "train.txt")
-    assert (small.finetune.layerwise_steps, small.finetune.learning_rate) == (150, 3e-4)
+    assert small.finetune.max_steps == 1500  # a budget is recorded even while the stage is off
+    assert small.finetune.data == "teacher:chat=0.7+bos=0.3"  # data-free: the teacher's own samples
+    assert (small.finetune.layerwise_steps, small.finetune.learning_rate) == (300, 3e-4)
+    assert small.eval.suite and small.eval.suite_dir == str(REPO / "data" / "eval")
+    assert small.gates.suite_gates() == ["max_domain_perplexity_increase"]
     big = load_recipe("llama-2-7b-dkv16")
     assert big.enabled == ("finetune",)
     assert big.finetune.data == "hf:HuggingFaceTB/smollm-corpus:fineweb-edu-dedup:train"
