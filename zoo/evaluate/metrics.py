@@ -7,6 +7,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from mla_zoo.modeling.common import EvalError, progress_bar
@@ -56,7 +57,7 @@ class BehaviourPrompt:
 def load_behaviour(path) -> list[BehaviourPrompt]:
     """The behaviour prompts of a suite directory's behaviour.jsonl."""
     rows = []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 rows.append(BehaviourPrompt(**json.loads(line)))

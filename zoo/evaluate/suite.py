@@ -10,7 +10,7 @@ A suite directory (the repository's `data/eval/`, see its SOURCES.md) holds:
   the teacher itself answers right are scored; the report names the ones it fails.
 
 The domains are reported worst first (highest perplexity relative to the teacher's). Nothing here
-is training data: tests/test_eval_data.py and tests/test_synth_prompts.py check that.
+is training data: tests/test_eval_data.py and tests/test_synth.py check that.
 """
 
 from __future__ import annotations
