@@ -206,7 +206,8 @@ class SynthSettings(Settings):
     prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share (at most "
                                                  "one per 128 of its tokens)")
     seq_len: int = setting(512, min=2, help="row length of the packed shards")
-    batch_size: int = setting(64, min=1, help="requests per generation call")
+    batch_size: int | None = setting(None, min=1, help="requests per generation call (default: 1024 on CUDA, where "
+                                                      "continuous batching keeps them busy, 64 on CPU)")
     temperature: float = setting(1.0, gt=0, help="sampling temperature of the samples (1: the teacher's own "
                                                  "distribution)")
     prompt_temperature: float = setting(0.7, gt=0, help="sampling temperature when the teacher writes the prompts "
@@ -437,17 +438,18 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     if device.type == "cuda":
         torch.cuda.manual_seed_all(s.seed)
 
+    batch_size = s.batch_size or (1024 if cuda else 64)
     prompts = build_prompts(chat, s.seed)
     if chat and "chat" in shares:
         pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
-        prompts = write_prompts(sampler, tokenizer, prompts, pool, s.batch_size, evaluation_prompts(),
+        prompts = write_prompts(sampler, tokenizer, prompts, pool, batch_size, evaluation_prompts(),
                                 s.prompt_temperature)
         if not prompts:
             raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
     prompt_seconds = sampler.seconds
     max_new = s.max_new_tokens or s.seq_len
     used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
-                   dtype=str(torch_dtype).replace("torch.", ""))
+                   dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
     by_source = dict.fromkeys(shares, 0)
     samples = 0
     with atomic_directory(out) as tmp:
@@ -457,7 +459,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                 target = math.ceil(share * s.tokens)
                 requests = _requests(name, chat, tokenizer, prompts)
                 while by_source[name] < target:
-                    n = min(s.batch_size, math.ceil((target - by_source[name]) / max_new))  # no more than needed
+                    n = min(batch_size, math.ceil((target - by_source[name]) / max_new))  # no more than needed
                     batch = [next(requests)[0] for _ in range(n)]
                     for prompt, answer in zip(batch, sampler(batch, max_new), strict=True):
                         sample = prompt + answer
