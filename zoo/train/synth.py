@@ -27,6 +27,7 @@ batching on CUDA where the installed transformers has it (5.17 and 5.24 do), and
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -336,7 +337,9 @@ class Sampler:
         if self.model.device.type != "cuda":  # size the paged cache for the requests (not by free memory)
             page = 16
             longest = max(len(p) for p in prompts) + max_new_tokens
-            cb = ContinuousBatchingConfig(page_size=page, num_blocks=len(prompts) * -(-longest // page) + 1,
+            known = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+            size = "page_size" if "page_size" in known else "block_size"  # the name before 5.2x
+            cb = ContinuousBatchingConfig(**{size: page}, num_blocks=len(prompts) * -(-longest // page) + 1,
                                           max_batch_tokens=max(256, longest))
         results = self.model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
                                             max_new_tokens=max_new_tokens, progress_bar=False,
