@@ -6,7 +6,8 @@
 #   ALLOC=energy CHAT=0 bash bench/recovery_cpu.sh   # per-layer ranks (energy), the domains only:
 #                                              # oneshot_suite_dkv{32,8}_energy.json
 #
-# Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; about 10-20 minutes per setting on 2 cores.
+# Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; on 2 cores about 30 minutes per setting for the
+# domains only (CHAT=0), 75 minutes with the chat and behaviour generations.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results/recovery

@@ -184,7 +184,9 @@ class Rehearsal:
             self.run_job(name, self.spec["jobs"][name])
         failed = [job for job, result in self.report.jobs.items() if result == "failure"]
         if failed:
-            raise RehearsalError(f"job {failed[0]} failed")
+            step = next((s for s in self.report.steps if s.job == failed[0] and s.status == "failure"), None)
+            detail = f" at step {step.step!r}:\n{(step.log or '')[-4000:]}" if step else ""
+            raise RehearsalError(f"job {failed[0]} failed{detail}")
         return self.report
 
     def job_order(self) -> list[str]:
