@@ -328,7 +328,7 @@ def test_multi_gpu_branch_runs_accelerate_launch(workspace: Path, hub: HubServer
     short = tmp_path / "zoo-release.yml"
     short.write_text(yaml.safe_dump(workflow, sort_keys=False))
     recipe = write_recipe(workspace, "two-gpus", repo_id="mla-zoo/Two-GPUs")
-    report = rehearse(str(recipe), hub.endpoint, tmp_path, gpus=2, workflow=short, log=lambda msg: None)
+    report = rehearse(str(recipe), hub.endpoint, tmp_path, gpus=2, workflow=short, log=print)  # a failure's log shows
     assert report.jobs["build (two-gpus)"] == "success"
     # both processes trained (one DDP run), and only the main process recorded and moved the stage
     training = json.loads(next(tmp_path.glob("runner-temp/build-two-gpus/**/finetune/training.json")).read_text())
