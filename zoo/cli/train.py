@@ -27,11 +27,14 @@ def synth(c: SynthCommand, settings: SynthSettings) -> int:
     from mla_zoo.zoo.train.synth import synth_data
 
     sources.locate(c.source)  # a missing path fails before any model loads
-    r = synth_data(c.source, c.output, settings, overwrite=c.overwrite, progress=sys.stderr.isatty())
+    r = synth_data(c.source, c.output, settings, overwrite=c.overwrite, progress=sys.stderr.isatty(),
+                   distributed=True)  # under torchrun / accelerate launch, the processes share the work
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary
+        return 0
     print(f"wrote {r.tokens:,} tokens ({r.samples} samples from {r.prompt_count} prompts, "
           f"{r.rows} rows of {r.settings.seq_len}) to {c.output} in {r.seconds:.1f} s; "
           f"generation {r.generated_tokens_per_second:,.0f} tokens/s on {r.device} "
-          f"({r.settings.cache} cache, {r.settings.dtype})")
+          f"({r.settings.cache} cache, {r.settings.dtype}) x {r.world_size} processes")
     return 0
 
 

@@ -23,17 +23,22 @@ row leaves the batch at once and a waiting one takes its place; `generate` = `ge
 fixed batches (static cache on CUDA), every row running to the longest. `auto` takes continuous
 batching on CUDA where the installed transformers has it (5.17 and 5.24 do), and falls back to
 `generate` (said on stdout) if it fails.
+
+Several processes (`torchrun --nproc_per_node N` or `accelerate launch`, one machine) share the work
+data-parallel and write the same shards as one process: see "chunks and processes" below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import itertools
 import math
 import random
 import re
+import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -229,7 +234,7 @@ class SynthSettings(Settings):
 class SynthReport(Report):
     """synth.json: what was sampled, and how fast."""
 
-    SCHEMA_VERSION = 2  # 2: mix, per-source tokens, the engine, teacher-written prompts
+    SCHEMA_VERSION = 3  # 2: mix, per-source tokens, the engine, teacher-written prompts; 3: chunks, world_size
     FILE = "synth.json"
 
     model: str
@@ -251,12 +256,15 @@ class SynthReport(Report):
     tokens_by_source: dict[str, int] = field(default_factory=dict)
     prompt_seconds: float = 0.0  # writing the prompts (part of generation_seconds)
     example_prompts: list[str] = field(default_factory=list)
+    world_size: int = 1  # processes that sampled (torchrun / accelerate launch)
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
-        """Version 1: the fixed template prompts, one engine, a padded prompt length."""
+        """Version 1: the fixed template prompts, one engine, a padded prompt length. Versions 1 and 2:
+        one process, sampling batch after batch from one seed (not in chunks)."""
         data = dict(data)
         data.pop("prompt_pad_len", None)
+        data.setdefault("world_size", 1)
         return data
 
 
@@ -390,28 +398,117 @@ def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, b
     return list(found)[:pool]
 
 
-def _requests(source: str, chat: bool, tokenizer, prompts: list[str]) -> Iterator[tuple[list[int], str]]:
-    """(prompt ids, source) forever: the chat prompts (cycled) or BOS."""
+def _encoded(source: str, chat: bool, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """The prompt ids of a source, cycled through by its requests: the chat prompts, or BOS."""
     if source == "bos":
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        while True:
-            yield [start], "bos"
+        return [[tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]]
     if chat:
-        encoded = [chat_ids(tokenizer, p) for p in prompts]
-    else:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    for ids in itertools.cycle(encoded):
-        yield ids, "chat"
+        return [chat_ids(tokenizer, p) for p in prompts]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+# ----------------------------------------------------------------------------- chunks and processes
+#
+# The samples are drawn in CHUNKS that do not depend on the number of processes: chunk k of a source
+# is its k-th batch of `chunk` requests (request j asks prompt j of the source's cycled prompt list),
+# sampled right after the RNG is seeded from (seed, source, k). Launched by `torchrun` or `accelerate
+# launch`, process i of N samples chunks i, i+N, ... of each source (round by round, until the chunks
+# sampled hold the source's share) and saves them in the main process's temporary output directory;
+# the main process then packs them in chunk order, sample by sample until the share is reached. So
+# the shards are the same for any N (bit for bit on CPU). The teacher's prompts are written by the
+# main process alone and sent to the others. All processes must see one file system (one machine).
+
+CHUNKS = ".chunks"  # inside the temporary output directory; removed before it is renamed into place
+
+
+def chunk_seed(seed: int, source: str, k: int) -> int:
+    """The RNG seed of chunk k of a source: the same whichever process samples it."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{source}:{k}".encode()).digest()[:8], "little") >> 1
+
+
+def _chunk_file(tmp: Path, source: str, k: int) -> Path:
+    return tmp / CHUNKS / f"{source}-{k:06d}.safetensors"
+
+
+def _all(value, world: int) -> list:
+    """`value` of every process, in rank order (every process must call it)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _from_main(value, world: int):
+    """The main process's `value`, in every process (every process must call it)."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _wait(world: int) -> None:
+    """Until every process gets here."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sample_chunks(sampler: Sampler, encoded: list[list[int]], source: str, target: int, chunk: int, max_new: int,
+                  eos: int, seed: int, tmp: Path, rank: int, world: int, bar) -> int:
+    """Sample chunks of a source, this process's share of each round (see above), into `tmp`/CHUNKS until
+    the chunks of all processes hold `target` tokens; returns how many chunks were sampled."""
+    from safetensors.torch import save_file
+
+    sampled = done = 0
+    while done < target:
+        k = sampled + rank
+        torch.manual_seed(chunk_seed(seed, source, k))  # all devices too
+        batch = [encoded[(k * chunk + j) % len(encoded)] for j in range(chunk)]
+        samples = [p + a for p, a in zip(batch, sampler(batch, max_new), strict=True)]
+        samples = [x if x[-1] == eos else x + [eos] for x in samples]  # EOS after each sample
+        tokens = torch.tensor([t for x in samples for t in x], dtype=torch.int32)  # [sum of lengths]
+        lengths = torch.tensor([len(x) for x in samples], dtype=torch.int64)  # [chunk]
+        save_file({"tokens": tokens, "lengths": lengths}, str(_chunk_file(tmp, source, k)))
+        added = sum(_all(tokens.numel(), world))
+        done, sampled = done + added, sampled + world
+        bar.update(added)
+        bar.set_postfix(gen_tok_s=f"{sampler.generated / max(sampler.seconds, 1e-9):.0f}")
+    return sampled
+
+
+def pack_chunks(tmp: Path, source: str, target: int, writer: _ShardWriter) -> tuple[int, int]:
+    """The chunks of a source, in chunk order, into `writer`, sample by sample until `target` tokens;
+    returns (tokens, samples) written."""
+    from safetensors.torch import load_file
+
+    tokens = samples = k = 0
+    while tokens < target:
+        chunk = load_file(_chunk_file(tmp, source, k))
+        for sample in torch.split(chunk["tokens"], chunk["lengths"].tolist()):  # [length] each
+            if tokens >= target:
+                break
+            writer.add(sample.tolist())
+            tokens, samples = tokens + sample.numel(), samples + 1
+        k += 1
+    return tokens, samples
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwrite: bool = False,
-               progress: bool = True) -> SynthReport:
+               progress: bool = True, distributed: bool = False) -> SynthReport:
     """Sample about `settings.tokens` tokens from SOURCE into shards under `out` (written atomically,
-    with synth.json)."""
+    with synth.json). `distributed`: share the work with the other processes of a `torchrun` /
+    `accelerate launch` (every one of them calls this; the main process writes `out`)."""
     from mla_zoo.modeling import sources
 
     s, out = settings, Path(out)
@@ -419,10 +516,17 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     shares = parse_mix(s.mix)
     started = time.time()
     cuda = torch.cuda.is_available()
+    if distributed:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not cuda)  # joins the process group under torchrun / accelerate launch
+        device, rank, world = state.device, state.process_index, state.num_processes
+    else:
+        device, rank, world = torch.device("cuda" if cuda else "cpu"), 0, 1
+    main = rank == 0
     torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
                    "bfloat16": torch.bfloat16}[s.dtype]
     model, tokenizer, info = sources.resolve(source, dtype=torch_dtype)
-    device = torch.device("cuda" if cuda else "cpu")
     model.to(device).eval()
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and s.seq_len > max_pos:
@@ -437,53 +541,61 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
                       "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature)
-    torch.manual_seed(s.seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(s.seed)
+    torch.manual_seed(s.seed)  # the prompts; each chunk of samples seeds its own (`chunk_seed`)
 
     batch_size = s.batch_size or (1024 if cuda else 64)
     prompts = build_prompts(chat, s.seed)
     if chat and "chat" in shares:
-        pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
-        prompts = write_prompts(sampler, tokenizer, prompts, pool, batch_size, evaluation_prompts(),
-                                s.prompt_temperature)
+        if main:
+            pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
+            prompts = write_prompts(sampler, tokenizer, prompts, pool, batch_size, evaluation_prompts(),
+                                    s.prompt_temperature)
+        prompts = _from_main(prompts, world)
         if not prompts:
             raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
     prompt_seconds = sampler.seconds
     max_new = s.max_new_tokens or s.seq_len
+    targets = {name: math.ceil(share * s.tokens) for name, share in shares.items()}
+    chunks = {name: min(batch_size, math.ceil(target / max_new)) for name, target in targets.items()}
     used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
                    dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
-    by_source = dict.fromkeys(shares, 0)
-    samples = 0
-    with atomic_directory(out) as tmp:
-        writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
-        with progress_bar(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True, enabled=progress) as bar:
-            for name, share in shares.items():
-                target = math.ceil(share * s.tokens)
-                requests = _requests(name, chat, tokenizer, prompts)
-                while by_source[name] < target:
-                    n = min(batch_size, math.ceil((target - by_source[name]) / max_new))  # no more than needed
-                    batch = [next(requests)[0] for _ in range(n)]
-                    for prompt, answer in zip(batch, sampler(batch, max_new), strict=True):
-                        sample = prompt + answer
-                        if sample[-1] != tokenizer.eos_token_id:
-                            sample.append(tokenizer.eos_token_id)
-                        writer.add(sample)
-                        by_source[name] += len(sample)
-                        samples += 1
-                        bar.update(len(sample))
-                    bar.set_postfix(gen_tok_s=f"{sampler.generated / max(sampler.seconds, 1e-9):.0f}")
-        writer.close()
-        seconds = time.time() - started
-        written = sum(by_source.values())
-        report = SynthReport(
-            model=info.name, source=info, settings=used, tokens=written, generated_tokens=sampler.generated,
-            samples=samples, rows=writer.total_rows, shards=writer.shards, prompt_count=len(prompts), chat=chat,
-            device=torch.cuda.get_device_name() if cuda else "cpu", seconds=round(seconds, 2),
-            generation_seconds=round(sampler.seconds, 2),
-            generated_tokens_per_second=round(sampler.generated / max(sampler.seconds, 1e-9), 1),
-            tokens_per_second=round(written / max(seconds, 1e-9), 1), steady_generated_tokens_per_second=sampler.steady,
-            tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
-        )
-        report.write(tmp)
-    return report
+    with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
+        tmp = _from_main(tmp, world)  # the main process's temporary directory
+        if main:
+            (tmp / CHUNKS).mkdir()
+        _wait(world)  # ... and holds the chunk directory before anyone writes into it
+        with progress_bar(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True,
+                          enabled=progress and main) as bar:
+            for name, target in targets.items():
+                sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts), name, target, chunks[name], max_new,
+                              tokenizer.eos_token_id, s.seed, tmp, rank, world, bar)
+        stats = _all((sampler.seconds, sampler.generated, sampler.calls[1:]), world)  # every chunk is saved now
+        if main:
+            writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
+            by_source, samples = {}, 0
+            for name, target in targets.items():
+                by_source[name], n = pack_chunks(tmp, name, target, writer)
+                samples += n
+            writer.close()
+            shutil.rmtree(tmp / CHUNKS)
+            generated = sum(g for _, g, _ in stats)
+            generation_seconds = max(t for t, _, _ in stats)  # the processes sample side by side
+            rest = [c for _, _, calls in stats for c in calls]  # without each process's first call
+            steady_seconds = max(sum(t for t, _ in calls) for _, _, calls in stats)
+            seconds = time.time() - started
+            written = sum(by_source.values())
+            report = SynthReport(
+                model=info.name, source=info, settings=used, tokens=written, generated_tokens=generated,
+                samples=samples, rows=writer.total_rows, shards=writer.shards, prompt_count=len(prompts), chat=chat,
+                device=torch.cuda.get_device_name() if cuda else "cpu", seconds=round(seconds, 2),
+                generation_seconds=round(generation_seconds, 2),
+                generated_tokens_per_second=round(generated / max(generation_seconds, 1e-9), 1),
+                tokens_per_second=round(written / max(seconds, 1e-9), 1),
+                steady_generated_tokens_per_second=round(sum(n for _, n in rest) / steady_seconds, 1) if rest
+                and steady_seconds > 0 else None,
+                tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
+                world_size=world,
+            )
+            report.write(tmp)
+    _wait(world)  # the main process has renamed the directory into place
+    return report if main else SynthReport.read(out)
