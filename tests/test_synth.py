@@ -98,3 +98,12 @@ def test_no_evaluation_prompt_survives_the_run_time_filter():
     assert len(found) == len(chat) + len(behaviour) >= 90
     written = [f"Please answer this: {p.upper()}" for p in found] + ["How do volcanoes form?"]
     assert held_out(written, found) == ["How do volcanoes form?"]
+
+
+def test_synth_reports_of_the_first_format_still_load():
+    from conftest import REPO
+    from mla_zoo.zoo.train.synth import SynthReport
+
+    report = SynthReport.read(REPO / "bench" / "results" / "recovery" / "synth.json")  # unversioned
+    assert report.world_size == 1 and report.settings.tokens == report.tokens and report.settings.mix == "chat=1"
+    assert SynthReport.from_json(report.to_json()) == report

@@ -264,6 +264,10 @@ class SynthReport(Report):
         one process, sampling batch after batch from one seed (not in chunks)."""
         data = dict(data)
         data.pop("prompt_pad_len", None)
+        if version == 1:  # its settings had the padded prompt length, not the token target
+            data["settings"] = {k: v for k, v in data["settings"].items() if k != "prompt_pad_len"}
+            data["settings"].setdefault("tokens", data["tokens"])
+            data["settings"].setdefault("mix", "chat=1")  # prompts only, from templates
         data.setdefault("world_size", 1)
         return data
 
