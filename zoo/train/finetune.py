@@ -379,7 +379,21 @@ def train(r: FinetuneRun, callbacks: list) -> dict[str, StageResult]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _peak_memory(world: int) -> list[int] | None:
+    """Each process's peak of allocated GPU memory, in rank order (None on CPU); every process calls it."""
+    if not torch.cuda.is_available():
+        return None
+    peaks = [int(torch.cuda.max_memory_allocated())]
+    if world > 1:
+        import torch.distributed as dist
+
+        peaks = [0] * world
+        dist.all_gather_object(peaks, int(torch.cuda.max_memory_allocated()))
+    return peaks
+
+
 def make_report(r: FinetuneRun, results: dict[str, StageResult]) -> TrainingReport:
+    """The run's report (every process calls it: the peak memory of each is gathered)."""
     cuda = torch.cuda.is_available()
     world = r.state.num_processes
     elapsed = time.time() - r.started
@@ -399,6 +413,7 @@ def make_report(r: FinetuneRun, results: dict[str, StageResult]) -> TrainingRepo
         device_seconds=round(elapsed * world, 2) if cuda else None,
         cpu_seconds=round(time.process_time() - r.cpu_started, 2),
         replicas_in_sync=True,
+        peak_gpu_memory_bytes=_peak_memory(world),
     )
 
 

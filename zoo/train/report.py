@@ -108,6 +108,7 @@ class TrainingReport(Report):
     replicas_in_sync: bool
     trainer_files: str = TRAINER_FILES
     plot: str | None = None
+    peak_gpu_memory_bytes: list[int] | None = None  # per process (rank order): torch.cuda.max_memory_allocated
 
     SUMMARY = ("tokens_seen", "stage_steps", "final_losses", "throughput_tokens_per_second",
                "steady_tokens_per_second", "perplexity_curve", "device", "world_size", "wall_seconds")
