@@ -386,7 +386,8 @@ def torchrun_finetune(dirs, out, *extra) -> list[str]:
 
 def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(dirs):
     """SIGKILL of torchrun and both workers once the first checkpoint is in place, then `--resume` with
-    2 processes again: the losses and final weights are those of a run that was never stopped."""
+    2 processes again: the losses and final weights are those of a run that was never stopped, and the
+    losses those of 1 process at the same global batch."""
     import time
 
     import psutil
@@ -423,6 +424,14 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(dirs):
     # bit for bit on CPU: the same losses at every step (before the kill and after) and the same weights
     a, b = losses(full), losses(killed)
     assert max(a) == 12 and a == b
+    # and the same losses as ONE process at the same global batch (2 rows x 2 accumulated micro-batches)
+    one = dirs["root"] / "one-process"
+    cmd = torchrun_finetune(dirs, one, "--grad-accum", "2")
+    proc = subprocess.run([sys.executable, *cmd[cmd.index("-m", 2):]], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    c = losses(one)
+    assert c.keys() == a.keys() and max(abs(a[k] - c[k]) for k in a) < 1e-6
     wa, wb = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temporary dir left in the run dir
