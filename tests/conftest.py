@@ -20,6 +20,17 @@ FAMILIES = {
 }
 
 
+def perturbed(model):
+    """`model` with non-zero biases and norm weights away from 1, so that tests see them (in place)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def tiny_source(family: str, seed: int = 0, vocab_size: int = 384):
     """A random tiny model of a family, with non-zero biases (Qwen2) so biases are really tested."""
     import transformers
@@ -40,13 +51,7 @@ def tiny_source(family: str, seed: int = 0, vocab_size: int = 384):
     )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return perturbed(model)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -37,14 +38,7 @@ def tiny_mla(seed: int = 0):
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     )
     torch.manual_seed(seed)
-    model = LlamaMLAForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.5)
-            elif "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return perturbed(LlamaMLAForCausalLM(config).eval())
 
 
 def left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
