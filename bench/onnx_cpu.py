@@ -80,19 +80,23 @@ def gqa_decoder(model):
     return GQADecoder(model).eval()
 
 
-def export_gqa(model, path: Path) -> None:
+def export_gqa(model, path: Path, dtype=None) -> None:
+    """The original GQA model with flat past K/V [B, n_kv, P, hd], in `dtype` (float32 by default,
+    checked against the HF model's logits; bench/onnx_cuda.py exports it in float16)."""
     import torch
 
-    dec = gqa_decoder(model)
+    dtype = dtype or torch.float32
+    dec = gqa_decoder(model).to(dtype).eval()
     c = model.config
     ids = torch.randint(0, c.vocab_size, (2, 3))
     mask = torch.ones(2, 7, dtype=torch.long)
     pos = torch.arange(4, 7)[None].expand(2, -1).contiguous()
-    past = [torch.zeros(2, c.num_key_value_heads, 4, c.head_dim) for _ in range(2 * c.num_hidden_layers)]
-    with torch.no_grad():  # it is the original model: its logits equal the HF model's
-        ref = model(ids, attention_mask=mask[:, 4:], position_ids=torch.arange(3)[None].expand(2, -1)).logits
-        got, _ = dec(ids, mask[:, 4:], torch.arange(3)[None].expand(2, -1), [p[:, :, :0] for p in past])
-        assert (ref - got).abs().max() < 1e-3
+    past = [torch.zeros(2, c.num_key_value_heads, 4, c.head_dim, dtype=dtype) for _ in range(2 * c.num_hidden_layers)]
+    if dtype == torch.float32:
+        with torch.no_grad():  # it is the original model: its logits equal the HF model's
+            ref = model(ids, attention_mask=mask[:, 4:], position_ids=torch.arange(3)[None].expand(2, -1)).logits
+            got, _ = dec(ids, mask[:, 4:], torch.arange(3)[None].expand(2, -1), [p[:, :, :0] for p in past])
+            assert (ref - got).abs().max() < 1e-3
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past", "total"))
     shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
               "past": [{0: b, 2: p} for _ in past]}

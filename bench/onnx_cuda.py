@@ -35,26 +35,9 @@ PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 def export_original_fp16(model, path: Path) -> None:
     """The original GQA model, fp16, flat past K/V [B, n_kv, P, hd] (bench/onnx_cpu.py's decoder)."""
-    from onnx_cpu import gqa_decoder
+    from onnx_cpu import export_gqa
 
-    dec = gqa_decoder(model).half().eval()
-    c = model.config
-    ids = torch.randint(0, c.vocab_size, (2, 3))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    pos = torch.arange(4, 7)[None].expand(2, -1).contiguous()
-    past = [torch.zeros(2, c.num_key_value_heads, 4, c.head_dim, dtype=torch.float16)
-            for _ in range(2 * c.num_hidden_layers)]
-    b, s, p, t = (torch.export.Dim(n) for n in ("batch", "sequence", "past", "total"))
-    shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
-              "past": [{0: b, 2: p} for _ in past]}
-    program = torch.onnx.export(dec, (ids, mask, pos, past), dynamo=True, dynamic_shapes=shapes, opset_version=18,
-                                verbose=False)
-    names = ["input_ids", "attention_mask", "position_ids"]
-    names += [f"past_key_values.{i}.{kv}" for i in range(c.num_hidden_layers) for kv in ("key", "value")]
-    for value, name in zip(program.model.graph.inputs, names, strict=True):
-        value.name = name
-    path.mkdir(parents=True, exist_ok=True)
-    program.save(str(path / "model.onnx"))
+    export_gqa(model, path, torch.float16)
 
 
 def prepare(workdir: Path) -> dict[str, Path]:

@@ -17,6 +17,7 @@ import onnxscript
 import torch
 from onnxscript import FLOAT, script
 from onnxscript.values import Op, Opset
+from torch import Tensor
 
 from .contract import DOMAIN, ONNX_OPSET, OP_NAME, OP_VERSION
 from .contract import OP_INPUTS as INPUTS
@@ -35,22 +36,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def reference(
-    query: torch.Tensor,
-    latent: torch.Tensor,
-    key_rope: torch.Tensor,
-    past_latent: torch.Tensor,
-    past_key_rope: torch.Tensor,
-    attention_mask: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uv: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    rope_pairs: Sequence[int],
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference(query: Tensor, latent: Tensor, key_rope: Tensor, past_latent: Tensor, past_key_rope: Tensor,
+              attention_mask: Tensor, cos: Tensor, sin: Tensor, w_uk: Tensor, w_uv: Tensor, num_heads: int,
+              num_kv_heads: int, rope_pairs: Sequence[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The op's semantics in plain torch (float32 math, outputs in the input dtype). Shapes: op_spec.md."""
     dtype = query.dtype
     b, s, _ = query.shape
@@ -90,22 +78,10 @@ def reference(
 
 
 @torch.library.custom_op("mla_zoo::multi_head_latent_attention", mutates_args=())
-def multi_head_latent_attention(
-    query: torch.Tensor,
-    latent: torch.Tensor,
-    key_rope: torch.Tensor,
-    past_latent: torch.Tensor,
-    past_key_rope: torch.Tensor,
-    attention_mask: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    w_uk: torch.Tensor,
-    w_uv: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    rope_pairs: list[int],
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def multi_head_latent_attention(query: Tensor, latent: Tensor, key_rope: Tensor, past_latent: Tensor,
+                                past_key_rope: Tensor, attention_mask: Tensor, cos: Tensor, sin: Tensor,
+                                w_uk: Tensor, w_uv: Tensor, num_heads: int, num_kv_heads: int,
+                                rope_pairs: list[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return reference(  # every output is a fresh tensor (torch.cat), as a custom op must return
         query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
         num_heads, num_kv_heads, rope_pairs, scale,

@@ -48,6 +48,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 try:  # optional: without triton, `is_supported` is False and the model uses its PyTorch path
     import triton
@@ -91,14 +92,8 @@ def _check_shapes(q_lat, q_rope, c_kv, k_rope, kv_mask) -> tuple[int, int, int, 
     return b, h, r, t, rope, p // rope
 
 
-def mla_decode_reference(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    c_kv: torch.Tensor,
-    k_rope: torch.Tensor,
-    kv_mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def mla_decode_reference(q_lat: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, kv_mask: Tensor | None,
+                         scale: float) -> Tensor:
     """The spec of `mla_decode` in plain torch (fp32 math, or fp64 for fp64 inputs).
 
     q_lat [B, H, r], q_rope [B, H, 2R], c_kv [B, T, r], k_rope [B, T, n_kv*2R], kv_mask [B, T] bool
@@ -294,17 +289,8 @@ if triton is not None:
         tl.store(OUT + b * s_ob + h * s_oh + offs_r, out.to(OUT.dtype.element_ty), mask=r_ok)
 
 
-def _launch(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    c_kv: torch.Tensor,
-    k_rope: torch.Tensor,
-    kv_mask: torch.Tensor | None,
-    scale: float,
-    wrap=lambda kernel: kernel,
-    cfg: DecodeConfig | None = None,
-    splits: int | None = None,
-) -> torch.Tensor:
+def _launch(q_lat: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, kv_mask: Tensor | None, scale: float,
+            wrap=lambda kernel: kernel, cfg: DecodeConfig | None = None, splits: int | None = None) -> Tensor:
     """Runs the two kernels (`wrap` = torch.library.wrap_triton inside the registered op).
 
     `cfg` / `splits` override the defaults (tests and the benchmark's tuning sweep)."""
@@ -351,25 +337,13 @@ def _launch(
 # ----------------------------------------------------------------------------------------------
 
 
-def _op_impl(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    c_kv: torch.Tensor,
-    k_rope: torch.Tensor,
-    kv_mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def _op_impl(q_lat: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, kv_mask: Tensor | None,
+             scale: float) -> Tensor:
     return _launch(q_lat, q_rope, c_kv, k_rope, kv_mask, scale)
 
 
-def _op_fake(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    c_kv: torch.Tensor,
-    k_rope: torch.Tensor,
-    kv_mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def _op_fake(q_lat: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, kv_mask: Tensor | None,
+             scale: float) -> Tensor:
     return q_lat.new_empty(q_lat.shape)
 
 
@@ -408,14 +382,8 @@ def is_supported(q_lat: torch.Tensor, c_kv: torch.Tensor) -> bool:
     )
 
 
-def mla_decode(
-    q_lat: torch.Tensor,
-    q_rope: torch.Tensor,
-    c_kv: torch.Tensor,
-    k_rope: torch.Tensor,
-    kv_mask: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
+def mla_decode(q_lat: Tensor, q_rope: Tensor, c_kv: Tensor, k_rope: Tensor, kv_mask: Tensor | None,
+               scale: float) -> Tensor:
     """Absorbed MLA decode on the GPU: the same function as `mla_decode_reference`.
 
     q_lat [B, H, r], q_rope [B, H, 2R], c_kv [B, T, r] and k_rope [B, T, n_kv*2R] (strided views
