@@ -73,11 +73,12 @@ def test_spec_errors(tmp_path, tokenizer, monkeypatch):
     with pytest.raises(data.DataError, match="fewer than one row"):
         data.pack_rows(str(tmp_path / "short.txt"), tokenizer, 64, progress=False)
 
-    class Cfg:
-        max_position_embeddings = 256
+    from transformers import LlamaConfig
 
+    config = LlamaConfig(max_position_embeddings=256)  # a real model config, as finetune passes it
     with pytest.raises(data.DataError, match=r"beyond the model's max_position_embeddings \(256\)"):
-        data.check_seq_len(512, Cfg())
+        data.check_seq_len(512, config)
+    data.check_seq_len(256, config)  # the limit itself fits
     with pytest.raises(data.DataError, match="hf:NAME"):
         data.parse_hf_spec("hf:")
     assert data.parse_hf_spec("hf:org/name") == ("org/name", None, "train")

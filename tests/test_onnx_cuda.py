@@ -157,12 +157,18 @@ def test_cuda_library_keeps_the_cpu_kernel_exact(case, cuda_build):
 
 
 def test_a_cuda_build_without_nvcc_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))
+    """The real headers and the real cmake, alone on PATH: no nvcc there, nor on $CUDACXX or the fallbacks."""
+    headers = build.find_headers()  # the cached onnxruntime headers (the CPU build has them)
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is needed to build the kernels"
+    path = tmp_path / "bin"
+    path.mkdir()
+    (path / "cmake").symlink_to(cmake)
+    monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path / "cache"))  # no CUDA library built for these sources
+    monkeypatch.setenv("MLA_ZOO_ORT_INCLUDE", str(headers))
     monkeypatch.delenv("CUDACXX", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(build, "NVCC_FALLBACKS", ())
-    monkeypatch.setattr(build, "find_headers", lambda *_: tmp_path)
-    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cmake" if name == "cmake" else None)
+    monkeypatch.setenv("PATH", str(path))
+    monkeypatch.setattr(build, "NVCC_FALLBACKS", ())  # /usr/local/cuda/bin/nvcc, where the toolkit is installed
     with pytest.raises(build.KernelBuildError, match="need nvcc"):
         build.build_kernels(build.BuildSettings(cuda=True))
 

@@ -237,7 +237,7 @@ def test_mismatched_cache_shapes_give_clear_errors(decoders, tiny_exports):
         dec.session.run(None, feed)
 
 
-def test_missing_library_falls_back_to_the_body_with_a_warning(tiny_exports, monkeypatch, tmp_path):
+def test_missing_library_falls_back_to_the_body_with_a_warning(tiny_model, tiny_exports, monkeypatch, tmp_path):
     monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))  # an empty cache: no library for these sources
     with pytest.raises(FileNotFoundError, match="mla-zoo build-kernels"):
         runner.OnnxDecoder(tiny_exports["fused"].output_dir, use_kernels=True)
@@ -245,7 +245,10 @@ def test_missing_library_falls_back_to_the_body_with_a_warning(tiny_exports, mon
         dec = runner.OnnxDecoder(tiny_exports["fused"].output_dir)
     assert not dec.uses_kernels
     ids, mask = left_padded(PROMPTS)
-    assert runner.generate(dec, ids, mask, 3).shape == (2, 3)
+    with torch.no_grad():  # the fallback still decodes what PyTorch does
+        ref = tiny_model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                                  max_new_tokens=6, min_new_tokens=6, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(runner.generate(dec, ids, mask, 6), ref[:, ids.shape[1]:].numpy())
 
 
 def test_a_missing_compiler_is_a_clear_build_error(monkeypatch, tmp_path, kernel_library):

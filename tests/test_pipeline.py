@@ -314,7 +314,8 @@ def test_rehearsal_catches_a_flag_the_cli_does_not_have(workspace: Path, hub: Hu
     log = next((tmp_path / "work" / "logs").glob("build-stale-*stage-convert*.log")).read_text()
     assert "unrecognized arguments: --stage-list" in log
     assert "release-stale" not in {p.name for p in (tmp_path / "work" / "artifacts").iterdir()}
-    assert failure.value is not None
+    message = str(failure.value)  # the error itself names the failed step and shows its log
+    assert "at step 'Stage convert:" in message and "unrecognized arguments: --stage-list" in message, message
 
 
 def test_multi_gpu_branch_runs_accelerate_launch(workspace: Path, hub: HubServer, tmp_path: Path):

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_source
+from conftest import convert_tiny, tiny_source
 from mla_zoo.modeling import lowrank, rank_allocation
 from mla_zoo.zoo.cli import main
 
@@ -86,11 +86,15 @@ def test_convert_with_energy_allocation_keeps_the_total_and_more_energy(tokenize
     assert mean["energy"] > mean["uniform"] + 0.01
     config = json.loads((tmp_path / "energy" / "config.json").read_text())
     assert config["kv_lora_ranks"] == ranks
-    model, _ = load_model(str(tmp_path / "energy"))  # through the remote code
-    assert [layer.self_attn.kv_a_proj.out_features for layer in model.model.layers] == ranks
+    loaded, _ = load_model(str(tmp_path / "energy"))  # through the remote code
+    assert [layer.self_attn.kv_a_proj.out_features for layer in loaded.model.layers] == ranks
+    # the reference: the same conversion in memory, from the same source weights
+    converted, report = convert_tiny(model, rope_pairs=2, kv_lora_rank=16, rank_allocation="energy")
+    assert report.kv_lora_ranks == ranks
     ids = torch.arange(3, 27)[None]
     with torch.no_grad():
-        assert torch.isfinite(model(ids).logits).all()
+        got, want = loaded(ids).logits, converted(ids).logits
+    assert (got - want).abs().max() < 1e-5
     capsys.readouterr()
     assert main(["convert", str(src), "-o", str(tmp_path / "s"), "--rank-allocation", "energy", "--svd", "split",
                  "--rope-strategy", "high"]) == 2

@@ -181,7 +181,10 @@ def test_model_card(release):
     assert {"mla", "mha2mla", "kv-cache-compression", "custom_code", "mla-zoo"} <= set(data["tags"])
     zoo = data["mla_zoo"]
     assert (zoo["version"], zoo["d_kv"], zoo["kv_lora_rank"], zoo["rope_pairs"]) == ("0.1.0", 8, 16, 2)
-    assert zoo["kv_reduction"] == pytest.approx(0.625) and zoo["perplexity_mla"] > 1
+    metrics = json.loads((out / "release.json").read_text())["metrics"]
+    assert zoo["kv_reduction"] == pytest.approx(0.625)
+    assert zoo["perplexity_mla"] == pytest.approx(metrics["mla"]["perplexity"], abs=1e-4)  # what eval measured
+    assert zoo["perplexity_base"] == pytest.approx(metrics["base"]["perplexity"], abs=1e-4)
     assert card.data.eval_results[0].metric_type == "perplexity"
     assert card.data.eval_results[0].metric_value == pytest.approx(zoo["perplexity_mla"])
     text = card.text
@@ -325,8 +328,11 @@ def test_publish_list_pull_and_load(release, published, api: HfApi, hub: HubServ
         REPO_ID]
 
     rows = zoo_hub.list_releases(ORG, api=api)
+    metrics = summary["release"]["metrics"]
+    delta = metrics["mla"]["perplexity"] / metrics["base"]["perplexity"] - 1  # what eval measured: lossy, not 0
+    assert abs(delta) > 1e-4
     assert rows == [{"repo_id": REPO_ID, "name": "Tiny-Llama-MLA", "base_model": "mla-zoo-tests/tiny-llama-gqa",
-                     "d_kv": 8, "kv_reduction": 0.625, "perplexity_delta": rows[0]["perplexity_delta"],
+                     "d_kv": 8, "kv_reduction": 0.625, "perplexity_delta": pytest.approx(delta, abs=1e-6),
                      "version": "0.1.0"}]
     from mla_zoo.zoo.cli.release import LIST_COLUMNS, format_table
 
