@@ -6,8 +6,8 @@
 #   ALLOC=energy CHAT=0 bash bench/recovery_cpu.sh   # per-layer ranks (energy), the domains only:
 #                                              # oneshot_suite_dkv{32,8}_energy.json
 #
-# Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; on 2 cores about 30 minutes per setting for the
-# domains only (CHAT=0), 75 minutes with the chat and behaviour generations.
+# Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; on 2 cores 7-30 minutes per setting (by load) for the
+# domains only (CHAT=0), 75 minutes with the chat and behaviour generations (d_kv=32, a loaded machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results/recovery
