@@ -59,8 +59,8 @@ def main() -> None:
     import transformers
     from mla_zoo.modeling.common import FinetuneError
     from mla_zoo.zoo.train.finetune import run_finetune
-    from mla_zoo.zoo.train.settings import FinetuneSettings
-    from mla_zoo.zoo.train.synth import SynthSettings, synth_data
+    from mla_zoo.zoo.train.settings import FinetuneSettings, SynthSettings
+    from mla_zoo.zoo.train.synth import synth_data
 
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)

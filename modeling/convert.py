@@ -19,16 +19,20 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from . import calibration, lowrank, partial_rope, rank_allocation
+from . import lowrank, partial_rope, rank_allocation
 from .common import ConversionError, atomic_directory, check_output_dir, progress_bar, read_text
 from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
-from .remote.configuration_llama_mla import LlamaMLAConfig
-from .remote.modeling_llama_mla import LlamaMLAForCausalLM
 from .schema import Report, Settings, setting
 from .sources import TOKENIZER_FILES, SourceInfo, source_dtype
+
+# torch, the model classes and `calibration` are imported where they are used: the settings and the
+# reports here are read by commands that never load a model (`mla-zoo --help`, list, info, pull, publish)
+if TYPE_CHECKING:
+    import torch
+
+    from .remote.configuration_llama_mla import LlamaMLAConfig
 
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -36,7 +40,7 @@ LLAMA_FIELDS = (
     "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters", "mlp_bias",
     "head_dim",
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # of the written weights: names of torch dtypes
 
 
 @dataclass
@@ -172,6 +176,8 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
 
 def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str,
                ranks: list[int] | None = None) -> LlamaMLAConfig:
+    from .remote.configuration_llama_mla import LlamaMLAConfig
+
     src = source_config.to_dict()
     fields = {k: src[k] for k in LLAMA_FIELDS if k in src}
     fields["head_dim"] = head_dim_of(source_config)
@@ -200,6 +206,8 @@ def head_permutation(pairs: list[int], head_dim: int) -> tuple[list[int], list[i
 
 def stacked_kv(wk: torch.Tensor, wv: torch.Tensor, nope_rows: list[list[int]], head_dim: int) -> torch.Tensor:
     """The rows the latent factorises: per KV head its NoPE key rows, then its value rows."""
+    import torch
+
     d = head_dim
     return torch.cat([torch.cat((wk[rows], wv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(nope_rows)])
 
@@ -211,48 +219,50 @@ def layer_kv_matrix(attn, layer_pairs: list[list[int]], head_dim: int) -> torch.
     return stacked_kv(attn.k_proj.weight.double(), attn.v_proj.weight.double(), nope, d)
 
 
-@torch.no_grad()
 def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment, rank: int | None = None) -> float:
     """Fill one MLA attention block from a source attention block (latent width `rank`, default
     `kv_lora_rank`); returns the retained energy."""
-    rank = rank or s.kv_lora_rank
-    cfg = mla_attn.config
-    d, n_kv, g = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-    wq, wk, wv = (p.weight.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    bias = attn.q_proj.bias is not None
-    perms = [head_permutation(p, d) for p in layer_pairs]  # per KV head
+    import torch
 
-    q_rows, kr_rows, kn_rows = [], [], []
-    for h in range(cfg.num_attention_heads):
-        rope, nope = perms[h // g]
-        q_rows += [h * d + i for i in rope + nope]
-    for kv in range(n_kv):
-        rope, nope = perms[kv]
-        kr_rows += [kv * d + i for i in rope]
-        kn_rows.append([kv * d + i for i in nope])
+    with torch.no_grad():
+        rank = rank or s.kv_lora_rank
+        cfg = mla_attn.config
+        d, n_kv, g = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+        wq, wk, wv = (p.weight.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        bias = attn.q_proj.bias is not None
+        perms = [head_permutation(p, d) for p in layer_pairs]  # per KV head
 
-    stacked = stacked_kv(wk, wv, kn_rows, d)
-    if s.svd == "joint":
-        up, down, energy = lowrank.joint(stacked, rank)
-    elif s.svd == "split":
-        up, down, energy = lowrank.split(stacked, rank, n_kv, d - 2 * s.rope_pairs, d)
-    else:
-        up, down, energy = lowrank.whitened(stacked, rank, second_moment)
+        q_rows, kr_rows, kn_rows = [], [], []
+        for h in range(cfg.num_attention_heads):
+            rope, nope = perms[h // g]
+            q_rows += [h * d + i for i in rope + nope]
+        for kv in range(n_kv):
+            rope, nope = perms[kv]
+            kr_rows += [kv * d + i for i in rope]
+            kn_rows.append([kv * d + i for i in nope])
 
-    mla_attn.q_proj.weight.copy_(wq[q_rows])
-    mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
-    mla_attn.kv_a_proj.weight.copy_(down)
-    mla_attn.kv_b_proj.weight.copy_(up)
-    mla_attn.o_proj.weight.copy_(attn.o_proj.weight)
-    if bias:
-        bq, bk, bv = attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias
-        mla_attn.q_proj.bias.copy_(bq[q_rows])
-        mla_attn.k_rope_proj.bias.copy_(bk[kr_rows])
-        kv_bias = [torch.cat((bk[rows], bv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)]
-        mla_attn.kv_b_proj.bias.copy_(torch.cat(kv_bias))
-    if mla_attn.o_proj.bias is not None:
-        mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
-    return energy
+        stacked = stacked_kv(wk, wv, kn_rows, d)
+        if s.svd == "joint":
+            up, down, energy = lowrank.joint(stacked, rank)
+        elif s.svd == "split":
+            up, down, energy = lowrank.split(stacked, rank, n_kv, d - 2 * s.rope_pairs, d)
+        else:
+            up, down, energy = lowrank.whitened(stacked, rank, second_moment)
+
+        mla_attn.q_proj.weight.copy_(wq[q_rows])
+        mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
+        mla_attn.kv_a_proj.weight.copy_(down)
+        mla_attn.kv_b_proj.weight.copy_(up)
+        mla_attn.o_proj.weight.copy_(attn.o_proj.weight)
+        if bias:
+            bq, bk, bv = attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias
+            mla_attn.q_proj.bias.copy_(bq[q_rows])
+            mla_attn.k_rope_proj.bias.copy_(bk[kr_rows])
+            kv_bias = [torch.cat((bk[rows], bv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)]
+            mla_attn.kv_b_proj.bias.copy_(torch.cat(kv_bias))
+        if mla_attn.o_proj.bias is not None:
+            mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
+        return energy
 
 
 def tokenizer_needed(field: str) -> ConversionError:
@@ -271,6 +281,8 @@ def layer_ranks(model, s: ConvertSettings, pairs: list, stats) -> list[int] | No
     if s.rank_allocation == "uniform":
         return None
     d = head_dim_of(model.config)
+    import torch
+
     moments = stats.second_moments() if s.svd == "whitened" else None
     spectra = []
     for i, layer in enumerate(model.model.layers):
@@ -285,6 +297,8 @@ def calibrate(model, tokenizer, s: ConvertSettings):
     need_moments = s.svd == "whitened"
     if not (need_norms or need_moments):
         return None, None
+    from . import calibration
+
     if s.calib_text:
         if tokenizer is None:
             raise tokenizer_needed("calib_text")
@@ -303,6 +317,10 @@ def calibrate(model, tokenizer, s: ConvertSettings):
 
 def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSettings, progress: bool = True):
     """Convert a loaded source model; returns (MLA model, ConversionReport). Nothing is written."""
+    import torch
+
+    from .remote.modeling_llama_mla import LlamaMLAForCausalLM
+
     started = time.time()
     src_cfg = model.config
     if src_cfg.model_type == "mistral" and getattr(src_cfg, "sliding_window", None):
@@ -336,7 +354,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     ):
         energies.append(convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], s,
                                       moments[i] if moments else None, ranks[i] if ranks else None))
-    out_dtype = DTYPES[s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg)]
+    out_dtype = getattr(torch, s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg))
     mla = mla.to(out_dtype)
     s.dtype = str(out_dtype).replace("torch.", "")
     kv = kv_bytes_per_token(config, torch.finfo(out_dtype).bits // 8)

@@ -8,7 +8,10 @@ stores; the query heads of a group share their KV head's choice.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 STRATEGIES = ("high", "low", "uniform", "2-norm")
 

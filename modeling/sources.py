@@ -17,8 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .common import (
     HubError,
@@ -31,6 +30,9 @@ from .common import (
     sha256_files,
     write_json,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 BUNDLED = {
     "smollm2-135m": {
@@ -106,6 +108,7 @@ def materialize_bundled(name: str) -> Path:
 
 
 def _load_gguf(path: Path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -187,10 +190,13 @@ def _load_error(path: Path, e: Exception) -> SourceError:
     return SourceError(f"cannot load the checkpoint in {path} (missing or corrupt files?): {e}")
 
 
-def resolve(spec: str, dtype: torch.dtype = torch.float32):
-    """Load SOURCE; returns (model in eval mode, tokenizer or None, SourceInfo). Raises SourceError."""
+def resolve(spec: str, dtype: torch.dtype | None = None):
+    """Load SOURCE in `dtype` (default float32); returns (model in eval mode, tokenizer or None, SourceInfo).
+    Raises SourceError."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     spec = str(spec)
     kind = locate(spec)
     extra: dict = {}

@@ -254,3 +254,18 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(source_dir, tmp_path, ca
                  "--save-steps", "1"]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "it/s]" not in err and "%|" not in err, err[-2000:]
+
+
+def test_help_does_not_import_torch():
+    """Browsing the zoo starts fast: `mla-zoo --help` and `mla-zoo list --help` never load torch."""
+    code = ("import sys\n"
+            "from mla_zoo.zoo.cli import main\n"
+            "for argv in (['--help'], ['list', '--help']):\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mla-zoo list" in proc.stdout

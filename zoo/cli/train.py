@@ -8,8 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from mla_zoo.modeling.schema import Settings, setting
-from mla_zoo.zoo.train.settings import FinetuneSettings
-from mla_zoo.zoo.train.synth import SynthSettings
+from mla_zoo.zoo.train.settings import FinetuneSettings, SynthSettings
 
 from .command import Command, Output
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from mla_zoo.modeling import sources
 from mla_zoo.modeling.common import EvalError, read_text
 from mla_zoo.modeling.convert import kv_bytes_per_token
@@ -17,6 +16,11 @@ from mla_zoo.modeling.schema import Report, Settings, setting
 
 from .metrics import BehaviourAnswer, behaviour, lm_eval_tasks, load_behaviour, perplexity, top1_agreement
 from .suite import SuiteReport, run_suite, suite_dir
+
+# torch is imported in the functions that run models (here, in metrics.py and suite.py): the settings and
+# the reports are read by commands that load none
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -62,12 +66,14 @@ class EvalReport(Report):
     seconds: float = 0.0
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """An MLA checkpoint (through its own remote code, as users load it) or any convertible SOURCE."""
+def load_model(spec: str, dtype: torch.dtype | None = None):
+    """An MLA checkpoint (through its own remote code, as users load it) or any convertible SOURCE, in
+    `dtype` (default float32)."""
     if sources.is_mla_checkpoint(spec):
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=dtype or torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
     model, tokenizer, _ = sources.resolve(spec, dtype=dtype)
     return model, tokenizer
@@ -83,6 +89,8 @@ def _load_pair(spec: str, teacher: str, dtype: torch.dtype, device: str):
 
 def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, device: str = "cpu") -> EvalReport:
     """Everything `mla-zoo eval --text` reports for one model (an MLA checkpoint or any SOURCE)."""
+    import torch
+
     started = time.time()
     s = settings
     if s.text is None:
@@ -116,6 +124,8 @@ def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, devi
 def evaluate_suite(spec: str, teacher: str, settings: EvalSettings, device: str = "cpu",
                    progress: bool = False) -> SuiteReport:
     """`mla-zoo eval SPEC --teacher TEACHER --suite`: the multi-domain suite (`suite.run_suite`)."""
+    import torch
+
     if not teacher:
         raise EvalError("`suite` compares the model with its original: give the `teacher`")
     model, tokenizer, teacher_model = _load_pair(spec, teacher, getattr(torch, settings.dtype), device)
@@ -143,6 +153,8 @@ class EvalComparison(Report):
 def compare(base: str, mla: str | Path, settings: EvalSettings, text_name: str,
             log=lambda msg: None) -> EvalComparison:
     """Both models measured with the same settings; `text_name` is how reports name the text."""
+    import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for label, spec in (("base", base), ("mla", str(mla))):

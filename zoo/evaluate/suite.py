@@ -20,13 +20,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
 from mla_zoo.modeling.common import EvalError, progress_bar, read_text
 from mla_zoo.modeling.schema import Report
 
 from .metrics import BehaviourPrompt, greedy_answers, load_behaviour
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SUITE = Path(__file__).resolve().parents[2] / "data" / "eval"  # the repository's held-out data
 
@@ -137,6 +139,8 @@ class _Sums:
 
     def add(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
         """logits, teacher_logits: [n, vocab] at the n positions that predict `targets` [n]."""
+        import torch.nn.functional as F
+
         logp = F.log_softmax(logits.float(), dim=-1)  # [n, V]
         t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
         self.nll += float(F.nll_loss(logp, targets, reduction="sum"))
@@ -146,46 +150,51 @@ class _Sums:
         self.count += targets.numel()
 
 
-@torch.no_grad()
 def score_domain(model, teacher, tokenizer, name: str, text: str, seq_len: int, max_tokens: int | None,
                  progress: bool = False) -> DomainResult:
     """Both models over the same non-overlapping windows (each window scores its tokens 2..seq_len)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
-    if ids.numel() < 2:
-        raise EvalError(f"the {name} text has fewer than 2 tokens")
-    sums = _Sums()
-    starts = range(0, ids.numel() - 1, seq_len)
-    for start in progress_bar(starts, desc=name, unit="window", enabled=progress, leave=False):
-        window = ids[start : start + seq_len][None]  # [1, L]
-        if window.shape[1] < 2:
-            break
-        logits = model(input_ids=window.to(model.device), use_cache=False).logits[0, :-1]  # [L-1, V]
-        t_logits = teacher(input_ids=window.to(teacher.device), use_cache=False).logits[0, :-1]
-        sums.add(logits.to(t_logits.device), t_logits, window[0, 1:].to(t_logits.device))
-    ppl, t_ppl = _exp(sums.nll / sums.count), _exp(sums.teacher_nll / sums.count)
-    return DomainResult(name, sums.count, ppl, t_ppl, ppl / t_ppl - 1, sums.agree / sums.count, sums.kl / sums.count)
+    import torch
+
+    with torch.no_grad():
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+        if ids.numel() < 2:
+            raise EvalError(f"the {name} text has fewer than 2 tokens")
+        sums = _Sums()
+        starts = range(0, ids.numel() - 1, seq_len)
+        for start in progress_bar(starts, desc=name, unit="window", enabled=progress, leave=False):
+            window = ids[start : start + seq_len][None]  # [1, L]
+            if window.shape[1] < 2:
+                break
+            logits = model(input_ids=window.to(model.device), use_cache=False).logits[0, :-1]  # [L-1, V]
+            t_logits = teacher(input_ids=window.to(teacher.device), use_cache=False).logits[0, :-1]
+            sums.add(logits.to(t_logits.device), t_logits, window[0, 1:].to(t_logits.device))
+        ppl, t_ppl = _exp(sums.nll / sums.count), _exp(sums.teacher_nll / sums.count)
+        return DomainResult(name, sums.count, ppl, t_ppl, ppl / t_ppl - 1, sums.agree / sums.count,
+                            sums.kl / sums.count)
 
 
 def _exp(x: float) -> float:
     return math.exp(min(x, 700.0))  # a broken model's perplexity stays a finite number
 
 
-@torch.no_grad()
 def score_chat(model, teacher, tokenizer, prompts: list[str], max_new_tokens: int) -> ChatResult:
     """The teacher answers each prompt (greedy); both models then read prompt + answer in one forward
     and are compared at the positions that predict the answer tokens."""
-    sums = _Sums()
-    for prompt_ids, answer in greedy_answers(teacher, tokenizer, prompts, max_new_tokens):
-        if not answer:
-            continue
-        seq = torch.tensor(prompt_ids + answer)[None]  # [1, P + A]
-        first = len(prompt_ids) - 1  # the position that predicts the first answer token
-        logits = model(input_ids=seq.to(model.device), use_cache=False).logits[0, first:-1]  # [A, V]
-        t_logits = teacher(input_ids=seq.to(teacher.device), use_cache=False).logits[0, first:-1]
-        sums.add(logits.to(t_logits.device), t_logits, seq[0, first + 1 :].to(t_logits.device))
-    if sums.count == 0:
-        raise EvalError("the teacher gave no answer tokens to the chat prompts")
-    return ChatResult(len(prompts), sums.count, sums.kl / sums.count, sums.agree / sums.count)
+    import torch
+
+    with torch.no_grad():
+        sums = _Sums()
+        for prompt_ids, answer in greedy_answers(teacher, tokenizer, prompts, max_new_tokens):
+            if not answer:
+                continue
+            seq = torch.tensor(prompt_ids + answer)[None]  # [1, P + A]
+            first = len(prompt_ids) - 1  # the position that predicts the first answer token
+            logits = model(input_ids=seq.to(model.device), use_cache=False).logits[0, first:-1]  # [A, V]
+            t_logits = teacher(input_ids=seq.to(teacher.device), use_cache=False).logits[0, first:-1]
+            sums.add(logits.to(t_logits.device), t_logits, seq[0, first + 1 :].to(t_logits.device))
+        if sums.count == 0:
+            raise EvalError("the teacher gave no answer tokens to the chat prompts")
+        return ChatResult(len(prompts), sums.count, sums.kl / sums.count, sums.agree / sums.count)
 
 
 def score_behaviour(model, teacher, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int

@@ -37,7 +37,6 @@ from mla_zoo.modeling.convert import ConvertSettings
 from mla_zoo.modeling.schema import Settings, recipe_fields, setting
 from mla_zoo.zoo.evaluate import EvalSettings
 from mla_zoo.zoo.evaluate.suite import suite_dir
-from mla_zoo.zoo.train.data import describe
 from mla_zoo.zoo.train.settings import FinetuneSettings
 
 from .gates import GateSettings
@@ -190,6 +189,8 @@ class _Reader:
             settings.check_files()
             for f in fields(cls):
                 if f.metadata.get("path") == "data":
+                    from mla_zoo.zoo.train.data import describe  # (data.py loads torch)
+
                     describe(getattr(settings, f.name))  # a data spec that names no readable files fails here
         except (SettingsError, DataError) as e:
             raise self.error(section, e) from None

@@ -31,7 +31,8 @@ import torch
 from mla_zoo.modeling.common import DataError, progress_bar
 from mla_zoo.modeling.hub_client import hub_call
 
-from .synth import MIX, SynthReport, SynthSettings
+from .settings import MIX, SynthSettings
+from .synth import SynthReport
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 FILE_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")

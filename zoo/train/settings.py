@@ -1,4 +1,5 @@
-"""The settings of `mla-zoo finetune`: the `[finetune]` section of a recipe and the command's flags."""
+"""The settings of `mla-zoo finetune` (the `[finetune]` section of a recipe and the command's flags) and of
+`mla-zoo synth-data`, importable without torch (the CLI reads them)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,36 @@ class FinetuneSettings(Settings):
         if not self.stages:
             raise SettingsError(f"`stages` must name at least one of {', '.join(STAGES)}")
         self.stages = tuple(st for st in STAGES if st in self.stages)  # layer-wise first, each once
+
+
+# synth-data's `mix`, and of finetune's `teacher:MIX` data: SOURCE=SHARE joined by "+"
+MIX = r"(chat|bos)=(\d+(\.\d*)?|\.\d+)(\+(chat|bos)=(\d+(\.\d*)?|\.\d+))*"
+
+
+@dataclass
+class SynthSettings(Settings):
+    """How distillation data is sampled from the original model (`mla-zoo synth-data`)."""
+
+    tokens: int = setting(help="tokens to write (prompts + answers)", min=1)
+    mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos)",
+                       help="shares of the tokens: chat = the teacher's answers to prompts it wrote itself, "
+                            "bos = unconditional samples from BOS")
+    prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share (at most "
+                                                 "one per 128 of its tokens)")
+    seq_len: int = setting(512, min=2, help="row length of the packed shards")
+    batch_size: int | None = setting(None, min=1, help="requests per generation call (default: 1024 on CUDA, where "
+                                                      "continuous batching keeps them busy, 64 on CPU)")
+    temperature: float = setting(1.0, gt=0, help="sampling temperature of the samples (1: the teacher's own "
+                                                 "distribution)")
+    prompt_temperature: float = setting(0.7, gt=0, help="sampling temperature when the teacher writes the prompts "
+                                                        "(lower: fewer garbled prompts)")
+    max_new_tokens: int | None = setting(None, min=1, help="answer length cap (default: seq_len)")
+    engine: str = setting("auto", choices=("auto", "continuous", "generate"),
+                          help="continuous = transformers' continuous batching (finished rows stop costing), "
+                               "generate = fixed batches; auto = continuous on CUDA")
+    cache: str = setting("auto", choices=("auto", "static", "dynamic"),
+                         help="generate()'s KV cache: static (fixed shapes, fast on CUDA), dynamic; auto = static on "
+                              "CUDA")
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
+                         help="sampling dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    seed: int = setting(0, min=0, help="random seed (prompt order and sampling)")

@@ -44,8 +44,10 @@ from pathlib import Path
 
 import torch
 from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_dir, progress_bar
-from mla_zoo.modeling.schema import Report, Settings, setting
+from mla_zoo.modeling.schema import Report
 from mla_zoo.modeling.sources import SourceInfo
+
+from .settings import SynthSettings
 
 # Broad subjects the teacher writes prompts about. Held out from data/eval by name: no evaluation chat
 # prompt names one of them (tests/test_synth_prompts.py), and none is a source of an evaluation text.
@@ -91,7 +93,6 @@ OPENINGS = [
     "The most important thing about", "Yesterday,", "According to recent research,", "Step 1:", "A long time ago",
 ]
 SOURCES = ("chat", "bos")
-MIX = r"(chat|bos)=(\d+(\.\d*)?|\.\d+)(\+(chat|bos)=(\d+(\.\d*)?|\.\d+))*"
 SHARD_ROWS = 2048
 
 
@@ -199,35 +200,6 @@ class _ShardWriter:
             self.buf = []
         if self.rows:
             self._write(last_len)
-
-
-@dataclass
-class SynthSettings(Settings):
-    """How distillation data is sampled from the original model (`mla-zoo synth-data`)."""
-
-    tokens: int = setting(help="tokens to write (prompts + answers)", min=1)
-    mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos)",
-                       help="shares of the tokens: chat = the teacher's answers to prompts it wrote itself, "
-                            "bos = unconditional samples from BOS")
-    prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share (at most "
-                                                 "one per 128 of its tokens)")
-    seq_len: int = setting(512, min=2, help="row length of the packed shards")
-    batch_size: int | None = setting(None, min=1, help="requests per generation call (default: 1024 on CUDA, where "
-                                                      "continuous batching keeps them busy, 64 on CPU)")
-    temperature: float = setting(1.0, gt=0, help="sampling temperature of the samples (1: the teacher's own "
-                                                 "distribution)")
-    prompt_temperature: float = setting(0.7, gt=0, help="sampling temperature when the teacher writes the prompts "
-                                                        "(lower: fewer garbled prompts)")
-    max_new_tokens: int | None = setting(None, min=1, help="answer length cap (default: seq_len)")
-    engine: str = setting("auto", choices=("auto", "continuous", "generate"),
-                          help="continuous = transformers' continuous batching (finished rows stop costing), "
-                               "generate = fixed batches; auto = continuous on CUDA")
-    cache: str = setting("auto", choices=("auto", "static", "dynamic"),
-                         help="generate()'s KV cache: static (fixed shapes, fast on CUDA), dynamic; auto = static on "
-                              "CUDA")
-    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
-                         help="sampling dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    seed: int = setting(0, min=0, help="random seed (prompt order and sampling)")
 
 
 @dataclass
