@@ -314,6 +314,9 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
             "and raise `grad_accum` to keep the same tokens per step, lower `seq_len`, or pass "
             f"`gradient_checkpointing` ({e})") from e
     seconds = time.time() - t0
+    # The Trainer's last act on every process globs its output dir (the staging dir): none may still be
+    # at it when the main process removes it (a FileNotFoundError there ended a 2-process run on CI).
+    r.state.wait_for_everyone()
     if r.state.is_main_process:
         shutil.rmtree(ckpt_dir / STAGING, ignore_errors=True)  # empty: every save was moved out
     done_steps = trainer.state.global_step - start_step
