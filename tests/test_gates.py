@@ -127,6 +127,13 @@ def test_a_build_stops_on_the_worst_domain_and_passes_a_loose_gate(workspace):
     assert summary["release"] is not None and all(g["passed"] for g in summary["gates"])
     results = json.loads((workspace / "out-loose" / "hub" / "eval_results.json").read_text())
     assert [d["name"] for d in results["suite"]["domains"]] and results["suite"]["behaviour"][0]["teacher_ok"]
+    card = (workspace / "out-loose" / "hub" / "README.md").read_text()  # the card shows every domain's numbers
+    for d in results["suite"]["domains"]:
+        assert (f"| {d['name']} | {d['teacher_perplexity']:.3f} | {d['perplexity']:.3f} | "
+                f"{100 * d['perplexity_increase']:+.1f}% | {100 * d['top1_agreement']:.1f}% |") in card
+    chat = results["suite"]["chat"]
+    assert f"answers to {chat['prompts']} held-out prompts" in card and f"KL {chat['kl']:.3f}" in card
+    assert "it keeps 1 of the 1 that the base model answers right." in card
 
 
 def test_suite_gates_need_the_suite(workspace):

@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from mla_zoo.modeling.convert import ConversionReport
 from mla_zoo.zoo.evaluate import EvalComparison
+from mla_zoo.zoo.evaluate.suite import SuiteReport
 
 from .gates import GateResult
 
@@ -207,9 +208,34 @@ def _eval_section(metrics: EvalComparison, gates: list[GateResult], finetune: di
         "",
         f"(KV bytes in {SERVE_DTYPE}, all layers.)",
     ]
+    if metrics.suite is not None:
+        lines += ["", _suite_table(metrics.suite)]
     if gates:
         lines += ["", "Release gates:", "", "| gate | result | passed |", "|---|---|:-:|"]
         lines += [f"| `{g.gate}` | {g.text} | {'yes' if g.passed else 'no'} |" for g in gates]
+    return "\n".join(lines)
+
+
+def _suite_table(suite: SuiteReport) -> str:
+    """The multi-domain suite (texts no recipe trains on), worst domain first, with the chat answers and
+    the behaviour prompts."""
+    lines = [
+        f"Across domains (mla-zoo's evaluation suite, held out of every training set; at most "
+        f"{suite.max_tokens or 'all'} tokens per domain, worst first):",
+        "",
+        "| domain | base perplexity | MLA perplexity | change | top-1 agreement with base |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {d.name} | {d.teacher_perplexity:.3f} | {d.perplexity:.3f} | {100 * d.perplexity_increase:+.1f}% "
+          f"| {100 * d.top1_agreement:.1f}% |" for d in suite.domains],
+    ]
+    if suite.chat is not None:
+        c = suite.chat
+        lines += ["", f"Chat: on the base model's own answers to {c.prompts} held-out prompts, this model predicts "
+                      f"the base's next token {100 * c.top1_agreement:.1f}% of the time (KL {c.kl:.3f} nats/token)."]
+    if suite.behaviour:
+        lost = [b.id for b in suite.behaviour if b.teacher_ok and not b.ok]
+        lines += ["", f"Behaviour prompts: it keeps {suite.behaviour_kept} of the {suite.behaviour_scored} that the "
+                      "base model answers right" + (f" (lost: {', '.join(lost)})." if lost else ".")]
     return "\n".join(lines)
 
 
@@ -264,14 +290,16 @@ def _usage_section(repo_id: str, tag: str, export: dict | None, transformers: di
     return "\n".join(lines)
 
 
-def _limitations(conversion: ConversionReport, finetune: dict | None) -> str:
+def _limitations(conversion: ConversionReport, finetune: dict | None, metrics: EvalComparison) -> str:
     lines = [
         "## Limitations",
         "",
         "- The conversion changes the attention of the base model: expect some loss of quality "
         + ("even after fine-tuning" if finetune is not None else "(this release is a one-shot conversion, "
            "without the fine-tuning that recovers most of it)")
-        + "; the perplexity above is one small English text, not a benchmark suite.",
+        + ("; the figures above are perplexity and agreement with the base model on a few held-out texts, "
+           "not a benchmark of downstream tasks." if metrics.suite is not None
+           else "; the perplexity above is one small English text, not a benchmark suite."),
         "- It inherits the base model's biases, knowledge cut-off, languages and license.",
         "- Loading runs the remote code of this repo (`trust_remote_code=True`); review it and pin the revision.",
         "- KV-cache sizes are for the cache layout of the shipped code (latent + decoupled RoPE keys); "
@@ -333,7 +361,7 @@ def render(recipe, conversion: ConversionReport, max_positions: int, license: st
         "## Recipe\n\nIts relative paths are relative to the recipe file's directory (for a shipped recipe, "
         "`zoo/recipes/` of the mla-zoo repository).\n\n```toml\n"
         + recipe.text.rstrip() + "\n```",
-        _limitations(conversion, finetune),
+        _limitations(conversion, finetune, metrics),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```",
     ])
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
