@@ -26,7 +26,8 @@ def say(**kw) -> None:
 
 
 def make_models(work: Path, tokenizer_dir: str) -> tuple[Path, Path]:
-    from mla_zoo.modeling.convert import ConvertSettings, convert_model, save_checkpoint
+    from mla_zoo.modeling.convert import convert_model, save_checkpoint
+    from mla_zoo.modeling.convert_schema import ConvertSettings
     from mla_zoo.modeling.sources import SourceInfo
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

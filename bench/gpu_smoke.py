@@ -10,7 +10,8 @@ import json
 import time
 
 import torch
-from mla_zoo.modeling.convert import ConvertSettings, convert_model
+from mla_zoo.modeling.convert import convert_model
+from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.modeling.sources import SourceInfo
 from transformers import LlamaConfig, LlamaForCausalLM
 

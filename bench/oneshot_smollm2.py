@@ -16,8 +16,9 @@ from pathlib import Path
 
 from mla_zoo.modeling import sources
 from mla_zoo.modeling.common import read_text
-from mla_zoo.modeling.convert import ConvertSettings, convert_model
-from mla_zoo.zoo.evaluate import perplexity
+from mla_zoo.modeling.convert import convert_model
+from mla_zoo.modeling.convert_schema import ConvertSettings
+from mla_zoo.zoo.evaluate.metrics import perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -116,7 +116,8 @@ def prepare(workdir: Path) -> dict[str, Path]:
     from mla_zoo.export.exporter import export_model
     from mla_zoo.export.kernels.build import build_kernels
     from mla_zoo.modeling import sources
-    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+    from mla_zoo.modeling.convert import convert_model
+    from mla_zoo.modeling.convert_schema import ConvertSettings
 
     build_kernels()
     mla_dir, gqa_dir = workdir / "smollm2-mla", workdir / "smollm2-gqa"

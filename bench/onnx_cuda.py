@@ -44,7 +44,8 @@ def prepare(workdir: Path) -> dict[str, Path]:
     """Exports (once) SmolLM2-135M-MLA and the original, both fp16."""
     from mla_zoo.export.exporter import export_model
     from mla_zoo.modeling import sources
-    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+    from mla_zoo.modeling.convert import convert_model
+    from mla_zoo.modeling.convert_schema import ConvertSettings
 
     mla_dir, gqa_dir = workdir / "smollm2-mla-fp16", workdir / "smollm2-gqa-fp16"
     if not (mla_dir / "model.onnx").exists() or not (gqa_dir / "model.onnx").exists():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 from mla_zoo.modeling import lowrank, partial_rope, rank_allocation, sources
-from mla_zoo.modeling.convert import ConvertSettings, calibrate, head_dim_of, layer_kv_matrix, resolve_settings
+from mla_zoo.modeling.convert import calibrate, head_dim_of, layer_kv_matrix, resolve_settings
+from mla_zoo.modeling.convert_schema import ConvertSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 

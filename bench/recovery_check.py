@@ -11,7 +11,8 @@ import json
 import sys
 
 import torch
-from mla_zoo.zoo.evaluate import EvalSettings, evaluate
+from mla_zoo.zoo.evaluate import EvalSettings
+from mla_zoo.zoo.evaluate.evaluation import evaluate
 
 
 def main() -> None:

@@ -17,22 +17,18 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from . import lowrank, partial_rope, rank_allocation
+import torch
+
+from . import calibration, lowrank, partial_rope, rank_allocation
 from .common import ConversionError, atomic_directory, check_output_dir, progress_bar, read_text
+from .convert_schema import DTYPES, CalibrationSource, ConversionReport, ConvertSettings, KVCacheSize
 from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
-from .schema import Report, Settings, setting
+from .remote.configuration_llama_mla import LlamaMLAConfig
+from .remote.modeling_llama_mla import LlamaMLAForCausalLM
 from .sources import TOKENIZER_FILES, SourceInfo, source_dtype
-
-# torch, the model classes and `calibration` are imported where they are used: the settings and the
-# reports here are read by commands that never load a model (`mla-zoo --help`, list, info, pull, publish)
-if TYPE_CHECKING:
-    import torch
-
-    from .remote.configuration_llama_mla import LlamaMLAConfig
 
 LLAMA_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -40,33 +36,7 @@ LLAMA_FIELDS = (
     "pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings", "rope_parameters", "mlp_bias",
     "head_dim",
 )
-DTYPES = ("float32", "bfloat16", "float16")  # of the written weights: names of torch dtypes
-
-
-@dataclass
-class ConvertSettings(Settings):
-    """How a model is converted: the `[conversion]` section of a recipe, the flags of `mla-zoo convert`."""
-
-    kv_lora_rank: int | None = setting(
-        None, min=1, aliases=["--kv-rank"],
-        help="TOTAL latent width = d_kv x n_kv_heads (default: kv_rank_per_head x n_kv_heads)")
-    kv_rank_per_head: int | None = setting(None, min=1, help="the paper's d_kv, latent width per KV head "
-                                                              "(default head_dim/2)")
-    rope_pairs: int | None = setting(None, min=1, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
-    rope_strategy: str = setting("2-norm", choices=partial_rope.STRATEGIES, help="which RoPE pairs each head keeps")
-    svd: str = setting("whitened", choices=lowrank.METHODS,
-                       help="low-rank method: whitened = activation-aware joint SVD (default), joint, split")
-    calib_text: str | None = setting(None, path="file", help="calibration text (2-norm, whitened); default: the "
-                                                             "model's own samples")
-    calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of a text, 1024 "
-                                                         "self-sampled)")
-    calib_seq_len: int = setting(512, min=2, help="calibration row length")
-    dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's; "
-                                                                  "bfloat16 for a GGUF source, which is dequantised)")
-    seed: int = setting(0, min=0, help="random seed (self-sampled calibration)")
-    rank_allocation: str = setting("uniform", choices=rank_allocation.SCHEMES,
-                                   help="uniform: every layer kv_lora_rank; energy: per-layer ranks at the same total, "
-                                        "more where the whitened SVD loses most (needs per-layer ranks in the model)")
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}  # the written weights' dtypes
 
 
 def head_dim_of(config) -> int:
@@ -104,66 +74,6 @@ def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
     return s
 
 
-@dataclass
-class KVCacheSize:
-    """KV-cache size per token of the source model (before) and its MLA conversion (after)."""
-
-    bytes_per_token_before: int  # all layers
-    bytes_per_token_after: int
-    reduction: float  # 1 - after / before
-    values_per_token_per_layer_before: int
-    values_per_token_per_layer_after: int
-
-
-@dataclass
-class CalibrationSource:
-    kind: str  # "text" | "self-samples"
-    tokens: int
-    file: str | None = None  # kind "text"
-    note: str | None = None
-
-
-@dataclass
-class OneShotPerplexity:
-    """Perplexity before and after conversion, without fine-tuning (`mla-zoo convert --eval-text`)."""
-
-    text: str
-    tokens: int
-    seq_len: int
-    perplexity_before: float
-    perplexity_after: float
-
-
-@dataclass
-class ConversionReport(Report):
-    """conversion.json: what was converted, how, and what it saves."""
-
-    SCHEMA_VERSION = 2
-    FILE = "conversion.json"
-
-    settings: ConvertSettings  # resolved: every default filled in from the source's shape
-    kv_cache: KVCacheSize
-    svd_retained_energy: list[float]  # per layer
-    rope_pairs: list[list[list[int]]]  # [layer][kv_head] -> kept pairs
-    calibration: CalibrationSource | None  # None: no statistics needed
-    source: SourceInfo
-    source_sliding_window: int | None = None
-    seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
-    one_shot: OneShotPerplexity | None = None
-    kv_lora_ranks: list[int] | None = None  # per layer, when `rank_allocation` is not uniform
-
-    @classmethod
-    def upgrade(cls, data: dict, version: int) -> dict:
-        """Version 1 (unversioned) stored the rank twice, as kv_rank and kv_lora_rank."""
-        settings = dict(data["settings"])
-        settings["kv_lora_rank"] = settings.pop("kv_rank", settings.get("kv_lora_rank"))
-        per_head = settings.get("kv_rank_per_head")
-        if isinstance(per_head, float):  # the rank was not a multiple of the KV heads
-            settings["kv_rank_per_head"] = int(per_head) if per_head.is_integer() else None
-        return {**data, "settings": settings}
-
-
 def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
     """KV-cache bytes per token (all layers) of the source model and of its MLA conversion."""
     n_layers, n_kv = config.num_hidden_layers, config.num_key_value_heads
@@ -176,8 +86,6 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> dict:
 
 def mla_config(source_config, s: ConvertSettings, pairs: list, source_name: str,
                ranks: list[int] | None = None) -> LlamaMLAConfig:
-    from .remote.configuration_llama_mla import LlamaMLAConfig
-
     src = source_config.to_dict()
     fields = {k: src[k] for k in LLAMA_FIELDS if k in src}
     fields["head_dim"] = head_dim_of(source_config)
@@ -206,8 +114,6 @@ def head_permutation(pairs: list[int], head_dim: int) -> tuple[list[int], list[i
 
 def stacked_kv(wk: torch.Tensor, wv: torch.Tensor, nope_rows: list[list[int]], head_dim: int) -> torch.Tensor:
     """The rows the latent factorises: per KV head its NoPE key rows, then its value rows."""
-    import torch
-
     d = head_dim
     return torch.cat([torch.cat((wk[rows], wv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(nope_rows)])
 
@@ -219,50 +125,48 @@ def layer_kv_matrix(attn, layer_pairs: list[list[int]], head_dim: int) -> torch.
     return stacked_kv(attn.k_proj.weight.double(), attn.v_proj.weight.double(), nope, d)
 
 
+@torch.no_grad()
 def convert_layer(attn, mla_attn, layer_pairs, s: ConvertSettings, second_moment, rank: int | None = None) -> float:
     """Fill one MLA attention block from a source attention block (latent width `rank`, default
     `kv_lora_rank`); returns the retained energy."""
-    import torch
+    rank = rank or s.kv_lora_rank
+    cfg = mla_attn.config
+    d, n_kv, g = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
+    wq, wk, wv = (p.weight.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    bias = attn.q_proj.bias is not None
+    perms = [head_permutation(p, d) for p in layer_pairs]  # per KV head
 
-    with torch.no_grad():
-        rank = rank or s.kv_lora_rank
-        cfg = mla_attn.config
-        d, n_kv, g = cfg.head_dim, cfg.num_key_value_heads, cfg.num_attention_heads // cfg.num_key_value_heads
-        wq, wk, wv = (p.weight.double() for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        bias = attn.q_proj.bias is not None
-        perms = [head_permutation(p, d) for p in layer_pairs]  # per KV head
+    q_rows, kr_rows, kn_rows = [], [], []
+    for h in range(cfg.num_attention_heads):
+        rope, nope = perms[h // g]
+        q_rows += [h * d + i for i in rope + nope]
+    for kv in range(n_kv):
+        rope, nope = perms[kv]
+        kr_rows += [kv * d + i for i in rope]
+        kn_rows.append([kv * d + i for i in nope])
 
-        q_rows, kr_rows, kn_rows = [], [], []
-        for h in range(cfg.num_attention_heads):
-            rope, nope = perms[h // g]
-            q_rows += [h * d + i for i in rope + nope]
-        for kv in range(n_kv):
-            rope, nope = perms[kv]
-            kr_rows += [kv * d + i for i in rope]
-            kn_rows.append([kv * d + i for i in nope])
+    stacked = stacked_kv(wk, wv, kn_rows, d)
+    if s.svd == "joint":
+        up, down, energy = lowrank.joint(stacked, rank)
+    elif s.svd == "split":
+        up, down, energy = lowrank.split(stacked, rank, n_kv, d - 2 * s.rope_pairs, d)
+    else:
+        up, down, energy = lowrank.whitened(stacked, rank, second_moment)
 
-        stacked = stacked_kv(wk, wv, kn_rows, d)
-        if s.svd == "joint":
-            up, down, energy = lowrank.joint(stacked, rank)
-        elif s.svd == "split":
-            up, down, energy = lowrank.split(stacked, rank, n_kv, d - 2 * s.rope_pairs, d)
-        else:
-            up, down, energy = lowrank.whitened(stacked, rank, second_moment)
-
-        mla_attn.q_proj.weight.copy_(wq[q_rows])
-        mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
-        mla_attn.kv_a_proj.weight.copy_(down)
-        mla_attn.kv_b_proj.weight.copy_(up)
-        mla_attn.o_proj.weight.copy_(attn.o_proj.weight)
-        if bias:
-            bq, bk, bv = attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias
-            mla_attn.q_proj.bias.copy_(bq[q_rows])
-            mla_attn.k_rope_proj.bias.copy_(bk[kr_rows])
-            kv_bias = [torch.cat((bk[rows], bv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)]
-            mla_attn.kv_b_proj.bias.copy_(torch.cat(kv_bias))
-        if mla_attn.o_proj.bias is not None:
-            mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
-        return energy
+    mla_attn.q_proj.weight.copy_(wq[q_rows])
+    mla_attn.k_rope_proj.weight.copy_(wk[kr_rows])
+    mla_attn.kv_a_proj.weight.copy_(down)
+    mla_attn.kv_b_proj.weight.copy_(up)
+    mla_attn.o_proj.weight.copy_(attn.o_proj.weight)
+    if bias:
+        bq, bk, bv = attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias
+        mla_attn.q_proj.bias.copy_(bq[q_rows])
+        mla_attn.k_rope_proj.bias.copy_(bk[kr_rows])
+        kv_bias = [torch.cat((bk[rows], bv[kv * d : (kv + 1) * d])) for kv, rows in enumerate(kn_rows)]
+        mla_attn.kv_b_proj.bias.copy_(torch.cat(kv_bias))
+    if mla_attn.o_proj.bias is not None:
+        mla_attn.o_proj.bias.copy_(attn.o_proj.bias)
+    return energy
 
 
 def tokenizer_needed(field: str) -> ConversionError:
@@ -281,8 +185,6 @@ def layer_ranks(model, s: ConvertSettings, pairs: list, stats) -> list[int] | No
     if s.rank_allocation == "uniform":
         return None
     d = head_dim_of(model.config)
-    import torch
-
     moments = stats.second_moments() if s.svd == "whitened" else None
     spectra = []
     for i, layer in enumerate(model.model.layers):
@@ -297,8 +199,6 @@ def calibrate(model, tokenizer, s: ConvertSettings):
     need_moments = s.svd == "whitened"
     if not (need_norms or need_moments):
         return None, None
-    from . import calibration
-
     if s.calib_text:
         if tokenizer is None:
             raise tokenizer_needed("calib_text")
@@ -317,10 +217,6 @@ def calibrate(model, tokenizer, s: ConvertSettings):
 
 def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSettings, progress: bool = True):
     """Convert a loaded source model; returns (MLA model, ConversionReport). Nothing is written."""
-    import torch
-
-    from .remote.modeling_llama_mla import LlamaMLAForCausalLM
-
     started = time.time()
     src_cfg = model.config
     if src_cfg.model_type == "mistral" and getattr(src_cfg, "sliding_window", None):
@@ -354,7 +250,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     ):
         energies.append(convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], s,
                                       moments[i] if moments else None, ranks[i] if ranks else None))
-    out_dtype = getattr(torch, s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg))
+    out_dtype = TORCH_DTYPES[s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg)]
     mla = mla.to(out_dtype)
     s.dtype = str(out_dtype).replace("torch.", "")
     kv = kv_bytes_per_token(config, torch.finfo(out_dtype).bits // 8)

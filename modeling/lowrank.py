@@ -19,17 +19,10 @@ all of S into up, down = V^T.)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # torch is imported in the functions: the CLI reads METHODS without loading it
-    import torch
-
-METHODS = ("joint", "split", "whitened")
+import torch
 
 
 def _svd_factor(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    import torch
-
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     root = s[:rank].sqrt()
     energy = float((s[:rank] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
@@ -47,8 +40,6 @@ def _whitening(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     (unlike a Cholesky factor) exists also when fewer calibration tokens than hidden dims make C
     singular; the damping keeps unseen directions from being divided by zero.
     """
-    import torch
-
     c = second_moment.double()
     damp = 1e-6 * c.diagonal().mean().clamp_min(1e-12)
     evals, q = torch.linalg.eigh(c + damp * torch.eye(c.shape[0], dtype=c.dtype))
@@ -63,22 +54,18 @@ def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[t
     return up, down, energy
 
 
+@torch.no_grad()
 def whitened_spectrum(w: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
     """The singular values of W L (descending, float64): what `whitened` keeps the first `rank` of.
     Per-layer rank allocation (`rank_allocation`) reads them."""
-    import torch
-
-    with torch.no_grad():
-        q, root = _whitening(second_moment)
-        return torch.linalg.svdvals(w.double() @ (q * root))
+    q, root = _whitening(second_moment)
+    return torch.linalg.svdvals(w.double() @ (q * root))
 
 
 def split(
     w: torch.Tensor, rank: int, num_kv_heads: int, nope_dim: int, v_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Separate SVDs of the key and value rows, each with half of the latent (values get the rest)."""
-    import torch
-
     rows = w.view(num_kv_heads, nope_dim + v_dim, -1)
     k, v = rows[:, :nope_dim].reshape(-1, w.shape[1]), rows[:, nope_dim:].reshape(-1, w.shape[1])
     k_max, v_max = min(k.shape) if nope_dim else 0, min(v.shape)

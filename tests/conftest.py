@@ -98,7 +98,8 @@ def smollm2():
 
 def convert_tiny(model, **settings):
     """Convert an in-memory tiny model; returns (mla model in fp32, ConversionReport)."""
-    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+    from mla_zoo.modeling.convert import convert_model
+    from mla_zoo.modeling.convert_schema import ConvertSettings
     from mla_zoo.modeling.sources import SourceInfo
 
     info = SourceInfo("tiny", "tiny", "tiny", model.config.model_type, "0")

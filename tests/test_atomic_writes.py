@@ -73,7 +73,7 @@ def test_the_bundled_model_cache_is_cleaned_of_a_killed_dequantisation(tmp_path,
 
 def test_cut_off_json_files_are_named(tmp_path):
     from mla_zoo.modeling.common import MlaZooError, check_json_files
-    from mla_zoo.modeling.convert import ConversionReport
+    from mla_zoo.modeling.convert_schema import ConversionReport
 
     (tmp_path / "conversion.json").write_text('{"schema_version": 2, "settings": {')
     with pytest.raises(MlaZooError, match=r"conversion\.json is not valid JSON \(Expecting .*\): the file is cut off"):

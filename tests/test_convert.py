@@ -8,7 +8,8 @@ import torch
 from conftest import FAMILIES, convert_tiny, tiny_source
 from mla_zoo.modeling import calibration, lowrank, partial_rope
 from mla_zoo.modeling.common import ConversionError, SettingsError
-from mla_zoo.modeling.convert import ConvertSettings, head_dim_of, resolve_settings
+from mla_zoo.modeling.convert import head_dim_of, resolve_settings
+from mla_zoo.modeling.convert_schema import ConvertSettings
 from reference import partial_rope_attention
 
 
@@ -149,7 +150,7 @@ def test_whitened_svd_survives_fewer_calibration_tokens_than_hidden_dims():
 def test_reports_of_the_first_format_still_load():
     """conversion.json as the first version wrote it (no schema_version, the rank as kv_rank and kv_lora_rank)."""
     from conftest import REPO
-    from mla_zoo.modeling.convert import ConversionReport
+    from mla_zoo.modeling.convert_schema import ConversionReport
 
     old = REPO / "bench" / "results" / "recovery" / "convert32.json"
     assert "schema_version" not in old.read_text()

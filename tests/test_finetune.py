@@ -128,7 +128,7 @@ def test_layerwise_loss_decreases_for_a_lossy_conversion():
 
 
 def test_cli_run_both_stages_lowers_kl_and_writes_a_checkpoint(dirs, tokenizer):
-    from mla_zoo.zoo.evaluate import load_model
+    from mla_zoo.zoo.evaluate.evaluation import load_model
 
     out = dirs["root"] / "run"
     code = main(["finetune", str(dirs["lossy"]), "-o", str(out), "--teacher", str(dirs["teacher"]),

@@ -9,9 +9,9 @@ import shutil
 import pytest
 from conftest import DATA
 from mla_zoo.modeling.common import GateFailed, RecipeError
-from mla_zoo.modeling.convert import KVCacheSize
+from mla_zoo.modeling.convert_schema import KVCacheSize
 from mla_zoo.zoo.evaluate import EvalComparison, EvalReport, SuiteReport
-from mla_zoo.zoo.evaluate.suite import DEFAULT_SUITE, BehaviourResult, ChatResult, DomainResult
+from mla_zoo.zoo.evaluate.reports import DEFAULT_SUITE, BehaviourResult, ChatResult, DomainResult
 from mla_zoo.zoo.release.build import build
 from mla_zoo.zoo.release.gates import GateSettings, check_gates
 from mla_zoo.zoo.release.recipe import load_recipe

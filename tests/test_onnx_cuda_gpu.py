@@ -108,7 +108,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and th
 @pytest.fixture(scope="module")
 def smollm2_fp16(smollm2, cuda_library, tmp_path_factory):
     """(torch fp16 model on CUDA, tokenizer, ONNX decoder on the CUDA EP with our kernel)."""
-    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+    from mla_zoo.modeling.convert import convert_model
+    from mla_zoo.modeling.convert_schema import ConvertSettings
 
     model, tokenizer, info = smollm2
     settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", svd="whitened",

@@ -20,7 +20,8 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and th
 
 @pytest.fixture(scope="module")
 def smollm2_mla(smollm2):
-    from mla_zoo.modeling.convert import ConvertSettings, convert_model
+    from mla_zoo.modeling.convert import convert_model
+    from mla_zoo.modeling.convert_schema import ConvertSettings
 
     model, tokenizer, info = smollm2
     settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", svd="whitened",

@@ -62,7 +62,7 @@ def test_convert_with_energy_allocation_keeps_the_total_and_more_energy(tokenize
     checkpoint that loads through its remote code and computes what the converted model computes."""
     import json
 
-    from mla_zoo.zoo.evaluate import load_model
+    from mla_zoo.zoo.evaluate.evaluation import load_model
 
     model = tiny_source("llama-gqa")
     with torch.no_grad():  # layer 0's keys and values of rank 4: it needs few latent dims, layer 1 more

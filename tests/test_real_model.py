@@ -7,8 +7,9 @@ import pytest
 import torch
 from conftest import DATA, cache_of
 from mla_zoo.modeling.common import read_text
-from mla_zoo.modeling.convert import ConvertSettings, convert_model, kv_bytes_per_token
-from mla_zoo.zoo.evaluate import perplexity
+from mla_zoo.modeling.convert import convert_model, kv_bytes_per_token
+from mla_zoo.modeling.convert_schema import ConvertSettings
+from mla_zoo.zoo.evaluate.metrics import perplexity
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 

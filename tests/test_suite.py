@@ -10,8 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mla_zoo.zoo.cli import main
-from mla_zoo.zoo.evaluate import EvalSettings, SuiteReport, evaluate_suite
-from mla_zoo.zoo.evaluate.suite import DEFAULT_SUITE, score_domain
+from mla_zoo.zoo.evaluate import EvalSettings, SuiteReport
+from mla_zoo.zoo.evaluate.evaluation import evaluate_suite
+from mla_zoo.zoo.evaluate.reports import DEFAULT_SUITE
+from mla_zoo.zoo.evaluate.suite import score_domain
 
 
 def convert(src, out, *flags):
@@ -65,7 +67,7 @@ def test_a_lossless_conversion_matches_its_teacher_on_every_part(models, suite):
 
 def test_domain_numbers_equal_a_plain_recomputation(models, suite, tokenizer):
     """Perplexities, top-1 agreement and KL of one domain, against the full logits of both models."""
-    from mla_zoo.zoo.evaluate import load_model
+    from mla_zoo.zoo.evaluate.evaluation import load_model
 
     src, _, lossy = models
     student, tok = load_model(str(lossy))

@@ -89,7 +89,7 @@ def test_bad_mixes_are_refused(mix):
 
 def test_no_evaluation_prompt_survives_the_run_time_filter():
     """The prompts the teacher writes are filtered against every held-out prompt of data/eval."""
-    from mla_zoo.zoo.evaluate.suite import DEFAULT_SUITE
+    from mla_zoo.zoo.evaluate.reports import DEFAULT_SUITE
     from mla_zoo.zoo.train.synth import evaluation_prompts
 
     found = evaluation_prompts()

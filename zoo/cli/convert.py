@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mla_zoo.modeling.convert import ConversionReport, ConvertSettings
+from mla_zoo.modeling.convert_schema import ConversionReport, ConvertSettings, OneShotPerplexity
 from mla_zoo.modeling.schema import Settings, setting
 from mla_zoo.zoo.evaluate import EvalSettings
 
@@ -30,7 +30,7 @@ def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
     import torch
     from mla_zoo.modeling import convert, sources
     from mla_zoo.modeling.common import SettingsError, check_output_dir, read_text
-    from mla_zoo.zoo.evaluate import perplexity
+    from mla_zoo.zoo.evaluate.metrics import perplexity
 
     # Every input is checked before the slow part: the output, the texts, the source, its tokenizer.
     check_output_dir(c.output, marker=ConversionReport.FILE, overwrite=c.overwrite,
@@ -58,7 +58,7 @@ def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
         before = perplexity(model, tokenizer, texts["eval_text"], c.eval_seq_len, c.eval_tokens)
         after = perplexity(mla.float(), tokenizer, texts["eval_text"], c.eval_seq_len, c.eval_tokens)
         mla = mla.to(getattr(torch, report.settings.dtype))
-        report.one_shot = convert.OneShotPerplexity(c.eval_text, before["tokens"], c.eval_seq_len,
+        report.one_shot = OneShotPerplexity(c.eval_text, before["tokens"], c.eval_seq_len,
                                                     before["perplexity"], after["perplexity"])
     written = convert.save_checkpoint(mla, tokenizer, report, c.output, c.overwrite)
     if out.json:
@@ -109,7 +109,7 @@ def evaluate(c: EvalCommand, settings: EvalSettings, out: Output) -> int:
     import torch
     from mla_zoo.modeling import sources
     from mla_zoo.modeling.common import check_json_files
-    from mla_zoo.zoo.evaluate import evaluate
+    from mla_zoo.zoo.evaluate.evaluation import evaluate
 
     settings.check_files()
     for spec in (c.model, c.teacher):  # both checked before either loads
@@ -117,7 +117,8 @@ def evaluate(c: EvalCommand, settings: EvalSettings, out: Output) -> int:
             check_json_files(spec)
     device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if settings.suite:
-        from mla_zoo.zoo.evaluate import evaluate_suite, format_suite
+        from mla_zoo.zoo.evaluate import format_suite
+        from mla_zoo.zoo.evaluate.evaluation import evaluate_suite
 
         suite = evaluate_suite(c.model, c.teacher, settings, device=device, progress=not out.json)
         print(suite.to_json() if out.json else format_suite(suite), end="\n" if not out.json else "")

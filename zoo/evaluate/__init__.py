@@ -1,9 +1,7 @@
-"""Evaluation: the measurements (`metrics`), the multi-domain suite (`suite`) and the reports built
-from them (`evaluation`)."""
+"""Evaluation. `reports` holds the stage's settings and reports (no torch: the card and the Hub commands
+read them); `metrics` the measurements, `suite` the multi-domain suite, `evaluation` the runs that put
+them together (`evaluate`, `evaluate_suite`, `compare`). Import the functions from their modules."""
 
-from .evaluation import EvalComparison, EvalReport, EvalSettings, compare, evaluate, evaluate_suite, load_model
-from .metrics import perplexity
-from .suite import SuiteReport, format_suite
+from .reports import EvalComparison, EvalReport, EvalSettings, SuiteReport, format_suite, suite_dir
 
-__all__ = ["EvalComparison", "EvalReport", "EvalSettings", "SuiteReport", "compare", "evaluate", "evaluate_suite",
-           "format_suite", "load_model", "perplexity"]
+__all__ = ["EvalComparison", "EvalReport", "EvalSettings", "SuiteReport", "format_suite", "suite_dir"]

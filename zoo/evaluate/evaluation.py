@@ -5,75 +5,24 @@ measured the same way (`compare`), so that the two numbers in a table are compar
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import torch
 from mla_zoo.modeling import sources
 from mla_zoo.modeling.common import EvalError, read_text
 from mla_zoo.modeling.convert import kv_bytes_per_token
-from mla_zoo.modeling.schema import Report, Settings, setting
 
-from .metrics import BehaviourAnswer, behaviour, lm_eval_tasks, load_behaviour, perplexity, top1_agreement
-from .suite import SuiteReport, run_suite, suite_dir
-
-# torch is imported in the functions that run models (here, in metrics.py and suite.py): the settings and
-# the reports are read by commands that load none
-if TYPE_CHECKING:
-    import torch
+from .metrics import behaviour, lm_eval_tasks, load_behaviour, perplexity, top1_agreement
+from .reports import EvalComparison, EvalReport, EvalSettings, SuiteReport, suite_dir
+from .suite import run_suite
 
 
-@dataclass
-class EvalSettings(Settings):
-    """What is measured: the `[eval]` section of a recipe, the flags of `mla-zoo eval`."""
-
-    text: str | None = setting(None, path="file", help="UTF-8 text file to measure perplexity on")
-    seq_len: int = setting(1024, min=2, help="window length (each window scores its tokens 2..seq_len)")
-    max_tokens: int | None = setting(None, min=2, help="score at most this many tokens of the text (of each domain "
-                                                       "with --suite)")
-    dtype: str = setting("float32", choices=("float32", "bfloat16"), help="dtype the model runs in")
-    prompts: bool = setting(False, help="answer the suite's behaviour prompts (greedy)")
-    suite: bool = setting(False, help="the multi-domain suite against --teacher: every domain's perplexity, the "
-                                      "teacher's, top-1 agreement and KL (worst first), the teacher's chat answers, "
-                                      "the behaviour prompts the teacher answers right")
-    suite_dir: str | None = setting(None, path="dir", help="the suite's data (default: the repository's data/eval)")
-    domains: tuple[str, ...] = setting((), sep=",", help="comma-separated: only these domains of the suite")
-    chat_new_tokens: int = setting(96, min=0, help="length of the teacher's answers to the suite's chat prompts "
-                                                   "(0: no chat part)")
-    behaviour_new_tokens: int = setting(48, min=0, help="length of the greedy answers to behaviour prompts (0: none)")
-    max_prompts: int | None = setting(None, min=1, help="use only the first N chat and behaviour prompts (fast checks)")
-    tasks: tuple[str, ...] = setting((), sep=",", help="comma-separated lm-evaluation-harness tasks (needs lm-eval "
-                                                       "and a network)")
-
-
-@dataclass
-class EvalReport(Report):
-    """One model on one text (+ its teacher, behaviour prompts and tasks when asked for)."""
-
-    model: str
-    text: str
-    seq_len: int
-    perplexity: float
-    tokens: int  # scored
-    nll: float  # mean per scored token
-    kv_cache_bytes_per_token: int
-    kv_cache_dtype: str
-    teacher: str | None = None
-    teacher_perplexity: float | None = None
-    top1_agreement: float | None = None
-    behaviour: list[BehaviourAnswer] = field(default_factory=list)
-    tasks: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def load_model(spec: str, dtype: torch.dtype | None = None):
-    """An MLA checkpoint (through its own remote code, as users load it) or any convertible SOURCE, in
-    `dtype` (default float32)."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """An MLA checkpoint (through its own remote code, as users load it) or any convertible SOURCE."""
     if sources.is_mla_checkpoint(spec):
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(spec, trust_remote_code=True, dtype=dtype)
         return model.eval(), AutoTokenizer.from_pretrained(spec, trust_remote_code=True)
     model, tokenizer, _ = sources.resolve(spec, dtype=dtype)
     return model, tokenizer
@@ -89,8 +38,6 @@ def _load_pair(spec: str, teacher: str, dtype: torch.dtype, device: str):
 
 def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, device: str = "cpu") -> EvalReport:
     """Everything `mla-zoo eval --text` reports for one model (an MLA checkpoint or any SOURCE)."""
-    import torch
-
     started = time.time()
     s = settings
     if s.text is None:
@@ -124,37 +71,15 @@ def evaluate(spec: str, settings: EvalSettings, teacher: str | None = None, devi
 def evaluate_suite(spec: str, teacher: str, settings: EvalSettings, device: str = "cpu",
                    progress: bool = False) -> SuiteReport:
     """`mla-zoo eval SPEC --teacher TEACHER --suite`: the multi-domain suite (`suite.run_suite`)."""
-    import torch
-
     if not teacher:
         raise EvalError("`suite` compares the model with its original: give the `teacher`")
     model, tokenizer, teacher_model = _load_pair(spec, teacher, getattr(torch, settings.dtype), device)
     return run_suite(model, teacher_model, tokenizer, settings, str(spec), str(teacher), progress)
 
 
-@dataclass
-class EvalComparison(Report):
-    """eval_results.json of a release: the original (base) and the MLA model on the same text."""
-
-    FILE = "eval_results.json"
-
-    text: str  # as the recipe names it
-    seq_len: int
-    max_tokens: int | None
-    dtype: str
-    base: EvalReport
-    mla: EvalReport
-    perplexity_delta: float  # mla / base - 1
-    suite: SuiteReport | None = None  # the MLA model against the base on the multi-domain suite
-
-    SCHEMA_VERSION = 2  # 2: `suite`
-
-
 def compare(base: str, mla: str | Path, settings: EvalSettings, text_name: str,
             log=lambda msg: None) -> EvalComparison:
     """Both models measured with the same settings; `text_name` is how reports name the text."""
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for label, spec in (("base", base), ("mla", str(mla))):

@@ -51,7 +51,7 @@ from mla_zoo.modeling.common import (
     replace_directory,
     write_text_atomic,
 )
-from mla_zoo.modeling.convert import ConversionReport
+from mla_zoo.modeling.convert_schema import ConversionReport
 from mla_zoo.zoo.evaluate import EvalComparison
 
 from .gates import GateResult, check_gates

@@ -14,9 +14,8 @@ import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from mla_zoo.modeling.convert import ConversionReport
-from mla_zoo.zoo.evaluate import EvalComparison
-from mla_zoo.zoo.evaluate.suite import SuiteReport
+from mla_zoo.modeling.convert_schema import ConversionReport
+from mla_zoo.zoo.evaluate import EvalComparison, SuiteReport
 
 from .gates import GateResult
 

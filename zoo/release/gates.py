@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from mla_zoo.modeling.convert import KVCacheSize
+from mla_zoo.modeling.convert_schema import KVCacheSize
 from mla_zoo.modeling.schema import Settings, setting
 from mla_zoo.zoo.evaluate import EvalComparison
 

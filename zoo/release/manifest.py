@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mla_zoo.modeling.convert import ConversionReport, ConvertSettings, KVCacheSize
+from mla_zoo.modeling.convert_schema import ConversionReport, ConvertSettings, KVCacheSize
 from mla_zoo.modeling.schema import Report
 from mla_zoo.zoo.evaluate import EvalComparison
 

@@ -196,7 +196,7 @@ def _gates_of(out: Path, loaded, metrics: dict | None) -> list[dict]:
     """The gates recomputed from the eval record (a failed gate removes release.json)."""
     if loaded is None or metrics is None or not (out / "convert").is_dir():
         return []
-    from mla_zoo.modeling.convert import ConversionReport
+    from mla_zoo.modeling.convert_schema import ConversionReport
     from mla_zoo.zoo.evaluate import EvalComparison
 
     from .gates import check_gates

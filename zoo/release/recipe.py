@@ -7,7 +7,7 @@ exactly the keys, types and ranges the command line does:
 
     [release]     ReleaseSettings (below): name, repo_id, version, description?, license?, base_model?
     [source]      release.source.SourceSettings: model, revision? (Hub ids only)
-    [conversion]  ConvertSettings (mla_zoo.modeling.convert), the flags of `mla-zoo convert`
+    [conversion]  ConvertSettings (mla_zoo.modeling.convert_schema), the flags of `mla-zoo convert`
     [finetune]    enabled (default false) + FinetuneSettings (zoo.train.settings), the flags of
                   `mla-zoo finetune`; enabled = true needs a budget, max_steps or tokens
     [eval]        EvalSettings (zoo.evaluate), the flags of `mla-zoo eval`; `suite = true` adds the
@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from mla_zoo.modeling.common import DataError, EvalError, RecipeError, SettingsError, name_fields
-from mla_zoo.modeling.convert import ConvertSettings
+from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.modeling.schema import Settings, recipe_fields, setting
-from mla_zoo.zoo.evaluate import EvalSettings
-from mla_zoo.zoo.evaluate.suite import suite_dir
+from mla_zoo.zoo.evaluate import EvalSettings, suite_dir
 from mla_zoo.zoo.train.settings import FinetuneSettings
 
 from .gates import GateSettings

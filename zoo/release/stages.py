@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mla_zoo.modeling.common import BuildError, hash_json, hash_tree, sha256_file
-from mla_zoo.modeling.convert import ConversionReport
+from mla_zoo.modeling.convert_schema import ConversionReport
 
 if TYPE_CHECKING:
     from .build import Build
@@ -128,7 +128,7 @@ def finetune_run(b: Build, work: Path) -> dict:
 
 
 def eval_inputs(b: Build) -> dict:
-    from mla_zoo.zoo.evaluate.suite import suite_dir
+    from mla_zoo.zoo.evaluate import suite_dir
 
     suite = b.recipe.eval.suite and hash_json(hash_tree(suite_dir(b.recipe.eval.suite_dir)))  # by content
     return {"source": b.source_identity, "model": b.digest(b.model_stage()),
@@ -136,7 +136,7 @@ def eval_inputs(b: Build) -> dict:
 
 
 def eval_run(b: Build, work: Path) -> dict:
-    from mla_zoo.zoo.evaluate import compare
+    from mla_zoo.zoo.evaluate.evaluation import compare
 
     metrics = compare(b.source_path, b.model_dir(), b.recipe.eval, b.recipe.raw["eval"]["text"], b.log)
     metrics.write(work)

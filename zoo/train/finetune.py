@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from mla_zoo.modeling import sources
 from mla_zoo.modeling.common import FinetuneError, check_json_files, check_output_dir, read_text, remove_stale, temp_dir
-from mla_zoo.modeling.convert import ConversionReport, save_checkpoint
+from mla_zoo.modeling.convert import save_checkpoint
+from mla_zoo.modeling.convert_schema import ConversionReport
 from mla_zoo.zoo.evaluate import EvalSettings
 
 from . import data as data_mod

@@ -142,7 +142,7 @@ def evaluation_prompts() -> list[str]:
     """The held-out chat and behaviour prompts of the repository's data/eval (none where it is absent)."""
     import json
 
-    from mla_zoo.zoo.evaluate.suite import DEFAULT_SUITE
+    from mla_zoo.zoo.evaluate.reports import DEFAULT_SUITE
 
     found = []
     chat, behaviour = DEFAULT_SUITE / "chat_prompts.txt", DEFAULT_SUITE / "behaviour.jsonl"

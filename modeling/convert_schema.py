@@ -1,0 +1,100 @@
+"""The convert stage's schema: `ConvertSettings` (the `[conversion]` section of a recipe, the flags of
+`mla-zoo convert`) and `ConversionReport` (conversion.json). No torch here: commands that only read
+reports (`mla-zoo list`, `info`, `pull`, `publish`, `--help`) import this, not `convert.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import partial_rope, rank_allocation
+from .schema import Report, Settings, setting
+from .sources import SourceInfo
+
+DTYPES = ("float32", "bfloat16", "float16")  # of the written weights: names of torch dtypes
+SVD_METHODS = ("joint", "split", "whitened")  # lowrank.joint / lowrank.split / lowrank.whitened
+
+
+@dataclass
+class ConvertSettings(Settings):
+    """How a model is converted: the `[conversion]` section of a recipe, the flags of `mla-zoo convert`."""
+
+    kv_lora_rank: int | None = setting(
+        None, min=1, aliases=["--kv-rank"],
+        help="TOTAL latent width = d_kv x n_kv_heads (default: kv_rank_per_head x n_kv_heads)")
+    kv_rank_per_head: int | None = setting(None, min=1, help="the paper's d_kv, latent width per KV head "
+                                                              "(default head_dim/2)")
+    rope_pairs: int | None = setting(None, min=1, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
+    rope_strategy: str = setting("2-norm", choices=partial_rope.STRATEGIES, help="which RoPE pairs each head keeps")
+    svd: str = setting("whitened", choices=SVD_METHODS,
+                       help="low-rank method: whitened = activation-aware joint SVD (default), joint, split")
+    calib_text: str | None = setting(None, path="file", help="calibration text (2-norm, whitened); default: the "
+                                                             "model's own samples")
+    calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of a text, 1024 "
+                                                         "self-sampled)")
+    calib_seq_len: int = setting(512, min=2, help="calibration row length")
+    dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's; "
+                                                                  "bfloat16 for a GGUF source, which is dequantised)")
+    seed: int = setting(0, min=0, help="random seed (self-sampled calibration)")
+    rank_allocation: str = setting("uniform", choices=rank_allocation.SCHEMES,
+                                   help="uniform: every layer kv_lora_rank; energy: per-layer ranks at the same total, "
+                                        "more where the whitened SVD loses most (needs per-layer ranks in the model)")
+
+
+@dataclass
+class KVCacheSize:
+    """KV-cache size per token of the source model (before) and its MLA conversion (after)."""
+
+    bytes_per_token_before: int  # all layers
+    bytes_per_token_after: int
+    reduction: float  # 1 - after / before
+    values_per_token_per_layer_before: int
+    values_per_token_per_layer_after: int
+
+
+@dataclass
+class CalibrationSource:
+    kind: str  # "text" | "self-samples"
+    tokens: int
+    file: str | None = None  # kind "text"
+    note: str | None = None
+
+
+@dataclass
+class OneShotPerplexity:
+    """Perplexity before and after conversion, without fine-tuning (`mla-zoo convert --eval-text`)."""
+
+    text: str
+    tokens: int
+    seq_len: int
+    perplexity_before: float
+    perplexity_after: float
+
+
+@dataclass
+class ConversionReport(Report):
+    """conversion.json: what was converted, how, and what it saves."""
+
+    SCHEMA_VERSION = 2
+    FILE = "conversion.json"
+
+    settings: ConvertSettings  # resolved: every default filled in from the source's shape
+    kv_cache: KVCacheSize
+    svd_retained_energy: list[float]  # per layer
+    rope_pairs: list[list[list[int]]]  # [layer][kv_head] -> kept pairs
+    calibration: CalibrationSource | None  # None: no statistics needed
+    source: SourceInfo
+    source_sliding_window: int | None = None
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    one_shot: OneShotPerplexity | None = None
+    kv_lora_ranks: list[int] | None = None  # per layer, when `rank_allocation` is not uniform
+
+    @classmethod
+    def upgrade(cls, data: dict, version: int) -> dict:
+        """Version 1 (unversioned) stored the rank twice, as kv_rank and kv_lora_rank."""
+        settings = dict(data["settings"])
+        settings["kv_lora_rank"] = settings.pop("kv_rank", settings.get("kv_lora_rank"))
+        per_head = settings.get("kv_rank_per_head")
+        if isinstance(per_head, float):  # the rank was not a multiple of the KV heads
+            settings["kv_rank_per_head"] = int(per_head) if per_head.is_integer() else None
+        return {**data, "settings": settings}
