@@ -28,6 +28,12 @@ def check_mla_config(config) -> None:
             + (f", missing {', '.join(missing)}" if missing else "")
             + "; convert it first with `mla-zoo convert` (only llama_mla checkpoints export with the fused op)"
         )
+    ranks = getattr(config, "kv_lora_ranks", None)
+    if ranks is not None and len(set(ranks)) > 1:
+        raise NotMLACheckpointError(
+            f"per-layer latent widths (kv_lora_ranks {sorted(set(ranks))}, from `rank_allocation` energy) do not "
+            "export yet: the ONNX cache layout has one width for all layers; convert with `rank_allocation` uniform"
+        )
 
 
 class MLAAttentionForExport(nn.Module):

@@ -213,6 +213,20 @@ def test_non_mla_checkpoint_is_refused(source_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_per_layer_latent_widths_are_refused(tmp_path):
+    """A checkpoint with `kv_lora_ranks` (rank allocation energy) is refused before anything is written."""
+    from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
+    from mla_zoo.modeling.remote.modeling_llama_mla import LlamaMLAForCausalLM
+
+    model = tiny_mla()
+    ckpt = tmp_path / "ranks"
+    LlamaMLAForCausalLM(LlamaMLAConfig(**{**model.config.to_dict(), "kv_lora_ranks": [16, 20]})).save_pretrained(ckpt)
+    settings = exporter.ExportSettings(checkpoint=str(ckpt), output_dir=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"per-layer latent widths \(kv_lora_ranks \[16, 20\]"):
+        exporter.run_export(settings)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unsupported_dtype_is_refused(tmp_path):
     from mla_zoo.modeling.common import SettingsError
 
