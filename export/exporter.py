@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mla_zoo.modeling.common import MlaZooError, atomic_directory, check_output_dir
+from mla_zoo.modeling.common import MlaZooError, atomic_directory, check_output_dir, progress_bar
 from mla_zoo.modeling.schema import Settings, setting
 
 from .contract import DATA_FILE, MODEL_FILE, input_names, output_names, require
@@ -311,7 +310,6 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     """Exports an in-memory MLA model into `directory` (created; must be empty or absent)."""
     import onnx
     import torch
-    from tqdm.auto import tqdm
 
     start = time.perf_counter()
     directory = Path(directory)
@@ -320,7 +318,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     param_dtype = next(model.parameters()).dtype
     if param_dtype != getattr(torch, DTYPES[dtype]):
         raise ExportError(f"the model is {param_dtype}, but dtype={dtype!r}: cast it first (model.to(...))")
-    bar = tqdm(total=3, desc="export", unit="stage", disable=not sys.stderr.isatty())
+    bar = progress_bar(total=3, desc="export", unit="stage")
     bar.set_postfix_str("torch.onnx.export")
     ir_model = export_ir(model)
     bar.update()

@@ -333,6 +333,11 @@ def read_text(path: str | Path, field: str = "text") -> str:
 # ----------------------------------------------------------------------------- progress
 
 
+def is_main_process() -> bool:
+    """RANK 0, or a single process (torchrun and accelerate launch set RANK for each process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
     """A tqdm progress bar on stderr, shown only when stderr is a terminal (and `enabled`): logs
     that are files or pipes get no bar lines."""

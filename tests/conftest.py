@@ -1,12 +1,14 @@
 """Shared fixtures: tiny random source models of every supported family, a small real tokenizer,
-and the bundled SmolLM2-135M (materialised once into the mla-zoo cache)."""
+the bundled SmolLM2-135M (materialised once into the mla-zoo cache), and the local Hub server."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -114,3 +116,11 @@ def cache_of(output):
     from mla_zoo.modeling.remote.modeling_llama_mla import CACHE_FIELD
 
     return getattr(output, CACHE_FIELD)
+
+
+@pytest.fixture(scope="module")
+def hub() -> Iterator[HubServer]:
+    """The Hub-compatible server on 127.0.0.1 (tests/hub_server.py), one per test module."""
+    with HubServer() as server:
+        yield server
+        assert not server.errors, "\n".join(server.errors)

@@ -93,13 +93,6 @@ def workspace(tmp_path_factory, source_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[HubServer]:
-    with HubServer() as server:
-        yield server
-        assert not server.errors, "\n".join(server.errors)
-
-
-@pytest.fixture(scope="module")
 def rehearsed(workspace: Path, hub: HubServer, tmp_path_factory):
     """zoo-release.yml run for the tiny recipe, not a dry run: built, gated, exported, published."""
     work = tmp_path_factory.mktemp("rehearsal")

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,13 +90,6 @@ def release(workspace: Path) -> tuple[Path, dict]:
     out = workspace / "release-v0.1.0"
     summary = build(write_recipe(workspace), out, progress=False, log=Log())
     return out, summary
-
-
-@pytest.fixture(scope="module")
-def hub() -> Iterator[HubServer]:
-    with HubServer() as server:
-        yield server
-        assert not server.errors, "\n".join(server.errors)
 
 
 @pytest.fixture(autouse=True)

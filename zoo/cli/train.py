@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 
+from mla_zoo.modeling.common import is_main_process
 from mla_zoo.modeling.schema import Settings, setting
 from mla_zoo.zoo.train.settings import FinetuneSettings, SynthSettings
 
@@ -28,7 +28,7 @@ def synth(c: SynthCommand, settings: SynthSettings) -> int:
     sources.locate(c.source)  # a missing path fails before any model loads
     r = synth_data(c.source, c.output, settings, overwrite=c.overwrite, progress=sys.stderr.isatty(),
                    distributed=True)  # under torchrun / accelerate launch, the processes share the work
-    if int(os.environ.get("RANK", "0")) != 0:  # one summary
+    if not is_main_process():  # one summary
         return 0
     print(f"wrote {r.tokens:,} tokens ({r.samples} samples from {r.prompt_count} prompts, "
           f"{r.rows} rows of {r.settings.seq_len}) to {c.output} in {r.seconds:.1f} s; "
@@ -55,7 +55,7 @@ def finetune(c: FinetuneCommand, settings: FinetuneSettings, out: Output) -> int
     sources.locate(c.teacher)  # a missing path fails before any model loads
     r = run_finetune(c.checkpoint, c.output, c.teacher, settings, resume=c.resume, overwrite=c.overwrite,
                      progress=c.progress and sys.stderr.isatty())
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: one summary
+    if not is_main_process():  # under torchrun: one summary
         return 0
     if out.json:
         data = r.to_dict()

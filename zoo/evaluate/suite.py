@@ -43,9 +43,6 @@ def chat_prompts(root: Path) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
-# ----------------------------------------------------------------------------- the report
-
-
 # ----------------------------------------------------------------------------- measurements
 
 

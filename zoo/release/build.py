@@ -47,6 +47,7 @@ from mla_zoo.modeling.common import (
     check_output_dir,
     hash_json,
     hash_tree,
+    is_main_process,
     name_fields,
     replace_directory,
     write_text_atomic,
@@ -58,11 +59,6 @@ from .gates import GateResult, check_gates
 from .manifest import FileHash, RecipeCopy, ReleaseManifest, StageRecord, StageStamp
 from .recipe import Recipe
 from .stages import STAGES, Pending, Stage
-
-
-def is_main_process() -> bool:
-    """RANK 0, or a single process (torchrun and accelerate launch set RANK for each process)."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def versions() -> dict[str, str]:

@@ -134,23 +134,22 @@ def clean_prompt(reply: str) -> str | None:
 
 def held_out(prompts: list[str], eval_prompts: list[str]) -> list[str]:
     """`prompts` without any that equals or contains an evaluation prompt (case and spacing ignored)."""
-    norm = [" ".join(p.lower().split()) for p in eval_prompts]
-    return [p for p in prompts if not any(e in " ".join(p.lower().split()) for e in norm)]
+    def norm(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    held = [norm(e) for e in eval_prompts]
+    return [p for p, n in ((p, norm(p)) for p in prompts) if not any(e in n for e in held)]
 
 
 def evaluation_prompts() -> list[str]:
     """The held-out chat and behaviour prompts of the repository's data/eval (none where it is absent)."""
-    import json
-
+    from mla_zoo.zoo.evaluate.metrics import load_behaviour
     from mla_zoo.zoo.evaluate.reports import DEFAULT_SUITE
+    from mla_zoo.zoo.evaluate.suite import chat_prompts
 
-    found = []
-    chat, behaviour = DEFAULT_SUITE / "chat_prompts.txt", DEFAULT_SUITE / "behaviour.jsonl"
-    if chat.is_file():
-        found += [x.strip() for x in chat.read_text(encoding="utf-8").splitlines() if x.strip()]
-    if behaviour.is_file():
-        found += [json.loads(x)["prompt"] for x in behaviour.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return found
+    found = chat_prompts(DEFAULT_SUITE) if (DEFAULT_SUITE / "chat_prompts.txt").is_file() else []
+    behaviour = DEFAULT_SUITE / "behaviour.jsonl"
+    return found + ([b.prompt for b in load_behaviour(behaviour)] if behaviour.is_file() else [])
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
