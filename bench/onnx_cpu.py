@@ -202,7 +202,6 @@ def worker_model(variant: str, path: Path, past: int, batch: int, steps: int) ->
 def node_model_bytes(batch: int, past: int) -> tuple[bytes, dict, int]:
     """One MultiHeadLatentAttention node at SmolLM2-MLA's dims; the bytes its contract moves."""
     from mla_zoo.export import op
-    from onnx import TensorProto, helper
 
     h, kv, hd, pairs, r = 9, 3, 64, 4, 96
     rng = np.random.default_rng(0)
@@ -218,15 +217,7 @@ def node_model_bytes(batch: int, past: int) -> tuple[bytes, dict, int]:
     }
     attrs = dict(num_heads=h, num_kv_heads=kv, rope_pairs=[28, 29, 30, 31] * kv, scale=hd**-0.5)
 
-    def info(name, rank):
-        return helper.make_tensor_value_info(name, TensorProto.INT64 if name == "attention_mask" else TensorProto.FLOAT,
-                                             [None] * rank)
-
-    node = helper.make_node(op.OP_NAME, list(op.INPUTS), list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
-    graph = helper.make_graph([node], "mla", [info(n, feed[n].ndim) for n in op.INPUTS],
-                              [info("output", 3), info("present_latent", 4), info("present_key_rope", 4)])
-    model = helper.make_model(graph, functions=op.function_protos(), opset_imports=[
-        helper.make_opsetid("", op.ONNX_OPSET), helper.make_opsetid(op.DOMAIN, op.OP_VERSION)])
+    model = op.node_model(attrs)
     cache = feed["past_latent"].nbytes + feed["past_key_rope"].nbytes
     # the traffic the op's contract needs: read the past once, write the present once (the kernel
     # attends to each chunk right after copying it, while it is in cache) - as memcpy's read + write

@@ -128,21 +128,10 @@ def decode_point(session, past: int, batch: int, steps: int) -> dict:
 
 def node_model(h=9, kv=3, hd=64, pairs=4) -> bytes:
     from mla_zoo.export import op
-    from onnx import TensorProto, helper
-
-    ranks = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, attention_mask=2, cos=3, sin=3,
-                 w_uk=3, w_uv=3, output=3, present_latent=4, present_key_rope=4)
-
-    def info(name):
-        return helper.make_tensor_value_info(
-            name, TensorProto.INT64 if name == "attention_mask" else TensorProto.FLOAT16, [None] * ranks[name])
+    from onnx import TensorProto
 
     attrs = dict(num_heads=h, num_kv_heads=kv, rope_pairs=[28, 29, 30, 31] * kv, scale=hd**-0.5)
-    node = helper.make_node(op.OP_NAME, list(op.INPUTS), list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
-    graph = helper.make_graph([node], "mla", [info(n) for n in op.INPUTS], [info(n) for n in op.OUTPUTS])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", op.ONNX_OPSET),
-                                                    helper.make_opsetid(op.DOMAIN, op.OP_VERSION)])
-    return model.SerializeToString()
+    return op.node_model(attrs, TensorProto.FLOAT16, with_body=False).SerializeToString()
 
 
 def kernel_point(past: int, batch: int, steps: int) -> dict:

@@ -5,6 +5,7 @@ DOMAIN = "mla_zoo"
 OP_NAME = "MultiHeadLatentAttention"
 OP_VERSION = 1  # bump with any change of the contract in op_spec.md (and kOpVersion in the kernel)
 ONNX_OPSET = 18  # the torch exporter's native opset (TORCHLIB_OPSET): no version conversion
+IR_VERSION = 10  # written explicitly: onnx 1.23 defaults to IR 14, which onnxruntime 1.31 refuses (max 13)
 OP_INPUTS = (
     "query", "latent", "key_rope", "past_latent", "past_key_rope", "attention_mask", "cos", "sin", "w_uk", "w_uv",
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 from mla_zoo.modeling.common import MlaZooError, atomic_directory, check_output_dir, progress_bar
 from mla_zoo.modeling.schema import Settings, setting
 
-from .contract import DATA_FILE, MODEL_FILE, input_names, output_names, require
+from .contract import DATA_FILE, IR_VERSION, MODEL_FILE, input_names, output_names, require
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
@@ -207,6 +207,7 @@ def save_model(ir_model, directory: Path) -> bool:
     import onnx_ir as ir
 
     external = initializer_bytes(ir_model) > EXTERNAL_DATA_BYTES
+    ir_model.ir_version = IR_VERSION
     ir.save(ir_model, directory / MODEL_FILE, external_data=DATA_FILE if external else None)
     return external
 

@@ -19,7 +19,7 @@ from onnxscript import FLOAT, script
 from onnxscript.values import Op, Opset
 from torch import Tensor
 
-from .contract import DOMAIN, ONNX_OPSET, OP_NAME, OP_VERSION
+from .contract import DOMAIN, IR_VERSION, ONNX_OPSET, OP_NAME, OP_VERSION
 from .contract import OP_INPUTS as INPUTS
 from .contract import OP_OUTPUTS as OUTPUTS
 
@@ -228,3 +228,25 @@ def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
 def function_protos() -> list[onnx.FunctionProto]:
     """The body and its helper as FunctionProtos of the DOMAIN (attach both to the model)."""
     return [MultiHeadLatentAttention.to_function_proto(), _rotate_half_body.to_function_proto()]
+
+
+RANKS = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, attention_mask=2, cos=3, sin=3,
+             w_uk=3, w_uv=3, output=3, present_latent=4, present_key_rope=4)  # every input's and output's rank
+
+
+def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_body: bool = True) -> onnx.ModelProto:
+    """A model of ONE MultiHeadLatentAttention node over the op's inputs and outputs (every dim dynamic),
+    with the function body attached unless with_body=False: the kernel tests' and benchmarks' model."""
+    from onnx import helper
+
+    def info(name):
+        elem = onnx.TensorProto.INT64 if name == "attention_mask" else elem_type
+        return helper.make_tensor_value_info(name, elem, [None] * RANKS[name])
+
+    node = helper.make_node(OP_NAME, list(INPUTS), list(OUTPUTS), domain=DOMAIN, **attributes)
+    graph = helper.make_graph([node], "mla", [info(n) for n in INPUTS], [info(n) for n in OUTPUTS])
+    opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, OP_VERSION)]
+    model = helper.make_model(graph, functions=function_protos() if with_body else [], opset_imports=opsets,
+                              ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    return model

@@ -39,14 +39,11 @@ GPU_CASES = dict(CASES, **{  # b, s, p, heads, kv_heads, head_dim, pairs, rank, 
 
 @pytest.fixture(scope="module")
 def cuda_library() -> build.BuildReport:
-    """The library with the CUDA kernels: built here if nvcc is, else the one bench/ort_cuda_gpu.sh copied in."""
-    try:
-        build.find_nvcc()
-    except build.KernelBuildError:
-        for isa in build.ISAS:
-            if (build.library_dir(isa, "cuda") / build.LIBRARY_NAME).is_file():
-                return build.build_kernels(build.BuildSettings(cuda=True, isa=isa))  # up to date: no compiler
-        pytest.skip("no nvcc and no prebuilt CUDA library for these sources")
+    """The library with the CUDA kernels: the one bench/ort_cuda_gpu.sh copied in (the GPU machine has nvcc
+    but not onnxruntime's headers), else built here."""
+    for isa in build.ISAS:
+        if (build.library_dir(isa, "cuda") / build.LIBRARY_NAME).is_file():
+            return build.build_kernels(build.BuildSettings(cuda=True, isa=isa))  # up to date: no compiler
     return build.build_kernels(build.BuildSettings(cuda=True))
 
 

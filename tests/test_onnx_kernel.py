@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from mla_zoo.export import op  # noqa: E402
 from mla_zoo.export.kernels import build  # noqa: E402
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto  # noqa: E402
 
 
 def cpu_has(flag: str) -> bool:
@@ -35,19 +35,7 @@ def kernel_library(request) -> str:
 
 def node_model(attrs: dict, elem: int = TensorProto.FLOAT) -> bytes:
     """A one-node model (+ the function body) over the op's inputs and outputs."""
-    ranks = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, attention_mask=2, cos=3, sin=3,
-                 w_uk=3, w_uv=3, output=3, present_latent=4, present_key_rope=4)
-
-    def info(name):
-        return helper.make_tensor_value_info(
-            name, TensorProto.INT64 if name == "attention_mask" else elem, [None] * ranks[name])
-
-    node = helper.make_node(op.OP_NAME, list(op.INPUTS), list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
-    graph = helper.make_graph([node], "mla", [info(n) for n in op.INPUTS], [info(n) for n in op.OUTPUTS])
-    model = helper.make_model(graph, functions=op.function_protos(), opset_imports=[
-        helper.make_opsetid("", op.ONNX_OPSET), helper.make_opsetid(op.DOMAIN, op.OP_VERSION)])
-    onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return op.node_model(attrs, elem).SerializeToString()
 
 
 def random_case(b, s, p, heads, kv_heads, head_dim, pairs, rank, pad=(), seed=0):
