@@ -47,3 +47,39 @@ def test_compile_pays_from_the_measured_break_even():
     big = FinetuneSettings(data="x", max_steps=COMPILE_PAYS_TOKENS // (8 * 1024) + 1)
     small = FinetuneSettings(data="x", max_steps=100)
     assert compile_pays(big, cuda=True) and not compile_pays(small, cuda=True) and not compile_pays(big, cuda=False)
+
+
+def test_a_run_killed_while_sampling_its_data_resumes(source_dir, tmp_path, monkeypatch):
+    """The run directory is the run's (run.json) before the teacher's samples are drawn: a run killed while
+    sampling is continued with `--resume` (and could be replaced with `--overwrite`), not refused as a
+    directory mla-zoo did not write. The resumed run equals an uninterrupted one."""
+    from mla_zoo.zoo.train import synth
+    from safetensors.torch import load_file
+
+    teacher = source_dir("llama-gqa")
+    lossy = tmp_path / "lossy"
+    assert main(["convert", str(teacher), "-o", str(lossy), "--rope-pairs", "1", "--kv-rank", "8",
+                 "--rope-strategy", "high", "--svd", "joint", "--dtype", "float32"]) == 0
+
+    def finetune(out, *extra):
+        return main(["finetune", str(lossy), "-o", str(out), "--teacher", str(teacher), "--data", "teacher:bos=1",
+                     "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--stages", "global",
+                     "--save-steps", "100", "--no-progress", *extra])
+
+    assert finetune(tmp_path / "full") == 0
+    real = synth.sample_chunks
+
+    def killed(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt("killed while sampling")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(synth, "sample_chunks", killed)
+        try:
+            finetune(tmp_path / "run")
+        except KeyboardInterrupt:
+            pass
+    assert (tmp_path / "run" / "run.json").is_file() and not (tmp_path / "run" / "training.json").exists()
+    assert finetune(tmp_path / "run", "--resume") == 0
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -211,8 +211,18 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
     rows_per_step = s.batch_size * s.grad_accum * world
     steps = stage_steps(s, rows_per_step, None)
     need = max(steps.values()) * rows_per_step if steps else None
+
+    def write_state(planned: dict[str, int]) -> None:
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            RunState(student=str(ckpt), student_hash=ckpt_hash, teacher=teacher, teacher_sha256=teacher_info.sha256,
+                     settings=s, stage_steps=planned, world_size=world,
+                     stages_done=previous.stages_done if previous else [],
+                     stage_results=previous.stage_results if previous else {},
+                     sessions=previous.sessions + 1 if previous else 1).write(out)
+
+    write_state(steps)  # OUT is this run's from now on: a run killed while sampling is resumed, not refused
     if state.is_main_process:  # `teacher:MIX` parts: sampled from the teacher into OUT/synth first
-        out.mkdir(parents=True, exist_ok=True)
         data_mod.sample_teacher_parts(s.data, teacher, out / "synth", need, s.seq_len, s.seed, progress=progress)
     state.wait_for_everyone()
     spec = data_mod.sample_teacher_parts(s.data, teacher, out / "synth", need, s.seq_len, s.seed, run=False)
@@ -222,13 +232,7 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
                             f"({s.batch_size} x {world} processes): lower `batch_size` or `seq_len`, or add data")
     steps = steps or stage_steps(s, rows_per_step, rows.shape[0])
 
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        RunState(student=str(ckpt), student_hash=ckpt_hash, teacher=teacher, teacher_sha256=teacher_info.sha256,
-                 settings=s, stage_steps=steps, world_size=world,
-                 stages_done=previous.stages_done if previous else [],
-                 stage_results=previous.stage_results if previous else {},
-                 sessions=previous.sessions + 1 if previous else 1).write(out)
+    write_state(steps)
     state.wait_for_everyone()
 
     teacher_model.requires_grad_(False).eval()
