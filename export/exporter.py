@@ -20,7 +20,7 @@ from pathlib import Path
 from mla_zoo.modeling.common import MlaZooError, atomic_directory, check_output_dir, progress_bar
 from mla_zoo.modeling.schema import Settings, setting
 
-from .contract import DATA_FILE, IR_VERSION, MODEL_FILE, input_names, output_names, require
+from .contract import DATA_FILE, IR_VERSION, MODEL_FILE, input_names, output_names, past_name, require
 
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf caps a file at 2 GiB)
@@ -51,8 +51,8 @@ class ExportReport:
     portable: bool
     num_layers: int
     mla_nodes: int  # MultiHeadLatentAttention nodes in the main graph (0 when portable)
-    latent_dim: int  # r = kv_lora_rank
-    key_rope_dim: int  # n_kv * 2R
+    latent_dims: list[int]  # r per layer: kv_lora_ranks (rank allocation), or kv_lora_rank in every layer
+    key_rope_dim: int  # n_kv * 2R, the same in every layer
     cache_bytes_per_token: int  # all layers, in dtype
     external_data: bool
     seconds: float
@@ -165,6 +165,13 @@ def _name_dims(graph) -> None:
             rename(v, {0: "batch_size", 2: "total_sequence_length"})
 
 
+def cache_widths(ir_model, num_layers: int) -> tuple[list[int], int]:
+    """(latent width per layer, RoPE-key width) as the graph's past inputs declare them (static dims)."""
+    inputs = {v.name: v for v in ir_model.graph.inputs}
+    latent_dims = [int(inputs[past_name(i, "latent")].shape[3]) for i in range(num_layers)]
+    return latent_dims, int(inputs[past_name(0, "key_rope")].shape[3])
+
+
 def count_mla_nodes(ir_model) -> int:
     from . import op
 
@@ -217,14 +224,20 @@ def save_model(ir_model, directory: Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def genai_config(config, head_size: int, library: str | None, context_length: int | None = None) -> dict:
+def genai_head_size(latent_dims: list[int]) -> int | None:
+    """genai_config's head_size: the latent width when every layer has the same, else None (genai has one
+    head_size for all layers; per-layer kv_lora_ranks have none to write)."""
+    return latent_dims[0] if len(set(latent_dims)) == 1 else None
+
+
+def genai_config(config, head_size: int | None, library: str | None, context_length: int | None = None) -> dict:
     """onnxruntime-genai's config for this model. genai loads it and our library, but cannot run the
-    cache layout: it allocates past key and value with ONE head_size (export/README.md)."""
+    cache layout: it allocates past key and value with ONE head_size (export/README.md). head_size is
+    the latent width (the RoPE-key cache is narrower); None (per-layer widths) leaves it out."""
     eos = config.eos_token_id
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
         "filename": MODEL_FILE,
-        "head_size": head_size,  # the latent width; the RoPE-key cache is narrower (see above)
         "hidden_size": config.hidden_size,
         "inputs": {
             "input_ids": "input_ids",
@@ -242,6 +255,8 @@ def genai_config(config, head_size: int, library: str | None, context_length: in
         "num_hidden_layers": config.num_hidden_layers,
         "num_key_value_heads": 1,
     }
+    if head_size is not None:
+        decoder["head_size"] = head_size
     if library:
         decoder["session_options"]["custom_ops_library"] = library
     return {
@@ -327,8 +342,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     mla_nodes = count_mla_nodes(ir_model)
     if mla_nodes != n_layers:
         raise RuntimeError(f"expected one MultiHeadLatentAttention node per layer ({n_layers}), found {mla_nodes}")
-    latent_dim = ir_model.graph.inputs[3].shape[3]
-    key_rope_dim = ir_model.graph.inputs[4].shape[3]
+    latent_dims, key_rope_dim = cache_widths(ir_model, n_layers)
     bar.set_postfix_str("inline body" if portable else "attach body")
     if portable:
         inline_body(ir_model)
@@ -345,7 +359,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
             library = None
             if not portable:  # genai loads a custom-op library only from inside the model directory
                 library = copy_library(staging)
-            cfg = genai_config(model.config, latent_dim, library)
+            cfg = genai_config(model.config, genai_head_size(latent_dims), library)
             (staging / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             if checkpoint is not None:
                 copy_tokenizer(Path(checkpoint), staging)
@@ -355,8 +369,8 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     itemsize = 4 if dtype == "fp32" else 2
     return ExportReport(
         output_dir=str(directory), model_path=str(directory / MODEL_FILE), dtype=dtype, portable=portable,
-        num_layers=n_layers, mla_nodes=mla_nodes, latent_dim=latent_dim, key_rope_dim=key_rope_dim,
-        cache_bytes_per_token=n_layers * (latent_dim + key_rope_dim) * itemsize, external_data=external,
+        num_layers=n_layers, mla_nodes=mla_nodes, latent_dims=latent_dims, key_rope_dim=key_rope_dim,
+        cache_bytes_per_token=(sum(latent_dims) + n_layers * key_rope_dim) * itemsize, external_data=external,
         seconds=time.perf_counter() - start,
     )
 

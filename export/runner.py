@@ -67,10 +67,28 @@ def session_options(use_kernels: bool | None, model_path: str | Path, threads: i
 
 @dataclass
 class CacheSpec:
-    num_layers: int
-    latent_dim: int
-    key_rope_dim: int
+    """The past tensors an exported decoder takes, read from its session's inputs. Each layer has its own
+    latent width (per-layer `kv_lora_ranks`); the RoPE-key width n_kv*2R is one for all layers."""
+
+    latent_dims: list[int]  # r_i of past_key_values.{i}.latent, per layer
+    key_rope_dim: int  # n_kv * 2R
     dtype: type
+
+    @classmethod
+    def from_inputs(cls, inputs: dict) -> CacheSpec:
+        """From {name: NodeArg} of the session's inputs (the past's last dims are static)."""
+        layers = sum(1 for name in inputs if name.endswith(".latent"))
+        latent = [inputs[past_name(i, "latent")] for i in range(layers)]
+        return cls([int(v.shape[3]) for v in latent], int(inputs[past_name(0, "key_rope")].shape[3]),
+                   NP_DTYPES[latent[0].type])
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.latent_dims)
+
+    def widths(self) -> list[int]:
+        """The last dim of every past tensor, in feed order [latent_0, key_rope_0, latent_1, ...]."""
+        return [w for r in self.latent_dims for w in (r, self.key_rope_dim)]
 
 
 class OnnxDecoder:
@@ -92,27 +110,19 @@ class OnnxDecoder:
             raise FileNotFoundError(f"{self.model_path} does not exist: export the checkpoint with `mla-zoo export`")
         so, self.uses_kernels = session_options(use_kernels, self.model_path, threads, device)
         self.session = ort.InferenceSession(str(self.model_path), so, providers=PROVIDERS[device])
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        layers = sum(1 for name in inputs if name.endswith(".latent"))
-        first = inputs[past_name(0, "latent")]
-        self.cache = CacheSpec(layers, first.shape[3], inputs[past_name(0, "key_rope")].shape[3],
-                               NP_DTYPES[first.type])
+        self.cache = CacheSpec.from_inputs({i.name: i for i in self.session.get_inputs()})
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        c = self.cache
-        past = []
-        for _ in range(c.num_layers):
-            past += [np.zeros((batch, 1, 0, c.latent_dim), c.dtype), np.zeros((batch, 1, 0, c.key_rope_dim), c.dtype)]
-        return past
+        """The first step's past: every tensor [batch, 1, 0, width], each layer at its own widths."""
+        return [np.zeros((batch, 1, 0, width), self.cache.dtype) for width in self.cache.widths()]
 
     def check_past(self, past: list[np.ndarray], batch: int, past_len: int) -> None:
         c = self.cache
         if len(past) != 2 * c.num_layers:
             raise CacheShapeError(
                 f"expected {2 * c.num_layers} past tensors (latent, key_rope per layer), got {len(past)}")
-        for i, t in enumerate(past):
-            width = c.latent_dim if i % 2 == 0 else c.key_rope_dim
+        for i, (t, width) in enumerate(zip(past, c.widths(), strict=True)):
             want = (batch, 1, past_len, width)
             if tuple(t.shape) != want or t.dtype != c.dtype:
                 name = past_name(i // 2, "latent" if i % 2 == 0 else "key_rope")

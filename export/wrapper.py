@@ -28,16 +28,12 @@ def check_mla_config(config) -> None:
             + (f", missing {', '.join(missing)}" if missing else "")
             + "; convert it first with `mla-zoo convert` (only llama_mla checkpoints export with the fused op)"
         )
-    ranks = getattr(config, "kv_lora_ranks", None)
-    if ranks is not None and len(set(ranks)) > 1:
-        raise NotMLACheckpointError(
-            f"per-layer latent widths (kv_lora_ranks {sorted(set(ranks))}, from `rank_allocation` energy) do not "
-            "export yet: the ONNX cache layout has one width for all layers; convert with `rank_allocation` uniform"
-        )
 
 
 class MLAAttentionForExport(nn.Module):
-    """One attention block: q / latent / RoPE-key projections, the fused op, the value bias, o_proj."""
+    """One attention block: q / latent / RoPE-key projections, the fused op, the value bias, o_proj.
+
+    Its latent width is its own (`kv_a_proj`'s rows): per-layer `kv_lora_ranks` export as they are."""
 
     def __init__(self, attn: nn.Module, config, layer_idx: int):
         super().__init__()
@@ -51,7 +47,9 @@ class MLAAttentionForExport(nn.Module):
         self.scale = float(self.head_dim**-0.5)
         self.q_proj, self.kv_a_proj, self.k_rope_proj, self.o_proj = (
             attn.q_proj, attn.kv_a_proj, attn.k_rope_proj, attn.o_proj)
-        r = attn.kv_a_proj.weight.shape[0]
+        r = attn.kv_a_proj.weight.shape[0]  # this layer's kv_lora_rank
+        self.latent_dim = r
+        self.key_rope_dim = self.num_kv_heads * self.rope_dim  # n_kv * 2R
         w = attn.kv_b_proj.weight.detach().view(self.num_kv_heads, self.nope_dim + self.v_dim, r)
         self.register_buffer("w_uk", w[:, : self.nope_dim].contiguous())  # [n_kv, d_nope, r]
         self.register_buffer("w_uv", w[:, self.nope_dim :].contiguous())  # [n_kv, d_v, r]
@@ -81,8 +79,9 @@ class MLAAttentionForExport(nn.Module):
 class DecoderWithPast(nn.Module):
     """forward(input_ids, attention_mask, position_ids, past) -> (logits, presents).
 
-    past / presents: flat list [latent_0, key_rope_0, latent_1, ...], latent [B, 1, P, r] and key_rope
-    [B, 1, P, n_kv*2R]; attention_mask [B, P+S] (1 = token, 0 = padding); position_ids [B, S].
+    past / presents: flat list [latent_0, key_rope_0, latent_1, ...], latent_i [B, 1, P, r_i] (r_i: layer i's
+    latent width) and key_rope_i [B, 1, P, n_kv*2R]; attention_mask [B, P+S] (1 = token, 0 = padding);
+    position_ids [B, S].
     """
 
     def __init__(self, model: nn.Module):
@@ -116,15 +115,11 @@ class DecoderWithPast(nn.Module):
         logits = self.lm_head(self.norm(hidden))  # [B, S, vocab]
         return logits, presents
 
-    def cache_dims(self) -> tuple[int, int]:
-        """(r, n_kv*2R) per layer; every layer has the same (one R for all heads and layers)."""
-        a = self.attns[0]
-        return a.w_uk.shape[-1], a.num_kv_heads * a.rope_dim
-
     def empty_past(self, batch: int, past_len: int = 0, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        r, kr = self.cache_dims()
+        """Zero past tensors in feed order, each layer at its own latent width."""
         dtype = dtype or self.lm_head.weight.dtype
         out = []
-        for _ in self.attns:
-            out += [torch.zeros(batch, 1, past_len, r, dtype=dtype), torch.zeros(batch, 1, past_len, kr, dtype=dtype)]
+        for a in self.attns:
+            out += [torch.zeros(batch, 1, past_len, a.latent_dim, dtype=dtype),  # [B, 1, P, r_i]
+                    torch.zeros(batch, 1, past_len, a.key_rope_dim, dtype=dtype)]  # [B, 1, P, n_kv*2R]
         return out

@@ -1,6 +1,7 @@
 """ONNX export of a tiny random MLA model: one fused node per layer, and three runs that agree
 (onnxruntime with our kernel, onnxruntime with the op's function body, PyTorch), at batch 2 with
-left padding, over a prefill and 16 decode steps, and over 32 greedy tokens; clear errors."""
+left padding, over a prefill and 16 decode steps, and over 32 greedy tokens; the same for a model
+converted with per-layer latent widths (`--rank-allocation energy`); clear errors."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import perturbed
+from conftest import cache_of, perturbed, tiny_source
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -108,9 +109,23 @@ def three_way_logits(model, decoders: dict, prompts, decode_steps: int, seed: in
             got.append(logits)
         got = np.concatenate(got, axis=1)
         assert got.shape == ref.shape
-        assert past[0].shape == (ids.shape[0], 1, full_ids.shape[1], dec.cache.latent_dim)
+        assert [p.shape for p in past] == [(ids.shape[0], 1, full_ids.shape[1], w) for w in dec.cache.widths()]
         worst[name] = float(np.abs(got - ref)[real].max())
     return worst
+
+
+def torch_greedy(model, ids: np.ndarray, mask: np.ndarray, new_tokens: int) -> np.ndarray:
+    """PyTorch generate(): exactly `new_tokens` greedy tokens [B, new_tokens] (no eos stop)."""
+    with torch.no_grad():
+        out = model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
+    return out[:, ids.shape[1]:].numpy()
+
+
+def past_dims(model) -> dict[str, list]:
+    """{input or output name: its dims} of an onnx.ModelProto (symbolic dims by name)."""
+    values = list(model.graph.input) + list(model.graph.output)
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +145,8 @@ def test_graph_has_one_fused_node_per_layer_and_passes_the_checker(tiny_exports,
     assert [i.name for i in model.graph.input] == exporter.input_names(2)
     assert [o.name for o in model.graph.output] == exporter.output_names(2)
     # the cache holds only the latent and the RoPE key dims
-    assert (report.latent_dim, report.key_rope_dim) == (20, 2 * 2 * 2)
-    past = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert (report.latent_dims, report.key_rope_dim) == ([20, 20], 2 * 2 * 2)
+    past = past_dims(model)
     assert past["past_key_values.1.latent"] == ["batch_size", 1, "past_sequence_length", 20]
     assert past["past_key_values.1.key_rope"] == ["batch_size", 1, "past_sequence_length", 8]
     # the weights the node reads are initializers
@@ -140,6 +155,7 @@ def test_graph_has_one_fused_node_per_layer_and_passes_the_checker(tiny_exports,
     with open(f"{report.output_dir}/genai_config.json") as f:
         genai = json.load(f)
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.latent"
+    assert genai["model"]["decoder"]["head_size"] == 20  # one latent width for all layers
 
 
 def test_portable_export_has_only_standard_ops(tiny_exports):
@@ -180,10 +196,7 @@ def test_logits_agree_over_prefill_and_16_decode_steps_batch2_left_padded(tiny_m
 
 def test_32_greedy_tokens_identical_to_pytorch_generate(tiny_model, decoders):
     ids, mask = left_padded(PROMPTS)
-    with torch.no_grad():
-        ref = tiny_model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                                  max_new_tokens=32, min_new_tokens=32, eos_token_id=None, pad_token_id=0)
-    ref = ref[:, ids.shape[1]:].numpy()
+    ref = torch_greedy(tiny_model, ids, mask, 32)
     assert ref.shape == (2, 32)
     assert len(set(ref.ravel().tolist())) > 4  # a real sequence, not one repeated token
     for name, dec in decoders.items():
@@ -202,6 +215,144 @@ def test_sampling_is_seeded_and_respects_top_k(decoders):
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-layer latent widths (`mla-zoo convert --rank-allocation energy`)
+# ----------------------------------------------------------------------------------------------
+
+RANKS = [8, 24]  # what energy allocation gives the source of `ranked_checkpoint` at --kv-rank 16
+
+
+@pytest.fixture(scope="module")
+def ranked_checkpoint(tmp_path_factory, tokenizer):
+    """A checkpoint dir (remote code, tokenizer) converted by `mla-zoo convert --rank-allocation energy` from
+    a tiny GQA source whose layer 0 has rank-4 keys and values: kv_lora_ranks [8, 24], the total of 2 x 16."""
+    from mla_zoo.zoo.cli import main
+
+    source = tiny_source("llama-gqa")
+    with torch.no_grad():
+        for proj in (source.model.layers[0].self_attn.k_proj, source.model.layers[0].self_attn.v_proj):
+            proj.weight.copy_(proj.weight[:, :4] @ proj.weight[:4] / 4)
+    root = tmp_path_factory.mktemp("ranked")
+    source.save_pretrained(root / "source")
+    tokenizer.save_pretrained(root / "source")
+    assert main(["convert", str(root / "source"), "-o", str(root / "mla"), "--rank-allocation", "energy",
+                 "--rope-strategy", "high", "--rope-pairs", "2", "--kv-rank", "16", "--svd", "joint",
+                 "--dtype", "float32"]) == 0
+    assert json.loads((root / "mla" / "config.json").read_text())["kv_lora_ranks"] == RANKS
+    return root / "mla"
+
+
+@pytest.fixture(scope="module")
+def ranked_model(ranked_checkpoint):
+    """The checkpoint as the export loads it (remote code, float32)."""
+    return exporter.load_checkpoint(str(ranked_checkpoint), "fp32")
+
+
+@pytest.fixture(scope="module")
+def ranked_exports(ranked_checkpoint, tmp_path_factory, kernel_library):
+    """`mla-zoo export` of the checkpoint: {"fused": ExportReport, "portable": ExportReport}."""
+    root = tmp_path_factory.mktemp("onnx_ranked")
+    return {kind: exporter.run_export(exporter.ExportSettings(checkpoint=str(ranked_checkpoint),
+                                                              output_dir=str(root / kind), portable=kind == "portable"))
+            for kind in ("fused", "portable")}
+
+
+@pytest.fixture(scope="module")
+def ranked_decoders(ranked_exports):
+    fused = ranked_exports["fused"].output_dir
+    out = {"kernel": runner.OnnxDecoder(fused, use_kernels=True),
+           "body": runner.OnnxDecoder(fused, use_kernels=False),
+           "portable": runner.OnnxDecoder(ranked_exports["portable"].output_dir)}
+    assert [d.uses_kernels for d in out.values()] == [True, False, False]
+    return out
+
+
+def test_per_layer_widths_export_each_layer_at_its_own_width(ranked_exports, ranked_decoders):
+    report = ranked_exports["fused"]
+    assert (report.latent_dims, report.key_rope_dim, report.mla_nodes) == (RANKS, 2 * 2 * 2, 2)
+    model = onnx.load(report.model_path)
+    onnx.checker.check_model(model, full_check=True)
+    dims = past_dims(model)
+    for i, r in enumerate(RANKS):
+        assert dims[f"past_key_values.{i}.latent"] == ["batch_size", 1, "past_sequence_length", r]
+        assert dims[f"present.{i}.latent"] == ["batch_size", 1, "total_sequence_length", r]
+        assert dims[f"past_key_values.{i}.key_rope"] == ["batch_size", 1, "past_sequence_length", 8]
+    # the node takes its width from its inputs: W_uk per layer, no attribute carries it
+    nodes = [n for n in model.graph.node if n.op_type == op.OP_NAME]
+    inits = {i.name: list(i.dims) for i in model.graph.initializer}
+    assert [inits[n.input[8]] for n in nodes] == [[2, 16 - 4, r] for r in RANKS]  # [n_kv, d_nope, r]
+    assert all({a.name for a in n.attribute} == {"num_heads", "num_kv_heads", "rope_pairs", "scale"} for n in nodes)
+    for dec in ranked_decoders.values():
+        assert (dec.cache.latent_dims, dec.cache.key_rope_dim) == (RANKS, 8)
+    with open(f"{report.output_dir}/genai_config.json") as f:
+        decoder = json.load(f)["model"]["decoder"]
+    assert "head_size" not in decoder  # genai has one head_size for all layers: none is true here
+    assert decoder["num_hidden_layers"] == 2
+
+
+def test_per_layer_widths_logits_agree_over_prefill_and_8_decode_steps_batch2_left_padded(ranked_model,
+                                                                                          ranked_decoders):
+    worst = three_way_logits(ranked_model, ranked_decoders, PROMPTS, decode_steps=8)
+    assert max(worst.values()) < 1e-3, worst
+
+
+def test_per_layer_widths_24_greedy_tokens_identical_to_pytorch_generate(ranked_model, ranked_decoders):
+    ids, mask = left_padded(PROMPTS)
+    ref = torch_greedy(ranked_model, ids, mask, 24)
+    assert len(set(ref.ravel().tolist())) > 4  # a real sequence, not one repeated token
+    for name, dec in ranked_decoders.items():
+        np.testing.assert_array_equal(runner.generate(dec, ids, mask, max_new_tokens=24), ref, err_msg=name)
+
+
+def test_per_layer_widths_cache_sizes_in_the_report_are_the_real_ones(ranked_model, ranked_exports,
+                                                                      ranked_decoders, ranked_checkpoint):
+    """The report's widths and bytes per token are what the caches hold: onnxruntime's presents, the
+    cache PyTorch fills, and what the conversion reported, layer by layer."""
+    from mla_zoo.modeling.remote.modeling_llama_mla import cache_nbytes
+
+    report = ranked_exports["fused"]
+    ids, mask = left_padded(PROMPTS)
+    tokens = ids.size  # B * T cache rows per layer
+    dec = ranked_decoders["kernel"]
+    _, presents = dec.step(ids, mask, runner.position_ids_from_mask(mask, ids.shape[1]), dec.empty_past(2))
+    assert [p.shape[-1] for p in presents[0::2]] == report.latent_dims == ranked_model.config.kv_lora_ranks
+    assert [p.shape[-1] for p in presents[1::2]] == [report.key_rope_dim] * 2
+    assert sum(p.nbytes for p in presents) == report.cache_bytes_per_token * tokens
+    with torch.no_grad():
+        out = ranked_model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), use_cache=True)
+    cache = cache_of(out)
+    assert [layer.keys.shape[-1] for layer in cache.layers] == report.latent_dims  # the latent, per layer
+    assert cache_nbytes(cache) == report.cache_bytes_per_token * tokens
+    conversion = json.loads((ranked_checkpoint / "conversion.json").read_text())
+    assert conversion["kv_cache"]["bytes_per_token_after"] == report.cache_bytes_per_token  # both float32
+
+
+def test_per_layer_widths_a_past_at_another_layers_width_is_a_clear_error(ranked_decoders):
+    ids, mask = left_padded(PROMPTS)
+    dec = ranked_decoders["kernel"]
+    past = dec.empty_past(2)
+    past[0], past[2] = past[2], past[0]  # layer 0's latent at layer 1's width, and the reverse
+    with pytest.raises(runner.CacheShapeError,
+                       match=r"past_key_values.0.latent has shape \(2, 1, 0, 24\) .*, expected \(2, 1, 0, 8\)"):
+        dec.step(ids, mask, runner.position_ids_from_mask(mask, ids.shape[1]), past)
+
+
+def test_mla_zoo_export_and_generate_run_a_per_layer_checkpoint(ranked_checkpoint, tmp_path, capsys,
+                                                                kernel_library):
+    from mla_zoo.zoo.cli import main
+
+    assert main(["export", str(ranked_checkpoint), "-o", str(tmp_path / "onnx")]) == 0
+    assert "cache 8-24 (per layer) + 8 values per token per layer" in capsys.readouterr().out
+    texts = {}
+    for backend, path in (("onnx", tmp_path / "onnx"), ("torch", ranked_checkpoint)):
+        assert main(["generate", str(path), "The weather today", "--backend", backend, "--max-new-tokens", "8",
+                     "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["new_tokens"] >= 1 and result["fused_kernel"] == (backend == "onnx")
+        texts[backend] = result["text"]
+    assert texts["onnx"] == texts["torch"]
+
+
+# ----------------------------------------------------------------------------------------------
 # Clear errors
 # ----------------------------------------------------------------------------------------------
 
@@ -209,20 +360,6 @@ def test_sampling_is_seeded_and_respects_top_k(decoders):
 def test_non_mla_checkpoint_is_refused(source_dir, tmp_path):
     settings = exporter.ExportSettings(checkpoint=str(source_dir("llama-gqa")), output_dir=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="not an MLA checkpoint: model_type='llama'"):
-        exporter.run_export(settings)
-    assert not (tmp_path / "o").exists()
-
-
-def test_per_layer_latent_widths_are_refused(tmp_path):
-    """A checkpoint with `kv_lora_ranks` (rank allocation energy) is refused before anything is written."""
-    from mla_zoo.modeling.remote.configuration_llama_mla import LlamaMLAConfig
-    from mla_zoo.modeling.remote.modeling_llama_mla import LlamaMLAForCausalLM
-
-    model = tiny_mla()
-    ckpt = tmp_path / "ranks"
-    LlamaMLAForCausalLM(LlamaMLAConfig(**{**model.config.to_dict(), "kv_lora_ranks": [16, 20]})).save_pretrained(ckpt)
-    settings = exporter.ExportSettings(checkpoint=str(ckpt), output_dir=str(tmp_path / "o"))
-    with pytest.raises(ValueError, match=r"per-layer latent widths \(kv_lora_ranks \[16, 20\]"):
         exporter.run_export(settings)
     assert not (tmp_path / "o").exists()
 
@@ -258,11 +395,8 @@ def test_missing_library_falls_back_to_the_body_with_a_warning(tiny_model, tiny_
     with pytest.warns(UserWarning, match="mla-zoo build-kernels"):
         dec = runner.OnnxDecoder(tiny_exports["fused"].output_dir)
     assert not dec.uses_kernels
-    ids, mask = left_padded(PROMPTS)
-    with torch.no_grad():  # the fallback still decodes what PyTorch does
-        ref = tiny_model.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                                  max_new_tokens=6, min_new_tokens=6, eos_token_id=None, pad_token_id=0)
-    np.testing.assert_array_equal(runner.generate(dec, ids, mask, 6), ref[:, ids.shape[1]:].numpy())
+    ids, mask = left_padded(PROMPTS)  # the fallback still decodes what PyTorch does
+    np.testing.assert_array_equal(runner.generate(dec, ids, mask, 6), torch_greedy(tiny_model, ids, mask, 6))
 
 
 def test_a_missing_compiler_is_a_clear_build_error(monkeypatch, tmp_path, kernel_library):

@@ -20,8 +20,11 @@ def export(settings: ExportSettings, out: Output) -> int:
         print(json.dumps(asdict(report), indent=2))
         return 0
     nodes = "portable body inlined" if report.portable else f"{report.mla_nodes} MultiHeadLatentAttention nodes"
+    widths = sorted(set(report.latent_dims))
+    latent = str(widths[0]) if len(widths) == 1 else f"{widths[0]}-{widths[-1]} (per layer)"
     print(f"wrote {report.model_path} ({report.dtype}, {report.num_layers} layers, {nodes}; cache "
-          f"{report.latent_dim} + {report.key_rope_dim} values per token per layer) in {report.seconds:.1f} s")
+          f"{latent} + {report.key_rope_dim} values per token per layer, {report.cache_bytes_per_token:,} bytes "
+          f"per token) in {report.seconds:.1f} s")
     return 0
 
 
