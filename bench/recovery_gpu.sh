@@ -2,12 +2,14 @@
 # Recovery that generalizes (issue 18) on one H200: data-free distillation data from the teacher,
 # conversion, distillation, and the multi-domain suite (every domain, the teacher's chat answers,
 # behaviour prompts). Run from the repo root on the GPU machine (device tool). Every step writes its
-# numbers into $OUT and appends {"step", "seconds"} to $OUT/steps.jsonl; every step can be called
-# again in a later call on the same machine and resumes (finetune --resume, synth data kept).
+# numbers into $OUT and appends {"step", "seconds"} to $OUT/steps.jsonl. $OUT is emptied before each call,
+# so every result is kept in $W (/tmp/recovery) and copied out: a step called again in a later call on the
+# same machine skips what is done and resumes the rest (finetune --resume, synth data and suites kept).
 #
 #   call 1: carry [.gg0, .whl]   cmd: mkdir -p /tmp/stage && cp .gg0/* .whl/* /tmp/stage/
-#   call 2: carry [.gg1]         cmd: cp .gg1/* /tmp/stage/ && bash bench/recovery_gpu.sh setup check quick
-#   call 3 (same machine):       cmd: bash bench/recovery_gpu.sh throughput
+#   call 2: carry [.gg1]         cmd: cp .gg1/* /tmp/stage/ && bash bench/recovery_gpu.sh setup check probe quick
+#   call 3.. (same machine):     cmd: bash bench/recovery_gpu.sh quick        (again until quick32.suite.txt comes back)
+#   then (same machine):         cmd: bash bench/recovery_gpu.sh throughput
 #   release (60 GPU-min; 10-min calls, same machine):
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
 #   mixes (which data mix generalizes; ~5 min each): cmd: bash bench/recovery_gpu.sh mixes
@@ -59,10 +61,20 @@ convert() {  # convert D: the recipes' conversion (whitened SVD on 16k tokens of
     > "$OUT/convert$d.json" 2> /dev/null
 }
 
-suite() {  # suite NAME CKPT: the multi-domain suite against the original
-  mla-zoo eval "$2" --teacher smollm2-135m "${SUITE[@]}" --json > "$OUT/$1.suite.json"
+suite() {  # suite NAME CKPT: the multi-domain suite against the original (kept in $W: $OUT is emptied per call)
+  [ -f "$W/$1.suite.json" ] || mla-zoo eval "$2" --teacher smollm2-135m "${SUITE[@]}" --json > "$W/$1.suite.json.tmp"
+  [ -f "$W/$1.suite.json" ] || mv "$W/$1.suite.json.tmp" "$W/$1.suite.json"
+  cp "$W/$1.suite.json" "$OUT/$1.suite.json"
   python3 -c "from mla_zoo.zoo.evaluate import SuiteReport, format_suite; print(format_suite(SuiteReport.read('$OUT/$1.suite.json')))" \
     | tee "$OUT/$1.suite.txt"
+}
+
+synth() {  # synth NAME TOKENS [flags]: teacher samples into $W/NAME (kept; a killed one starts again)
+  local name=$1 tokens=$2; shift 2
+  [ -f "$W/$name/synth.json" ] || mla-zoo synth-data smollm2-135m -o "$W/$name" --tokens "$tokens" --seq-len 1024 \
+    --mix "$MIX" --overwrite "$@" > "$OUT/$name.log" 2>&1
+  cp "$W/$name/synth.json" "$OUT/$name.synth.json"
+  python3 -c "import json; r = json.load(open('$OUT/$name.synth.json')); print('$name', r['settings']['engine'], {k: r[k] for k in ('tokens', 'seconds', 'prompt_seconds', 'generated_tokens_per_second', 'steady_generated_tokens_per_second')})"
 }
 
 finetune() {  # finetune NAME CKPT DATA [flags]: resumes a run that a previous call left unfinished
@@ -77,10 +89,17 @@ finetune() {  # finetune NAME CKPT DATA [flags]: resumes a run that a previous c
   return 0
 }
 
-quick() {
+probe() {  # the engines' sampling speed on 256k tokens each (minutes at worst), before anything long
+  for engine in continuous generate; do
+    synth "probe-$engine" 262144 --engine "$engine" --max-new-tokens 512 --prompt-pool 256
+  done
+}
+
+quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
   convert 32
   suite oneshot32 "$W/mla32"
-  finetune quick32 "$W/mla32" "teacher:$MIX" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
+  synth quick-data $(( (${QUICK_STEPS:-200} + 1) * 32 * 1024 )) --engine "${SYNTH_ENGINE:-auto}" --max-new-tokens 512
+  finetune quick32 "$W/mla32" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
     --max-steps "${QUICK_STEPS:-200}"
   suite quick32 "$W/quick32"
 }
@@ -110,7 +129,7 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
   cp "$W/release-data/synth.json" "$OUT/release-data.synth.json"
   for d in 32 8; do
     convert "$d"
-    [ -f "$OUT/release$d.suite.json" ] && continue
+    [ -f "$W/release$d.suite.json" ] && continue
     finetune "release$d" "$W/mla$d" "$W/release-data" --stages layerwise,global --layerwise-steps 300 \
       --layerwise-lr 1e-3 --max-steps "${RELEASE_STEPS:-1500}"
     suite "release$d" "$W/release$d"
@@ -120,16 +139,16 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
 }
 
 plots() {  # per-domain increases of every suite report in $OUT
-  python3 bench/plot_suite.py "$OUT"/quick*.suite.json "$OUT"/release*.suite.json "$OUT"/mix-*.suite.json \
+  python3 bench/plot_suite.py "$W"/quick*.suite.json "$W"/release*.suite.json "$W"/mix-*.suite.json \
     -o "$OUT/recovery_suite.png" 2> /dev/null || true
-  python3 bench/plot_suite.py "$OUT"/oneshot*.suite.json -o "$OUT/oneshot_suite.png" --log 2> /dev/null || true
+  python3 bench/plot_suite.py "$W"/oneshot*.suite.json -o "$OUT/oneshot_suite.png" --log 2> /dev/null || true
 }
 
 mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); one per call if needed
   convert 32
   for mix in chat=1 bos=1 chat=0.7+bos=0.3 chat=0.7+bos=0.3+onpolicy; do
     local name="mix-${mix//[=+.]/_}"
-    [ -f "$OUT/$name.suite.json" ] && continue
+    [ -f "$W/$name.suite.json" ] && continue
     local extra=()
     [[ $mix == *onpolicy ]] && extra=(--on-policy 0.1) && mix=${mix%+onpolicy}
     finetune "$name" "$W/mla32" "teacher:$mix" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \

@@ -10,6 +10,7 @@ Run by bench/ort_cuda_gpu.sh (which installs onnxruntime-gpu and the library the
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -104,7 +105,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and th
 
 @pytest.fixture(scope="module")
 def smollm2_fp16(smollm2, cuda_library, tmp_path_factory):
-    """(torch fp16 model on CUDA, tokenizer, ONNX decoder on the CUDA EP with our kernel)."""
+    """(torch fp16 model on CUDA, tokenizer, ONNX decoder on the CUDA EP with our kernel, torch fp32 model on CUDA)."""
     from mla_zoo.modeling.convert import convert_model
     from mla_zoo.modeling.convert_schema import ConvertSettings
 
@@ -112,11 +113,12 @@ def smollm2_fp16(smollm2, cuda_library, tmp_path_factory):
     settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", svd="whitened",
                                calib_text=str(DATA / "calib.txt"), calib_tokens=512, dtype="float32")
     mla, _ = convert_model(model, tokenizer, info, settings, progress=False)
+    mla32 = copy.deepcopy(mla).eval().cuda()
     mla = mla.eval().half()
     report = exporter.export_model(mla, tmp_path_factory.mktemp("smollm2_fp16") / "onnx", dtype="fp16")
     decoder = runner.OnnxDecoder(report.output_dir, use_kernels=True, device="cuda")
     assert decoder.uses_kernels and decoder.cache.dtype is np.float16
-    return mla.cuda(), tokenizer, decoder
+    return mla.cuda(), tokenizer, decoder, mla32
 
 
 def chat_ids(tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -135,13 +137,17 @@ def torch_cuda_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def test_smollm2_fp16_logits_agree_with_pytorch_cuda_over_prefill_and_16_decode_steps(smollm2_fp16, tmp_path):
-    model, tokenizer, decoder = smollm2_fp16
+    """ORT fp16 with our kernel against PyTorch fp32 on CUDA: the error of the fp16 deployment itself.
+    Against PyTorch fp16 the difference holds both runs' fp16 rounding: on the H200 it was 2.2e-2 while
+    PyTorch fp16 alone is ~1.1e-2 from float64 (on the CPU: torch fp16 1.1e-2, ORT fp16 3.4e-3, apart 1.4e-2)."""
+    model, tokenizer, decoder, model32 = smollm2_fp16
     ids, mask = chat_ids(tokenizer)
     rng = np.random.default_rng(0)
     steps = rng.integers(3, model.config.vocab_size, size=(16, ids.shape[0]))
     full_ids = np.concatenate([ids, steps.T], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(steps.T)], axis=1)
-    ref = torch_cuda_logits(model, full_ids, full_mask)  # [B, S + 16, V], fp16 PyTorch on CUDA
+    ref = torch_cuda_logits(model32, full_ids, full_mask)  # [B, S + 16, V], fp32 PyTorch on CUDA
+    ref16 = torch_cuda_logits(model, full_ids, full_mask)  # the same in fp16: PyTorch's own fp16 error
     past = decoder.empty_past(ids.shape[0])
     logits, past = decoder.step(ids, mask, runner.position_ids_from_mask(mask, ids.shape[1]), past)
     got = [logits]
@@ -151,12 +157,17 @@ def test_smollm2_fp16_logits_agree_with_pytorch_cuda_over_prefill_and_16_decode_
         got.append(logits)
     got = np.concatenate(got, axis=1).astype(np.float32)
     real = full_mask.astype(bool)
-    rel = float(np.abs(got - ref)[real].max() / np.abs(ref[real]).max())
-    assert rel < 1e-2, rel
+
+    def rel(a, b):
+        return float(np.abs(a - b)[real].max() / np.abs(b[real]).max())
+
+    errors = dict(ort_fp16=rel(got, ref), torch_fp16=rel(ref16, ref), ort_vs_torch_fp16=rel(got, ref16))
+    (tmp_path.parent / "smollm2_fp16_errors.json").write_text(json.dumps(errors))
+    assert errors["ort_fp16"] < 1e-2, errors
 
 
 def test_smollm2_fp16_32_greedy_tokens_identical_to_pytorch_cuda(smollm2_fp16):
-    model, tokenizer, decoder = smollm2_fp16
+    model, tokenizer, decoder, _ = smollm2_fp16
     ids, mask = chat_ids(tokenizer)
     tokens = runner.generate(decoder, ids, mask, max_new_tokens=32)  # [B, 32]
     # PyTorch's greedy choice after every prefix, from one causal forward: it decodes exactly
@@ -170,7 +181,7 @@ def test_smollm2_fp16_32_greedy_tokens_identical_to_pytorch_cuda(smollm2_fp16):
 
 
 def test_smollm2_every_attention_node_runs_on_the_cuda_provider(smollm2_fp16, cuda_library, tmp_path):
-    _, tokenizer, decoder = smollm2_fp16
+    _, tokenizer, decoder, _ = smollm2_fp16
     session = cuda_session(str(decoder.model_path), cuda_library.library, str(tmp_path / "profile"))
     ids, mask = chat_ids(tokenizer)
     feed = {"input_ids": ids, "attention_mask": mask, "position_ids": runner.position_ids_from_mask(mask, ids.shape[1])}
