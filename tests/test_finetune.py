@@ -146,6 +146,8 @@ def test_cli_run_both_stages_lowers_kl_and_writes_a_checkpoint(dirs, tokenizer):
     assert layer_losses[-1] < layer_losses[0]
     assert [p["step"] for p in report["perplexity_curve"]] == [0, 4, 0, 4, 8]
     assert report["throughput_tokens_per_second"]["global"] > 0
+    assert report["stages"]["global"]["kl_impl"] == "fused"  # `auto` without CUDA and liger; no CE term
+    assert report["stages"]["layerwise"]["kl_impl"] is None
     assert not list(out.glob("checkpoints/*/checkpoint-*/training_args.bin"))  # no pickles left
 
     teacher, _ = load_model(str(dirs["teacher"]))

@@ -340,6 +340,7 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
         steady_tokens_per_second=_steady(losses),
         resumed_from=resume_from,
         log_history=history,
+        kl_impl=getattr(trainer, "kl_impl", None),
     )
 
 

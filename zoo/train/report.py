@@ -42,6 +42,7 @@ class StageResult:
     steady_tokens_per_second: float | None
     resumed_from: str | None
     log_history: list[dict[str, Any]] = field(default_factory=list)  # the Trainer's logs
+    kl_impl: str | None = None  # the global stage's loss as run (liger, fused or chunked; `kl_impl` auto resolved)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from mla_zoo.zoo.evaluate.metrics import perplexity
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from .distill import distill_loss, on_policy_step, student_rows, teacher_layer_io
+from .distill import distill_loss, on_policy_step, pick_kl_impl, student_rows, teacher_layer_io
 
 
 class DistillTrainer(Trainer):
@@ -75,7 +75,13 @@ class DistillTrainer(Trainer):
 
 
 class GlobalTrainer(DistillTrainer):
-    """Whole-model distillation: chunked KL (+ CE) between final hidden states through the LM heads."""
+    """Whole-model distillation: KL (+ CE) between final hidden states through the LM heads, with the loss
+    implementation (`kl_impl`: liger, fused or chunked) picked once for the run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        s = self.loss_settings
+        self.kl_impl = pick_kl_impl(s.kl_impl, self.model.lm_head, self.teacher.lm_head, s.ce_weight, self.args.device)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]  # [B, S]
@@ -92,7 +98,7 @@ class GlobalTrainer(DistillTrainer):
         student = self.accelerator.unwrap_model(model)
         with self.autocast(ids.device):
             loss, parts = distill_loss(s_hidden, t_hidden, student.lm_head, self.teacher.lm_head, ids, None,
-                                       s.temperature, s.ce_weight, s.kl_chunk, impl=s.kl_impl)
+                                       s.temperature, s.ce_weight, s.kl_chunk, impl=self.kl_impl)
         self.track({**parts, "on_policy": torch.tensor(float(on_policy))})
         return (loss, out) if return_outputs else loss
 
