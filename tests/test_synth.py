@@ -60,6 +60,22 @@ def test_continuous_batching_gives_generate_s_greedy_answers():
     assert all(0 < len(a) <= 12 for a in answers["generate"])
 
 
+def test_continuous_batching_keeps_one_manager_per_way_of_sampling():
+    """Calls of the same sampling reuse the manager kept on the model (its cache, its warm-up); another
+    temperature or length gets a new one; close() frees it. The answers stay generate()'s."""
+    model = tiny_source("llama-gqa")
+    reference = Sampler(model, pad_id=0, eos_ids=[2], engine="generate", cache="dynamic", temperature=None)
+    sampler = Sampler(model, pad_id=0, eos_ids=[2], engine="continuous", cache="dynamic", temperature=None)
+    first, second = [[1, 5, 6, 7], [1, 9]], [[1, 30, 31, 32], [1, 200, 201]]
+    assert sampler(first, 12) == reference(first, 12)
+    kept = model._cached_continuous_batching_manager
+    assert sampler(second, 12) == reference(second, 12) and sampler.kept == (None, 12)
+    assert model._cached_continuous_batching_manager is kept  # the same manager, not a new one per call
+    assert sampler(first, 6) == reference(first, 6) and model._cached_continuous_batching_manager is not kept
+    sampler.close()
+    assert not hasattr(model, "_cached_continuous_batching_manager") and sampler.engine == "continuous"
+
+
 def test_an_answer_stops_at_its_first_eos():
     sampler = Sampler(None, pad_id=0, eos_ids=[2, 7], engine="generate", cache="dynamic", temperature=None)
     assert sampler._cut([5, 6, 7, 2, 9]) == [5, 6, 7] and sampler._cut([5, 6]) == [5, 6]

@@ -259,6 +259,7 @@ class Sampler:
     seconds: float = 0.0
     generated: int = 0
     calls: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens) per call
+    kept: tuple | None = None  # (temperature, max_new_tokens) of the continuous-batching manager kept on the model
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Each prompt's answer, cut after its first EOS."""
@@ -268,6 +269,7 @@ class Sampler:
                 answers = self._continuous(prompts, max_new_tokens)
             except Exception as e:  # noqa: BLE001 - fall back once, say so
                 print(f"synth-data: continuous batching failed ({type(e).__name__}: {e}); using generate()")
+                self.close()
                 self.engine = "generate"
                 answers = self._generate(prompts, max_new_tokens)
         else:
@@ -324,9 +326,16 @@ class Sampler:
             size = "page_size" if "page_size" in known else "block_size"  # the name before 5.2x
             cb = ContinuousBatchingConfig(**{size: page}, num_blocks=len(prompts) * -(-longest // page) + 1,
                                           max_batch_tokens=max(256, longest))
-        results = self.model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
-                                            max_new_tokens=max_new_tokens, progress_bar=False,
-                                            warmup=self.model.device.type == "cuda")
+        # One manager for every call of the same sampling (its paged cache, its CUDA graphs warmed up once),
+        # kept on the model between calls: a new one per call costs the allocation and the warm-up each time.
+        key = (self.temperature, max_new_tokens)
+        if self.kept not in (None, key):  # the kept manager samples another way (the prompt writer's temperature)
+            self.close()
+        with _quiet("transformers.generation.continuous_batching.continuous_api"):  # "the manager will be kept"
+            results = self.model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb,
+                                                max_new_tokens=max_new_tokens, progress_bar=False,
+                                                warmup=self.model.device.type == "cuda", persistent_manager=True)
+        self.kept = key
         outputs = list(results.values())
         failed = [o for o in outputs if o.error is not None]
         if len(outputs) != len(prompts) or failed:
@@ -334,10 +343,30 @@ class Sampler:
                                + (f", {len(failed)} failed: {failed[0].error}" if failed else ""))
         return [list(o.generated_tokens) for o in outputs]
 
+    def close(self) -> None:
+        """Frees the continuous-batching manager kept on the model (its paged cache), if any."""
+        if self.kept is not None:
+            self.model.destroy_cached_continuous_batching_manager()
+            self.kept = None
+
     @property
     def steady(self) -> float | None:
         rest = self.calls[1:]
         return round(sum(n for _, n in rest) / sum(s for s, _ in rest), 1) if rest else None
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Holds back a library logger's warnings (not its errors) for the duration."""
+    import logging
+
+    log = logging.getLogger(logger_name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def has_continuous_batching(model) -> bool:
@@ -516,61 +545,64 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
                       "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature)
-    torch.manual_seed(s.seed)  # the prompts; each chunk of samples seeds its own (`chunk_seed`)
+    try:  # the sampler's continuous-batching manager holds a paged cache on the GPU: always freed
+        torch.manual_seed(s.seed)  # the prompts; each chunk of samples seeds its own (`chunk_seed`)
 
-    batch_size = s.batch_size or (1024 if cuda else 64)
-    prompts = build_prompts(chat, s.seed)
-    if chat and "chat" in shares:
-        if main:
-            pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
-            prompts = write_prompts(sampler, tokenizer, prompts, pool, batch_size, evaluation_prompts(),
-                                    s.prompt_temperature)
-        prompts = _from_main(prompts, world)
-        if not prompts:
-            raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
-    prompt_seconds = sampler.seconds
-    max_new = s.max_new_tokens or s.seq_len
-    targets = {name: math.ceil(share * s.tokens) for name, share in shares.items()}
-    chunks = {name: min(batch_size, math.ceil(target / max_new)) for name, target in targets.items()}
-    used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
-                   dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
-    with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
-        tmp = _from_main(tmp, world)  # the main process's temporary directory
-        if main:
-            (tmp / CHUNKS).mkdir()
-        _wait(world)  # ... and holds the chunk directory before anyone writes into it
-        with progress_bar(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True,
-                          enabled=progress and main) as bar:
-            for name, target in targets.items():
-                sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts), name, target, chunks[name], max_new,
-                              tokenizer.eos_token_id, s.seed, tmp, rank, world, bar)
-        stats = _all((sampler.seconds, sampler.generated, sampler.calls[1:]), world)  # every chunk is saved now
-        if main:
-            writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
-            by_source, samples = {}, 0
-            for name, target in targets.items():
-                by_source[name], n = pack_chunks(tmp, name, target, writer)
-                samples += n
-            writer.close()
-            shutil.rmtree(tmp / CHUNKS)
-            generated = sum(g for _, g, _ in stats)
-            generation_seconds = max(t for t, _, _ in stats)  # the processes sample side by side
-            rest = [c for _, _, calls in stats for c in calls]  # without each process's first call
-            steady_seconds = max(sum(t for t, _ in calls) for _, _, calls in stats)
-            seconds = time.time() - started
-            written = sum(by_source.values())
-            report = SynthReport(
-                model=info.name, source=info, settings=used, tokens=written, generated_tokens=generated,
-                samples=samples, rows=writer.total_rows, shards=writer.shards, prompt_count=len(prompts), chat=chat,
-                device=torch.cuda.get_device_name() if cuda else "cpu", seconds=round(seconds, 2),
-                generation_seconds=round(generation_seconds, 2),
-                generated_tokens_per_second=round(generated / max(generation_seconds, 1e-9), 1),
-                tokens_per_second=round(written / max(seconds, 1e-9), 1),
-                steady_generated_tokens_per_second=round(sum(n for _, n in rest) / steady_seconds, 1) if rest
-                and steady_seconds > 0 else None,
-                tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
-                world_size=world,
-            )
-            report.write(tmp)
-    _wait(world)  # the main process has renamed the directory into place
-    return report if main else SynthReport.read(out)
+        batch_size = s.batch_size or (1024 if cuda else 64)
+        prompts = build_prompts(chat, s.seed)
+        if chat and "chat" in shares:
+            if main:
+                pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
+                prompts = write_prompts(sampler, tokenizer, prompts, pool, batch_size, evaluation_prompts(),
+                                        s.prompt_temperature)
+            prompts = _from_main(prompts, world)
+            if not prompts:
+                raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
+        prompt_seconds = sampler.seconds
+        max_new = s.max_new_tokens or s.seq_len
+        targets = {name: math.ceil(share * s.tokens) for name, share in shares.items()}
+        chunks = {name: min(batch_size, math.ceil(target / max_new)) for name, target in targets.items()}
+        used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
+                       dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
+        with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
+            tmp = _from_main(tmp, world)  # the main process's temporary directory
+            if main:
+                (tmp / CHUNKS).mkdir()
+            _wait(world)  # ... and holds the chunk directory before anyone writes into it
+            with progress_bar(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True,
+                              enabled=progress and main) as bar:
+                for name, target in targets.items():
+                    sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts), name, target, chunks[name],
+                                  max_new, tokenizer.eos_token_id, s.seed, tmp, rank, world, bar)
+            stats = _all((sampler.seconds, sampler.generated, sampler.calls[1:]), world)  # every chunk is saved now
+            if main:
+                writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
+                by_source, samples = {}, 0
+                for name, target in targets.items():
+                    by_source[name], n = pack_chunks(tmp, name, target, writer)
+                    samples += n
+                writer.close()
+                shutil.rmtree(tmp / CHUNKS)
+                generated = sum(g for _, g, _ in stats)
+                generation_seconds = max(t for t, _, _ in stats)  # the processes sample side by side
+                rest = [c for _, _, calls in stats for c in calls]  # without each process's first call
+                steady_seconds = max(sum(t for t, _ in calls) for _, _, calls in stats)
+                seconds = time.time() - started
+                written = sum(by_source.values())
+                report = SynthReport(
+                    model=info.name, source=info, settings=used, tokens=written, generated_tokens=generated,
+                    samples=samples, rows=writer.total_rows, shards=writer.shards, prompt_count=len(prompts), chat=chat,
+                    device=torch.cuda.get_device_name() if cuda else "cpu", seconds=round(seconds, 2),
+                    generation_seconds=round(generation_seconds, 2),
+                    generated_tokens_per_second=round(generated / max(generation_seconds, 1e-9), 1),
+                    tokens_per_second=round(written / max(seconds, 1e-9), 1),
+                    steady_generated_tokens_per_second=round(sum(n for _, n in rest) / steady_seconds, 1) if rest
+                    and steady_seconds > 0 else None,
+                    tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
+                    world_size=world,
+                )
+                report.write(tmp)
+        _wait(world)  # the main process has renamed the directory into place
+        return report if main else SynthReport.read(out)
+    finally:
+        sampler.close()
