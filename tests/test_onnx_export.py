@@ -68,15 +68,19 @@ def tiny_exports(tiny_model, tmp_path_factory, kernel_library):
             for kind in ("fused", "portable")}
 
 
-@pytest.fixture(scope="module")
-def decoders(tiny_exports):
+def three_decoders(exports: dict) -> dict[str, runner.OnnxDecoder]:
     """The three onnxruntime runs: kernel, function body (same file, no library), inlined body."""
-    fused = tiny_exports["fused"].output_dir
+    fused = exports["fused"].output_dir
     out = {"kernel": runner.OnnxDecoder(fused, use_kernels=True),
            "body": runner.OnnxDecoder(fused, use_kernels=False),
-           "portable": runner.OnnxDecoder(tiny_exports["portable"].output_dir)}
+           "portable": runner.OnnxDecoder(exports["portable"].output_dir)}
     assert [d.uses_kernels for d in out.values()] == [True, False, False]
     return out
+
+
+@pytest.fixture(scope="module")
+def decoders(tiny_exports):
+    return three_decoders(tiny_exports)
 
 
 def torch_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -258,12 +262,7 @@ def ranked_exports(ranked_checkpoint, tmp_path_factory, kernel_library):
 
 @pytest.fixture(scope="module")
 def ranked_decoders(ranked_exports):
-    fused = ranked_exports["fused"].output_dir
-    out = {"kernel": runner.OnnxDecoder(fused, use_kernels=True),
-           "body": runner.OnnxDecoder(fused, use_kernels=False),
-           "portable": runner.OnnxDecoder(ranked_exports["portable"].output_dir)}
-    assert [d.uses_kernels for d in out.values()] == [True, False, False]
-    return out
+    return three_decoders(ranked_exports)
 
 
 def test_per_layer_widths_export_each_layer_at_its_own_width(ranked_exports, ranked_decoders):
