@@ -1,7 +1,7 @@
 """Per-layer rank allocation for SmolLM2-135M-Instruct: uniform vs energy (CARE-style), CPU, no MLA model.
 
 For d_kv = 32 (-68.75% KV) and 8 (-87.5%): the calibration statistics of the recipes (4,096 tokens of
-data/calib.txt, 2-norm pairs, r = 4), each layer's whitened spectrum (`lowrank.whitened_spectrum`), the
+data/calib.txt, 2-norm pairs, r = 4), each layer's whitened spectrum (`lowrank.factorize(...).s`), the
 ranks under both schemes at the same total (`rank_allocation.allocate`, multiples of --step) and the
 whitened energy each layer keeps. Writes bench/results/rank_allocation_smollm2.json.
 
@@ -35,8 +35,7 @@ def main() -> None:
     d = head_dim_of(cfg)
     pairs = partial_rope.select_pairs(s.rope_strategy, cfg.num_hidden_layers, cfg.num_key_value_heads, d,
                                       s.rope_pairs, stats.pair_norms())
-    moments = stats.second_moments()
-    spectra = [lowrank.whitened_spectrum(layer_kv_matrix(layer.self_attn, pairs[i], d), moments[i])
+    spectra = [lowrank.factorize(layer_kv_matrix(layer.self_attn, pairs[i], d), stats.second_moment(i)).s
                for i, layer in enumerate(model.model.layers)]
     result = {"model": "smollm2-135m", "calib_tokens": stats.tokens, "step": args.step, "settings": {}}
     for d_kv in (32, 8):

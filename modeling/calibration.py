@@ -99,8 +99,10 @@ class AttentionStats:
     def pair_norms(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(q / self.tokens, k / self.tokens) for q, k in zip(self.q_norm_sum, self.k_norm_sum, strict=True)]
 
-    def second_moments(self) -> list[torch.Tensor]:
-        return [x / self.tokens for x in self.xxt]
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """E[x x^T] of one layer's attention input, [hidden, hidden] float64 (one layer at a time: at 8B
+        scale each is 128 MiB)."""
+        return self.xxt[layer] / self.tokens
 
 
 def _pair_norm(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -15,22 +15,40 @@ all of S into up, down = V^T.)
   ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
   W L = U S V^T, W' = U_r S_r V_r^T L^{-1}; up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T L^{-1}.
   It keeps the directions the inputs actually use rather than those of largest weight norm.
+
+joint and whitened are `factorize(W[, C]).truncate(rank)`: the converter keeps a layer's `Factorization`
+when the rank is not known yet (per-layer rank allocation reads its spectrum first).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def _svd_factor(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    root = s[:rank].sqrt()
-    energy = float((s[:rank] ** 2).sum() / (s**2).sum().clamp_min(1e-300))
-    return u[:, :rank] * root, root[:, None] * vh[:rank], energy
+@dataclass
+class Factorization:
+    """The thin SVD of one stacked projection, W = U S V^T (whitened: of W L), before truncation.
 
+    Rank allocation reads the spectrum `s` of every layer, then each layer is truncated at its own rank:
+    one eigendecomposition and one SVD per layer, whatever the rank.
+    """
 
-def joint(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    return _svd_factor(w, rank)
+    u: torch.Tensor  # [rows, k], k = min(rows, hidden)
+    s: torch.Tensor  # [k], descending
+    vh: torch.Tensor  # [k, hidden]
+    whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # (Q [hidden, hidden], root [hidden]): L = Q diag(root)
+
+    def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(up [rows, rank], down [rank, hidden], retained energy): the best rank-`rank` up @ down ~ W."""
+        root = self.s[:rank].sqrt()
+        energy = float((self.s[:rank] ** 2).sum() / (self.s**2).sum().clamp_min(1e-300))
+        up, down = self.u[:, :rank] * root, root[:, None] * self.vh[:rank]
+        if self.whitening is not None:  # down @ L^{-1} = down diag(1/root) Q^T
+            q, l_root = self.whitening
+            down = (down / l_root) @ q.T
+        return up, down, energy
 
 
 def _whitening(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,20 +64,25 @@ def _whitening(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return q, evals.clamp_min(damp).sqrt()
 
 
+@torch.no_grad()
+def factorize(w: torch.Tensor, second_moment: torch.Tensor | None = None) -> Factorization:
+    """The SVD of W [rows, hidden] (float64); with `second_moment` (E[x x^T] of the block's input,
+    [hidden, hidden]) the activation-aware one, of W L."""
+    w = w.double()
+    if second_moment is None:
+        return Factorization(*torch.linalg.svd(w, full_matrices=False))
+    q, root = _whitening(second_moment)
+    u, s, vh = torch.linalg.svd(w @ (q * root), full_matrices=False)  # W L = U S V^T
+    return Factorization(u, s, vh, (q, root))
+
+
+def joint(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    return factorize(w).truncate(rank)
+
+
 def whitened(w: torch.Tensor, rank: int, second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Activation-aware joint SVD; `second_moment` is E[x x^T] of the block's input, [hidden, hidden]."""
-    q, root = _whitening(second_moment)
-    up, down_white, energy = _svd_factor(w.double() @ (q * root), rank)  # (W L) ~ up @ down_white
-    down = (down_white / root) @ q.T  # down_white @ L^{-1} = down_white diag(1/root) Q^T
-    return up, down, energy
-
-
-@torch.no_grad()
-def whitened_spectrum(w: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
-    """The singular values of W L (descending, float64): what `whitened` keeps the first `rank` of.
-    Per-layer rank allocation (`rank_allocation`) reads them."""
-    q, root = _whitening(second_moment)
-    return torch.linalg.svdvals(w.double() @ (q * root))
+    return factorize(w, second_moment).truncate(rank)
 
 
 def split(
@@ -79,7 +102,7 @@ def split(
                               (v, rank_v, slice(nope_dim, None), slice(rank_k, rank))):
         if r == 0:
             continue
-        u_p, d_p, e_p = _svd_factor(part, r)
+        u_p, d_p, e_p = factorize(part).truncate(r)
         up[:, sl, cols] = u_p.view(num_kv_heads, -1, r)
         downs.append(d_p)
         norm2 = float(part.double().pow(2).sum())

@@ -8,7 +8,7 @@ almost none. `allocate` moves latent dims to where they keep the most:
     subject to sum_l r_l = n_layers * rank,  r_l a multiple of `step`, min_rank <= r_l <= len(s_l)
 
 where s_l are the singular values of layer l's whitened stacked projection W_l L_l (`lowrank.
-whitened_spectrum`; the retained energy the converter reports is 1 - residual_l). The residual of each
+Factorization.s`; the retained energy the converter reports is 1 - residual_l). The residual of each
 layer is convex in r_l (its singular values are sorted), so handing out `step` dims at a time to the
 layer whose next `step` singular values hold the largest share of its energy is optimal (the
 greedy algorithm for separable concave gains). Energies are relative to each layer's total, so that

@@ -59,3 +59,38 @@ def reference_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     t = torch.log_softmax(teacher_logits / temperature, dim=-1)
     s = torch.log_softmax(student_logits / temperature, dim=-1)
     return (t.exp() * (t - s)).sum(-1).mean() * temperature**2
+
+
+@torch.no_grad()
+def two_pass_energy_latents(w_layers: list[torch.Tensor], moments: list[torch.Tensor] | None, kv_lora_rank: int,
+                            step: int) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The converter's energy allocation as it was first written, in two passes: the spectrum of each layer's
+    stacked matrix W (whitened: W L) from `svdvals`, the ranks, then each layer factorised again from scratch
+    (eigh, SVD). Returns (ranks, [(up, down)] per layer), float64; the single-pass converter must give exactly
+    these (torch.equal)."""
+    from mla_zoo.modeling import rank_allocation
+
+    def whitening(c):
+        damp = 1e-6 * c.diagonal().mean().clamp_min(1e-12)
+        evals, q = torch.linalg.eigh(c + damp * torch.eye(c.shape[0], dtype=c.dtype))
+        return q, evals.clamp_min(damp).sqrt()
+
+    def whitened(w, c):  # W L, and L's factors (None: not whitened)
+        if c is None:
+            return w, None
+        q, root = whitening(c.double())
+        return w @ (q * root), (q, root)
+
+    spectra = [torch.linalg.svdvals(whitened(w, None if moments is None else moments[i])[0])
+               for i, w in enumerate(w_layers)]
+    ranks = rank_allocation.allocate(spectra, kv_lora_rank, "energy", step=step)
+    factors = []
+    for i, (w, r) in enumerate(zip(w_layers, ranks, strict=True)):
+        wl, qr = whitened(w, None if moments is None else moments[i])
+        u, s, vh = torch.linalg.svd(wl, full_matrices=False)
+        root = s[:r].sqrt()
+        up, down = u[:, :r] * root, root[:, None] * vh[:r]
+        if qr is not None:
+            down = (down / qr[1]) @ qr[0].T
+        factors.append((up, down))
+    return ranks, factors

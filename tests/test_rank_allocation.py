@@ -9,7 +9,10 @@ import pytest
 import torch
 from conftest import convert_tiny, tiny_source
 from mla_zoo.modeling import lowrank, rank_allocation
+from mla_zoo.modeling.convert import calibrate, head_dim_of, layer_kv_matrix, resolve_settings
+from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.cli import main
+from reference import two_pass_energy_latents
 
 
 def spectra(seed: int, layers: int = 3, k: int = 12) -> list[torch.Tensor]:
@@ -46,12 +49,35 @@ def test_equal_spectra_get_equal_ranks_and_floors_hold():
         rank_allocation.allocate([steep, flat], 3, "energy", step=2)
 
 
-def test_whitened_spectrum_gives_the_energy_the_converter_keeps():
+@pytest.mark.parametrize("svd", ["joint", "whitened"])
+def test_energy_conversion_equals_the_two_pass_reference_exactly(svd):
+    """Each layer is factorised once (its spectrum allocates the ranks, then it is truncated): the latent
+    weights are bit for bit those of factorising twice (`reference.two_pass_energy_latents`)."""
+    model = tiny_source("llama-gqa")
+    with torch.no_grad():  # layer 0's keys and values of rank 4, so that the layers get different ranks
+        for proj in (model.model.layers[0].self_attn.k_proj, model.model.layers[0].self_attn.v_proj):
+            proj.weight.copy_(proj.weight[:, :4] @ proj.weight[:4] / 4)
+    settings = dict(rope_pairs=2, kv_lora_rank=16, svd=svd, rank_allocation="energy", calib_tokens=256)
+    mla, report = convert_tiny(model, **settings)
+    s = resolve_settings(ConvertSettings(rope_strategy="high", **settings), model.config)
+    torch.manual_seed(s.seed)
+    stats, _ = calibrate(model, None, s)  # the same self-samples as the converter's
+    moments = [x / stats.tokens for x in stats.xxt] if svd == "whitened" else None
+    d = head_dim_of(model.config)
+    w = [layer_kv_matrix(layer.self_attn, report.rope_pairs[i], d) for i, layer in enumerate(model.model.layers)]
+    ranks, factors = two_pass_energy_latents(w, moments, 16, step=8)
+    assert report.kv_lora_ranks == ranks and len(set(ranks)) > 1
+    for layer, (up, down) in zip(mla.model.layers, factors, strict=True):
+        assert torch.equal(layer.self_attn.kv_b_proj.weight, up.float())  # [rows, r]
+        assert torch.equal(layer.self_attn.kv_a_proj.weight, down.float())  # [r, hidden]
+
+
+def test_the_spectrum_gives_the_energy_the_converter_keeps():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(20, 16, generator=g, dtype=torch.float64)
     x = torch.randn(200, 16, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 16)
     c = x.T @ x / 200
-    s = lowrank.whitened_spectrum(w, c)
+    s = lowrank.factorize(w, c).s
     for rank in (1, 5, 12):
         assert rank_allocation.retained(s, rank) == pytest.approx(lowrank.whitened(w, rank, c)[2], rel=1e-9)
 

@@ -1,5 +1,6 @@
-"""The measurements of `mla-zoo eval`, on loaded models: perplexity, top-1 agreement with a teacher,
-answers to behaviour prompts, and lm-evaluation-harness tasks."""
+"""The measurements of `mla-zoo eval`, on loaded models: a text scored in one pass (perplexity, and against a
+teacher its perplexity, top-1 agreement and KL), answers to behaviour prompts, and lm-evaluation-harness
+tasks."""
 
 from __future__ import annotations
 
@@ -10,35 +11,96 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from mla_zoo.modeling.common import EvalError, progress_bar
 
 from .reports import BehaviourAnswer
 
 
+@dataclass
+class TextScore:
+    """Sums over the scored positions of a text: the model's NLL and, against a teacher, the teacher's
+    NLL, KL(teacher || model) and top-1 agreement (the two most likely next tokens are the same)."""
+
+    nll: float = 0.0
+    teacher_nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    count: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None = None) -> None:
+        """logits (and teacher_logits): [n, vocab] at the n positions that predict `targets` [n]."""
+        logp = F.log_softmax(logits.float(), dim=-1)  # [n, V]
+        self.nll += float(F.nll_loss(logp, targets, reduction="sum"))
+        self.count += targets.numel()
+        if teacher_logits is None:
+            return
+        t_logp = F.log_softmax(teacher_logits.float(), dim=-1)  # [n, V]
+        self.teacher_nll += float(F.nll_loss(t_logp, targets, reduction="sum"))
+        self.kl += float((t_logp.exp() * (t_logp - logp)).sum())
+        self.agree += int((logp.argmax(-1) == t_logp.argmax(-1)).sum())
+
+    @property
+    def mean_nll(self) -> float:
+        return self.nll / self.count
+
+    @property
+    def perplexity(self) -> float:
+        return bounded_exp(self.nll / self.count)
+
+    @property
+    def teacher_perplexity(self) -> float:
+        return bounded_exp(self.teacher_nll / self.count)
+
+    @property
+    def top1_agreement(self) -> float:
+        return self.agree / self.count
+
+    @property
+    def mean_kl(self) -> float:
+        return self.kl / self.count
+
+
+def bounded_exp(x: float) -> float:
+    return math.exp(min(x, 700.0))  # a broken model's perplexity stays a finite number
+
+
+def text_ids(tokenizer, text: str, max_tokens: int | None, name: str = "evaluation") -> torch.Tensor:
+    """The first `max_tokens` token ids of `text` (all without it): [N], N >= 2."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
+    if ids.numel() < 2:
+        raise EvalError(f"the {name} text has fewer than 2 tokens")
+    return ids
+
+
 @torch.no_grad()
+def score_text(model, ids: torch.Tensor, seq_len: int, teacher=None, progress: bool = False,
+               desc: str = "perplexity") -> TextScore:
+    """The model, and its teacher when given, over the same non-overlapping windows of `ids` [N] in one
+    pass (each window of L tokens scores its tokens 2..L)."""
+    for m in (model, teacher) if teacher is not None else (model,):
+        max_len = getattr(m.config, "max_position_embeddings", seq_len)
+        if seq_len > max_len:
+            raise EvalError(f"`seq_len` {seq_len} is beyond the model's {max_len} positions")
+    score = TextScore()
+    starts = range(0, ids.numel() - 1, seq_len)  # every window holds at least 2 tokens
+    for start in progress_bar(starts, desc=desc, unit="window", enabled=progress, leave=False):
+        window = ids[start : start + seq_len][None]  # [1, L]
+        logits = model(input_ids=window.to(model.device), use_cache=False).logits[0, :-1]  # [L-1, V]
+        if teacher is None:
+            score.add(logits, window[0, 1:].to(logits.device))
+            continue
+        t_logits = teacher(input_ids=window.to(teacher.device), use_cache=False).logits[0, :-1]  # [L-1, V]
+        score.add(logits.to(t_logits.device), window[0, 1:].to(t_logits.device), t_logits)
+    return score
+
+
 def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int | None = None,
                progress: bool = True) -> dict:
-    """Perplexity over non-overlapping windows of seq_len tokens (each window predicts its
-    tokens 2..seq_len from the ones before). Returns perplexity, tokens scored, mean NLL."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
-    if max_tokens:
-        ids = ids[:max_tokens]
-    max_len = getattr(model.config, "max_position_embeddings", seq_len)
-    if seq_len > max_len:
-        raise EvalError(f"`seq_len` {seq_len} is beyond the model's {max_len} positions")
-    if ids.numel() < 2:
-        raise EvalError("the evaluation text has fewer than 2 tokens")
-    nll, count = 0.0, 0
-    starts = range(0, ids.numel() - 1, seq_len)
-    for start in progress_bar(starts, desc="perplexity", unit="window", enabled=progress, leave=False):
-        window = ids[start : start + seq_len][None].to(model.device)  # [1, L]
-        if window.shape[1] < 2:
-            break
-        logits = model(input_ids=window, use_cache=False).logits.float()  # [1, L, vocab]
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
-        nll += float(loss)
-        count += window.shape[1] - 1
-    return {"perplexity": math.exp(nll / count), "tokens": count, "nll": nll / count}
+    """Perplexity over non-overlapping windows of seq_len tokens (`score_text` without a teacher).
+    Returns perplexity, tokens scored, mean NLL."""
+    score = score_text(model, text_ids(tokenizer, text, max_tokens), seq_len, progress=progress)
+    return {"perplexity": score.perplexity, "tokens": score.count, "nll": score.mean_nll}
 
 
 @dataclass
@@ -106,20 +168,6 @@ def behaviour(model, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: 
     answers = greedy_answers(model, tokenizer, [p.prompt for p in prompts], max_new_tokens)
     texts = [tokenizer.decode(a, skip_special_tokens=True).strip() for _, a in answers]
     return [BehaviourAnswer(p.prompt, t, json.dumps(p.check), p.passes(t)) for p, t in zip(prompts, texts, strict=True)]
-
-
-@torch.no_grad()
-def top1_agreement(model, teacher, tokenizer, text: str, seq_len: int = 1024, max_tokens: int | None = None) -> float:
-    """Fraction of positions where the model's and the teacher's most likely next tokens agree."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
-    same = total = 0
-    for start in range(0, ids.numel() - 1, seq_len):
-        window = ids[start : start + seq_len][None]  # [1, L]
-        a = model(input_ids=window.to(model.device), use_cache=False).logits.argmax(-1).cpu()
-        b = teacher(input_ids=window.to(teacher.device), use_cache=False).logits.argmax(-1).cpu()
-        same += int((a == b).sum())
-        total += window.numel()
-    return same / total
 
 
 def lm_eval_tasks(spec: str, tasks: list[str], device: str) -> dict:

@@ -16,16 +16,13 @@ is training data: tests/test_eval_data.py and tests/test_synth.py check that.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from mla_zoo.modeling.common import EvalError, progress_bar, read_text
+from mla_zoo.modeling.common import EvalError, read_text
 
-from .metrics import BehaviourPrompt, greedy_answers, load_behaviour
+from .metrics import BehaviourPrompt, TextScore, greedy_answers, load_behaviour, score_text, text_ids
 from .reports import BehaviourResult, ChatResult, DomainResult, SuiteReport, suite_dir
 
 
@@ -46,54 +43,19 @@ def chat_prompts(root: Path) -> list[str]:
 # ----------------------------------------------------------------------------- measurements
 
 
-@dataclass
-class _Sums:
-    nll: float = 0.0
-    teacher_nll: float = 0.0
-    kl: float = 0.0
-    agree: int = 0
-    count: int = 0
-
-    def add(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """logits, teacher_logits: [n, vocab] at the n positions that predict `targets` [n]."""
-        logp = F.log_softmax(logits.float(), dim=-1)  # [n, V]
-        t_logp = F.log_softmax(teacher_logits.float(), dim=-1)
-        self.nll += float(F.nll_loss(logp, targets, reduction="sum"))
-        self.teacher_nll += float(F.nll_loss(t_logp, targets, reduction="sum"))
-        self.kl += float((t_logp.exp() * (t_logp - logp)).sum())
-        self.agree += int((logp.argmax(-1) == t_logp.argmax(-1)).sum())
-        self.count += targets.numel()
-
-
-@torch.no_grad()
 def score_domain(model, teacher, tokenizer, name: str, text: str, seq_len: int, max_tokens: int | None,
                  progress: bool = False) -> DomainResult:
-    """Both models over the same non-overlapping windows (each window scores its tokens 2..seq_len)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:max_tokens]
-    if ids.numel() < 2:
-        raise EvalError(f"the {name} text has fewer than 2 tokens")
-    sums = _Sums()
-    starts = range(0, ids.numel() - 1, seq_len)
-    for start in progress_bar(starts, desc=name, unit="window", enabled=progress, leave=False):
-        window = ids[start : start + seq_len][None]  # [1, L]
-        if window.shape[1] < 2:
-            break
-        logits = model(input_ids=window.to(model.device), use_cache=False).logits[0, :-1]  # [L-1, V]
-        t_logits = teacher(input_ids=window.to(teacher.device), use_cache=False).logits[0, :-1]
-        sums.add(logits.to(t_logits.device), t_logits, window[0, 1:].to(t_logits.device))
-    ppl, t_ppl = _exp(sums.nll / sums.count), _exp(sums.teacher_nll / sums.count)
-    return DomainResult(name, sums.count, ppl, t_ppl, ppl / t_ppl - 1, sums.agree / sums.count, sums.kl / sums.count)
-
-
-def _exp(x: float) -> float:
-    return math.exp(min(x, 700.0))  # a broken model's perplexity stays a finite number
+    """Both models over the same non-overlapping windows, in one pass (`metrics.score_text`)."""
+    score = score_text(model, text_ids(tokenizer, text, max_tokens, name), seq_len, teacher, progress, desc=name)
+    ppl, t_ppl = score.perplexity, score.teacher_perplexity
+    return DomainResult(name, score.count, ppl, t_ppl, ppl / t_ppl - 1, score.top1_agreement, score.mean_kl)
 
 
 @torch.no_grad()
 def score_chat(model, teacher, tokenizer, prompts: list[str], max_new_tokens: int) -> ChatResult:
     """The teacher answers each prompt (greedy); both models then read prompt + answer in one forward
     and are compared at the positions that predict the answer tokens."""
-    sums = _Sums()
+    score = TextScore()
     for prompt_ids, answer in greedy_answers(teacher, tokenizer, prompts, max_new_tokens):
         if not answer:
             continue
@@ -101,10 +63,10 @@ def score_chat(model, teacher, tokenizer, prompts: list[str], max_new_tokens: in
         first = len(prompt_ids) - 1  # the position that predicts the first answer token
         logits = model(input_ids=seq.to(model.device), use_cache=False).logits[0, first:-1]  # [A, V]
         t_logits = teacher(input_ids=seq.to(teacher.device), use_cache=False).logits[0, first:-1]
-        sums.add(logits.to(t_logits.device), t_logits, seq[0, first + 1 :].to(t_logits.device))
-    if sums.count == 0:
+        score.add(logits.to(t_logits.device), seq[0, first + 1 :].to(t_logits.device), t_logits)
+    if score.count == 0:
         raise EvalError("the teacher gave no answer tokens to the chat prompts")
-    return ChatResult(len(prompts), sums.count, sums.kl / sums.count, sums.agree / sums.count)
+    return ChatResult(len(prompts), score.count, score.mean_kl, score.top1_agreement)
 
 
 def score_behaviour(model, teacher, tokenizer, prompts: list[BehaviourPrompt], max_new_tokens: int
