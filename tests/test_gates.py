@@ -4,10 +4,8 @@ when one domain fails (tiny models, the suite on short texts)."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
-from conftest import DATA
 from mla_zoo.modeling.common import GateFailed, RecipeError
 from mla_zoo.modeling.convert_schema import KVCacheSize
 from mla_zoo.zoo.evaluate import EvalComparison, EvalReport, SuiteReport
@@ -90,11 +88,9 @@ max_tokens = 256
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, source_dir):
-    root = tmp_path_factory.mktemp("gated")
-    shutil.copytree(source_dir("llama-gqa"), root / "src")
-    (root / "src" / "README.md").write_text("---\nlicense: mit\n---\n")
-    (root / "heldout.txt").write_text((DATA / "heldout.txt").read_text()[:4000])
+def workspace(recipe_workspace):
+    """This module's own copy of the tiny recipe workspace (conftest), with a short multi-domain suite."""
+    root = recipe_workspace("gated")
     suite = root / "suite"
     suite.mkdir()
     domains = json.loads((DEFAULT_SUITE / "domains.json").read_text())["domains"][:2]

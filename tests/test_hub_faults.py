@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from mla_zoo.modeling.hub_client import BROWSE_ATTEMPTS, TRANSFER_ATTEMPTS
 from mla_zoo.zoo.cli import main
-from test_zoo import workspace, write_recipe  # noqa: F401 (workspace: a fixture, the tiny recipe's directory)
 
 TIMEOUT = 1.0  # HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT here
 BACKOFF = (1, 2, 4, 8, 8)  # huggingface_hub's sleeps between retries
@@ -82,13 +81,9 @@ def run_within(argv: list[str], seconds: float) -> tuple[int | None, float]:
 
 
 @pytest.fixture(scope="module")
-def release(workspace: Path) -> Path:  # noqa: F811 (the fixture imported above)
-    """A built release of the tiny recipe of test_zoo, to publish."""
-    from mla_zoo.zoo.release.build import build
-
-    out = workspace / "release"
-    build(write_recipe(workspace), out, progress=False, log=lambda _: None)
-    return out
+def release(tiny_release) -> Path:
+    """A built release of the tiny recipe (conftest's, as test_zoo's), to publish."""
+    return tiny_release[0]
 
 
 COMMANDS = [

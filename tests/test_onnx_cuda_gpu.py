@@ -24,7 +24,6 @@ pytestmark = pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available(),
     reason="needs onnxruntime-gpu (CUDAExecutionProvider) and a CUDA device")
 
-from conftest import DATA  # noqa: E402
 from mla_zoo.export import exporter, op, runner  # noqa: E402
 from mla_zoo.export.kernels import build  # noqa: E402
 from onnx import TensorProto  # noqa: E402
@@ -104,17 +103,12 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and th
 
 
 @pytest.fixture(scope="module")
-def smollm2_fp16(smollm2, cuda_library, tmp_path_factory):
-    """(torch fp16 model on CUDA, tokenizer, ONNX decoder on the CUDA EP with our kernel, torch fp32 model on CUDA)."""
-    from mla_zoo.modeling.convert import convert_model
-    from mla_zoo.modeling.convert_schema import ConvertSettings
-
-    model, tokenizer, info = smollm2
-    settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", svd="whitened",
-                               calib_text=str(DATA / "calib.txt"), calib_tokens=512, dtype="float32")
-    mla, _ = convert_model(model, tokenizer, info, settings, progress=False)
-    mla32 = copy.deepcopy(mla).eval().cuda()
-    mla = mla.eval().half()
+def smollm2_fp16(smollm2, smollm2_mla, cuda_library, tmp_path_factory):
+    """(torch fp16 model on CUDA, tokenizer, ONNX decoder on the CUDA EP with our kernel, torch fp32 model on
+    CUDA), from copies of the session's SmolLM2-135M-MLA (conftest: the paper's mildest setting, whitened SVD)."""
+    tokenizer = smollm2[1]
+    mla32 = copy.deepcopy(smollm2_mla[0]).eval().float().cuda()
+    mla = copy.deepcopy(smollm2_mla[0]).eval().half()
     report = exporter.export_model(mla, tmp_path_factory.mktemp("smollm2_fp16") / "onnx", dtype="fp16")
     decoder = runner.OnnxDecoder(report.output_dir, use_kernels=True, device="cuda")
     assert decoder.uses_kernels and decoder.cache.dtype is np.float16

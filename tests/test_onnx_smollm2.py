@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DATA
 
 pytest.importorskip("onnxruntime")
 
@@ -19,22 +18,17 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and th
 
 
 @pytest.fixture(scope="module")
-def smollm2_mla(smollm2):
-    from mla_zoo.modeling.convert import convert_model
-    from mla_zoo.modeling.convert_schema import ConvertSettings
-
-    model, tokenizer, info = smollm2
-    settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", svd="whitened",
-                               calib_text=str(DATA / "calib.txt"), calib_tokens=512, dtype="float32")
-    mla, _ = convert_model(model, tokenizer, info, settings, progress=False)
+def mla_and_tokenizer(smollm2_mla, smollm2):
+    """The session's SmolLM2-135M-MLA (conftest: the paper's mildest setting, whitened SVD) and its tokenizer."""
+    mla, _ = smollm2_mla
     pairs = mla.config.rope_pairs
     assert any(len({tuple(h) for h in layer}) > 1 for layer in pairs)  # heads really differ
-    return mla.eval(), tokenizer
+    return mla, smollm2[1]
 
 
 @pytest.fixture(scope="module")
-def smollm2_decoders(smollm2_mla, tmp_path_factory):
-    model, _ = smollm2_mla
+def smollm2_decoders(mla_and_tokenizer, tmp_path_factory):
+    model, _ = mla_and_tokenizer
     build.build_kernels()
     report = exporter.export_model(model, tmp_path_factory.mktemp("onnx_smollm2") / "onnx")
     assert report.mla_nodes == model.config.num_hidden_layers == 30
@@ -61,18 +55,18 @@ def torch_greedy_choices(model, ids: np.ndarray, mask: np.ndarray, new: np.ndarr
     return logits[:, ids.shape[1] - 1 : ids.shape[1] - 1 + n].argmax(-1)
 
 
-def test_smollm2_logits_agree_over_prefill_and_16_decode_steps(smollm2_mla, smollm2_decoders):
-    model, tokenizer = smollm2_mla
+def test_smollm2_logits_agree_over_prefill_and_16_decode_steps(mla_and_tokenizer, smollm2_decoders):
+    model, tokenizer = mla_and_tokenizer
     prompts = chat_prompts(tokenizer)
     assert len(prompts[0]) != len(prompts[1])  # left padding really happens
     worst = three_way_logits(model, smollm2_decoders, prompts, decode_steps=16)
     assert max(worst.values()) < 1e-3, worst
 
 
-def test_smollm2_32_greedy_tokens_identical(smollm2_mla, smollm2_decoders):
+def test_smollm2_32_greedy_tokens_identical(mla_and_tokenizer, smollm2_decoders):
     from test_onnx_export import left_padded
 
-    model, tokenizer = smollm2_mla
+    model, tokenizer = mla_and_tokenizer
     ids, mask = left_padded(chat_prompts(tokenizer), pad=tokenizer.pad_token_id or 0)
     tokens = {name: runner.generate(dec, ids, mask, max_new_tokens=32) for name, dec in smollm2_decoders.items()}
     np.testing.assert_array_equal(tokens["kernel"], tokens["body"])

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DATA, REPO
+from conftest import REPO
 from hub_server import HubServer
 from huggingface_hub import HfApi
 from mla_zoo.zoo.release.expressions import ExpressionError, Scope, condition, evaluate, substitute
@@ -83,13 +83,9 @@ def write_recipe(root: Path, name: str = "tiny-pipeline", version: str = "0.1.0"
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, source_dir) -> Path:
-    root = tmp_path_factory.mktemp("pipeline")
-    shutil.copytree(source_dir("llama-gqa"), root / "src")
-    (root / "src" / "README.md").write_text("---\nlicense: mit\n---\n# tiny source\n")
-    (root / "calib.txt").write_text((DATA / "calib.txt").read_text()[:8000])
-    (root / "heldout.txt").write_text((DATA / "heldout.txt").read_text()[:8000])
-    return root
+def workspace(recipe_workspace) -> Path:
+    """This module's own copy of the tiny recipe workspace (conftest), for the rehearsal's recipe."""
+    return recipe_workspace("pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, cache_of
+from conftest import DATA, SMOLLM2_PAPER_SETTING, cache_of
 from mla_zoo.modeling.common import read_text
 from mla_zoo.modeling.convert import convert_model, kv_bytes_per_token
 from mla_zoo.modeling.convert_schema import ConvertSettings
@@ -34,11 +34,11 @@ def test_lossless_conversion_of_the_real_model_keeps_logits_and_answers(smollm2)
 
 @pytest.fixture(scope="module")
 def paper_setting(smollm2):
-    """The paper's mildest SmolLM setting: d_kv=32 per KV head, r=4 pairs, 2-norm on real text."""
+    """The paper's mildest SmolLM setting (conftest: d_kv=32 per KV head, r=4 pairs, 2-norm on real text) with each
+    SVD, calibrated on 2048 tokens (the one-shot comparison needs them; conftest's smollm2_mla has 512)."""
     model, tokenizer, info = smollm2
-    common = dict(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", calib_text=str(DATA / "calib.txt"),
-                  calib_tokens=2048, dtype="float32")
-    return {svd: convert_model(model, tokenizer, info, ConvertSettings(svd=svd, **common), progress=False)
+    return {svd: convert_model(model, tokenizer, info, ConvertSettings(svd=svd, calib_tokens=2048,
+                                                                       **SMOLLM2_PAPER_SETTING), progress=False)
             for svd in ("joint", "whitened")}
 
 

@@ -7,6 +7,7 @@ The model is a tiny random Llama (GQA) with a real BPE tokenizer (conftest), so 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA
 from hub_server import HubServer
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from mla_zoo.modeling.common import BuildError, GateFailed, StageUnavailable, sha256_file
@@ -24,59 +24,15 @@ from mla_zoo.zoo import cli
 from mla_zoo.zoo.release import hub as zoo_hub
 from mla_zoo.zoo.release.build import build
 from mla_zoo.zoo.release.recipe import load_recipe
+from workspace import ORG, RECIPE, REPO_ID, write_recipe
 
 TOKEN = "hf_zoo_test_token_not_secret"
-ORG = "mla-zoo"
-REPO_ID = f"{ORG}/Tiny-Llama-MLA"
-
-RECIPE = """\
-# A tiny release for tests; relative paths are relative to this file.
-[release]
-name = "Tiny-Llama-MLA"
-repo_id = "{repo_id}"
-version = "{version}"
-description = "A tiny random Llama (GQA), converted for the tests."
-base_model = "mla-zoo-tests/tiny-llama-gqa"
-
-[source]
-model = "src"
-
-[conversion]
-kv_rank_per_head = 8
-rope_pairs = 2
-rope_strategy = "2-norm"
-calib_text = "calib.txt"
-calib_tokens = 256
-calib_seq_len = 64
-dtype = "float32"
-{extra}
-[eval]
-text = "heldout.txt"
-seq_len = 128
-max_tokens = {max_tokens}
-
-[eval.gates]
-max_perplexity_increase = {gate}
-min_kv_reduction = 0.5
-"""
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory, source_dir) -> Path:
-    """A recipe directory: the tiny source (its README gives the license) and short texts."""
-    root = tmp_path_factory.mktemp("zoo")
-    shutil.copytree(source_dir("llama-gqa"), root / "src")
-    (root / "src" / "README.md").write_text("---\nlicense: mit\n---\n# tiny source\n")
-    (root / "calib.txt").write_text((DATA / "calib.txt").read_text()[:8000])
-    (root / "heldout.txt").write_text((DATA / "heldout.txt").read_text()[:8000])
-    return root
-
-
-def write_recipe(root: Path, name: str = "tiny", *, version: str = "0.1.0", gate: float = 1.0,
-                 max_tokens: int = 256, extra: str = "", repo_id: str = REPO_ID):
-    path = root / f"{name}.toml"
-    path.write_text(RECIPE.format(version=version, gate=gate, max_tokens=max_tokens, extra=extra, repo_id=repo_id))
-    return load_recipe(path)
+def workspace(recipe_workspace) -> Path:
+    """This module's own copy of the tiny recipe workspace (conftest): the tests write recipes and builds into it."""
+    return recipe_workspace("zoo")
 
 
 class Log(list):
@@ -85,11 +41,10 @@ class Log(list):
 
 
 @pytest.fixture(scope="module")
-def release(workspace: Path) -> tuple[Path, dict]:
-    """The v0.1.0 release of the tiny recipe, built once."""
-    out = workspace / "release-v0.1.0"
-    summary = build(write_recipe(workspace), out, progress=False, log=Log())
-    return out, summary
+def release(tiny_release) -> tuple[Path, dict]:
+    """The v0.1.0 release of the tiny recipe, built once per session (conftest); tests copy it to build into it."""
+    out, summary = tiny_release
+    return out, copy.deepcopy(summary)
 
 
 @pytest.fixture(autouse=True)
