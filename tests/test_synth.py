@@ -123,3 +123,19 @@ def test_synth_reports_of_the_first_format_still_load():
     report = SynthReport.read(REPO / "bench" / "results" / "recovery" / "synth.json")  # unversioned
     assert report.world_size == 1 and report.settings.tokens == report.tokens and report.settings.mix == "chat=1"
     assert SynthReport.from_json(report.to_json()) == report
+
+
+def test_a_log_gets_a_progress_line_now_and_then(source_dir, tmp_path, monkeypatch, capsys):
+    """stderr that is no terminal (a log file) gets no bar, so sampling says how far it is every LOG_EVERY
+    seconds (0 here: after every chunk); progress=False (finetune --no-progress) keeps it quiet."""
+    from mla_zoo.zoo.train import synth
+
+    monkeypatch.setattr(synth, "LOG_EVERY", 0.0)
+    args = ["synth-data", str(source_dir("llama-gqa")), "--tokens", "60", "--seq-len", "16", "--batch-size", "2",
+            "--max-new-tokens", "8", "--mix", "bos=1"]
+    assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("synth-data: bos ")]
+    assert len(lines) >= 2 and lines[-1].endswith("generated tokens/s so far") and " of 60 tokens" in lines[-1]
+    settings = synth.SynthSettings(tokens=60, seq_len=16, batch_size=2, max_new_tokens=8, mix="bos=1")
+    synth.synth_data(str(source_dir("llama-gqa")), tmp_path / "b", settings, progress=False)  # finetune --no-progress
+    assert "synth-data: bos " not in capsys.readouterr().err

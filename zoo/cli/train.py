@@ -26,7 +26,7 @@ def synth(c: SynthCommand, settings: SynthSettings) -> int:
     from mla_zoo.zoo.train.synth import synth_data
 
     sources.locate(c.source)  # a missing path fails before any model loads
-    r = synth_data(c.source, c.output, settings, overwrite=c.overwrite, progress=sys.stderr.isatty(),
+    r = synth_data(c.source, c.output, settings, overwrite=c.overwrite, progress=True,
                    distributed=True)  # under torchrun / accelerate launch, the processes share the work
     if not is_main_process():  # one summary
         return 0

@@ -38,6 +38,7 @@ import math
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -260,6 +261,8 @@ class Sampler:
     generated: int = 0
     calls: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens) per call
     kept: tuple | None = None  # (temperature, max_new_tokens) of the continuous-batching manager kept on the model
+    log_every: float | None = None  # seconds between progress lines to a log (stderr no terminal: no bar there)
+    said: float = field(default_factory=time.time)  # when the last one went out (`sample_chunks`)
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Each prompt's answer, cut after its first EOS."""
@@ -423,6 +426,7 @@ def _encoded(source: str, chat: bool, tokenizer, prompts: list[str]) -> list[lis
 # the shards are the same for any N (bit for bit on CPU). The teacher's prompts are written by the
 # main process alone and sent to the others. All processes must see one file system (one machine).
 
+LOG_EVERY = 60.0  # seconds between progress lines when stderr is a log, not a terminal (no bar there)
 CHUNKS = ".chunks"  # inside the temporary output directory; removed before it is renamed into place
 
 
@@ -485,6 +489,11 @@ def sample_chunks(sampler: Sampler, encoded: list[list[int]], source: str, targe
         done, sampled = done + added, sampled + world
         bar.update(added)
         bar.set_postfix(gen_tok_s=f"{sampler.generated / max(sampler.seconds, 1e-9):.0f}")
+        if sampler.log_every is not None and time.time() - sampler.said >= sampler.log_every:
+            sampler.said = time.time()
+            rate = sampler.generated / max(sampler.seconds, 1e-9)
+            print(f"synth-data: {source} {done:,} of {target:,} tokens, {rate:,.0f} generated tokens/s so far",
+                  file=sys.stderr, flush=True)
     return sampled
 
 
@@ -545,6 +554,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
                       "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature)
+    if progress and main and not sys.stderr.isatty():
+        sampler.log_every = LOG_EVERY
     try:  # the sampler's continuous-batching manager holds a paged cache on the GPU: always freed
         torch.manual_seed(s.seed)  # the prompts; each chunk of samples seeds its own (`chunk_seed`)
 
