@@ -24,33 +24,14 @@ from huggingface_hub import HfApi
 from mla_zoo.zoo.release.expressions import ExpressionError, Scope, condition, evaluate, substitute
 from mla_zoo.zoo.release.pipeline import RehearsalError, load_workflow, pip_stand_in, rehearse, rehearse_workflow
 from mla_zoo.zoo.release.stages import STAGES
+from workspace import write_recipe as workspace_recipe
 
 WORKFLOWS = REPO / ".github" / "workflows"
 RELEASE = WORKFLOWS / "zoo-release.yml"
 REPO_ID = "mla-zoo/Tiny-Pipeline-MLA"
 TOKEN = "hf_pipeline_test_token_not_secret"
 
-RECIPE = """\
-# A tiny release for the rehearsal of the release workflow; relative paths are relative to this file.
-[release]
-name = "Tiny-Pipeline-MLA"
-repo_id = "{repo_id}"
-version = "{version}"
-description = "A tiny random Llama (GQA), released by the rehearsal of zoo-release.yml."
-base_model = "mla-zoo-tests/tiny-llama-gqa"
-
-[source]
-model = "src"
-
-[conversion]
-kv_rank_per_head = 8
-rope_pairs = 2
-rope_strategy = "2-norm"
-calib_text = "calib.txt"
-calib_tokens = 256
-calib_seq_len = 64
-dtype = "float32"
-
+PIPELINE_SECTIONS = """
 [finetune]
 enabled = true
 data = "calib.txt"
@@ -62,24 +43,15 @@ warmup_ratio = 0.0
 save_steps = 100
 logging_steps = 1
 
-[eval]
-text = "heldout.txt"
-seq_len = 128
-max_tokens = 256
-
-[eval.gates]
-max_perplexity_increase = 1.0
-min_kv_reduction = 0.5
-
 [export]
 enabled = true
 """
 
 
 def write_recipe(root: Path, name: str = "tiny-pipeline", version: str = "0.1.0", repo_id: str = REPO_ID) -> Path:
-    path = root / f"{name}.toml"
-    path.write_text(RECIPE.format(version=version, repo_id=repo_id))
-    return path
+    """The tiny recipe (tests/workspace.py) with a fine-tune and an export: what the rehearsal releases."""
+    return workspace_recipe(root, name, version=version, repo_id=repo_id, extra=PIPELINE_SECTIONS,
+                            release_name="Tiny-Pipeline-MLA", load=False)
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,8 @@ def test_card_names_its_data_states_kv_in_bf16_and_the_transformers_range(worksp
     (tmp_path / "data" / "SOURCES.md").write_text(
         "| file | contents |\n| --- | --- |\n| `calib.txt` | *Persuasion* (1818), Chapters 1-5 |\n"
         "| `heldout.txt` | *Northanger Abbey* (1818), Chapters 1-10 |\n")
-    text = RECIPE.format(version="0.1.0", gate=1.0, max_tokens=256, extra="", repo_id=REPO_ID)
+    text = RECIPE.format(version="0.1.0", gate=1.0, max_tokens=256, extra="", repo_id=REPO_ID,
+                         release_name="Tiny-Llama-MLA")
     text = text.replace('model = "src"', f'model = "{workspace / "src"}"').replace('"calib.txt"', '"../data/calib.txt"')
     (tmp_path / "recipes" / "paths.toml").write_text(text.replace('"heldout.txt"', '"../data/heldout.txt"'))
     out = tmp_path / "out"

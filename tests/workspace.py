@@ -16,7 +16,7 @@ REPO_ID = f"{ORG}/Tiny-Llama-MLA"
 RECIPE = """\
 # A tiny release for tests; relative paths are relative to this file.
 [release]
-name = "Tiny-Llama-MLA"
+name = "{release_name}"
 repo_id = "{repo_id}"
 version = "{version}"
 description = "A tiny random Llama (GQA), converted for the tests."
@@ -56,10 +56,12 @@ def make_workspace(root: Path, source: Path) -> Path:
 
 
 def write_recipe(root: Path, name: str = "tiny", *, version: str = "0.1.0", gate: float = 1.0,
-                 max_tokens: int = 256, extra: str = "", repo_id: str = REPO_ID):
-    """RECIPE as `root/name.toml`, loaded."""
+                 max_tokens: int = 256, extra: str = "", repo_id: str = REPO_ID, release_name: str = "Tiny-Llama-MLA",
+                 load: bool = True):
+    """RECIPE as `root/name.toml`, loaded (its path with load=False). `extra`: sections added before [eval]."""
     from mla_zoo.zoo.release.recipe import load_recipe
 
     path = root / f"{name}.toml"
-    path.write_text(RECIPE.format(version=version, gate=gate, max_tokens=max_tokens, extra=extra, repo_id=repo_id))
-    return load_recipe(path)
+    path.write_text(RECIPE.format(version=version, gate=gate, max_tokens=max_tokens, extra=extra, repo_id=repo_id,
+                                  release_name=release_name))
+    return load_recipe(path) if load else path
