@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import logging
 import math
 import random
 import re
@@ -353,6 +354,11 @@ class Sampler:
             self.kept = None
 
     @property
+    def rate(self) -> float:
+        """Generated tokens/s so far."""
+        return self.generated / max(self.seconds, 1e-9)
+
+    @property
     def steady(self) -> float | None:
         rest = self.calls[1:]
         return round(sum(n for _, n in rest) / sum(s for s, _ in rest), 1) if rest else None
@@ -361,8 +367,6 @@ class Sampler:
 @contextlib.contextmanager
 def _quiet(logger_name: str):
     """Holds back a library logger's warnings (not its errors) for the duration."""
-    import logging
-
     log = logging.getLogger(logger_name)
     level = log.level
     log.setLevel(logging.ERROR)
@@ -488,11 +492,10 @@ def sample_chunks(sampler: Sampler, encoded: list[list[int]], source: str, targe
         added = sum(_all(tokens.numel(), world))
         done, sampled = done + added, sampled + world
         bar.update(added)
-        bar.set_postfix(gen_tok_s=f"{sampler.generated / max(sampler.seconds, 1e-9):.0f}")
+        bar.set_postfix(gen_tok_s=f"{sampler.rate:.0f}")
         if sampler.log_every is not None and time.time() - sampler.said >= sampler.log_every:
             sampler.said = time.time()
-            rate = sampler.generated / max(sampler.seconds, 1e-9)
-            print(f"synth-data: {source} {done:,} of {target:,} tokens, {rate:,.0f} generated tokens/s so far",
+            print(f"synth-data: {source} {done:,} of {target:,} tokens, {sampler.rate:,.0f} generated tokens/s so far",
                   file=sys.stderr, flush=True)
     return sampled
 
