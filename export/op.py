@@ -237,7 +237,7 @@ RANKS = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, atte
 def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_body: bool = True) -> onnx.ModelProto:
     """A model of ONE MultiHeadLatentAttention node over the op's inputs and outputs (every dim dynamic),
     with the function body attached unless with_body=False: the kernel tests' and benchmarks' model."""
-    from onnx import helper
+    helper = onnx.helper
 
     def info(name):
         elem = onnx.TensorProto.INT64 if name == "attention_mask" else elem_type
