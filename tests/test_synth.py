@@ -41,10 +41,41 @@ def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tok
 def test_bos_only_mix_needs_no_prompts(source_dir, tmp_path):
     out = tmp_path / "bos"
     assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "100", "--seq-len", "16",
-                 "--batch-size", "4", "--max-new-tokens", "10", "--mix", "bos=1"]) == 0
+                 "--batch-size", "4", "--max-new-tokens", "10", "--mix", "bos=1", "--no-fill-rows"]) == 0
     report = json.loads((out / "synth.json").read_text())
     assert report["tokens_by_source"] == {"bos": report["tokens"]} and report["samples"] >= 100 // 11
+    assert report["settings"]["fill_rows"] is False and report["settings"]["max_new_tokens"] == 10
     assert main(["synth-data", "x", "-o", str(tmp_path / "y"), "--tokens", "1", "--mix", "chat=0.5+text=0.5"]) == 2
+
+
+def test_filled_rows_run_past_eos_to_the_row_length(source_dir, tmp_path):
+    """fill_rows (the default): a sample is the prompt's padded width plus seq_len minus that width of new tokens,
+    whatever EOS it writes, and nothing is appended; the teacher (GQA) samples with the packed attention."""
+    from mla_zoo.zoo.train.packed_gqa import NAME
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fill"
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "200", "--seq-len", "40",
+                 "--batch-size", "4", "--mix", "bos=1", "--temperature", "3"]) == 0
+    report = json.loads((out / "synth.json").read_text())
+    assert report["settings"]["fill_rows"] is True and report["attention"] == NAME
+    assert report["generated_tokens"] == report["samples"] * (40 - 16)  # BOS padded to a width of 16
+    ids = load_file(out / "shard-00000.safetensors")["input_ids"].flatten().tolist()
+    sample = ids[: 1 + 40 - 16]
+    assert sample[0] == 1 and ids[len(sample)] == 1  # the next sample starts right after: no EOS appended
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(tmp_path / "x"), "--tokens", "10",
+                 "--engine", "continuous"]) == 2  # continuous batching has no rows to fill: said, not ignored
+
+
+def test_a_filled_answer_goes_on_where_an_answer_stops():
+    """Sampler.fill against __call__ on the same greedy path, with that path's first token as the EOS."""
+    model = tiny_source("llama-gqa")
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    first = Sampler(model, 0, [], "generate", "dynamic", None)(prompts, 1)[0][0]
+    sampler = Sampler(model, pad_id=0, eos_ids=[first], engine="generate", cache="dynamic", temperature=None)
+    stopped, filled = sampler(prompts, 20), sampler.fill(prompts, 32)
+    assert stopped[0] == [first] and len(filled[0]) == len(filled[1]) == 32 - 16
+    assert filled[0][0] == first and filled[0][:2] != stopped[0] and sampler.generated == 1 + len(stopped[1]) + 32
 
 
 def test_continuous_batching_gives_generate_s_greedy_answers():

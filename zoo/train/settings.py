@@ -89,13 +89,22 @@ class SynthSettings(Settings):
                                                  "distribution)")
     prompt_temperature: float = setting(0.7, gt=0, help="sampling temperature when the teacher writes the prompts "
                                                         "(lower: fewer garbled prompts)")
-    max_new_tokens: int | None = setting(None, min=1, help="answer length cap (default: seq_len)")
+    fill_rows: bool = setting(True, help="each sample runs to seq_len tokens: the teacher writes on past its EOS "
+                                         "(its next turn or document), so no row ends early and every generated "
+                                         "token is kept (fixed batches, the fastest); off: answers stop at EOS")
+    max_new_tokens: int | None = setting(None, min=1, help="answer length cap without fill_rows (default: seq_len)")
     engine: str = setting("auto", choices=("auto", "continuous", "generate"),
                           help="continuous = transformers' continuous batching (finished rows stop costing), "
-                               "generate = fixed batches; auto = continuous on CUDA")
+                               "generate = fixed batches; auto = generate with fill_rows, else continuous on CUDA")
     cache: str = setting("auto", choices=("auto", "static", "dynamic"),
                          help="generate()'s KV cache: static (fixed shapes, fast on CUDA), dynamic; auto = static on "
                               "CUDA")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
                          help="sampling dtype (auto: bf16 on CUDA, fp32 on CPU)")
     seed: int = setting(0, min=0, help="random seed (prompt order and sampling)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.fill_rows and self.engine == "continuous":
+            raise SettingsError("`fill_rows` samples fixed batches in which no row ends: use engine generate (or "
+                                "auto), or turn fill_rows off for continuous batching")

@@ -11,6 +11,12 @@ The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`,
 * `bos`: unconditional samples from BOS (or EOS where the tokenizer has no BOS) at the temperature:
   whatever the model writes when nothing is asked.
 
+With `fill_rows` (the default) a sample does not stop at its EOS: the teacher writes on (its next
+turn, or a next document) until prompt + sample fill a row of `seq_len` tokens. That is still the
+teacher's own distribution, now over whole rows, which is what the KL is computed on; and no row of a
+fixed batch ends early, so every generated token is kept. Without it, answers stop at their EOS (at most
+`max_new_tokens`).
+
 No evaluation prompt enters: the shipped topics and request kinds are held out from data/eval
 (tests/test_synth_prompts.py), and a written prompt that equals or contains an evaluation prompt is
 dropped at run time. Samples are concatenated (EOS after each) and packed into rows of `seq_len`
@@ -20,9 +26,10 @@ reads such a directory, and `--data teacher:MIX` makes finetune sample one itsel
 
 Engines (`engine`): `continuous` = transformers' continuous batching (`generate_batch`): a finished
 row leaves the batch at once and a waiting one takes its place; `generate` = `generate()` in
-fixed batches (static cache on CUDA), every row running to the longest. `auto` takes continuous
-batching on CUDA where the installed transformers has it (5.17 and 5.24 do), and falls back to
-`generate` (said on stdout) if it fails.
+fixed batches (static cache on CUDA, compiled by transformers), every row running to the longest,
+the teacher's GQA decode attention packed instead of repeating K/V (`packed_gqa.py`). `auto` takes
+`generate` with `fill_rows`, else continuous batching on CUDA where the installed transformers has it
+(5.17 and 5.24 do), falling back to `generate` (said on stdout) if it fails.
 
 Several processes (`torchrun --nproc_per_node N` or `accelerate launch`, one machine) share the work
 data-parallel and write the same shards as one process: see "chunks and processes" below.
@@ -49,6 +56,7 @@ from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_d
 from mla_zoo.modeling.schema import Report
 from mla_zoo.modeling.sources import SourceInfo
 
+from .packed_gqa import NAME, use_packed_gqa
 from .settings import SynthSettings
 
 # Broad subjects the teacher writes prompts about. Held out from data/eval by name: no evaluation chat
@@ -207,7 +215,8 @@ class _ShardWriter:
 class SynthReport(Report):
     """synth.json: what was sampled, and how fast."""
 
-    SCHEMA_VERSION = 3  # 2: mix, per-source tokens, the engine, teacher-written prompts; 3: chunks, world_size
+    SCHEMA_VERSION = 4  # 2: mix, per-source tokens, the engine, teacher-written prompts; 3: chunks, world_size;
+    # 4: fill_rows (samples past EOS to seq_len), the attention
     FILE = "synth.json"
 
     model: str
@@ -230,6 +239,7 @@ class SynthReport(Report):
     prompt_seconds: float = 0.0  # writing the prompts (part of generation_seconds)
     example_prompts: list[str] = field(default_factory=list)
     world_size: int = 1  # processes that sampled (torchrun / accelerate launch)
+    attention: str = "sdpa"  # the teacher's attention while sampling (`packed_gqa.NAME` for generate on GQA)
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
@@ -242,6 +252,8 @@ class SynthReport(Report):
             data["settings"].setdefault("tokens", data["tokens"])
             data["settings"].setdefault("mix", "chat=1")  # prompts only, from templates
         data.setdefault("world_size", 1)
+        if version < 4:  # answers stopped at EOS
+            data["settings"] = {**data["settings"], "fill_rows": False}
         return data
 
 
@@ -267,18 +279,28 @@ class Sampler:
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Each prompt's answer, cut after its first EOS."""
-        t0 = time.time()
+        return self._timed(lambda: [self._cut(a) for a in self._answers(prompts, max_new_tokens)])
+
+    def fill(self, prompts: list[list[int]], length: int) -> list[list[int]]:
+        """Each prompt's continuation, on past any EOS, to `length` tokens with the prompt (a prompt shorter than
+        the batch's padded width gets the same number of new tokens as the longest): fixed batches of
+        `generate()`, in which no row ends early and the static cache has one length."""
+        return self._timed(lambda: self._generate(prompts, length, fill=True))
+
+    def _answers(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         if self.engine == "continuous":
             try:
-                answers = self._continuous(prompts, max_new_tokens)
+                return self._continuous(prompts, max_new_tokens)
             except Exception as e:  # noqa: BLE001 - fall back once, say so
                 print(f"synth-data: continuous batching failed ({type(e).__name__}: {e}); using generate()")
                 self.close()
                 self.engine = "generate"
-                answers = self._generate(prompts, max_new_tokens)
-        else:
-            answers = self._generate(prompts, max_new_tokens)
-        answers = [self._cut(a) for a in answers]
+        return self._generate(prompts, max_new_tokens)
+
+    def _timed(self, sample) -> list[list[int]]:
+        """`sample()`'s answers, its time and tokens counted."""
+        t0 = time.time()
+        answers = sample()
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0
@@ -298,12 +320,16 @@ class Sampler:
         return {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": 1.0}
 
     @torch.no_grad()
-    def _generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _generate(self, prompts: list[list[int]], max_new_tokens: int, fill: bool = False) -> list[list[int]]:
+        """Left-padded fixed batches; `fill`: `max_new_tokens` is the whole row (prompt width + answer), and no EOS
+        stops a row (eos_token_id None)."""
         width = -(-max(len(p) for p in prompts) // 16) * 16  # few distinct shapes for a static cache
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
-                      **self._kwargs())
+        if fill:
+            max_new_tokens = max(1, max_new_tokens - width)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id,
+                      eos_token_id=None if fill else self.eos_ids, **self._kwargs())
         if self.cache == "static":
             try:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
@@ -474,9 +500,10 @@ def _wait(world: int) -> None:
 
 
 def sample_chunks(sampler: Sampler, encoded: list[list[int]], source: str, target: int, chunk: int, max_new: int,
-                  eos: int, seed: int, tmp: Path, rank: int, world: int, bar) -> int:
+                  eos: int, seed: int, tmp: Path, rank: int, world: int, bar, fill_to: int | None = None) -> int:
     """Sample chunks of a source, this process's share of each round (see above), into `tmp`/CHUNKS until
-    the chunks of all processes hold `target` tokens; returns how many chunks were sampled."""
+    the chunks of all processes hold `target` tokens; returns how many chunks were sampled. `fill_to`: each
+    sample runs on to that many tokens (`Sampler.fill`) instead of answers of up to `max_new` ending at EOS."""
     from safetensors.torch import save_file
 
     sampled = done = 0
@@ -484,8 +511,10 @@ def sample_chunks(sampler: Sampler, encoded: list[list[int]], source: str, targe
         k = sampled + rank
         torch.manual_seed(chunk_seed(seed, source, k))  # all devices too
         batch = [encoded[(k * chunk + j) % len(encoded)] for j in range(chunk)]
-        samples = [p + a for p, a in zip(batch, sampler(batch, max_new), strict=True)]
-        samples = [x if x[-1] == eos else x + [eos] for x in samples]  # EOS after each sample
+        answers = sampler.fill(batch, fill_to) if fill_to else sampler(batch, max_new)
+        samples = [p + a for p, a in zip(batch, answers, strict=True)]
+        if not fill_to:  # an answer cut by max_new ends with an EOS too (a filled row runs on to the next sample)
+            samples = [x if x[-1] == eos else x + [eos] for x in samples]
         tokens = torch.tensor([t for x in samples for t in x], dtype=torch.int32)  # [sum of lengths]
         lengths = torch.tensor([len(x) for x in samples], dtype=torch.int64)  # [chunk]
         save_file({"tokens": tokens, "lengths": lengths}, str(_chunk_file(tmp, source, k)))
@@ -550,11 +579,12 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
     if tokenizer.eos_token_id is None:
         raise SynthError("the tokenizer has no EOS token to end the samples with")
     chat = bool(getattr(tokenizer, "chat_template", None))
-    engine = s.engine if s.engine != "auto" else "continuous" if cuda else "generate"
+    engine = s.engine if s.engine != "auto" else "continuous" if cuda and not s.fill_rows else "generate"
     if engine == "continuous" and not has_continuous_batching(model):
         print("synth-data: this transformers has no continuous batching (generate_batch); using generate()")
         engine = "generate"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    attention = NAME if engine == "generate" and use_packed_gqa(model) else model.config._attn_implementation
     sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
                       "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature)
     if progress and main and not sys.stderr.isatty():
@@ -573,7 +603,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
             if not prompts:
                 raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
         prompt_seconds = sampler.seconds
-        max_new = s.max_new_tokens or s.seq_len
+        max_new = s.seq_len if s.fill_rows else s.max_new_tokens or s.seq_len
         targets = {name: math.ceil(share * s.tokens) for name, share in shares.items()}
         chunks = {name: min(batch_size, math.ceil(target / max_new)) for name, target in targets.items()}
         used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
@@ -587,7 +617,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                               enabled=progress and main) as bar:
                 for name, target in targets.items():
                     sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts), name, target, chunks[name],
-                                  max_new, tokenizer.eos_token_id, s.seed, tmp, rank, world, bar)
+                                  max_new, tokenizer.eos_token_id, s.seed, tmp, rank, world, bar,
+                                  fill_to=s.seq_len if s.fill_rows else None)
             stats = _all((sampler.seconds, sampler.generated, sampler.calls[1:]), world)  # every chunk is saved now
             if main:
                 writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
@@ -613,7 +644,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                     steady_generated_tokens_per_second=round(sum(n for _, n in rest) / steady_seconds, 1) if rest
                     and steady_seconds > 0 else None,
                     tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
-                    world_size=world,
+                    world_size=world, attention=attention,
                 )
                 report.write(tmp)
         _wait(world)  # the main process has renamed the directory into place
