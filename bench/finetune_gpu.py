@@ -73,7 +73,7 @@ def main() -> None:
         t0 = time.time()
         try:
             r = synth_data(str(tdir), work / f"synth-{cache}-{batch}",
-                           SynthSettings(tokens=args.synth_tokens, seq_len=512, batch_size=batch, max_new_tokens=256,
+                           SynthSettings(tokens=args.synth_tokens, seq_len=512, batch_size=batch, max_new_tokens=256, fill_rows=False,
                                          cache=cache), progress=False)
             say(check=f"synth-data {cache} batch {batch}", generated_tokens_per_second=r.generated_tokens_per_second,
                 steady=r.steady_generated_tokens_per_second, tokens=r.tokens, seconds=r.seconds,

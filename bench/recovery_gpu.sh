@@ -85,26 +85,31 @@ finetune() {  # finetune NAME CKPT DATA [flags]: resumes a run that a previous c
   return 0
 }
 
-probe() {  # the engines' sampling speed on 256k tokens each (minutes at worst), before anything long
-  for engine in continuous generate; do
-    synth "probe-$engine" 262144 --engine "$engine" --max-new-tokens 512 --prompt-pool 256
-  done
+probe() {  # the engines' sampling speed (minutes at worst), before anything long: filled rows (the default:
+  # fixed batches, packed GQA attention, compiled) on 4M tokens (4 calls: the first compiles), then answers that
+  # stop at EOS in fixed batches and with continuous batching
+  synth probe-fill 4194304 --engine generate --prompt-pool 256
+  synth probe-stop-generate 1048576 --no-fill-rows --engine generate --max-new-tokens 512 --prompt-pool 256
+  synth probe-stop-continuous 262144 --no-fill-rows --engine continuous --max-new-tokens 512 --prompt-pool 256
 }
 
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
   convert 32
   suite oneshot32 "$W/mla32"
-  synth quick-data $(( (${QUICK_STEPS:-200} + 1) * 32 * 1024 )) --engine "${SYNTH_ENGINE:-auto}" --max-new-tokens 512
+  synth quick-data $(( (${QUICK_STEPS:-200} + 1) * 32 * 1024 ))
   finetune quick32 "$W/mla32" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
     --max-steps "${QUICK_STEPS:-200}"
   suite quick32 "$W/quick32"
 }
 
 throughput() {  # synth-data engines and the global stage's loss / precision / compile options, side by side
-  for engine in continuous generate; do
-    mla-zoo synth-data smollm2-135m -o "$W/tp-$engine" --tokens 2000000 --seq-len 1024 --batch-size 1024 \
-      --max-new-tokens 512 --engine "$engine" --mix "$MIX" --prompt-pool 1024 --overwrite > "$OUT/synth-$engine.log" 2>&1
-    cp "$W/tp-$engine/synth.json" "$OUT/synth-$engine.json"
+  for way in "fill --engine generate" "stop --no-fill-rows --max-new-tokens 512 --engine continuous"; do
+    # shellcheck disable=SC2086  # the way's words are its name and flags
+    set -- $way
+    local name=$1; shift
+    mla-zoo synth-data smollm2-135m -o "$W/tp-$name" --tokens 2000000 --seq-len 1024 --batch-size 1024 \
+      --mix "$MIX" --prompt-pool 1024 --overwrite "$@" > "$OUT/synth-$name.log" 2>&1
+    cp "$W/tp-$name/synth.json" "$OUT/synth-$name.json"
   done
   convert 32
   for variant in "chunked --no-compile" "fused --no-compile" "liger --no-compile" "fused --compile" \
@@ -113,7 +118,7 @@ throughput() {  # synth-data engines and the global stage's loss / precision / c
     set -- $variant
     local name
     name="tp-$(echo "$variant" | tr -d '-' | tr ' ' '_')"
-    mla-zoo finetune "$W/mla32" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-continuous" --seq-len 1024 \
+    mla-zoo finetune "$W/mla32" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-fill" --seq-len 1024 \
       --batch-size 32 --stages global --max-steps 60 --kl-impl "$@" --save-steps 1000 --logging-steps 10 \
       --no-progress --overwrite > "$OUT/$name.log" 2>&1 || { echo "$name failed" | tee -a "$OUT/$name.log"; continue; }
     cp "$W/$name/training.json" "$OUT/$name.training.json"
@@ -122,7 +127,7 @@ throughput() {  # synth-data engines and the global stage's loss / precision / c
 
 release() {  # one shared teacher sample, then both settings; resumable across 10-minute calls
   [ -f "$W/release-data/synth.json" ] || mla-zoo synth-data smollm2-135m -o "$W/release-data" \
-    --tokens "${RELEASE_TOKENS:-60000000}" --seq-len 1024 --batch-size 2048 --max-new-tokens 768 --mix "$MIX" \
+    --tokens "${RELEASE_TOKENS:-60000000}" --seq-len 1024 --batch-size 2048 --mix "$MIX" \
     --overwrite > "$OUT/release-data.log" 2>&1
   cp "$W/release-data/synth.json" "$OUT/release-data.synth.json"
   for d in 32 8; do

@@ -16,7 +16,7 @@ def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tok
     src = source_dir("llama-gqa")
     out = tmp_path / "synth"
     code = main(["synth-data", str(src), "-o", str(out), "--tokens", "600", "--seq-len", "32", "--batch-size", "8",
-                 "--max-new-tokens", "24", "--seed", "1", "--mix", "chat=0.5+bos=0.5", "--prompt-pool", "6"])
+                 "--seed", "1", "--mix", "chat=0.5+bos=0.5", "--prompt-pool", "6"])
     assert code == 0
     assert "tokens/s" in capsys.readouterr().out
     report = json.loads((out / "synth.json").read_text())
@@ -63,8 +63,9 @@ def test_filled_rows_run_past_eos_to_the_row_length(source_dir, tmp_path):
     ids = load_file(out / "shard-00000.safetensors")["input_ids"].flatten().tolist()
     sample = ids[: 1 + 40 - 16]
     assert sample[0] == 1 and ids[len(sample)] == 1  # the next sample starts right after: no EOS appended
-    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(tmp_path / "x"), "--tokens", "10",
-                 "--engine", "continuous"]) == 2  # continuous batching has no rows to fill: said, not ignored
+    for refused in (["--engine", "continuous"], ["--max-new-tokens", "8"]):  # no rows to fill / no answers to cap
+        assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(tmp_path / "x"), "--tokens", "10",
+                     *refused]) == 2
 
 
 def test_a_filled_answer_goes_on_where_an_answer_stops():
@@ -163,10 +164,10 @@ def test_a_log_gets_a_progress_line_now_and_then(source_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(synth, "LOG_EVERY", 0.0)
     args = ["synth-data", str(source_dir("llama-gqa")), "--tokens", "60", "--seq-len", "16", "--batch-size", "2",
-            "--max-new-tokens", "8", "--mix", "bos=1"]
+            "--mix", "bos=1"]
     assert main([*args, "-o", str(tmp_path / "a")]) == 0
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("synth-data: bos ")]
     assert len(lines) >= 2 and lines[-1].endswith("generated tokens/s so far") and " of 60 tokens" in lines[-1]
-    settings = synth.SynthSettings(tokens=60, seq_len=16, batch_size=2, max_new_tokens=8, mix="bos=1")
+    settings = synth.SynthSettings(tokens=60, seq_len=16, batch_size=2, mix="bos=1")
     synth.synth_data(str(source_dir("llama-gqa")), tmp_path / "b", settings, progress=False)  # finetune --no-progress
     assert "synth-data: bos " not in capsys.readouterr().err

@@ -10,7 +10,7 @@ import sys
 
 from conftest import REPO
 
-ARGS = ["--tokens", "600", "--seq-len", "32", "--batch-size", "4", "--max-new-tokens", "16", "--seed", "3",
+ARGS = ["--tokens", "600", "--seq-len", "32", "--batch-size", "4", "--seed", "3",
         "--mix", "chat=0.5+bos=0.5", "--prompt-pool", "4"]
 
 

@@ -15,6 +15,7 @@ works with `generate()`, static caches and `torch.compile`. It is for sampling f
 from __future__ import annotations
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "sdpa_packed_gqa"
 
@@ -23,8 +24,6 @@ def packed_gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
                          attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                          **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [B, H, q, D], key/value [B, H_kv, L, D] -> ([B, q, H, D], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     b, h, q_len, d = query.shape
     shared_mask = attention_mask is None or attention_mask.shape[1] == 1  # one mask for every head

@@ -105,6 +105,9 @@ class SynthSettings(Settings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.fill_rows and self.max_new_tokens is not None:
+            raise SettingsError("`max_new_tokens` caps answers that stop at EOS; with `fill_rows` every sample runs "
+                                "to seq_len: drop it, or turn fill_rows off")
         if self.fill_rows and self.engine == "continuous":
             raise SettingsError("`fill_rows` samples fixed batches in which no row ends: use engine generate (or "
                                 "auto), or turn fill_rows off for continuous batching")

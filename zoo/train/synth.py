@@ -425,7 +425,7 @@ def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, b
     limit = max(4 * pool, batch_size)  # requests: a model that cannot write prompts stops here
     answer_temperature, sampler.temperature = sampler.temperature, temperature
     while len(found) < pool and asked < limit:
-        batch = [next(order) for _ in range(min(batch_size, 2 * (pool - len(found))))]
+        batch = [next(order) for _ in range(batch_size)]  # always full: one shape to compile (the last overshoots)
         asked += len(batch)
         replies = sampler([chat_ids(tokenizer, r) for r in batch], 64)
         cleaned = [clean_prompt(tokenizer.decode(a, skip_special_tokens=True)) for a in replies]
@@ -606,7 +606,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         max_new = s.seq_len if s.fill_rows else s.max_new_tokens or s.seq_len
         targets = {name: math.ceil(share * s.tokens) for name, share in shares.items()}
         chunks = {name: min(batch_size, math.ceil(target / max_new)) for name, target in targets.items()}
-        used = replace(s, max_new_tokens=max_new, engine=sampler.engine, cache=sampler.cache,
+        used = replace(s, max_new_tokens=None if s.fill_rows else max_new, engine=sampler.engine, cache=sampler.cache,
                        dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
         with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
             tmp = _from_main(tmp, world)  # the main process's temporary directory
