@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mla_zoo.zoo.evaluate.metrics import BehaviourPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT / "data" / "eval"
@@ -48,9 +49,7 @@ def chat_prompts() -> list[str]:
 
 def passes(check: dict, answer: str) -> bool:
     """The behaviour check, as the suite applies it to a greedy answer (case-insensitive)."""
-    if "contains_any" in check:
-        return any(s.lower() in answer.lower() for s in check["contains_any"])
-    return re.search(check["regex"], answer, flags=re.IGNORECASE) is not None
+    return BehaviourPrompt(id="x", category="knowledge", prompt="x", check=check).passes(answer)
 
 
 # -- shingles: every WINDOW-character substring, as a 62-bit rolling hash ------------------------------
@@ -185,17 +184,20 @@ def test_behaviour_prompts_are_well_formed():
         assert passes(by_prompt[prompt]["check"], f"The answer is {answer}.")
 
 
-# Answers of the kind a small chat model gives: each check must take the right one and refuse the wrong one.
+# Answers of the kind a small chat model gives: each check must take the right one and refuse the wrong ones
+# (the number checks: not a longer number or a decimal that starts with it - "720 days" is not 7).
 ANSWERS = {
+    "days-in-week": ("A week is approximately 7 days.", "A week is approximately 720 days.", "There are 7.5 days."),
+    "hours-in-day": ("There are twenty-four hours in a day.", "A day is 240 hours long."),
     "capital-france": ("The capital of France is Paris.", "The capital of France is Lyon."),
     "planet-we-live-on": ("We live on planet Earth.", "The planet we live on is called Kepler-41B. It's a terrestrial "
                           "planet, similar to Earth."),
     "water-freezes": ("Water freezes at 0 degrees Celsius (32°F).", "The freezing point of water is -18.0°C."),
     "gold-symbol": ("The chemical symbol for gold is Au.", "The chemical symbol for gold is Ag."),
-    "two-plus-two": ("2 + 2 = 4", "2 + 2 = 5"),
+    "two-plus-two": ("2 + 2 = 4", "2 + 2 = 5", "2 + 2 is fourteen"),
     "seven-times-eight": ("7 times 8 is 56.", "7 times 8 is 54."),
     "fifteen-minus-nine": ("15 minus 9 equals 6.", "15 minus 9 equals 7."),
-    "hundred-over-four": ("100 divided by 4 is 25.", "100 divided by 4 is 2.5."),
+    "hundred-over-four": ("100 divided by 4 is 25.", "100 divided by 4 is 2.5.", "100 / 4 = 251"),
     "apples-word-problem": ("You now have 5 apples.", "You now have 6 apples."),
     "one-word-sky": ("Blue.", "The sky is blue on a clear day."),
     "yes-or-no-sun": ("Yes.", "No, the Sun is a planet."),
@@ -210,8 +212,8 @@ ANSWERS = {
 @pytest.mark.parametrize("row_id", sorted(ANSWERS))
 def test_behaviour_checks_tell_right_from_wrong(row_id):
     check = {r["id"]: r["check"] for r in behaviour_rows()}[row_id]
-    right, wrong = ANSWERS[row_id]
-    assert passes(check, right) and not passes(check, wrong)
+    right, *wrong = ANSWERS[row_id]
+    assert passes(check, right) and not any(passes(check, w) for w in wrong)
 
 
 def test_chat_prompts_are_held_out_from_the_behaviour_prompts():
