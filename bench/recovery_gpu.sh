@@ -96,7 +96,8 @@ probe() {  # the engines' sampling speed (minutes at worst), before anything lon
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
   convert 32
   suite oneshot32 "$W/mla32"
-  synth quick-data $(( (${QUICK_STEPS:-200} + 1) * 32 * 1024 ))
+  # QUICK_DATA_TOKENS below the steps' tokens: the global stage makes several passes (the Trainer repeats the data)
+  synth quick-data "${QUICK_DATA_TOKENS:-$(( (${QUICK_STEPS:-200} + 1) * 32 * 1024 ))}"
   finetune quick32 "$W/mla32" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
     --max-steps "${QUICK_STEPS:-200}"
   suite quick32 "$W/quick32"
