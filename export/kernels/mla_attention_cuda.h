@@ -69,8 +69,28 @@ struct Plan {
   size_t smem_bytes = 0;    // dynamic shared memory of an attend block
   size_t q_bytes = 0;       // scratch: prepared queries [B*S*H, ldq]
   size_t part_bytes = 0;    // scratch: split partials (output [rows*splits, r] + lse [rows*splits]), 0 if one split
+  int stages = 7;           // kernels launch() enqueues: 1 prepare | 2 attend | 4 merge (the harness's timing breakdown)
   size_t scratch_bytes() const { return q_bytes + part_bytes; }
 };
+
+// Knobs of the launch plan, to tune it on a GPU without rebuilding; 0 (-1 for pipeline) = the built-in
+// choice. make_plan reads them from the environment once per process (env_tuning) unless given some:
+//   MLA_ZOO_CUDA_BLOCK_N          cache slots per tile: 32, 64, 128 or 256 (falls back to smaller if it does not fit)
+//   MLA_ZOO_CUDA_BLOCKS_PER_SM    split-K target: attend blocks per SM over the whole grid (built-in: 4)
+//   MLA_ZOO_CUDA_SPLITS           a fixed number of splits of the cache (overrides BLOCKS_PER_SM)
+//   MLA_ZOO_CUDA_MIN_SPLIT_TILES  no split shorter than this many tiles (built-in: 2)
+//   MLA_ZOO_CUDA_THREADS          threads per attend block: 128 or 256 (built-in: 128 for 16-row blocks, else 256)
+//   MLA_ZOO_CUDA_PIPELINE         0: no cp.async double buffering (the plain synchronous loads)
+struct Tuning {
+  int block_n = 0;
+  int blocks_per_sm = 0;
+  int splits = 0;
+  int min_split_tiles = 0;
+  int threads = 0;
+  int pipeline = -1;
+};
+
+const Tuning& env_tuning();
 
 // Device facts the plan depends on (queried once per device; the harness may pass its own).
 struct Device {
@@ -81,9 +101,11 @@ struct Device {
 Device current_device();  // of the calling thread's current CUDA device (cached per device)
 
 // The launch configuration for these dims. Throws ShapeError for dims the kernel cannot run.
-// pipeline=false (or MLA_ZOO_CUDA_PIPELINE=0 in the environment) turns the cp.async double
+// pipeline=false (or pipeline 0 in the tuning) turns the cp.async double
 // buffering of the cache tiles off: the plain synchronous loads (the harness tests both).
-Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto, bool pipeline = true);
+// tuning: nullptr = env_tuning().
+Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto, bool pipeline = true,
+               const Tuning* tuning = nullptr);
 
 // Enqueues the op on `stream` (a cudaStream_t; nullptr = the legacy default stream). `scratch` holds
 // plan.scratch_bytes() bytes of device memory, 256-byte aligned, that stay untouched until the
