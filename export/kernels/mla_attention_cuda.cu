@@ -806,6 +806,24 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   return plan;
 }
 
+int attend_occupancy(const Plan& plan, Dtype dtype) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  (void)plan, (void)dtype;
+  return -1;
+#else
+  const void* kernel = dtype == Dtype::kFloat32 ? reinterpret_cast<const void*>(attend_kernel<float, false>)
+                       : plan.tensor_cores      ? reinterpret_cast<const void*>(attend_kernel<__half, true>)
+                                                : reinterpret_cast<const void*>(attend_kernel<__half, false>);
+  int blocks = -1;
+  if (allow_smem(kernel, plan.smem_bytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, plan.smem_bytes) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return blocks;
+#endif
+}
+
 std::string launch(const MlaDims& md, const std::vector<int64_t>& rope_pairs, float scale, Dtype dtype,
                    const Plan& plan, const Inputs& in, const Outputs& out, void* scratch, void* stream) {
   const Dims d = to_dims(md);

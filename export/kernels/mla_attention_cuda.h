@@ -107,6 +107,10 @@ Device current_device();  // of the calling thread's current CUDA device (cached
 Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto, bool pipeline = true,
                const Tuning* tuning = nullptr);
 
+// Attend blocks of this plan resident per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor on the
+// current device; -1 when unknown, e.g. in the CPU emulation). For the harness's sweep.
+int attend_occupancy(const Plan& plan, Dtype dtype);
+
 // Enqueues the op on `stream` (a cudaStream_t; nullptr = the legacy default stream). `scratch` holds
 // plan.scratch_bytes() bytes of device memory, 256-byte aligned, that stay untouched until the
 // kernels are done (stream order). Returns "" or an error message (cudaGetLastError after each
