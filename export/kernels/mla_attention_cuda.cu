@@ -65,6 +65,8 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__host__ __device__ inline int64_t ceil_div_dev(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 struct RopeIndex {
   uint16_t v[kMaxRopeIndices];  // rope_pairs, row-major [n_kv, R]
 };
@@ -115,7 +117,8 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
     const float* x = qn + h * d.dn;
     const T* w = a.w_uk + (h / d.G) * d.dn * d.r + c;
     float acc = 0.f;
-    for (int64_t j = 0; j < d.dn; ++j) acc = fmaf(x[j], to_f(w[j * d.r]), acc);
+#pragma unroll 8
+    for (int64_t j = 0; j < d.dn; ++j) acc = fmaf(x[j], to_f(w[j * d.r]), acc);  // 8 loads in flight
     qrow[h * a.ldq + c] = from_f<T>(acc);
   }
   if (blockIdx.y != 0) return;
@@ -140,6 +143,35 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
       v = a.scale * (j < d.R ? x1 * cs[ci] - x2 * sn[ci] : x2 * cs[ci] + x1 * sn[ci]);
     }
     qrow[h * a.ldq + d.r + c] = from_f<T>(v);
+  }
+}
+
+// out[e] = (sum_c o[c] * w[e, c]) / l for e < dv (0 where l <= 0): the W_uv projection of one
+// query row, o in shared memory [r] fp32, w [dv, r] in global memory. It is latency-bound (a few KB
+// per row), so one warp per 4 outputs with the lanes along r: each load instruction reads contiguous
+// bytes of a row of w, and 4 rows' loads are in flight per lane (one thread per output, walking its
+// row of w serially, left one uncoalesced load in flight).
+constexpr int kProjectOutputs = 4;
+
+template <typename T>
+__device__ __forceinline__ void project_group(const float* o, const T* w, int64_t e0, int64_t dv, int64_t r, float l,
+                                              T* out, int lane) {
+  float acc[kProjectOutputs] = {};
+  const T* rows[kProjectOutputs];  // past the last output: the last row again (loads without branches)
+#pragma unroll
+  for (int u = 0; u < kProjectOutputs; ++u) rows[u] = w + min(e0 + u, dv - 1) * r;
+  for (int64_t c = lane; c < r; c += kWarp) {
+    const float x = o[c];
+    float v[kProjectOutputs];
+#pragma unroll
+    for (int u = 0; u < kProjectOutputs; ++u) v[u] = to_f(rows[u][c]);
+#pragma unroll
+    for (int u = 0; u < kProjectOutputs; ++u) acc[u] = fmaf(x, v[u], acc[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kProjectOutputs; ++u) {
+    const float v = warp_sum(acc[u]);
+    if (lane == 0 && e0 + u < dv) out[e0 + u] = from_f<T>(l > 0.f ? v / l : 0.f);
   }
 }
 
@@ -539,22 +571,19 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
 
   // epilogue: one split -> output = (o / l) @ W_uv[g]^T; several -> normalised partial + its lse
   if (a.splits == 1) {
-    for (int idx = threadIdx.x; idx < nrows * d.dv; idx += blockDim.x) {
-      const int m = idx / static_cast<int>(d.dv);
-      const int64_t e = idx % d.dv, row = row0 + m, h = row % d.H;
-      const float l = row_sum[m];
-      const T* w = a.w_uv + ((h / d.G) * d.dv + e) * d.r;
-      const float* om = o + m * a.ldo;
-      float acc = 0.f;
-      for (int64_t c = 0; c < d.r; ++c) acc = fmaf(om[c], to_f(w[c]), acc);
-      a.out[(b * rows + row) * d.dv + e] = from_f<T>(l > 0.f ? acc / l : 0.f);
+    const int groups = static_cast<int>(ceil_div_dev(d.dv, kProjectOutputs));  // per row
+    for (int item = warp; item < nrows * groups; item += warps) {  // (row m, group of kProjectOutputs outputs)
+      const int m = item / groups;
+      const int64_t row = row0 + m, g = (row % d.H) / d.G;
+      project_group(o + m * a.ldo, a.w_uv + g * d.dv * d.r, static_cast<int64_t>(item % groups) * kProjectOutputs, d.dv,
+                    d.r, row_sum[m], a.out + (b * rows + row) * d.dv, lane);
     }
   } else {
-    for (int idx = threadIdx.x; idx < nrows * d.r; idx += blockDim.x) {
-      const int m = idx / static_cast<int>(d.r);
-      const int64_t c = idx % d.r;
+    const int r = static_cast<int>(d.r);
+    for (int idx = threadIdx.x; idx < nrows * r; idx += blockDim.x) {
+      const int m = idx / r, c = idx % r;
       const float l = row_sum[m];
-      const int64_t prow = (b * rows + row0 + m) * a.splits + split;
+      const int64_t prow = (b * rows + row0 + m) * a.splits + split;  // partial row [B*S*H, splits]
       a.part_o[prow * d.r + c] = l > 0.f ? o[m * a.ldo + c] / l : 0.f;
       if (c == 0) a.part_lse[prow] = l > 0.f ? row_max[m] + logf(l) : kNegInf;
     }
@@ -573,34 +602,35 @@ __global__ void merge_kernel(Dims d, const float* part_o, const float* part_lse,
   float* o = weight + splits;
   const int64_t row = blockIdx.x;  // (b*S + s)*H + h
   const float* lse = part_lse + row * splits;
-  if (threadIdx.x < kWarp) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  if (warp == 0) {
     float mx = kNegInf;
-    for (int64_t i = threadIdx.x; i < splits; i += kWarp) mx = fmaxf(mx, lse[i]);
+    for (int64_t i = lane; i < splits; i += kWarp) mx = fmaxf(mx, lse[i]);
     mx = warp_max(mx);
     float sum = 0.f;
-    for (int64_t i = threadIdx.x; i < splits; i += kWarp) {
+    for (int64_t i = lane; i < splits; i += kWarp) {
       const float w = lse[i] == kNegInf ? 0.f : expf(lse[i] - mx);
       weight[i] = w;
       sum += w;
     }
     sum = warp_sum(sum);
-    if (threadIdx.x == 0) total = sum;
+    if (lane == 0) total = sum;
   }
   __syncthreads();
+  // o[c] = sum_i weight[i] * part_o[i, c] / total: a thread per column, the splits unrolled so that
+  // several loads are in flight (an empty split's partial is 0 with weight 0: no branch needed)
   const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float* po = part_o + row * splits * d.r;  // [splits, r]
   for (int64_t c = threadIdx.x; c < d.r; c += blockDim.x) {
     float acc = 0.f;
-    for (int64_t i = 0; i < splits; ++i)
-      if (weight[i] != 0.f) acc = fmaf(weight[i], part_o[(row * splits + i) * d.r + c], acc);
+#pragma unroll 8
+    for (int64_t i = 0; i < splits; ++i) acc = fmaf(weight[i], po[i * d.r + c], acc);
     o[c] = acc * inv;
   }
   __syncthreads();
   const T* w = w_uv + ((row % d.H) / d.G) * d.dv * d.r;
-  for (int64_t e = threadIdx.x; e < d.dv; e += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t c = 0; c < d.r; ++c) acc = fmaf(o[c], to_f(w[e * d.r + c]), acc);
-    out[row * d.dv + e] = from_f<T>(acc);
-  }
+  for (int64_t e0 = static_cast<int64_t>(warp) * kProjectOutputs; e0 < d.dv; e0 += warps * kProjectOutputs)
+    project_group(o, w, e0, d.dv, d.r, 1.f, out + row * d.dv, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
