@@ -3,11 +3,16 @@
 // reference written from export/op_spec.md (not from either kernel). For when onnxruntime-gpu cannot
 // run on the GPU machine, and to test both float16 paths (tensor cores and CUDA cores).
 //
-//   mla_zoo_cuda_harness                 # every case, float32 and float16 (both paths); exit 1 on failure
+//   mla_zoo_cuda_harness                 # every case, float32 and float16 (both paths, cp.async double and
+//                                        # triple buffering, 128-slot tiles); exit 1 on failure
 //   mla_zoo_cuda_harness --case NAME     # one case
 //   mla_zoo_cuda_harness --quick         # the small cases only (the CPU emulation in CI)
 //   mla_zoo_cuda_harness --bench [--contexts 2048,8192,32768 --batches 1,16 --iters 50]
 //                                        # decode latency at SmolLM2-MLA's dims (float16) + copy bandwidth
+//   mla_zoo_cuda_harness --sweep [--contexts 16384,32768 --batches 1,16 --iters 50]
+//                                        # every launch configuration (what MLA_ZOO_CUDA_* set): checked on small
+//                                        # cases, then timed per shape (+ 2048 x 1 by default); see sweep()
+//   mla_zoo_cuda_harness --sweep-checks  # the sweep's checks only (the CPU emulation in CI)
 // Each result is one JSON line on stdout.
 
 #ifdef MLA_ZOO_CUDA_EMULATION
@@ -328,11 +333,11 @@ bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype
   if (!print) return ok;
   std::printf(
       "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"pipelined\": %s, "
-      "\"block_m\": %d, \"block_n\": %d, "
+      "\"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, "
       "\"row_blocks\": %lld, \"splits\": %lld, \"output_rel_err\": %.3e, \"present_latent_max_abs\": %.3e, "
       "\"present_key_rope_rel_err\": %.3e, \"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
       c.name.c_str(), fp16 ? "float16" : "float32", math_name(math), run.plan.tensor_cores ? "true" : "false",
-      run.plan.pipelined ? "true" : "false", run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
+      run.plan.pipelined ? "true" : "false", run.plan.ring, run.plan.threads, run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
       static_cast<long long>(run.plan.splits), out.rel(), lat.max_abs, kr.rel(), out_tol, err.c_str(),
       ok ? "true" : "false");
   std::fflush(stdout);
@@ -422,12 +427,13 @@ struct Config {
 std::vector<Config> sweep_configs() {
   std::vector<Config> out;
   out.push_back({"default", mla_zoo::cuda::env_tuning()});
-  auto add = [&](int bn, int bps, int threads, int pipeline, int splits, int min_tiles) {
+  auto add = [&](int bn, int bps, int threads, int pipeline, int splits, int min_tiles, int ring = 0) {
     mla_zoo::cuda::Tuning t;
     t.block_n = bn, t.blocks_per_sm = bps, t.threads = threads, t.pipeline = pipeline, t.splits = splits,
-    t.min_split_tiles = min_tiles;
+    t.min_split_tiles = min_tiles, t.ring = ring;
     std::ostringstream n;
     n << "bn" << bn << "-bps" << bps << "-t" << threads << "-p" << pipeline;
+    if (ring) n << "-ring" << ring;
     if (splits) n << "-s" << splits;
     if (min_tiles) n << "-mt" << min_tiles;
     out.push_back({n.str(), t});
@@ -440,6 +446,9 @@ std::vector<Config> sweep_configs() {
     for (int splits : {8, 16, 64}) add(bn, 0, 128, 1, splits, 0);
   for (int bn : {32, 64})
     for (int bps : {4, 8}) add(bn, bps, 128, 1, 0, 1);
+  for (int bn : {32, 64, 128})  // triple buffering
+    for (int bps : {2, 4, 8})
+      for (int threads : {128, 256}) add(bn, bps, threads, 1, 0, 0, 3);
   return out;
 }
 
@@ -447,7 +456,8 @@ std::string env_line(const mla_zoo::cuda::Tuning& t) {
   std::ostringstream s;
   s << "MLA_ZOO_CUDA_BLOCK_N=" << t.block_n << " MLA_ZOO_CUDA_BLOCKS_PER_SM=" << t.blocks_per_sm
     << " MLA_ZOO_CUDA_SPLITS=" << t.splits << " MLA_ZOO_CUDA_MIN_SPLIT_TILES=" << t.min_split_tiles
-    << " MLA_ZOO_CUDA_THREADS=" << t.threads << " MLA_ZOO_CUDA_PIPELINE=" << t.pipeline;
+    << " MLA_ZOO_CUDA_THREADS=" << t.threads << " MLA_ZOO_CUDA_PIPELINE=" << t.pipeline
+    << " MLA_ZOO_CUDA_RING=" << t.ring;
   return s.str();
 }
 
@@ -561,7 +571,7 @@ void sweep(const std::vector<std::pair<int64_t, int64_t>>& shapes, int iters, si
         double stage_us[3] = {0, 0, 0};
         for (int k = 0; k < 3; ++k) {
           Plan p = plan;
-          p.stages = 1 << k;
+          p.launch_mask = 1 << k;
           stage_us[k] = timed(loop, 5, [&] { call(p); }).first;
         }
         const int occupancy = mla_zoo::cuda::attend_occupancy(plan, Dtype::kFloat16);
@@ -569,12 +579,12 @@ void sweep(const std::vector<std::pair<int64_t, int64_t>>& shapes, int iters, si
         const double waves = occupancy > 0 ? attend_blocks / (occupancy * device.sm_count) : -1;
         std::printf(
             "{\"sweep\": \"decode\", \"config\": \"%s\", \"check\": \"%s\", \"context\": %lld, \"batch\": %lld, "
-            "\"block_n\": %d, \"threads\": %d, \"pipelined\": %s, \"splits\": %lld, \"split_len\": %lld, "
+            "\"block_n\": %d, \"threads\": %d, \"ring\": %d, \"splits\": %lld, \"split_len\": %lld, "
             "\"smem_bytes\": %zu, \"occupancy\": %d, \"waves\": %.2f, \"us_median\": %.2f, \"us_min\": %.2f, "
             "\"us_loop\": %.2f, \"us_prepare\": %.2f, \"us_attend\": %.2f, \"us_merge\": %.2f, \"bytes\": %.0f, "
             "\"gb_per_s\": %.1f, \"gb_per_s_loop\": %.1f}\n",
             configs[i].name.c_str(), passed[i] ? "pass" : "fail", static_cast<long long>(T), static_cast<long long>(B),
-            plan.block_n, plan.threads, plan.pipelined ? "true" : "false", static_cast<long long>(plan.splits),
+            plan.block_n, plan.threads, plan.ring, static_cast<long long>(plan.splits),
             static_cast<long long>(plan.split_len), plan.smem_bytes, occupancy, waves, single.first, single.second,
             us_loop, stage_us[0], stage_us[1], stage_us[2], bytes, bytes / (single.first * 1e-6) / 1e9,
             bytes / (us_loop * 1e-6) / 1e9);
@@ -670,17 +680,30 @@ int main(int argc, char** argv) {
       Dtype dtype;
       Math math;
       bool pipeline;
+      const mla_zoo::cuda::Tuning* tuning;  // nullptr: the environment's (MLA_ZOO_CUDA_*), else fixed
     };
-    const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true},
-                          {Dtype::kFloat32, Math::kAuto, false},
-                          {Dtype::kFloat16, Math::kTensorCores, true},
-                          {Dtype::kFloat16, Math::kTensorCores, false},
-                          {Dtype::kFloat16, Math::kCudaCores, true}};
+    static const mla_zoo::cuda::Tuning ring3 = [] {
+      mla_zoo::cuda::Tuning t;
+      t.ring = 3;
+      return t;
+    }();
+    static const mla_zoo::cuda::Tuning wide = [] {  // 128-slot tiles, 256 threads
+      mla_zoo::cuda::Tuning t;
+      t.block_n = 128, t.threads = 256;
+      return t;
+    }();
+    const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true, nullptr},
+                          {Dtype::kFloat32, Math::kAuto, false, nullptr},
+                          {Dtype::kFloat16, Math::kTensorCores, true, nullptr},
+                          {Dtype::kFloat16, Math::kTensorCores, false, nullptr},
+                          {Dtype::kFloat16, Math::kCudaCores, true, nullptr},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &ring3},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &wide}};
     const Result want32 = reference(make_inputs(c, Dtype::kFloat32, 1234));
     const Result want16 = reference(make_inputs(c, Dtype::kFloat16, 1234));
     for (const Mode& m : modes) {
       ++run;
-      if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline)) ++failed;
+      if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline, m.tuning)) ++failed;
     }
   }
   std::printf("{\"summary\": true, \"checks\": %d, \"failed\": %d}\n", run, failed);

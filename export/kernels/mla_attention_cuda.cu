@@ -181,26 +181,24 @@ __device__ __forceinline__ void project_group(const float* o, const T* w, int64_
 
 // Byte offsets of the attend block's shared memory regions (the same on host and device).
 struct SmemLayout {
-  size_t kv, kv2, q, o, s, p, m, l, mask, mask2, total;
+  size_t kv, kv_stride, q, o, s, p, m, l, mask, mask_stride, total;
 };
 
 __host__ __device__ inline size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
-__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem, bool pipelined) {
+__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem, int ring) {
   SmemLayout L{};
   size_t at = 0;
-  L.kv = at, at = align128(at + static_cast<size_t>(bn) * ld * elem);   // cache tile [bn, ld] T
-  L.kv2 = at;                                                           // the next tile, while this one is used
-  if (pipelined) at = align128(at + static_cast<size_t>(bn) * ld * elem);
+  L.kv_stride = align128(static_cast<size_t>(bn) * ld * elem);
+  L.kv = at, at += ring * L.kv_stride;                                  // ring of cache tiles [bn, ld] T
   L.q = at, at = align128(at + static_cast<size_t>(bm) * ld * elem);    // query rows [bm, ld] T
   L.o = at, at = align128(at + static_cast<size_t>(bm) * ldo * 4);      // output accumulators [bm, ldo] f32
   L.s = at, at = align128(at + static_cast<size_t>(bm) * bn * 4);       // scores (then probs for CUDA cores) f32
   L.p = at, at = align128(at + static_cast<size_t>(bm) * bn * elem);    // probs as T for tensor cores
   L.m = at, at = align128(at + static_cast<size_t>(bm) * 4);            // running max
   L.l = at, at = align128(at + static_cast<size_t>(bm) * 4);            // running sum
-  L.mask = at, at = align128(at + static_cast<size_t>(bn) * 8);         // attention_mask of the tile's slots, int64
-  L.mask2 = at;                                                         // ... of the next tile
-  if (pipelined) at = align128(at + static_cast<size_t>(bn) * 8);
+  L.mask_stride = align128(static_cast<size_t>(bn) * 8);
+  L.mask = at, at += ring * L.mask_stride;                              // their attention_mask slots, int64 [bn]
   L.total = at;
   return L;
 }
@@ -214,7 +212,8 @@ struct AttendArgs {
   int bm, bn, ld, ldq, ldo, r16;
   int64_t splits, split_len;
   bool vec;        // 16-byte loads: r and KR are multiples of 16 / sizeof(T), 16-byte aligned rows
-  bool pipelined;  // vec + cp.async: the next tile streams into the second buffer during this one's math
+  int ring;        // tiles in shared memory; > 1 (vec only): cp.async, the next ring - 1 tiles stream in
+                   // during this one's math
 };
 
 // Asynchronous global -> shared copies (sm_80+), to overlap a tile's loads with the math on the
@@ -452,11 +451,10 @@ __device__ __forceinline__ void tile_weighted_sum(const AttendArgs<T>& a, const 
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   MLA_DYNAMIC_SMEM(unsigned char, smem);
-  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T), a.pipelined);
-  T* const kv0 = reinterpret_cast<T*>(smem + L.kv);
-  T* const kv1 = reinterpret_cast<T*>(smem + L.kv2);
-  int64_t* const mk0 = reinterpret_cast<int64_t*>(smem + L.mask);
-  int64_t* const mk1 = reinterpret_cast<int64_t*>(smem + L.mask2);
+  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T), a.ring);
+  auto kv_buf = [&](int i) { return reinterpret_cast<T*>(smem + L.kv + i * L.kv_stride); };
+  auto mk_buf = [&](int i) { return reinterpret_cast<int64_t*>(smem + L.mask + i * L.mask_stride); };
+  const bool pipelined = a.ring > 1;
   T* qs = reinterpret_cast<T*>(smem + L.q);
   float* o = reinterpret_cast<float*>(smem + L.o);
   float* sc = reinterpret_cast<float*>(smem + L.s);
@@ -473,10 +471,14 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-  // the first tile starts streaming before the prologue
-  if (a.pipelined && t_begin < t_end) {
-    issue_tile(d, a, b, t_begin, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t_begin)), kv0, mk0);
-    cp_async_commit();
+  // the first ring - 1 tiles start streaming before the prologue (one commit group per tile, empty
+  // ones included, so that "tile i landed" is always "at most ring - 1 groups pending")
+  if (pipelined) {
+    for (int k = 0; k + 1 < a.ring; ++k) {
+      const int64_t t = t_begin + static_cast<int64_t>(k) * a.bn;
+      if (t < t_end) issue_tile(d, a, b, t, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t)), kv_buf(k), mk_buf(k));
+      cp_async_commit();
+    }
   }
 
   // the block's query rows (zeros past nrows), accumulators; the tensor cores' probabilities of the
@@ -496,25 +498,28 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   __syncthreads();
 
   // Per tile (4 barriers): [wait for it; copy its past rows to the present] | scores | softmax and
-  // rescale of o | o += p @ latent. In pipelined mode the next tile is issued before the wait.
-  int stage = 0;
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn, stage ^= 1) {
+  // rescale of o | o += p @ latent. Pipelined, tile i + ring - 1 is issued before the wait for tile i,
+  // into the buffer of tile i - 1 (free since the last iteration's final barrier).
+  int slot = 0;  // buffer of this tile: i % ring
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn, slot = slot + 1 == a.ring ? 0 : slot + 1) {
     const int n_valid = static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t0));
-    T* kv = a.pipelined && stage ? kv1 : kv0;
-    const int64_t* mk = a.pipelined && stage ? mk1 : mk0;
-    if (a.pipelined) {
-      const int64_t next = t0 + a.bn;
-      if (next < t_end) {  // the next tile streams into the other buffer (free since the last iteration's end)
-        issue_tile(d, a, b, next, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - next)), stage ? kv0 : kv1,
-                   stage ? mk0 : mk1);
-        cp_async_commit();
-        cp_async_wait<1>();  // this thread's copies of this tile have landed (the next ones may be in flight)
+    T* kv = kv_buf(slot);
+    const int64_t* mk = mk_buf(slot);
+    if (pipelined) {
+      const int64_t ahead = t0 + static_cast<int64_t>(a.ring - 1) * a.bn;
+      const int into = (slot + a.ring - 1) % a.ring;
+      if (ahead < t_end)
+        issue_tile(d, a, b, ahead, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - ahead)), kv_buf(into),
+                   mk_buf(into));
+      cp_async_commit();
+      if (a.ring == 3) {  // this thread's copies of this tile have landed (the later ones may be in flight)
+        cp_async_wait<2>();
       } else {
-        cp_async_wait<0>();
+        cp_async_wait<1>();
       }
       if (copy_past && t0 < d.P) store_past_rows(d, a, b, t0, n_valid, kv);  // own chunks: no barrier needed
     } else {
-      load_tile(d, a, b, t0, n_valid, copy_past, kv, mk0);
+      load_tile(d, a, b, t0, n_valid, copy_past, kv, mk_buf(0));
     }
     __syncthreads();
     tile_scores<T, kTensorCores>(a, qs, kv, sc);
@@ -688,7 +693,7 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
   void (*prepare)(Dims, PrepareArgs<T>, RopeIndex) = prepare_kernel<T>;
   cudaError_t e = allow_smem(reinterpret_cast<const void*>(prepare), prep_smem);
   if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare (shared memory)", e);
-  if (plan.stages & 1) {
+  if (plan.launch_mask & 1) {
     MLA_LAUNCH(prepare, prep_grid, prep_threads, prep_smem, stream, d, pa, pairs);
     e = cudaGetLastError();
     if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare launch", e);
@@ -704,7 +709,7 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   aa.vec = d.r % V == 0 && d.KR % V == 0 && aligned(in.past_latent) && aligned(in.past_key_rope) &&
            aligned(out.present_latent) && aligned(out.present_key_rope);
-  aa.pipelined = aa.vec && plan.pipelined;
+  aa.ring = aa.vec ? plan.ring : 1;
   const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.row_blocks),
                   static_cast<unsigned>(d.B));
   void (*attend)(Dims, AttendArgs<T>) = attend_kernel<T, false>;
@@ -713,14 +718,14 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
   }
   e = allow_smem(reinterpret_cast<const void*>(attend), plan.smem_bytes);
   if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend (shared memory)", e);
-  if (plan.stages & 2) {
+  if (plan.launch_mask & 2) {
     MLA_LAUNCH(attend, grid, plan.threads, plan.smem_bytes, stream, d, aa);
     e = cudaGetLastError();
     if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend launch", e);
   }
 
   // 3. merge
-  if (plan.splits > 1 && (plan.stages & 4)) {
+  if (plan.splits > 1 && (plan.launch_mask & 4)) {
     const size_t merge_smem = sizeof(float) * (1 + plan.splits + d.r);
     void (*merge)(Dims, const float*, const float*, int64_t, const T*, T*) = merge_kernel<T>;
     MLA_LAUNCH(merge, static_cast<unsigned>(d.B * d.S * d.H), 128, merge_smem, stream, d, part_o, part_lse,
@@ -766,6 +771,7 @@ const Tuning& env_tuning() {
     t.min_split_tiles = get("MLA_ZOO_CUDA_MIN_SPLIT_TILES", 0);
     t.threads = get("MLA_ZOO_CUDA_THREADS", 0);
     t.pipeline = get("MLA_ZOO_CUDA_PIPELINE", -1);
+    t.ring = get("MLA_ZOO_CUDA_RING", 0);
     return t;
   }();
   return tuning;
@@ -789,7 +795,8 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   const int r16 = static_cast<int>(ceil_div(d.r, 16) * 16);
   plan.ldo = r16 + 4;
   const int64_t rows = d.S * d.H;
-  plan.pipelined = pipeline && tune.pipeline != 0 && d.r % (16 / elem) == 0 && d.KR % (16 / elem) == 0;
+  const bool pipelined = pipeline && tune.pipeline != 0 && d.r % (16 / elem) == 0 && d.KR % (16 / elem) == 0;
+  const int ring = pipelined ? (tune.ring == 3 ? 3 : 2) : 1;
 
   // the largest tiles that fit: rows per block by the rows of a sequence, then slots per tile (the
   // tuned block_n first where it is one of the sizes the kernel takes: 32..256, a multiple of 32)
@@ -797,13 +804,14 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   if (tune.block_n >= 32 && tune.block_n <= 256 && tune.block_n % 32 == 0) bns.insert(bns.begin(), tune.block_n);
   const int smem_cap = std::max(48 * 1024, device.max_smem_per_block);
   bool fits = false;
-  for (const bool pipelined : {plan.pipelined, false}) {  // double buffering only where it fits
+  for (int try_ring = ring; try_ring >= 1; --try_ring) {  // the deepest ring up to `ring` that fits
     for (int bm : {64, 32, 16}) {
       if (bm > 16 && rows <= bm / 2) continue;  // decode: as few padded rows as possible
       for (int bn : bns) {
-        const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem, pipelined);
+        const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem, try_ring);
         if (!fits && L.total <= static_cast<size_t>(smem_cap)) {
-          plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total, plan.pipelined = pipelined;
+          plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total, plan.ring = try_ring;
+          plan.pipelined = try_ring > 1;
           fits = true;
         }
       }

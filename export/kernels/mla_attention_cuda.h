@@ -56,7 +56,8 @@ struct Outputs {
 // The launch configuration of one call and the scratch memory it needs.
 struct Plan {
   bool tensor_cores = false;
-  bool pipelined = false;   // cp.async double buffering of the cache tiles (sm_80+)
+  bool pipelined = false;   // cp.async buffering of the cache tiles (sm_80+): ring > 1
+  int ring = 1;             // cache tiles in shared memory: 1 = synchronous loads, 2 = double, 3 = triple buffering
   int block_m = 16;         // query rows (token, head) per attend block
   int block_n = 64;         // cache slots per tile
   int threads = 128;        // per attend block
@@ -69,7 +70,7 @@ struct Plan {
   size_t smem_bytes = 0;    // dynamic shared memory of an attend block
   size_t q_bytes = 0;       // scratch: prepared queries [B*S*H, ldq]
   size_t part_bytes = 0;    // scratch: split partials (output [rows*splits, r] + lse [rows*splits]), 0 if one split
-  int stages = 7;           // kernels launch() enqueues: 1 prepare | 2 attend | 4 merge (the harness's timing breakdown)
+  int launch_mask = 7;      // kernels launch() enqueues: 1 prepare | 2 attend | 4 merge (the harness's timing breakdown)
   size_t scratch_bytes() const { return q_bytes + part_bytes; }
 };
 
@@ -81,6 +82,7 @@ struct Plan {
 //   MLA_ZOO_CUDA_MIN_SPLIT_TILES  no split shorter than this many tiles (built-in: 2)
 //   MLA_ZOO_CUDA_THREADS          threads per attend block: 128 or 256 (built-in: 128 for 16-row blocks, else 256)
 //   MLA_ZOO_CUDA_PIPELINE         0: no cp.async double buffering (the plain synchronous loads)
+//   MLA_ZOO_CUDA_RING             tiles in flight with cp.async: 2 (double buffering, built-in) or 3 (triple)
 struct Tuning {
   int block_n = 0;
   int blocks_per_sm = 0;
@@ -88,6 +90,7 @@ struct Tuning {
   int min_split_tiles = 0;
   int threads = 0;
   int pipeline = -1;
+  int ring = 0;
 };
 
 const Tuning& env_tuning();
