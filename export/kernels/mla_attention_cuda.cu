@@ -744,16 +744,17 @@ Device current_device() {
   int index = 0;
   if (cudaGetDevice(&index) != cudaSuccess) return Device{};
   std::lock_guard<std::mutex> lock(mutex);
-  if (cache.size() <= static_cast<size_t>(index)) cache.resize(index + 1, Device{0, 0});
+  if (cache.size() <= static_cast<size_t>(index)) cache.resize(index + 1, Device{0, 0, 0});
   Device& dev = cache[index];
   if (dev.sm_count == 0) {
-    int sms = 0, smem = 0;
+    int sms = 0, smem = 0, smem_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
-        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, index) != cudaSuccess) {
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, index) != cudaSuccess ||
+        cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, index) != cudaSuccess) {
       cudaGetLastError();  // not sticky: leave no error behind for onnxruntime to trip over
       return Device{};
     }
-    dev = Device{sms, smem};
+    dev = Device{sms, smem, smem_sm};
   }
   return dev;
 }
@@ -828,9 +829,12 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   plan.row_blocks = ceil_div(rows, plan.block_m);
 
   // split-K: enough blocks to fill the GPU (blocks_per_sm per SM over the grid), no split shorter than
-  // min_split_tiles tiles; or a fixed count
+  // min_split_tiles tiles; or a fixed count. Built-in blocks_per_sm: 4, or fewer where fewer blocks fit
+  // in an SM's shared memory (1 KB of it reserved per block), so that the grid is about one full wave.
   const int64_t blocks = d.B * plan.row_blocks;
-  const int64_t per_sm = tune.blocks_per_sm > 0 ? tune.blocks_per_sm : 4;
+  const int64_t resident =
+      std::max<int64_t>(1, static_cast<int64_t>(device.smem_per_sm) / static_cast<int64_t>(plan.smem_bytes + 1024));
+  const int64_t per_sm = tune.blocks_per_sm > 0 ? tune.blocks_per_sm : std::min<int64_t>(4, resident);
   const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;
   const int64_t want = tune.splits > 0 ? tune.splits
                                        : std::max<int64_t>(1, ceil_div(per_sm * std::max(1, device.sm_count), blocks));

@@ -99,6 +99,7 @@ const Tuning& env_tuning();
 struct Device {
   int sm_count = 132;
   int max_smem_per_block = 227 * 1024;
+  int smem_per_sm = 228 * 1024;  // bounds the attend blocks resident per SM (the split-K default)
 };
 
 Device current_device();  // of the calling thread's current CUDA device (cached per device)
