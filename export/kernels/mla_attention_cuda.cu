@@ -836,8 +836,8 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
       std::max<int64_t>(1, static_cast<int64_t>(device.smem_per_sm) / static_cast<int64_t>(plan.smem_bytes + 1024));
   const int64_t per_sm = tune.blocks_per_sm > 0 ? tune.blocks_per_sm : std::min<int64_t>(4, resident);
   const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;
-  const int64_t want = tune.splits > 0 ? tune.splits
-                                       : std::max<int64_t>(1, ceil_div(per_sm * std::max(1, device.sm_count), blocks));
+  const int64_t want = tune.splits > 0 ? tune.splits  // rounded down: at most one wave of per_sm blocks per SM
+                                       : std::max<int64_t>(1, per_sm * std::max(1, device.sm_count) / blocks);
   const int64_t most = std::max<int64_t>(1, std::min<int64_t>(1024, d.T / (min_tiles * plan.block_n)));
   int64_t splits = std::min(want, most);
   plan.split_len = ceil_div(ceil_div(std::max<int64_t>(d.T, 1), splits), plan.block_n) * plan.block_n;
