@@ -10,6 +10,15 @@
 // Scratch: q [B*S*H, ldq] T (row (b, s, h) = [q_lat (r) | q_rope in its group's slot of KR | 0]),
 //   then, when the cache is split, part_o [B*S*H, splits, r] fp32 and part_lse [B*S*H, splits] fp32.
 // A query row within a sequence is m = s*H + h: prefill and decode are the same kernel (decode has H rows).
+//
+// Decode at long context is bound by the cache's bytes (past read + present written) once the fixed
+// cost is small, so: the cache tiles stream in with 16-byte cp.async (a ring of 2 or 3 tiles) and
+// every address is a per-thread column pointer plus row * stride; the attention_mask slots come with
+// the tile (no synchronous global load per tile); the copying block writes the past rows to the
+// present with 16-byte streaming stores from the tile it already has; the small latency-bound parts
+// (W_uk in prepare, the merge, W_uv) keep several coalesced loads in flight per thread. The launch
+// plan (make_plan) is tunable at run time (Tuning, MLA_ZOO_CUDA_* in mla_attention_cuda.h) and
+// `mla_zoo_cuda_harness --sweep` times every candidate on a GPU.
 
 #ifdef MLA_ZOO_CUDA_EMULATION
 #include "cuda_emulation.h"  // the same source as plain C++ on the CPU (tests without a GPU)
@@ -176,7 +185,8 @@ __device__ __forceinline__ void project_group(const float* o, const T* w, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. attend: one block per (split, row block, sequence)
+// 2. attend: one block per (split, row block, sequence): its rows' flash attention over the split's
+//    slots [split * split_len, +split_len), one tile of block_n slots at a time
 // ---------------------------------------------------------------------------------------------
 
 // Byte offsets of the attend block's shared memory regions (the same on host and device).
