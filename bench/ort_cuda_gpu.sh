@@ -117,6 +117,9 @@ harness() {  # THERE: the kernels alone against the float64 reference (no onnxru
   tail -3 "$OUT/harness.jsonl"
   "$h" --bench --contexts 2048,8192,16384,32768 --batches 1,16 > "$OUT/harness_bench.jsonl" 2>&1 || true
   cat "$OUT/harness_bench.jsonl"
+  # every launch configuration (MLA_ZOO_CUDA_*): checked, then timed; the best per shape
+  "$h" --sweep > "$OUT/harness_sweep.jsonl" 2>&1 || true
+  grep -E '"(best|copy_floor)"|"config": "default"|summary' "$OUT/harness_sweep.jsonl" || true
 }
 
 test() {  # THERE: onnxruntime CUDA EP with our kernel: node cases + placement, harness, SmolLM2 fp16 vs PyTorch

@@ -103,6 +103,17 @@ def test_emulated_harness_passes_against_its_float64_reference(emulated):
     assert rows[-1] == {"summary": True, "checks": len(checks), "failed": 0}
 
 
+def test_emulated_harness_sweep_configurations_pass_their_checks(emulated):
+    """Every launch configuration the GPU sweep times (block_n, split targets, threads, cp.async ring
+    depth: what the MLA_ZOO_CUDA_* variables set) is first checked against the float64 reference."""
+    proc = subprocess.run([emulated.harness, "--sweep-checks"], capture_output=True, text=True, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    configs = [r for r in rows if r.get("sweep") == "check"]
+    assert proc.returncode == 0 and configs and all(r["ok"] for r in configs), [r for r in configs if not r.get("ok")]
+    assert rows[-1] == {"summary": "sweep-checks", "configs": len(configs), "failed_checks": 0}
+    assert {r["ring"] for r in rows if "case" in r} == {1, 2, 3}  # synchronous loads, double and triple buffering
+
+
 def test_emulation_is_never_the_library_onnxruntime_is_given(emulated, tmp_path, monkeypatch):
     monkeypatch.setenv("MLA_ZOO_CACHE", str(tmp_path))
     target = build.library_dir("native", "cuda-emulation")

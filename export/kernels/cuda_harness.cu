@@ -3,11 +3,16 @@
 // reference written from export/op_spec.md (not from either kernel). For when onnxruntime-gpu cannot
 // run on the GPU machine, and to test both float16 paths (tensor cores and CUDA cores).
 //
-//   mla_zoo_cuda_harness                 # every case, float32 and float16 (both paths); exit 1 on failure
+//   mla_zoo_cuda_harness                 # every case, float32 and float16 (both paths, cp.async double and
+//                                        # triple buffering, 128-slot tiles); exit 1 on failure
 //   mla_zoo_cuda_harness --case NAME     # one case
 //   mla_zoo_cuda_harness --quick         # the small cases only (the CPU emulation in CI)
 //   mla_zoo_cuda_harness --bench [--contexts 2048,8192,32768 --batches 1,16 --iters 50]
 //                                        # decode latency at SmolLM2-MLA's dims (float16) + copy bandwidth
+//   mla_zoo_cuda_harness --sweep [--contexts 16384,32768 --batches 1,16 --iters 50]
+//                                        # every launch configuration (what MLA_ZOO_CUDA_* set): checked on small
+//                                        # cases, then timed per shape (+ 2048 x 1 by default); see sweep()
+//   mla_zoo_cuda_harness --sweep-checks  # the sweep's checks only (the CPU emulation in CI)
 // Each result is one JSON line on stdout.
 
 #ifdef MLA_ZOO_CUDA_EMULATION
@@ -22,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -262,7 +268,8 @@ struct Run {
   mla_zoo::cuda::Outputs out;
 };
 
-void setup(Run& run, const Tensors& t, Dtype dtype, Math math, bool pipeline = true) {
+void setup(Run& run, const Tensors& t, Dtype dtype, Math math, bool pipeline = true,
+           const mla_zoo::cuda::Tuning* tuning = nullptr) {
   const MlaDims& d = t.d;
   const size_t elem = dtype == Dtype::kFloat16 ? 2 : 4;
   run.query = DeviceBuffer(t.query, dtype);
@@ -279,7 +286,7 @@ void setup(Run& run, const Tensors& t, Dtype dtype, Math math, bool pipeline = t
   run.output = DeviceBuffer(d.B * d.S * d.H * d.dv * elem);
   run.present_latent = DeviceBuffer(d.B * d.T * d.r * elem);
   run.present_key_rope = DeviceBuffer(d.B * d.T * d.KR * elem);
-  run.plan = mla_zoo::cuda::make_plan(d, dtype, mla_zoo::cuda::current_device(), math, pipeline);
+  run.plan = mla_zoo::cuda::make_plan(d, dtype, mla_zoo::cuda::current_device(), math, pipeline, tuning);
   run.scratch = DeviceBuffer(run.plan.scratch_bytes());
   run.in = {run.query.ptr, run.latent.ptr, run.key_rope.ptr, run.past_latent.ptr, run.past_key_rope.ptr,
             static_cast<const int64_t*>(run.mask.ptr), run.cos.ptr, run.sin.ptr, run.w_uk.ptr, run.w_uv.ptr};
@@ -304,11 +311,12 @@ Error compare(const std::vector<double>& got, const std::vector<double>& want) {
 
 const char* math_name(Math m) { return m == Math::kTensorCores ? "tensor" : m == Math::kCudaCores ? "cuda" : "auto"; }
 
-bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype dtype, Math math, bool pipeline) {
+bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype dtype, Math math, bool pipeline,
+                const mla_zoo::cuda::Tuning* tuning = nullptr, bool print = true) {
   const Tensors t = make_inputs(c, dtype, 1234);
   const Result& want = dtype == Dtype::kFloat16 ? want16 : want32;
   Run run;
-  setup(run, t, dtype, math, pipeline);
+  setup(run, t, dtype, math, pipeline, tuning);
   const std::string err = mla_zoo::cuda::launch(t.d, t.pairs, static_cast<float>(t.scale), dtype, run.plan, run.in,
                                                 run.out, run.scratch.ptr, nullptr);
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -322,13 +330,14 @@ bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype
   const double out_tol = fp16 ? 1e-2 : 2e-5, rope_tol = fp16 ? 1e-3 : 1e-6;
   const bool ok = err.empty() && out.finite && lat.finite && kr.finite && out.rel() < out_tol && lat.max_abs == 0 &&
                   kr.rel() < rope_tol;
+  if (!print) return ok;
   std::printf(
       "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"pipelined\": %s, "
-      "\"block_m\": %d, \"block_n\": %d, "
+      "\"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, "
       "\"row_blocks\": %lld, \"splits\": %lld, \"output_rel_err\": %.3e, \"present_latent_max_abs\": %.3e, "
       "\"present_key_rope_rel_err\": %.3e, \"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
       c.name.c_str(), fp16 ? "float16" : "float32", math_name(math), run.plan.tensor_cores ? "true" : "false",
-      run.plan.pipelined ? "true" : "false", run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
+      run.plan.pipelined ? "true" : "false", run.plan.ring, run.plan.threads, run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
       static_cast<long long>(run.plan.splits), out.rel(), lat.max_abs, kr.rel(), out_tol, err.c_str(),
       ok ? "true" : "false");
   std::fflush(stdout);
@@ -399,6 +408,203 @@ void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& bat
   cudaEventDestroy(stop);
 }
 
+// --sweep: every candidate launch configuration (mla_zoo::cuda::Tuning, what the MLA_ZOO_CUDA_* variables
+// set) at SmolLM2-MLA decode shapes, float16 (tensor cores), to pick the plan's defaults on a GPU in one
+// run. Per configuration, first a check of its output against the float64 reference on small decode
+// cases (a split 700-slot cache at batch 3; batch 16 x 4K with padding), then one JSON line per shape:
+//   us_median   one call between two events, median (as --bench: includes the host's launch latency);
+//   us_loop     `loop` calls back to back between two events, per call (the GPU time of one call);
+//   us_prepare / us_attend / us_merge   each kernel alone, back to back (stale inputs: timing only);
+//   gb_per_s    bytes / us_median (as --bench), gb_per_s_loop = bytes / us_loop;
+//   occupancy   attend blocks resident per SM; waves = attend blocks / (occupancy * SMs).
+// Then per shape a "copy_floor" line (cudaMemcpy2DAsync of the past into the presents: the op's copy
+// alone) and a "best" line (the fastest passing configuration by us_loop, as environment variables).
+struct Config {
+  std::string name;
+  mla_zoo::cuda::Tuning tuning;
+};
+
+std::vector<Config> sweep_configs() {
+  std::vector<Config> out;
+  out.push_back({"default", mla_zoo::cuda::env_tuning()});
+  auto add = [&](int bn, int bps, int threads, int pipeline, int splits, int min_tiles, int ring = 0) {
+    mla_zoo::cuda::Tuning t;
+    t.block_n = bn, t.blocks_per_sm = bps, t.threads = threads, t.pipeline = pipeline, t.splits = splits,
+    t.min_split_tiles = min_tiles, t.ring = ring;
+    std::ostringstream n;
+    n << "bn" << bn << "-bps" << bps << "-t" << threads << "-p" << pipeline;
+    if (ring) n << "-ring" << ring;
+    if (splits) n << "-s" << splits;
+    if (min_tiles) n << "-mt" << min_tiles;
+    out.push_back({n.str(), t});
+  };
+  for (int bn : {32, 64, 128, 256})
+    for (int bps : {2, 4, 8})
+      for (int threads : {128, 256})
+        for (int pipeline : {1, 0}) add(bn, bps, threads, pipeline, 0, 0);
+  for (int bn : {64, 128})
+    for (int splits : {8, 16, 64}) add(bn, 0, 128, 1, splits, 0);
+  for (int bn : {32, 64})
+    for (int bps : {4, 8}) add(bn, bps, 128, 1, 0, 1);
+  for (int bn : {32, 64, 128})  // triple buffering
+    for (int bps : {2, 4, 8})
+      for (int threads : {128, 256}) add(bn, bps, threads, 1, 0, 0, 3);
+  return out;
+}
+
+std::string env_line(const mla_zoo::cuda::Tuning& t) {
+  std::ostringstream s;
+  s << "MLA_ZOO_CUDA_BLOCK_N=" << t.block_n << " MLA_ZOO_CUDA_BLOCKS_PER_SM=" << t.blocks_per_sm
+    << " MLA_ZOO_CUDA_SPLITS=" << t.splits << " MLA_ZOO_CUDA_MIN_SPLIT_TILES=" << t.min_split_tiles
+    << " MLA_ZOO_CUDA_THREADS=" << t.threads << " MLA_ZOO_CUDA_PIPELINE=" << t.pipeline
+    << " MLA_ZOO_CUDA_RING=" << t.ring;
+  return s.str();
+}
+
+void sweep(const std::vector<std::pair<int64_t, int64_t>>& shapes, int iters, size_t limit, bool checks_only) {
+  using mla_zoo::cuda::Plan;
+  std::vector<Config> configs = sweep_configs();
+  if (limit && configs.size() > limit) configs.resize(limit);
+  const mla_zoo::cuda::Device device = mla_zoo::cuda::current_device();
+
+  // 1. correctness of every configuration (float16, tensor cores, as decode runs)
+#ifdef MLA_ZOO_CUDA_EMULATION
+  const std::vector<std::string> check_names{"decode-long-past"};  // the emulation is slow: the small one only
+#else
+  const std::vector<std::string> check_names{"decode-long-past", "decode-smollm2-16x4k"};
+#endif
+  std::vector<std::pair<const Case*, Result>> checks;
+  for (const Case& c : cases())
+    for (const std::string& n : check_names)
+      if (c.name == n) checks.push_back({&c, reference(make_inputs(c, Dtype::kFloat16, 1234))});
+  std::vector<bool> passed(configs.size(), true);
+  for (size_t i = 0; i < configs.size(); ++i) {
+    for (const auto& [c, want] : checks) {
+      try {
+        if (!check_case(*c, want, want, Dtype::kFloat16, Math::kAuto, true, &configs[i].tuning, checks_only))
+          passed[i] = false;
+      } catch (const mla_zoo::ShapeError& e) {
+        std::printf("{\"sweep\": \"check\", \"config\": \"%s\", \"error\": \"%s\"}\n", configs[i].name.c_str(),
+                    e.message.c_str());
+        passed[i] = false;
+      }
+    }
+    if (checks_only)
+      std::printf("{\"sweep\": \"check\", \"config\": \"%s\", \"ok\": %s}\n", configs[i].name.c_str(),
+                  passed[i] ? "true" : "false");
+  }
+  if (checks_only) {
+    size_t failed = 0;
+    for (bool p : passed) failed += !p;
+    std::printf("{\"summary\": \"sweep-checks\", \"configs\": %zu, \"failed_checks\": %zu}\n", configs.size(), failed);
+    return;
+  }
+
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  const int loop = 20;  // calls between the events of a back-to-back timing
+  for (const auto& [T, B] : shapes) {
+      const Case c{"sweep", B, 1, T - 1, 9, 3, 64, 4, 96, {}};
+      const Tensors t = make_inputs(c, Dtype::kFloat16, 7);
+      const MlaDims& d = t.d;
+      Run run;
+      setup(run, t, Dtype::kFloat16, Math::kAuto);
+      const double bytes = 2.0 * (d.B * d.P * (d.r + d.KR)) + 2.0 * (d.B * d.T * (d.r + d.KR));
+      // median over `reps` of (one timing of `n` calls of f) / n, in µs
+      auto timed = [&](int n, int reps, const std::function<void()>& f) {
+        std::vector<float> times;
+        for (int i = 0; i < reps; ++i) {
+          CHECK_CUDA(cudaEventRecord(start));
+          for (int k = 0; k < n; ++k) f();
+          CHECK_CUDA(cudaEventRecord(stop));
+          CHECK_CUDA(cudaEventSynchronize(stop));
+          float ms = 0;
+          CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+          times.push_back(1e3f * ms / n);
+        }
+        std::sort(times.begin(), times.end());
+        return std::make_pair(static_cast<double>(times[times.size() / 2]), static_cast<double>(times.front()));
+      };
+
+      {  // the op's copy alone: past [B, P, w] -> present [B, T, w] (its first P rows), both caches
+        auto copy = [&] {
+          const size_t e = 2;
+          CHECK_CUDA(cudaMemcpy2DAsync(run.present_latent.ptr, d.T * d.r * e, run.past_latent.ptr, d.P * d.r * e,
+                                       d.P * d.r * e, d.B, cudaMemcpyDeviceToDevice));
+          CHECK_CUDA(cudaMemcpy2DAsync(run.present_key_rope.ptr, d.T * d.KR * e, run.past_key_rope.ptr, d.P * d.KR * e,
+                                       d.P * d.KR * e, d.B, cudaMemcpyDeviceToDevice));
+        };
+        copy();
+        const double us = timed(loop, 5, copy).first;
+        const double copy_bytes = 4.0 * d.B * d.P * (d.r + d.KR);
+        std::printf("{\"sweep\": \"copy_floor\", \"context\": %lld, \"batch\": %lld, \"us_loop\": %.2f, \"bytes\": %.0f, "
+                    "\"gb_per_s\": %.1f}\n",
+                    static_cast<long long>(T), static_cast<long long>(B), us, copy_bytes, copy_bytes / (us * 1e-6) / 1e9);
+        std::fflush(stdout);
+      }
+
+      double best_us = 1e30;
+      size_t best = configs.size();
+      for (size_t i = 0; i < configs.size(); ++i) {
+        Plan plan;
+        try {
+          plan = mla_zoo::cuda::make_plan(d, Dtype::kFloat16, device, Math::kAuto, true, &configs[i].tuning);
+        } catch (const mla_zoo::ShapeError& e) {
+          std::printf("{\"sweep\": \"decode\", \"config\": \"%s\", \"error\": \"%s\"}\n", configs[i].name.c_str(),
+                      e.message.c_str());
+          continue;
+        }
+        DeviceBuffer scratch(plan.scratch_bytes());
+        auto call = [&](const Plan& p) {
+          const std::string err = mla_zoo::cuda::launch(t.d, t.pairs, static_cast<float>(t.scale), Dtype::kFloat16, p,
+                                                        run.in, run.out, scratch.ptr, nullptr);
+          if (!err.empty()) {
+            std::fprintf(stderr, "%s: %s\n", configs[i].name.c_str(), err.c_str());
+            std::exit(2);
+          }
+        };
+        for (int k = 0; k < 3; ++k) call(plan);
+        CHECK_CUDA(cudaDeviceSynchronize());
+        const auto single = timed(1, iters, [&] { call(plan); });
+        const double us_loop = timed(loop, 5, [&] { call(plan); }).first;
+        double stage_us[3] = {0, 0, 0};
+        for (int k = 0; k < 3; ++k) {
+          Plan p = plan;
+          p.launch_mask = 1 << k;
+          stage_us[k] = timed(loop, 5, [&] { call(p); }).first;
+        }
+        const int occupancy = mla_zoo::cuda::attend_occupancy(plan, Dtype::kFloat16);
+        const double attend_blocks = static_cast<double>(plan.splits * plan.row_blocks * d.B);
+        const double waves = occupancy > 0 ? attend_blocks / (occupancy * device.sm_count) : -1;
+        std::printf(
+            "{\"sweep\": \"decode\", \"config\": \"%s\", \"check\": \"%s\", \"context\": %lld, \"batch\": %lld, "
+            "\"block_n\": %d, \"threads\": %d, \"ring\": %d, \"splits\": %lld, \"split_len\": %lld, "
+            "\"smem_bytes\": %zu, \"occupancy\": %d, \"waves\": %.2f, \"us_median\": %.2f, \"us_min\": %.2f, "
+            "\"us_loop\": %.2f, \"us_prepare\": %.2f, \"us_attend\": %.2f, \"us_merge\": %.2f, \"bytes\": %.0f, "
+            "\"gb_per_s\": %.1f, \"gb_per_s_loop\": %.1f}\n",
+            configs[i].name.c_str(), passed[i] ? "pass" : "fail", static_cast<long long>(T), static_cast<long long>(B),
+            plan.block_n, plan.threads, plan.ring, static_cast<long long>(plan.splits),
+            static_cast<long long>(plan.split_len), plan.smem_bytes, occupancy, waves, single.first, single.second,
+            us_loop, stage_us[0], stage_us[1], stage_us[2], bytes, bytes / (single.first * 1e-6) / 1e9,
+            bytes / (us_loop * 1e-6) / 1e9);
+        std::fflush(stdout);
+        if (passed[i] && us_loop < best_us) best_us = us_loop, best = i;
+      }
+      if (best < configs.size())
+        std::printf("{\"sweep\": \"best\", \"context\": %lld, \"batch\": %lld, \"config\": \"%s\", \"us_loop\": %.2f, "
+                    "\"gb_per_s_loop\": %.1f, \"env\": \"%s\"}\n",
+                    static_cast<long long>(T), static_cast<long long>(B), configs[best].name.c_str(), best_us,
+                    bytes / (best_us * 1e-6) / 1e9, env_line(configs[best].tuning).c_str());
+      std::fflush(stdout);
+    }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  size_t failed = 0;
+  for (bool p : passed) failed += !p;
+  std::printf("{\"summary\": \"sweep\", \"configs\": %zu, \"failed_checks\": %zu}\n", configs.size(), failed);
+}
+
 std::vector<int64_t> parse_list(const char* s) {
   std::vector<int64_t> out;
   std::stringstream ss(s);
@@ -411,7 +617,9 @@ std::vector<int64_t> parse_list(const char* s) {
 
 int main(int argc, char** argv) {
   std::string only;
-  bool do_bench = false, quick = false;
+  bool do_bench = false, do_sweep = false, sweep_checks = false, quick = false;
+  size_t sweep_limit = 0;
+  bool contexts_given = false, batches_given = false;
   std::vector<int64_t> contexts{2048, 8192, 32768}, batches{1, 16};
   int iters = 50;
   for (int i = 1; i < argc; ++i) {
@@ -422,14 +630,24 @@ int main(int argc, char** argv) {
       quick = true;
     } else if (a == "--bench") {
       do_bench = true;
+    } else if (a == "--sweep") {
+      do_sweep = true;
+    } else if (a == "--sweep-checks") {  // the sweep's correctness checks only (the CPU emulation in CI)
+      do_sweep = sweep_checks = true;
+    } else if (a == "--sweep-limit" && i + 1 < argc) {  // the first N configurations only (tests)
+      sweep_limit = static_cast<size_t>(std::atoll(argv[++i]));
     } else if (a == "--contexts" && i + 1 < argc) {
+      contexts_given = true;
       contexts = parse_list(argv[++i]);
     } else if (a == "--batches" && i + 1 < argc) {
+      batches_given = true;
       batches = parse_list(argv[++i]);
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::atoi(argv[++i]);
     } else {
-      std::printf("usage: %s [--case NAME] [--quick] | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n",
+      std::printf("usage: %s [--case NAME] [--quick] | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n"
+                  "       | --sweep [--contexts 16384,32768 --batches 1,16 (+ 2048 x 1)] [--iters 50] [--sweep-limit N]\n"
+                  "       | --sweep-checks [--sweep-limit N]\n",
                   argv[0]);
       return a == "--help" || a == "-h" ? 0 : 2;
     }
@@ -447,6 +665,14 @@ int main(int argc, char** argv) {
     bench(contexts, batches, iters);
     return 0;
   }
+  if (do_sweep) {
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    for (int64_t T : contexts_given ? contexts : std::vector<int64_t>{16384, 32768})
+      for (int64_t B : batches_given ? batches : std::vector<int64_t>{1, 16}) shapes.push_back({T, B});
+    if (!contexts_given && !batches_given) shapes.push_back({2048, 1});  // the fixed-cost shape
+    sweep(shapes, iters, sweep_limit, sweep_checks);
+    return 0;
+  }
   int failed = 0, run = 0;
   for (const Case& c : cases()) {
     if ((!only.empty() && c.name != only) || (quick && !c.quick)) continue;
@@ -454,17 +680,30 @@ int main(int argc, char** argv) {
       Dtype dtype;
       Math math;
       bool pipeline;
+      const mla_zoo::cuda::Tuning* tuning;  // nullptr: the environment's (MLA_ZOO_CUDA_*), else fixed
     };
-    const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true},
-                          {Dtype::kFloat32, Math::kAuto, false},
-                          {Dtype::kFloat16, Math::kTensorCores, true},
-                          {Dtype::kFloat16, Math::kTensorCores, false},
-                          {Dtype::kFloat16, Math::kCudaCores, true}};
+    static const mla_zoo::cuda::Tuning ring3 = [] {
+      mla_zoo::cuda::Tuning t;
+      t.ring = 3;
+      return t;
+    }();
+    static const mla_zoo::cuda::Tuning wide = [] {  // 128-slot tiles, 256 threads
+      mla_zoo::cuda::Tuning t;
+      t.block_n = 128, t.threads = 256;
+      return t;
+    }();
+    const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true, nullptr},
+                          {Dtype::kFloat32, Math::kAuto, false, nullptr},
+                          {Dtype::kFloat16, Math::kTensorCores, true, nullptr},
+                          {Dtype::kFloat16, Math::kTensorCores, false, nullptr},
+                          {Dtype::kFloat16, Math::kCudaCores, true, nullptr},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &ring3},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &wide}};
     const Result want32 = reference(make_inputs(c, Dtype::kFloat32, 1234));
     const Result want16 = reference(make_inputs(c, Dtype::kFloat16, 1234));
     for (const Mode& m : modes) {
       ++run;
-      if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline)) ++failed;
+      if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline, m.tuning)) ++failed;
     }
   }
   std::printf("{\"summary\": true, \"checks\": %d, \"failed\": %d}\n", run, failed);

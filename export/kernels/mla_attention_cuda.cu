@@ -10,6 +10,15 @@
 // Scratch: q [B*S*H, ldq] T (row (b, s, h) = [q_lat (r) | q_rope in its group's slot of KR | 0]),
 //   then, when the cache is split, part_o [B*S*H, splits, r] fp32 and part_lse [B*S*H, splits] fp32.
 // A query row within a sequence is m = s*H + h: prefill and decode are the same kernel (decode has H rows).
+//
+// Decode at long context is bound by the cache's bytes (past read + present written) once the fixed
+// cost is small, so: the cache tiles stream in with 16-byte cp.async (a ring of 2 or 3 tiles) and
+// every address is a per-thread column pointer plus row * stride; the attention_mask slots come with
+// the tile (no synchronous global load per tile); the copying block writes the past rows to the
+// present with 16-byte streaming stores from the tile it already has; the small latency-bound parts
+// (W_uk in prepare, the merge, W_uv) keep several coalesced loads in flight per thread. The launch
+// plan (make_plan) is tunable at run time (Tuning, MLA_ZOO_CUDA_* in mla_attention_cuda.h) and
+// `mla_zoo_cuda_harness --sweep` times every candidate on a GPU.
 
 #ifdef MLA_ZOO_CUDA_EMULATION
 #include "cuda_emulation.h"  // the same source as plain C++ on the CPU (tests without a GPU)
@@ -31,6 +40,8 @@
 #include <mutex>
 #include <sstream>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "mla_attention_cuda.h"
 
@@ -62,6 +73,8 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+__host__ __device__ inline int64_t ceil_div_dev(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct RopeIndex {
   uint16_t v[kMaxRopeIndices];  // rope_pairs, row-major [n_kv, R]
@@ -113,7 +126,8 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
     const float* x = qn + h * d.dn;
     const T* w = a.w_uk + (h / d.G) * d.dn * d.r + c;
     float acc = 0.f;
-    for (int64_t j = 0; j < d.dn; ++j) acc = fmaf(x[j], to_f(w[j * d.r]), acc);
+#pragma unroll 8
+    for (int64_t j = 0; j < d.dn; ++j) acc = fmaf(x[j], to_f(w[j * d.r]), acc);  // 8 loads in flight
     qrow[h * a.ldq + c] = from_f<T>(acc);
   }
   if (blockIdx.y != 0) return;
@@ -141,31 +155,60 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
   }
 }
 
+// out[e] = (sum_c o[c] * w[e, c]) / l for e < dv (0 where l <= 0): the W_uv projection of one
+// query row, o in shared memory [r] fp32, w [dv, r] in global memory. It is latency-bound (a few KB
+// per row), so one warp per 4 outputs with the lanes along r: each load instruction reads contiguous
+// bytes of a row of w, and 4 rows' loads are in flight per lane (one thread per output, walking its
+// row of w serially, left one uncoalesced load in flight).
+constexpr int kProjectOutputs = 4;
+
+template <typename T>
+__device__ __forceinline__ void project_group(const float* o, const T* w, int64_t e0, int64_t dv, int64_t r, float l,
+                                              T* out, int lane) {
+  float acc[kProjectOutputs] = {};
+  const T* rows[kProjectOutputs];  // past the last output: the last row again (loads without branches)
+#pragma unroll
+  for (int u = 0; u < kProjectOutputs; ++u) rows[u] = w + min(e0 + u, dv - 1) * r;
+  for (int64_t c = lane; c < r; c += kWarp) {
+    const float x = o[c];
+    float v[kProjectOutputs];
+#pragma unroll
+    for (int u = 0; u < kProjectOutputs; ++u) v[u] = to_f(rows[u][c]);
+#pragma unroll
+    for (int u = 0; u < kProjectOutputs; ++u) acc[u] = fmaf(x, v[u], acc[u]);
+  }
+#pragma unroll
+  for (int u = 0; u < kProjectOutputs; ++u) {
+    const float v = warp_sum(acc[u]);
+    if (lane == 0 && e0 + u < dv) out[e0 + u] = from_f<T>(l > 0.f ? v / l : 0.f);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
-// 2. attend: one block per (split, row block, sequence)
+// 2. attend: one block per (split, row block, sequence): its rows' flash attention over the split's
+//    slots [split * split_len, +split_len), one tile of block_n slots at a time
 // ---------------------------------------------------------------------------------------------
 
 // Byte offsets of the attend block's shared memory regions (the same on host and device).
 struct SmemLayout {
-  size_t kv, kv2, q, o, s, p, m, l, alpha, keep, total;
+  size_t kv, kv_stride, q, o, s, p, m, l, mask, mask_stride, total;
 };
 
 __host__ __device__ inline size_t align128(size_t x) { return (x + 127) / 128 * 128; }
 
-__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem, bool pipelined) {
+__host__ __device__ inline SmemLayout smem_layout(int bm, int bn, int ld, int ldo, int elem, int ring) {
   SmemLayout L{};
   size_t at = 0;
-  L.kv = at, at = align128(at + static_cast<size_t>(bn) * ld * elem);   // cache tile [bn, ld] T
-  L.kv2 = at;                                                           // the next tile, while this one is used
-  if (pipelined) at = align128(at + static_cast<size_t>(bn) * ld * elem);
+  L.kv_stride = align128(static_cast<size_t>(bn) * ld * elem);
+  L.kv = at, at += ring * L.kv_stride;                                  // ring of cache tiles [bn, ld] T
   L.q = at, at = align128(at + static_cast<size_t>(bm) * ld * elem);    // query rows [bm, ld] T
   L.o = at, at = align128(at + static_cast<size_t>(bm) * ldo * 4);      // output accumulators [bm, ldo] f32
   L.s = at, at = align128(at + static_cast<size_t>(bm) * bn * 4);       // scores (then probs for CUDA cores) f32
   L.p = at, at = align128(at + static_cast<size_t>(bm) * bn * elem);    // probs as T for tensor cores
   L.m = at, at = align128(at + static_cast<size_t>(bm) * 4);            // running max
   L.l = at, at = align128(at + static_cast<size_t>(bm) * 4);            // running sum
-  L.alpha = at, at = align128(at + static_cast<size_t>(bm) * 4);        // this tile's rescale
-  L.keep = at, at = align128(at + static_cast<size_t>(bn));             // attention_mask of the tile's slots
+  L.mask_stride = align128(static_cast<size_t>(bn) * 8);
+  L.mask = at, at += ring * L.mask_stride;                              // their attention_mask slots, int64 [bn]
   L.total = at;
   return L;
 }
@@ -179,17 +222,26 @@ struct AttendArgs {
   int bm, bn, ld, ldq, ldo, r16;
   int64_t splits, split_len;
   bool vec;        // 16-byte loads: r and KR are multiples of 16 / sizeof(T), 16-byte aligned rows
-  bool pipelined;  // vec + cp.async: the next tile streams into the second buffer during this one's math
+  int ring;        // tiles in shared memory; > 1 (vec only): cp.async, the next ring - 1 tiles stream in
+                   // during this one's math
 };
 
-// Asynchronous 16-byte global -> shared copies (sm_80+), to overlap a tile's loads with the math on
-// the previous one. (Emulation: plain copies; the waits are then no-ops.)
+// Asynchronous global -> shared copies (sm_80+), to overlap a tile's loads with the math on the
+// previous one. (Emulation: plain copies; the waits are then no-ops.)
 __device__ __forceinline__ void cp_async16(void* dst_smem, const void* src) {
 #ifdef MLA_ZOO_CUDA_EMULATION
   std::memcpy(dst_smem, src, 16);
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async8(void* dst_smem, const void* src) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  std::memcpy(dst_smem, src, 8);
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -204,89 +256,123 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
-// Starts the copies of the cache tile [t0, t0 + n_valid) into kv (pipelined mode): as load_tile,
-// but asynchronous; the copy of past rows to the present happens later, from shared memory.
+// How a thread walks a cache tile [bn, ldq] in 16-byte chunks (vec mode): it keeps ONE chunk column
+// and steps down the rows, so the source address is a pointer plus row * stride (no divisions, no
+// 64-bit index arithmetic per chunk). Threads tid = n0 * lanes + j take chunk column c0 + j and rows
+// n0, n0 + step, ...; one pass over the columns unless a row has more chunks than the block has threads.
+// The same mapping issues the loads and later stores the past rows, so a thread only ever stores chunks
+// it loaded itself (no barrier needed between its cp.async wait and its stores).
+template <typename T>
+struct ChunkWalk {
+  static constexpr int V = 16 / sizeof(T);  // elements per chunk
+  int c;          // this thread's column (elements) in the tile row; -1: idle in this pass
+  int n0, step;   // first row and row step
+  bool real;      // c < r + KR (else zero padding up to ldq)
+  const T *past, *pres;        // the column's element in slot 0 of the sequence's past / present
+  T* pres_out;                 // same as pres, writable (the copy of past rows)
+  int64_t past_ld, pres_ld;    // row strides: r or KR
+  __device__ __forceinline__ ChunkWalk(const Dims& d, const AttendArgs<T>& a, int64_t b, int c0) {
+    const int chunks = a.ldq / V;
+    const int lanes = min(chunks - c0, static_cast<int>(blockDim.x));
+    step = static_cast<int>(blockDim.x) / lanes;
+    n0 = static_cast<int>(threadIdx.x) / lanes;
+    c = n0 < step ? (c0 + static_cast<int>(threadIdx.x) % lanes) * V : -1;
+    real = c >= 0 && c < d.r + d.KR;
+    const bool lat = c < d.r;
+    past_ld = lat ? d.r : d.KR;
+    pres_ld = past_ld;
+    const int64_t off = c < 0 ? 0 : lat ? c : c - d.r;
+    past = (lat ? a.past_latent + b * d.P * d.r : a.past_key_rope + b * d.P * d.KR) + off;
+    pres_out = (lat ? a.present_latent + b * d.T * d.r : a.present_key_rope + b * d.T * d.KR) + off;
+    pres = pres_out;
+  }
+  __device__ __forceinline__ const T* src(const Dims& d, int64_t t) const {
+    return t < d.P ? past + t * past_ld : pres + t * pres_ld;
+  }
+};
+
+// Starts the copies of the cache tile [t0, t0 + n_valid) into kv and of its attention_mask into mk
+// (pipelined mode): as load_tile, but asynchronous; the copy of past rows to the present happens
+// after the wait, from shared memory (store_past_rows).
 template <typename T>
 __device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0, int n_valid,
-                                           T* kv) {
-  constexpr int V = 16 / sizeof(T);
-  const int chunks = a.ldq / V;
-  for (int idx = threadIdx.x; idx < a.bn * chunks; idx += blockDim.x) {
-    const int n = idx / chunks, c = (idx % chunks) * V;
-    const int64_t t = t0 + n;
-    T* dst = kv + n * a.ld + c;
-    if (n < n_valid && c < d.r + d.KR) {
-      const bool past = t < d.P;
-      const T* src = c < d.r ? (past ? a.past_latent + (b * d.P + t) * d.r : a.present_latent + (b * d.T + t) * d.r) + c
-                             : (past ? a.past_key_rope + (b * d.P + t) * d.KR
-                                     : a.present_key_rope + (b * d.T + t) * d.KR) + (c - d.r);
-      cp_async16(dst, src);
+                                           T* kv, int64_t* mk) {
+  const int chunks = a.ldq / ChunkWalk<T>::V;
+  for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {
+    const ChunkWalk<T> w(d, a, b, c0);
+    if (w.c < 0) continue;
+    for (int n = w.n0; n < a.bn; n += w.step) {
+      T* dst = kv + n * a.ld + w.c;
+      if (n < n_valid && w.real) {
+        cp_async16(dst, w.src(d, t0 + n));
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+  for (int n = threadIdx.x; n < a.bn; n += blockDim.x) {
+    if (n < n_valid) {
+      cp_async8(mk + n, a.mask + b * d.T + t0 + n);
     } else {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      mk[n] = 0;
     }
   }
 }
 
 // The past rows of an arrived tile -> the present (pipelined mode; the block that copies the past).
+// Called by every thread after ITS cp.async groups landed and before the block's barrier: each thread
+// stores the chunks it loaded itself (the same ChunkWalk), 16 bytes at a time, streaming (__stcs).
 template <typename T>
 __device__ __forceinline__ void store_past_rows(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0,
                                                 int n_valid, const T* kv) {
-  constexpr int V = 16 / sizeof(T);
-  const int chunks = static_cast<int>((d.r + d.KR) / V);
-  const int rows = static_cast<int>(min(static_cast<int64_t>(n_valid), d.P - t0));
-  for (int idx = threadIdx.x; idx < rows * chunks; idx += blockDim.x) {
-    const int n = idx / chunks, c = (idx % chunks) * V;
-    const int64_t t = t0 + n;
-    T* dst = c < d.r ? a.present_latent + (b * d.T + t) * d.r + c : a.present_key_rope + (b * d.T + t) * d.KR + (c - d.r);
-    __stcs(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(kv + n * a.ld + c));
+  const int chunks = a.ldq / ChunkWalk<T>::V;
+  const int rows = static_cast<int>(min(static_cast<int64_t>(n_valid), d.P - t0));  // past slots of the tile
+  for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {
+    const ChunkWalk<T> w(d, a, b, c0);
+    if (!w.real) continue;
+    for (int n = w.n0; n < rows; n += w.step)
+      __stcs(reinterpret_cast<uint4*>(w.pres_out + (t0 + n) * w.pres_ld),
+             *reinterpret_cast<const uint4*>(kv + n * a.ld + w.c));
   }
 }
 
-// The cache tile [t0, t0 + n_valid) -> smem kv [bn, ld] as [latent (r) | RoPE keys (KR) | 0 ...];
-// past slots come from the past inputs (and, for the copying block, go on to the presents), new
-// slots from the presents (written by prepare earlier on the stream).
+// The cache tile [t0, t0 + n_valid) -> smem kv [bn, ld] as [latent (r) | RoPE keys (KR) | 0 ...] and
+// its attention_mask -> mk, synchronously; past slots come from the past inputs (and, for the copying
+// block, go on to the presents), new slots from the presents (written by prepare earlier on the stream).
 template <typename T>
 __device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0, int n_valid,
-                                          bool copy_past, T* kv) {
-  const int ld16 = a.ldq;
+                                          bool copy_past, T* kv, int64_t* mk) {
+  for (int n = threadIdx.x; n < a.bn; n += blockDim.x) mk[n] = n < n_valid ? a.mask[b * d.T + t0 + n] : 0;
   if (a.vec) {
-    constexpr int V = 16 / sizeof(T);
-    const int chunks = ld16 / V;
+    const int chunks = a.ldq / ChunkWalk<T>::V;
     constexpr int kBatch = 4;  // loads in flight per thread before their stores
-    for (int base = threadIdx.x; base < a.bn * chunks; base += kBatch * blockDim.x) {
-      uint4 v[kBatch];
+    for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {
+      const ChunkWalk<T> w(d, a, b, c0);
+      if (w.c < 0) continue;
+      for (int base = w.n0; base < a.bn; base += kBatch * w.step) {
+        uint4 v[kBatch];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int idx = base + u * blockDim.x;
-        v[u] = make_uint4(0, 0, 0, 0);
-        if (idx < a.bn * chunks) {
-          const int n = idx / chunks, c = (idx % chunks) * V;
+        for (int u = 0; u < kBatch; ++u) {
+          const int n = base + u * w.step;
           const int64_t t = t0 + n;
-          if (n < n_valid && c < d.r + d.KR) {
-            const bool past = t < d.P;
-            const T* src = c < d.r ? (past ? a.past_latent + (b * d.P + t) * d.r : a.present_latent + (b * d.T + t) * d.r) + c
-                                   : (past ? a.past_key_rope + (b * d.P + t) * d.KR
-                                           : a.present_key_rope + (b * d.T + t) * d.KR) + (c - d.r);
-            v[u] = past ? __ldcs(reinterpret_cast<const uint4*>(src)) : __ldcg(reinterpret_cast<const uint4*>(src));
-          }
+          v[u] = make_uint4(0, 0, 0, 0);
+          if (n < n_valid && w.real)
+            v[u] = t < d.P ? __ldcs(reinterpret_cast<const uint4*>(w.past + t * w.past_ld))
+                           : __ldcg(reinterpret_cast<const uint4*>(w.pres + t * w.pres_ld));
         }
-      }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int idx = base + u * blockDim.x;
-        if (idx < a.bn * chunks) {
-          const int n = idx / chunks, c = (idx % chunks) * V;
-          *reinterpret_cast<uint4*>(kv + n * a.ld + c) = v[u];
+        for (int u = 0; u < kBatch; ++u) {
+          const int n = base + u * w.step;
+          if (n >= a.bn) break;
+          *reinterpret_cast<uint4*>(kv + n * a.ld + w.c) = v[u];
           const int64_t t = t0 + n;
-          if (copy_past && n < n_valid && t < d.P && c < d.r + d.KR) {
-            T* dst = c < d.r ? a.present_latent + (b * d.T + t) * d.r + c
-                             : a.present_key_rope + (b * d.T + t) * d.KR + (c - d.r);
-            __stcs(reinterpret_cast<uint4*>(dst), v[u]);
-          }
+          if (copy_past && n < n_valid && t < d.P && w.real)
+            __stcs(reinterpret_cast<uint4*>(w.pres_out + t * w.pres_ld), v[u]);
         }
       }
     }
   } else {
+    const int ld16 = a.ldq;
     for (int idx = threadIdx.x; idx < a.bn * ld16; idx += blockDim.x) {
       const int n = idx / ld16, c = idx % ld16;
       const int64_t t = t0 + n;
@@ -375,17 +461,16 @@ __device__ __forceinline__ void tile_weighted_sum(const AttendArgs<T>& a, const 
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   MLA_DYNAMIC_SMEM(unsigned char, smem);
-  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T), a.pipelined);
-  T* const kv0 = reinterpret_cast<T*>(smem + L.kv);
-  T* const kv1 = reinterpret_cast<T*>(smem + L.kv2);
+  const SmemLayout L = smem_layout(a.bm, a.bn, a.ld, a.ldo, sizeof(T), a.ring);
+  auto kv_buf = [&](int i) { return reinterpret_cast<T*>(smem + L.kv + i * L.kv_stride); };
+  auto mk_buf = [&](int i) { return reinterpret_cast<int64_t*>(smem + L.mask + i * L.mask_stride); };
+  const bool pipelined = a.ring > 1;
   T* qs = reinterpret_cast<T*>(smem + L.q);
   float* o = reinterpret_cast<float*>(smem + L.o);
   float* sc = reinterpret_cast<float*>(smem + L.s);
   T* pr = reinterpret_cast<T*>(smem + L.p);
   float* row_max = reinterpret_cast<float*>(smem + L.m);
   float* row_sum = reinterpret_cast<float*>(smem + L.l);
-  float* alpha = reinterpret_cast<float*>(smem + L.alpha);
-  unsigned char* keep = smem + L.keep;
 
   const int64_t split = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
   const int64_t rows = d.S * d.H, row0 = rb * a.bm;
@@ -395,7 +480,19 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   const int64_t t_end = min(min(d.T, t_begin + a.split_len), limit);
   const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
 
-  // the block's query rows (zeros past nrows), accumulators
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  // the first ring - 1 tiles start streaming before the prologue (one commit group per tile, empty
+  // ones included, so that "tile i landed" is always "at most ring - 1 groups pending")
+  if (pipelined) {
+    for (int k = 0; k + 1 < a.ring; ++k) {
+      const int64_t t = t_begin + static_cast<int64_t>(k) * a.bn;
+      if (t < t_end) issue_tile(d, a, b, t, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t)), kv_buf(k), mk_buf(k));
+      cp_async_commit();
+    }
+  }
+
+  // the block's query rows (zeros past nrows), accumulators; the tensor cores' probabilities of the
+  // padding rows stay 0 (the softmax only visits the real rows)
   const T* qsrc = a.q + (b * rows + row0) * a.ldq;
   for (int idx = threadIdx.x; idx < a.bm * a.ldq; idx += blockDim.x) {
     const int m = idx / a.ldq, c = idx % a.ldq;
@@ -406,77 +503,81 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
     row_max[m] = kNegInf;
     row_sum[m] = 0.f;
   }
+  if constexpr (kTensorCores)
+    for (int idx = nrows * a.bn + threadIdx.x; idx < a.bm * a.bn; idx += blockDim.x) pr[idx] = from_f<T>(0.f);
   __syncthreads();
 
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-  if (a.pipelined && t_begin < t_end) {
-    issue_tile(d, a, b, t_begin, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t_begin)), kv0);
-    cp_async_commit();
-  }
-  int stage = 0;
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn, stage ^= 1) {
+  // Per tile (4 barriers): [wait for it; copy its past rows to the present] | scores | softmax and
+  // rescale of o | o += p @ latent. Pipelined, tile i + ring - 1 is issued before the wait for tile i,
+  // into the buffer of tile i - 1 (free since the last iteration's final barrier).
+  int slot = 0;  // buffer of this tile: i % ring
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += a.bn, slot = slot + 1 == a.ring ? 0 : slot + 1) {
     const int n_valid = static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t0));
-    T* kv = a.pipelined && stage ? kv1 : kv0;
-    if (a.pipelined) {
-      const int64_t next = t0 + a.bn;
-      if (next < t_end) {  // the next tile streams into the other buffer (free since the last iteration's end)
-        issue_tile(d, a, b, next, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - next)), stage ? kv0 : kv1);
-        cp_async_commit();
-        cp_async_wait<1>();  // this tile's group has landed (the next one may be in flight)
+    T* kv = kv_buf(slot);
+    const int64_t* mk = mk_buf(slot);
+    if (pipelined) {
+      const int64_t ahead = t0 + static_cast<int64_t>(a.ring - 1) * a.bn;
+      const int into = (slot + a.ring - 1) % a.ring;
+      if (ahead < t_end)
+        issue_tile(d, a, b, ahead, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - ahead)), kv_buf(into),
+                   mk_buf(into));
+      cp_async_commit();
+      if (a.ring == 3) {  // this thread's copies of this tile have landed (the later ones may be in flight)
+        cp_async_wait<2>();
       } else {
-        cp_async_wait<0>();
+        cp_async_wait<1>();
       }
+      if (copy_past && t0 < d.P) store_past_rows(d, a, b, t0, n_valid, kv);  // own chunks: no barrier needed
     } else {
-      load_tile(d, a, b, t0, n_valid, copy_past, kv);
+      load_tile(d, a, b, t0, n_valid, copy_past, kv, mk_buf(0));
     }
-    for (int n = threadIdx.x; n < a.bn; n += blockDim.x) keep[n] = n < n_valid && a.mask[b * d.T + t0 + n] != 0;
     __syncthreads();
-    if (a.pipelined && copy_past && t0 < d.P) store_past_rows(d, a, b, t0, n_valid, kv);
     tile_scores<T, kTensorCores>(a, qs, kv, sc);
     __syncthreads();
 
-    // online softmax, one warp per row: allowed = (t <= self and mask) or t == self (op_spec.md)
-    for (int m = warp; m < a.bm; m += warps) {
+    // online softmax, one warp per real row: allowed = (t <= self and mask) or t == self (op_spec.md);
+    // the same warp rescales its row of o by exp(old max - new max)
+    constexpr int kPerLane = 8;  // bn <= 256 (make_plan)
+    for (int m = warp; m < nrows; m += warps) {
       float* srow = sc + m * a.bn;
-      if (m >= nrows) {
-        for (int n = lane; n < a.bn; n += kWarp) {
-          srow[n] = 0.f;
-          if constexpr (kTensorCores) pr[m * a.bn + n] = from_f<T>(0.f);
-        }
-        if (lane == 0) alpha[m] = 1.f;
-        continue;
-      }
       const int64_t self = d.P + (row0 + m) / d.H;
+      float v[kPerLane];
       float mx = kNegInf;
-      for (int n = lane; n < a.bn; n += kWarp) {
-        const int64_t t = t0 + n;
-        const bool ok = n < n_valid && (t == self || (t < self && keep[n]));
-        const float v = ok ? srow[n] : kNegInf;
-        srow[n] = v;
-        mx = fmaxf(mx, v);
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int n = lane + i * kWarp;
+        v[i] = kNegInf;
+        if (n < a.bn) {
+          const int64_t t = t0 + n;
+          const bool ok = n < n_valid && (t == self || (t < self && mk[n] != 0));
+          v[i] = ok ? srow[n] : kNegInf;
+          mx = fmaxf(mx, v[i]);
+        }
       }
       mx = warp_max(mx);
       const float old = row_max[m];
       const float now = fmaxf(old, mx);
       float sum = 0.f;
-      for (int n = lane; n < a.bn; n += kWarp) {
-        const float p = now == kNegInf ? 0.f : expf(srow[n] - now);  // exp(-inf) = 0 for masked slots
-        srow[n] = p;
-        if constexpr (kTensorCores) pr[m * a.bn + n] = from_f<T>(p);
-        sum += p;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) {
+        const int n = lane + i * kWarp;
+        if (n < a.bn) {
+          const float p = now == kNegInf ? 0.f : expf(v[i] - now);  // exp(-inf) = 0 for masked slots
+          if constexpr (kTensorCores) {
+            pr[m * a.bn + n] = from_f<T>(p);
+          } else {
+            srow[n] = p;
+          }
+          sum += p;
+        }
       }
       sum = warp_sum(sum);
+      const float f = now == kNegInf ? 1.f : expf(old - now);  // old = -inf: 0 (o is 0 then anyway)
+      for (int c = lane; c < a.r16; c += kWarp) o[m * a.ldo + c] *= f;
       if (lane == 0) {
-        const float f = now == kNegInf ? 1.f : expf(old - now);  // old = -inf: 0
-        alpha[m] = f;
         row_sum[m] = row_sum[m] * f + sum;
         row_max[m] = now;
       }
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < a.bm * a.r16; idx += blockDim.x) {
-      const int m = idx / a.r16;
-      o[m * a.ldo + idx % a.r16] *= alpha[m];
     }
     __syncthreads();
     tile_weighted_sum<T, kTensorCores>(a, sc, pr, kv, o);
@@ -485,22 +586,19 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
 
   // epilogue: one split -> output = (o / l) @ W_uv[g]^T; several -> normalised partial + its lse
   if (a.splits == 1) {
-    for (int idx = threadIdx.x; idx < nrows * d.dv; idx += blockDim.x) {
-      const int m = idx / static_cast<int>(d.dv);
-      const int64_t e = idx % d.dv, row = row0 + m, h = row % d.H;
-      const float l = row_sum[m];
-      const T* w = a.w_uv + ((h / d.G) * d.dv + e) * d.r;
-      const float* om = o + m * a.ldo;
-      float acc = 0.f;
-      for (int64_t c = 0; c < d.r; ++c) acc = fmaf(om[c], to_f(w[c]), acc);
-      a.out[(b * rows + row) * d.dv + e] = from_f<T>(l > 0.f ? acc / l : 0.f);
+    const int groups = static_cast<int>(ceil_div_dev(d.dv, kProjectOutputs));  // per row
+    for (int item = warp; item < nrows * groups; item += warps) {  // (row m, group of kProjectOutputs outputs)
+      const int m = item / groups;
+      const int64_t row = row0 + m, g = (row % d.H) / d.G;
+      project_group(o + m * a.ldo, a.w_uv + g * d.dv * d.r, static_cast<int64_t>(item % groups) * kProjectOutputs, d.dv,
+                    d.r, row_sum[m], a.out + (b * rows + row) * d.dv, lane);
     }
   } else {
-    for (int idx = threadIdx.x; idx < nrows * d.r; idx += blockDim.x) {
-      const int m = idx / static_cast<int>(d.r);
-      const int64_t c = idx % d.r;
+    const int r = static_cast<int>(d.r);
+    for (int idx = threadIdx.x; idx < nrows * r; idx += blockDim.x) {
+      const int m = idx / r, c = idx % r;
       const float l = row_sum[m];
-      const int64_t prow = (b * rows + row0 + m) * a.splits + split;
+      const int64_t prow = (b * rows + row0 + m) * a.splits + split;  // partial row [B*S*H, splits]
       a.part_o[prow * d.r + c] = l > 0.f ? o[m * a.ldo + c] / l : 0.f;
       if (c == 0) a.part_lse[prow] = l > 0.f ? row_max[m] + logf(l) : kNegInf;
     }
@@ -519,34 +617,35 @@ __global__ void merge_kernel(Dims d, const float* part_o, const float* part_lse,
   float* o = weight + splits;
   const int64_t row = blockIdx.x;  // (b*S + s)*H + h
   const float* lse = part_lse + row * splits;
-  if (threadIdx.x < kWarp) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  if (warp == 0) {
     float mx = kNegInf;
-    for (int64_t i = threadIdx.x; i < splits; i += kWarp) mx = fmaxf(mx, lse[i]);
+    for (int64_t i = lane; i < splits; i += kWarp) mx = fmaxf(mx, lse[i]);
     mx = warp_max(mx);
     float sum = 0.f;
-    for (int64_t i = threadIdx.x; i < splits; i += kWarp) {
+    for (int64_t i = lane; i < splits; i += kWarp) {
       const float w = lse[i] == kNegInf ? 0.f : expf(lse[i] - mx);
       weight[i] = w;
       sum += w;
     }
     sum = warp_sum(sum);
-    if (threadIdx.x == 0) total = sum;
+    if (lane == 0) total = sum;
   }
   __syncthreads();
+  // o[c] = sum_i weight[i] * part_o[i, c] / total: a thread per column, the splits unrolled so that
+  // several loads are in flight (an empty split's partial is 0 with weight 0: no branch needed)
   const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float* po = part_o + row * splits * d.r;  // [splits, r]
   for (int64_t c = threadIdx.x; c < d.r; c += blockDim.x) {
     float acc = 0.f;
-    for (int64_t i = 0; i < splits; ++i)
-      if (weight[i] != 0.f) acc = fmaf(weight[i], part_o[(row * splits + i) * d.r + c], acc);
+#pragma unroll 8
+    for (int64_t i = 0; i < splits; ++i) acc = fmaf(weight[i], po[i * d.r + c], acc);
     o[c] = acc * inv;
   }
   __syncthreads();
   const T* w = w_uv + ((row % d.H) / d.G) * d.dv * d.r;
-  for (int64_t e = threadIdx.x; e < d.dv; e += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t c = 0; c < d.r; ++c) acc = fmaf(o[c], to_f(w[e * d.r + c]), acc);
-    out[row * d.dv + e] = from_f<T>(acc);
-  }
+  for (int64_t e0 = static_cast<int64_t>(warp) * kProjectOutputs; e0 < d.dv; e0 += warps * kProjectOutputs)
+    project_group(o, w, e0, d.dv, d.r, 1.f, out + row * d.dv, lane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -560,6 +659,23 @@ std::string cuda_error(const char* what, cudaError_t e) {
   std::ostringstream s;
   s << what << ": " << cudaGetErrorName(e) << " (" << cudaGetErrorString(e) << ")";
   return s.str();
+}
+
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per (kernel, device) and size: a host call
+// per launch otherwise (it showed up in the fixed cost of small launches).
+cudaError_t allow_smem(const void* kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  static std::mutex mutex;
+  static std::vector<std::pair<std::pair<const void*, int>, size_t>> done;  // (kernel, device) -> bytes allowed
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& entry : done)
+    if (entry.first.first == kernel && entry.first.second == device && entry.second >= bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (e == cudaSuccess) done.push_back({{kernel, device}, bytes});
+  return e;
 }
 
 template <typename T>
@@ -585,14 +701,13 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
                        static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(8, ceil_div(d.H * d.r, prep_threads)))));
   const size_t prep_smem = sizeof(float) * (d.H * d.dn + 2 * d.n_kv * d.R);
   void (*prepare)(Dims, PrepareArgs<T>, RopeIndex) = prepare_kernel<T>;
-  if (prep_smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(prepare, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(prep_smem));
-    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare (shared memory)", e);
+  cudaError_t e = allow_smem(reinterpret_cast<const void*>(prepare), prep_smem);
+  if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare (shared memory)", e);
+  if (plan.launch_mask & 1) {
+    MLA_LAUNCH(prepare, prep_grid, prep_threads, prep_smem, stream, d, pa, pairs);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare launch", e);
   }
-  MLA_LAUNCH(prepare, prep_grid, prep_threads, prep_smem, stream, d, pa, pairs);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare launch", e);
 
   // 2. attend
   AttendArgs<T> aa{static_cast<const T*>(in.past_latent), static_cast<const T*>(in.past_key_rope), q,
@@ -604,23 +719,23 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   aa.vec = d.r % V == 0 && d.KR % V == 0 && aligned(in.past_latent) && aligned(in.past_key_rope) &&
            aligned(out.present_latent) && aligned(out.present_key_rope);
-  aa.pipelined = aa.vec && plan.pipelined;
+  aa.ring = aa.vec ? plan.ring : 1;
   const dim3 grid(static_cast<unsigned>(plan.splits), static_cast<unsigned>(plan.row_blocks),
                   static_cast<unsigned>(d.B));
   void (*attend)(Dims, AttendArgs<T>) = attend_kernel<T, false>;
   if constexpr (std::is_same<T, __half>::value) {
     if (plan.tensor_cores) attend = attend_kernel<T, true>;
   }
-  if (plan.smem_bytes > 48 * 1024) {
-    e = cudaFuncSetAttribute(attend, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
-    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend (shared memory)", e);
+  e = allow_smem(reinterpret_cast<const void*>(attend), plan.smem_bytes);
+  if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend (shared memory)", e);
+  if (plan.launch_mask & 2) {
+    MLA_LAUNCH(attend, grid, plan.threads, plan.smem_bytes, stream, d, aa);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend launch", e);
   }
-  MLA_LAUNCH(attend, grid, plan.threads, plan.smem_bytes, stream, d, aa);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend launch", e);
 
   // 3. merge
-  if (plan.splits > 1) {
+  if (plan.splits > 1 && (plan.launch_mask & 4)) {
     const size_t merge_smem = sizeof(float) * (1 + plan.splits + d.r);
     void (*merge)(Dims, const float*, const float*, int64_t, const T*, T*) = merge_kernel<T>;
     MLA_LAUNCH(merge, static_cast<unsigned>(d.B * d.S * d.H), 128, merge_smem, stream, d, part_o, part_lse,
@@ -639,22 +754,43 @@ Device current_device() {
   int index = 0;
   if (cudaGetDevice(&index) != cudaSuccess) return Device{};
   std::lock_guard<std::mutex> lock(mutex);
-  if (cache.size() <= static_cast<size_t>(index)) cache.resize(index + 1, Device{0, 0});
+  if (cache.size() <= static_cast<size_t>(index)) cache.resize(index + 1, Device{0, 0, 0});
   Device& dev = cache[index];
   if (dev.sm_count == 0) {
-    int sms = 0, smem = 0;
+    int sms = 0, smem = 0, smem_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, index) != cudaSuccess ||
-        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, index) != cudaSuccess) {
+        cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, index) != cudaSuccess ||
+        cudaDeviceGetAttribute(&smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, index) != cudaSuccess) {
       cudaGetLastError();  // not sticky: leave no error behind for onnxruntime to trip over
       return Device{};
     }
-    dev = Device{sms, smem};
+    dev = Device{sms, smem, smem_sm};
   }
   return dev;
 }
 
-Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, bool pipeline) {
+const Tuning& env_tuning() {
+  static const Tuning tuning = [] {
+    auto get = [](const char* name, int fallback) {
+      const char* v = std::getenv(name);
+      return v && *v ? std::atoi(v) : fallback;
+    };
+    Tuning t;
+    t.block_n = get("MLA_ZOO_CUDA_BLOCK_N", 0);
+    t.blocks_per_sm = get("MLA_ZOO_CUDA_BLOCKS_PER_SM", 0);
+    t.splits = get("MLA_ZOO_CUDA_SPLITS", 0);
+    t.min_split_tiles = get("MLA_ZOO_CUDA_MIN_SPLIT_TILES", 0);
+    t.threads = get("MLA_ZOO_CUDA_THREADS", 0);
+    t.pipeline = get("MLA_ZOO_CUDA_PIPELINE", -1);
+    t.ring = get("MLA_ZOO_CUDA_RING", 0);
+    return t;
+  }();
+  return tuning;
+}
+
+Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, bool pipeline, const Tuning* tuning) {
   const Dims d = to_dims(md);
+  const Tuning& tune = tuning ? *tuning : env_tuning();
   Plan plan;
   if (d.n_kv * d.R > kMaxRopeIndices) {
     std::ostringstream s;
@@ -670,19 +806,23 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   const int r16 = static_cast<int>(ceil_div(d.r, 16) * 16);
   plan.ldo = r16 + 4;
   const int64_t rows = d.S * d.H;
-  const char* env = std::getenv("MLA_ZOO_CUDA_PIPELINE");  // "0": no cp.async double buffering (diagnosis)
-  plan.pipelined = pipeline && d.r % (16 / elem) == 0 && d.KR % (16 / elem) == 0 && !(env && env[0] == '0');
+  const bool pipelined = pipeline && tune.pipeline != 0 && d.r % (16 / elem) == 0 && d.KR % (16 / elem) == 0;
+  const int ring = pipelined ? (tune.ring == 3 ? 3 : 2) : 1;
 
-  // the largest tiles that fit: rows per block by the rows of a sequence, then slots per tile
+  // the largest tiles that fit: rows per block by the rows of a sequence, then slots per tile (the
+  // tuned block_n first where it is one of the sizes the kernel takes: 32..256, a multiple of 32)
+  std::vector<int> bns{64, 32};
+  if (tune.block_n >= 32 && tune.block_n <= 256 && tune.block_n % 32 == 0) bns.insert(bns.begin(), tune.block_n);
   const int smem_cap = std::max(48 * 1024, device.max_smem_per_block);
   bool fits = false;
-  for (const bool pipelined : {plan.pipelined, false}) {  // double buffering only where it fits
+  for (int try_ring = ring; try_ring >= 1; --try_ring) {  // the deepest ring up to `ring` that fits
     for (int bm : {64, 32, 16}) {
       if (bm > 16 && rows <= bm / 2) continue;  // decode: as few padded rows as possible
-      for (int bn : {64, 32}) {
-        const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem, pipelined);
+      for (int bn : bns) {
+        const SmemLayout L = smem_layout(bm, bn, plan.ld, plan.ldo, elem, try_ring);
         if (!fits && L.total <= static_cast<size_t>(smem_cap)) {
-          plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total, plan.pipelined = pipelined;
+          plan.block_m = bm, plan.block_n = bn, plan.smem_bytes = L.total, plan.ring = try_ring;
+          plan.pipelined = try_ring > 1;
           fits = true;
         }
       }
@@ -695,12 +835,20 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
     throw ShapeError{s.str()};
   }
   plan.threads = plan.block_m == 16 ? 128 : 256;
+  if (tune.threads == 128 || tune.threads == 256) plan.threads = tune.threads;
   plan.row_blocks = ceil_div(rows, plan.block_m);
 
-  // split-K: enough blocks to fill the GPU (about 4 per SM), no split shorter than 2 tiles
+  // split-K: enough blocks to fill the GPU (blocks_per_sm per SM over the grid), no split shorter than
+  // min_split_tiles tiles; or a fixed count. Built-in blocks_per_sm: 4, or fewer where fewer blocks fit
+  // in an SM's shared memory (1 KB of it reserved per block), so that the grid is about one full wave.
   const int64_t blocks = d.B * plan.row_blocks;
-  const int64_t want = std::max<int64_t>(1, ceil_div(4LL * std::max(1, device.sm_count), blocks));
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(256, d.T / (2 * plan.block_n)));
+  const int64_t resident =
+      std::max<int64_t>(1, static_cast<int64_t>(device.smem_per_sm) / static_cast<int64_t>(plan.smem_bytes + 1024));
+  const int64_t per_sm = tune.blocks_per_sm > 0 ? tune.blocks_per_sm : std::min<int64_t>(4, resident);
+  const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;
+  const int64_t want = tune.splits > 0 ? tune.splits  // rounded down: at most one wave of per_sm blocks per SM
+                                       : std::max<int64_t>(1, per_sm * std::max(1, device.sm_count) / blocks);
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(1024, d.T / (min_tiles * plan.block_n)));
   int64_t splits = std::min(want, most);
   plan.split_len = ceil_div(ceil_div(std::max<int64_t>(d.T, 1), splits), plan.block_n) * plan.block_n;
   plan.splits = std::max<int64_t>(1, ceil_div(d.T, plan.split_len));
@@ -708,6 +856,24 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   plan.q_bytes = align256(static_cast<size_t>(rows * d.B) * plan.ldq * elem);
   plan.part_bytes = plan.splits > 1 ? align256(static_cast<size_t>(d.B * rows * plan.splits) * (d.r + 1) * 4) : 0;
   return plan;
+}
+
+int attend_occupancy(const Plan& plan, Dtype dtype) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  (void)plan, (void)dtype;
+  return -1;
+#else
+  const void* kernel = dtype == Dtype::kFloat32 ? reinterpret_cast<const void*>(attend_kernel<float, false>)
+                       : plan.tensor_cores      ? reinterpret_cast<const void*>(attend_kernel<__half, true>)
+                                                : reinterpret_cast<const void*>(attend_kernel<__half, false>);
+  int blocks = -1;
+  if (allow_smem(kernel, plan.smem_bytes) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, plan.smem_bytes) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return blocks;
+#endif
 }
 
 std::string launch(const MlaDims& md, const std::vector<int64_t>& rope_pairs, float scale, Dtype dtype,

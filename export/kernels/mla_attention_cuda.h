@@ -56,7 +56,8 @@ struct Outputs {
 // The launch configuration of one call and the scratch memory it needs.
 struct Plan {
   bool tensor_cores = false;
-  bool pipelined = false;   // cp.async double buffering of the cache tiles (sm_80+)
+  bool pipelined = false;   // cp.async buffering of the cache tiles (sm_80+): ring > 1
+  int ring = 1;             // cache tiles in shared memory: 1 = synchronous loads, 2 = double, 3 = triple buffering
   int block_m = 16;         // query rows (token, head) per attend block
   int block_n = 64;         // cache slots per tile
   int threads = 128;        // per attend block
@@ -69,21 +70,50 @@ struct Plan {
   size_t smem_bytes = 0;    // dynamic shared memory of an attend block
   size_t q_bytes = 0;       // scratch: prepared queries [B*S*H, ldq]
   size_t part_bytes = 0;    // scratch: split partials (output [rows*splits, r] + lse [rows*splits]), 0 if one split
+  int launch_mask = 7;      // kernels launch() enqueues: 1 prepare | 2 attend | 4 merge (the harness's timing breakdown)
   size_t scratch_bytes() const { return q_bytes + part_bytes; }
 };
+
+// Knobs of the launch plan, to tune it on a GPU without rebuilding; 0 (-1 for pipeline) = the built-in
+// choice. make_plan reads them from the environment once per process (env_tuning) unless given some:
+//   MLA_ZOO_CUDA_BLOCK_N          cache slots per tile: 32, 64, 128 or 256 (falls back to smaller if it does not fit)
+//   MLA_ZOO_CUDA_BLOCKS_PER_SM    split-K target: attend blocks per SM over the whole grid (built-in: 4)
+//   MLA_ZOO_CUDA_SPLITS           a fixed number of splits of the cache (overrides BLOCKS_PER_SM)
+//   MLA_ZOO_CUDA_MIN_SPLIT_TILES  no split shorter than this many tiles (built-in: 2)
+//   MLA_ZOO_CUDA_THREADS          threads per attend block: 128 or 256 (built-in: 128 for 16-row blocks, else 256)
+//   MLA_ZOO_CUDA_PIPELINE         0: no cp.async double buffering (the plain synchronous loads)
+//   MLA_ZOO_CUDA_RING             tiles in flight with cp.async: 2 (double buffering, built-in) or 3 (triple)
+struct Tuning {
+  int block_n = 0;
+  int blocks_per_sm = 0;
+  int splits = 0;
+  int min_split_tiles = 0;
+  int threads = 0;
+  int pipeline = -1;
+  int ring = 0;
+};
+
+const Tuning& env_tuning();
 
 // Device facts the plan depends on (queried once per device; the harness may pass its own).
 struct Device {
   int sm_count = 132;
   int max_smem_per_block = 227 * 1024;
+  int smem_per_sm = 228 * 1024;  // bounds the attend blocks resident per SM (the split-K default)
 };
 
 Device current_device();  // of the calling thread's current CUDA device (cached per device)
 
 // The launch configuration for these dims. Throws ShapeError for dims the kernel cannot run.
-// pipeline=false (or MLA_ZOO_CUDA_PIPELINE=0 in the environment) turns the cp.async double
+// pipeline=false (or pipeline 0 in the tuning) turns the cp.async double
 // buffering of the cache tiles off: the plain synchronous loads (the harness tests both).
-Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto, bool pipeline = true);
+// tuning: nullptr = env_tuning().
+Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = Math::kAuto, bool pipeline = true,
+               const Tuning* tuning = nullptr);
+
+// Attend blocks of this plan resident per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor on the
+// current device; -1 when unknown, e.g. in the CPU emulation). For the harness's sweep.
+int attend_occupancy(const Plan& plan, Dtype dtype);
 
 // Enqueues the op on `stream` (a cudaStream_t; nullptr = the legacy default stream). `scratch` holds
 // plan.scratch_bytes() bytes of device memory, 256-byte aligned, that stay untouched until the
