@@ -128,7 +128,8 @@ test() {  # THERE: onnxruntime CUDA EP with our kernel: node cases + placement, 
 }
 
 bench() {  # THERE: decode latency, our op vs the original on the CUDA EP, and the kernel's bandwidth
-  python3 bench/onnx_cuda.py --out "$OUT/onnx_cuda.json" 2>&1 | tee "$OUT/onnx_cuda.log" | tail -14 || true
+  # shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. --contexts 2048,16384,32768
+  python3 bench/onnx_cuda.py --out "$OUT/onnx_cuda.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/onnx_cuda.log" | tail -14 || true
 }
 
 for step in "$@"; do "$step"; done
