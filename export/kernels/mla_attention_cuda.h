@@ -80,7 +80,7 @@ struct Plan {
 //   MLA_ZOO_CUDA_BLOCKS_PER_SM    split-K target: attend blocks per SM over the whole grid (built-in: 4)
 //   MLA_ZOO_CUDA_SPLITS           a fixed number of splits of the cache (overrides BLOCKS_PER_SM)
 //   MLA_ZOO_CUDA_MIN_SPLIT_TILES  no split shorter than this many tiles (built-in: 2)
-//   MLA_ZOO_CUDA_THREADS          threads per attend block: 128 or 256 (built-in: 128 for 16-row blocks, else 256)
+//   MLA_ZOO_CUDA_THREADS          threads per attend block: 128 or 256 (built-in: 256)
 //   MLA_ZOO_CUDA_PIPELINE         0: no cp.async double buffering (the plain synchronous loads)
 //   MLA_ZOO_CUDA_RING             tiles in flight with cp.async: 2 (double buffering, built-in) or 3 (triple)
 struct Tuning {
