@@ -215,8 +215,8 @@ class _ShardWriter:
 class SynthReport(Report):
     """synth.json: what was sampled, and how fast."""
 
-    SCHEMA_VERSION = 4  # 2: mix, per-source tokens, the engine, teacher-written prompts; 3: chunks, world_size;
-    # 4: fill_rows (samples past EOS to seq_len), the attention
+    SCHEMA_VERSION = 5  # 2: mix, per-source tokens, the engine, teacher-written prompts; 3: chunks, world_size;
+    # 4: fill_rows (samples past EOS to seq_len), the attention; 5: the main process's calls, steady without prompts
     FILE = "synth.json"
 
     model: str
@@ -234,12 +234,15 @@ class SynthReport(Report):
     generation_seconds: float
     generated_tokens_per_second: float
     tokens_per_second: float
-    steady_generated_tokens_per_second: float | None  # without the first call (compilation, warm-up)
+    steady_generated_tokens_per_second: float | None  # the samples without their first call (compilation, warm-up)
     tokens_by_source: dict[str, int] = field(default_factory=dict)
     prompt_seconds: float = 0.0  # writing the prompts (part of generation_seconds)
     example_prompts: list[str] = field(default_factory=list)
     world_size: int = 1  # processes that sampled (torchrun / accelerate launch)
     attention: str = "sdpa"  # the teacher's attention while sampling (`packed_gqa.NAME` for generate on GQA)
+    call_seconds: list[float] = field(default_factory=list)  # each generation call of the main process, in order:
+    call_tokens: list[int] = field(default_factory=list)  # ... the prompts' calls first (prompt_calls of them)
+    prompt_calls: int = 0
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
@@ -383,11 +386,6 @@ class Sampler:
     def rate(self) -> float:
         """Generated tokens/s so far."""
         return self.generated / max(self.seconds, 1e-9)
-
-    @property
-    def steady(self) -> float | None:
-        rest = self.calls[1:]
-        return round(sum(n for _, n in rest) / sum(s for s, _ in rest), 1) if rest else None
 
 
 @contextlib.contextmanager
@@ -602,7 +600,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
             prompts = _from_main(prompts, world)
             if not prompts:
                 raise SynthError(f"{source} wrote no usable prompts; use `mix` bos=1 for unconditional samples only")
-        prompt_seconds = sampler.seconds
+        prompt_seconds, prompt_calls = sampler.seconds, len(sampler.calls)
         max_new = s.seq_len if s.fill_rows else s.max_new_tokens or s.seq_len
         targets = {name: math.ceil(share * s.tokens) for name, share in shares.items()}
         chunks = {name: min(batch_size, math.ceil(target / max_new)) for name, target in targets.items()}
@@ -619,7 +617,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                     sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts), name, target, chunks[name],
                                   max_new, tokenizer.eos_token_id, s.seed, tmp, rank, world, bar,
                                   fill_to=s.seq_len if s.fill_rows else None)
-            stats = _all((sampler.seconds, sampler.generated, sampler.calls[1:]), world)  # every chunk is saved now
+            first = prompt_calls + 1 if main else 1  # the samples' calls after their first (which compiles)
+            stats = _all((sampler.seconds, sampler.generated, sampler.calls[first:]), world)  # every chunk is saved now
             if main:
                 writer = _ShardWriter(tmp, s.seq_len, tokenizer.eos_token_id)
                 by_source, samples = {}, 0
@@ -630,7 +629,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                 shutil.rmtree(tmp / CHUNKS)
                 generated = sum(g for _, g, _ in stats)
                 generation_seconds = max(t for t, _, _ in stats)  # the processes sample side by side
-                rest = [c for _, _, calls in stats for c in calls]  # without each process's first call
+                rest = [c for _, _, calls in stats for c in calls]  # without the prompts and each first sample call
                 steady_seconds = max(sum(t for t, _ in calls) for _, _, calls in stats)
                 seconds = time.time() - started
                 written = sum(by_source.values())
@@ -644,7 +643,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                     steady_generated_tokens_per_second=round(sum(n for _, n in rest) / steady_seconds, 1) if rest
                     and steady_seconds > 0 else None,
                     tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
-                    world_size=world, attention=attention,
+                    world_size=world, attention=attention, call_seconds=[round(t, 2) for t, _ in sampler.calls],
+                    call_tokens=[n for _, n in sampler.calls], prompt_calls=prompt_calls,
                 )
                 report.write(tmp)
         _wait(world)  # the main process has renamed the directory into place
