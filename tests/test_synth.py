@@ -79,6 +79,18 @@ def test_a_filled_answer_goes_on_where_an_answer_stops():
     assert filled[0][0] == first and filled[0][:2] != stopped[0] and sampler.generated == 1 + len(stopped[1]) + 32
 
 
+def test_a_static_cache_of_the_row_length_gives_the_dynamic_cache_s_answers():
+    """The static cache (CUDA's default) of `cache_len` slots whatever the call's length, greedy, left padding,
+    against the dynamic cache: answers that stop at EOS and filled rows."""
+    model = tiny_source("llama-gqa")
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 30, 31, 32, 33, 34, 35]]
+    dynamic = Sampler(model, pad_id=0, eos_ids=[2], engine="generate", cache="dynamic", temperature=None)
+    static = Sampler(model, pad_id=0, eos_ids=[2], engine="generate", cache="static", temperature=None, cache_len=48)
+    assert static(prompts, 12) == dynamic(prompts, 12)
+    assert static.fill(prompts, 48) == dynamic.fill(prompts, 48) and static.cache == "static"
+    assert len(static.fill(prompts, 48)[0]) == 48 - 16
+
+
 def test_continuous_batching_gives_generate_s_greedy_answers():
     """The continuous-batching engine against generate(), greedy, prompts of different lengths (CPU)."""
     model = tiny_source("llama-gqa")
