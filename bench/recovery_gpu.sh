@@ -19,8 +19,8 @@
 # the gguf wheel and liger-kernel's (pip download --no-deps gguf liger-kernel==0.8.5): the GPU image has
 # no network. Without liger-kernel the fused loss runs in plain torch (kl_impl fused).
 #
-#   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): teacher:chat=0.7+bos=0.3 data sampled for the run,
-#           layer-wise 150 steps + global QUICK_STEPS (200) x 32 x 1024 tokens, then the suite.
+#   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): QUICK_DATA_TOKENS (3.1M) of teacher:chat=0.7+bos=0.3 data
+#           sampled for the run, layer-wise 150 steps + global QUICK_STEPS (400) x 32 x 1024 tokens, then the suite.
 #           Goal: every domain within +15% of the original's perplexity.
 #   release (<= 60 GPU-min per setting): RELEASE_TOKENS (60M) teacher tokens sampled once, shared by
 #           d_kv=32 and d_kv=8; layer-wise 300 + global RELEASE_STEPS (1500) steps each.
@@ -96,10 +96,11 @@ probe() {  # the engines' sampling speed (minutes at worst), before anything lon
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
   convert 32
   suite oneshot32 "$W/mla32"
-  # QUICK_DATA_TOKENS below the steps' tokens: the global stage makes several passes (the Trainer repeats the data)
-  synth quick-data "${QUICK_DATA_TOKENS:-$(( (${QUICK_STEPS:-200} + 1) * 32 * 1024 ))}"
+  # 3.1M sampled tokens read ~4 times by 400 steps: better on every domain than one pass over 6.6M in 200 steps
+  # (the teacher's logits are new supervision each pass; bench/RESULTS.md, 2026-12-06)
+  synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
   finetune quick32 "$W/mla32" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
-    --max-steps "${QUICK_STEPS:-200}"
+    --max-steps "${QUICK_STEPS:-400}"
   suite quick32 "$W/quick32"
 }
 
@@ -156,7 +157,7 @@ mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); 
     local extra=()
     [[ $mix == *onpolicy ]] && extra=(--on-policy 0.1) && mix=${mix%+onpolicy}
     finetune "$name" "$W/mla32" "teacher:$mix" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
-      --max-steps "${QUICK_STEPS:-200}" "${extra[@]}"
+      --max-steps "${QUICK_STEPS:-400}" "${extra[@]}"
     suite "$name" "$W/$name"
   done
 }
