@@ -338,10 +338,12 @@ class Sampler:
         if self.cache == "static":
             try:
                 from transformers import StaticCache
+                from transformers.generation.utils import ALL_CACHE_NAMES
 
                 slots = max(self.cache_len or 0, width + max_new_tokens)
                 cache = StaticCache(config=self.model.config, max_cache_len=slots)
-                out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, **kwargs)
+                name = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"  # renamed in transformers 5.2x
+                out = self.model.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kwargs)
             except Exception as e:  # noqa: BLE001 - fall back once, say so
                 print(f"synth-data: static cache failed ({type(e).__name__}: {e}); using the dynamic cache")
                 self.cache = "dynamic"
