@@ -73,8 +73,8 @@ def main() -> None:
         t0 = time.time()
         try:
             r = synth_data(str(tdir), work / f"synth-{cache}-{batch}",
-                           SynthSettings(tokens=args.synth_tokens, seq_len=512, batch_size=batch, max_new_tokens=256, fill_rows=False,
-                                         cache=cache), progress=False)
+                           SynthSettings(tokens=args.synth_tokens, seq_len=512, batch_size=batch, max_new_tokens=256,
+                                         fill_rows=False, cache=cache), progress=False)
             say(check=f"synth-data {cache} batch {batch}", generated_tokens_per_second=r.generated_tokens_per_second,
                 steady=r.steady_generated_tokens_per_second, tokens=r.tokens, seconds=r.seconds,
                 cache_used=r.settings.cache, dtype=r.settings.dtype)
