@@ -70,8 +70,8 @@ def test_real_model_generates_the_same_with_static_and_dynamic_cache(paper_setti
 def test_whitened_svd_beats_weight_only_svd_one_shot(paper_setting, smollm2):
     model, tokenizer, _ = smollm2
     text = read_text(DATA / "heldout.txt")
-    base = perplexity(model, tokenizer, text, 512, 1024, progress=False)["perplexity"]
-    joint = perplexity(paper_setting["joint"][0], tokenizer, text, 512, 1024, progress=False)["perplexity"]
-    white = perplexity(paper_setting["whitened"][0], tokenizer, text, 512, 1024, progress=False)["perplexity"]
+    base = perplexity(model, tokenizer, text, 512, 1024, progress=False).perplexity
+    joint = perplexity(paper_setting["joint"][0], tokenizer, text, 512, 1024, progress=False).perplexity
+    white = perplexity(paper_setting["whitened"][0], tokenizer, text, 512, 1024, progress=False).perplexity
     assert base < white < joint
     assert white < joint / 3  # "an order of magnitude better" on the full text; a safe margin here

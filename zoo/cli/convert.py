@@ -58,8 +58,8 @@ def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
         before = perplexity(model, tokenizer, texts["eval_text"], c.eval_seq_len, c.eval_tokens)
         after = perplexity(mla.float(), tokenizer, texts["eval_text"], c.eval_seq_len, c.eval_tokens)
         mla = mla.to(getattr(torch, report.settings.dtype))
-        report.one_shot = OneShotPerplexity(c.eval_text, before["tokens"], c.eval_seq_len,
-                                                    before["perplexity"], after["perplexity"])
+        report.one_shot = OneShotPerplexity(c.eval_text, before.count, c.eval_seq_len, before.perplexity,
+                                            after.perplexity)
     written = convert.save_checkpoint(mla, tokenizer, report, c.output, c.overwrite)
     if out.json:
         print(report.to_json(), end="")

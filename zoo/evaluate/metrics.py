@@ -96,11 +96,10 @@ def score_text(model, ids: torch.Tensor, seq_len: int, teacher=None, progress: b
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 1024, max_tokens: int | None = None,
-               progress: bool = True) -> dict:
-    """Perplexity over non-overlapping windows of seq_len tokens (`score_text` without a teacher).
-    Returns perplexity, tokens scored, mean NLL."""
-    score = score_text(model, text_ids(tokenizer, text, max_tokens), seq_len, progress=progress)
-    return {"perplexity": score.perplexity, "tokens": score.count, "nll": score.mean_nll}
+               progress: bool = True) -> TextScore:
+    """The model's score of a text over non-overlapping windows of seq_len tokens (`score_text` without a
+    teacher): `.perplexity`, `.count` tokens scored, `.mean_nll`."""
+    return score_text(model, text_ids(tokenizer, text, max_tokens), seq_len, progress=progress)
 
 
 @dataclass

@@ -130,7 +130,7 @@ class PerplexityCallback(TrainerCallback):
         device = next(self.student.parameters()).device
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
             ppl = perplexity(self.student, self.tokenizer, self.text, self.seq_len, self.max_tokens,
-                             progress=False)["perplexity"]
+                             progress=False).perplexity
         self.student.train(was_training)
         self.trainer.log({"perplexity": round(ppl, 4), "tokens": state.global_step * self.trainer.tokens_per_step})
 
