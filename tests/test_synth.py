@@ -23,6 +23,9 @@ def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tok
     assert report["tokens"] >= 600 and report["chat"] and 1 <= report["prompt_count"] <= 6
     assert set(report["tokens_by_source"]) == {"chat", "bos"} and min(report["tokens_by_source"].values()) >= 300
     assert report["generated_tokens_per_second"] > 0 and report["settings"]["engine"] == "generate"  # auto on CPU
+    calls = report["call_tokens"]  # every generation call: the prompts' first, then the samples'
+    assert len(report["call_seconds"]) == len(calls) > report["prompt_calls"] >= 1
+    assert sum(calls) == report["generated_tokens"]
     from safetensors.torch import load_file
 
     shard = load_file(out / "shard-00000.safetensors")
@@ -66,6 +69,21 @@ def test_filled_rows_run_past_eos_to_the_row_length(source_dir, tmp_path):
     for refused in (["--engine", "continuous"], ["--max-new-tokens", "8"]):  # no rows to fill / no answers to cap
         assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(tmp_path / "x"), "--tokens", "10",
                      *refused]) == 2
+
+
+def test_a_static_cache_samples_full_batches_only(source_dir, tmp_path):
+    """With a static cache (CUDA's default: a compiled decode step per shape) every call has batch_size rows,
+    even where a source needs fewer: a smaller batch would compile the step again."""
+    out = tmp_path / "static"
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "30", "--seq-len", "40",
+                 "--batch-size", "4", "--mix", "bos=1", "--cache", "static"]) == 0
+    report = json.loads((out / "synth.json").read_text())
+    assert report["settings"]["cache"] == "static" and report["prompt_calls"] == 0
+    assert report["call_tokens"] == [4 * (40 - 16)]  # one call of 4 rows, where 2 would do
+    dynamic = tmp_path / "dynamic"
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(dynamic), "--tokens", "30", "--seq-len", "40",
+                 "--batch-size", "4", "--mix", "bos=1", "--cache", "dynamic"]) == 0
+    assert json.loads((dynamic / "synth.json").read_text())["call_tokens"] == [40 - 16] * 2  # chunks of 1 row
 
 
 def test_a_filled_answer_goes_on_where_an_answer_stops():
