@@ -189,6 +189,7 @@ def test_behaviour_prompts_are_well_formed():
 ANSWERS = {
     "days-in-week": ("A week is approximately 7 days.", "A week is approximately 720 days.", "There are 7.5 days."),
     "hours-in-day": ("There are twenty-four hours in a day.", "A day is 240 hours long."),
+    "spider-legs": ("A spider has 8 legs.", "A spider has 8.5 legs.", "A spider has 86 legs.", "It has six legs."),
     "capital-france": ("The capital of France is Paris.", "The capital of France is Lyon."),
     "planet-we-live-on": ("We live on planet Earth.", "The planet we live on is called Kepler-41B. It's a terrestrial "
                           "planet, similar to Earth."),
