@@ -41,6 +41,22 @@ def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tok
     assert main(["synth-data", str(src), "-o", str(out), "--tokens", "10"]) == 2  # exists: needs --overwrite
 
 
+def test_a_kept_sample_is_reused_only_for_the_same_data_settings(source_dir, tmp_path):
+    """finetune's teacher:MIX data keeps an earlier session's sample where every setting that shapes the data
+    matches; the settings the machine resolves (batch size, engine, cache, dtype) do not count."""
+    from mla_zoo.zoo.train.data import _same_synth
+    from mla_zoo.zoo.train.settings import SynthSettings
+
+    out = tmp_path / "kept"
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "40", "--seq-len", "24",
+                 "--batch-size", "2", "--mix", "bos=1"]) == 0
+    same = SynthSettings(tokens=40, seq_len=24, mix="bos=1")
+    assert _same_synth(out, same) and _same_synth(out, SynthSettings(tokens=40, seq_len=24, mix="bos=1", batch_size=9))
+    for other in ({"fill_rows": False}, {"temperature": 0.5}, {"tokens": 41}, {"seed": 1}):
+        assert not _same_synth(out, SynthSettings(**{"tokens": 40, "seq_len": 24, "mix": "bos=1", **other})), other
+    assert not _same_synth(tmp_path / "none", same)
+
+
 def test_bos_only_mix_needs_no_prompts(source_dir, tmp_path):
     out = tmp_path / "bos"
     assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "100", "--seq-len", "16",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import glob
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -126,13 +126,16 @@ def sample_teacher_parts(spec: str, teacher: str, out: Path, rows: int | None, s
     return ",".join(resolved)
 
 
+SAMPLED_ON = ("batch_size", "engine", "cache", "dtype")  # resolved by the machine that samples (auto / None)
+
+
 def _same_synth(path: Path, settings: SynthSettings) -> bool:
-    """Whether `path` holds a finished synth-data run of these settings."""
+    """Whether `path` holds a finished synth-data run of these settings (all but how the machine ran them)."""
     if not (path / SynthReport.FILE).is_file():
         return False
     done = SynthReport.read(path).settings
-    keys = ("tokens", "mix", "seq_len", "seed", "temperature", "prompt_temperature", "prompt_pool")
-    return all(getattr(done, k) == getattr(settings, k) for k in keys)
+    return all(getattr(done, f.name) == getattr(settings, f.name) for f in fields(SynthSettings)
+               if f.name not in SAMPLED_ON)
 
 
 @dataclass
