@@ -21,7 +21,9 @@
 #      call 6:    carry [".ortgpu3"]                               command: bash bench/ort_cuda_gpu.sh stage setup harness test bench
 #    Logs and JSON go to $OUT: harness.jsonl, harness_bench.jsonl, pytest_ort_cuda.log, onnx_cuda.json/.log.
 #
-# Steps: prepare (here) | stage | setup | harness | test | bench  (run in the order given).
+# Steps: prepare (here) | stage | setup | harness | profile | test | bench  (run in the order given).
+# The harness and profile steps need only .ortcuda (no onnxruntime, no setup): one call carrying [".ortcuda"]
+# with the command `bash bench/ort_cuda_gpu.sh harness profile` measures the kernel alone.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
@@ -109,10 +111,19 @@ EOF
   versions "$OUT/versions_ort_cuda.txt" "onnxruntime.get_available_providers(), torch.cuda.get_device_name()" onnxruntime
 }
 
+harness_path() {  # the harness: the carried .ortcuda/ one (no setup needed), else the one setup installed
+  local isa
+  if [ -x .ortcuda/mla_zoo_cuda_harness ]; then echo .ortcuda/mla_zoo_cuda_harness; return; fi
+  for isa in avx2 native; do
+    local d
+    d=$(python3 -c "from mla_zoo.export.kernels.build import library_dir; print(library_dir('$isa', 'cuda'))")
+    if [ -x "$d/mla_zoo_cuda_harness" ]; then echo "$d/mla_zoo_cuda_harness"; return; fi
+  done
+}
+
 harness() {  # THERE: the kernels alone against the float64 reference (no onnxruntime)
   local h
-  h=$(python3 -c "from mla_zoo.export.kernels.build import library_dir; print(library_dir('avx2', 'cuda'))")/mla_zoo_cuda_harness
-  [ -x "$h" ] || h=$(python3 -c "from mla_zoo.export.kernels.build import library_dir; print(library_dir('native', 'cuda'))")/mla_zoo_cuda_harness
+  h=$(harness_path)
   "$h" > "$OUT/harness.jsonl" 2>&1 || true
   tail -3 "$OUT/harness.jsonl"
   "$h" --bench --contexts 2048,8192,16384,32768 --batches 1,16 > "$OUT/harness_bench.jsonl" 2>&1 || true
@@ -120,6 +131,18 @@ harness() {  # THERE: the kernels alone against the float64 reference (no onnxru
   # every launch configuration (MLA_ZOO_CUDA_*): checked, then timed; the best per shape
   "$h" --sweep > "$OUT/harness_sweep.jsonl" 2>&1 || true
   grep -E '"(best|copy_floor)"|"config": "default"|summary' "$OUT/harness_sweep.jsonl" || true
+}
+
+profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16 (Firecracker machines only:
+  # gVisor's ncu reads no counters), as text in $OUT/ncu_attend.txt; one call carrying only .ortcuda is enough
+  local h
+  h=$(harness_path)
+  ncu --clock-control none --kernel-name "regex:prepare_kernel|attend_kernel|merge_kernel" --launch-skip 3 \
+    --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
+    "$h" --bench --contexts 32768 --batches 16 --iters 3 > "$OUT/ncu_attend.txt" 2>&1 || true
+  grep -E "^  [a-z_]+_kernel|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Stall|Issued Warp" \
+    "$OUT/ncu_attend.txt" | head -60 || true
 }
 
 test() {  # THERE: onnxruntime CUDA EP with our kernel: node cases + placement, harness, SmolLM2 fp16 vs PyTorch
