@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_source
 from mla_zoo.zoo.cli import main
 from mla_zoo.zoo.train import data
-from mla_zoo.zoo.train.synth import Sampler, build_prompts, clean_prompt, held_out, parse_mix
+from mla_zoo.zoo.train.sampler import Sampler
+from mla_zoo.zoo.train.synth import build_prompts, clean_prompt, held_out, parse_mix
 
 
 def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tokenizer, tmp_path, capsys):
