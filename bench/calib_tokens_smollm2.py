@@ -31,9 +31,8 @@ def main() -> None:
                                    calib_text=str(prose) if kind == "text" else None, calib_tokens=n,
                                    dtype="float32")
         mla, report = convert_model(model, tokenizer, info, settings, progress=False)
-        score = perplexity(mla, tokenizer, heldout, 1024, 4096, progress=False)
-        rows.append({"calibration": kind, "calib_tokens": report.calibration.tokens, "perplexity": score.perplexity,
-                     "tokens": score.count, "nll": score.mean_nll})
+        ppl = perplexity(mla, tokenizer, heldout, 1024, 4096, progress=False).row()
+        rows.append({"calibration": kind, "calib_tokens": report.calibration.tokens, **ppl})
         print(rows[-1], flush=True)
     out = REPO / "bench/results/calib_tokens_smollm2.json"
     out.write_text(json.dumps({"heldout_tokens": 4096, "rows": rows}, indent=2) + "\n")

@@ -23,11 +23,6 @@ from mla_zoo.zoo.evaluate.metrics import perplexity
 REPO = Path(__file__).resolve().parents[1]
 
 
-def scored(score) -> dict:
-    """A row's perplexity columns from `perplexity()`'s TextScore."""
-    return {"perplexity": score.perplexity, "tokens": score.count, "nll": score.mean_nll}
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--max-tokens", type=int, default=8192)
@@ -41,7 +36,7 @@ def main() -> None:
     model, tokenizer, info = sources.resolve("smollm2-135m")
     text = read_text(REPO / "data/heldout.txt")
     rows = []
-    base = scored(perplexity(model, tokenizer, text, args.seq_len, args.max_tokens))
+    base = perplexity(model, tokenizer, text, args.seq_len, args.max_tokens).row()
     rows.append({"model": "original (GQA)", "d_kv": 64, "svd": "-", "kv_reduction": 0.0, **base})
     print(rows[-1], flush=True)
     for d_kv in map(int, args.settings.split(",")):
@@ -51,7 +46,7 @@ def main() -> None:
                                        calib_text=str(REPO / "data/calib.txt"), calib_tokens=args.calib_tokens,
                                        dtype="float32")
             mla, report = convert_model(model, tokenizer, info, settings, progress=False)
-            result = scored(perplexity(mla, tokenizer, text, args.seq_len, args.max_tokens))
+            result = perplexity(mla, tokenizer, text, args.seq_len, args.max_tokens).row()
             rows.append({"model": "MLA", "d_kv": d_kv, "svd": svd, "kv_reduction": report.kv_cache.reduction,
                          "convert_seconds": report.seconds, "seconds": round(time.time() - started, 1), **result})
             print(rows[-1], flush=True)

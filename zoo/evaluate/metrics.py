@@ -44,6 +44,10 @@ class TextScore:
     def mean_nll(self) -> float:
         return self.nll / self.count
 
+    def row(self) -> dict:
+        """The perplexity columns of a benchmark's JSON row."""
+        return {"perplexity": self.perplexity, "tokens": self.count, "nll": self.mean_nll}
+
     @property
     def perplexity(self) -> float:
         return bounded_exp(self.nll / self.count)
