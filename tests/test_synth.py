@@ -122,7 +122,9 @@ def test_a_static_cache_of_the_row_length_gives_the_dynamic_cache_s_answers():
     dynamic = Sampler(model, pad_id=0, eos_ids=[2], engine="generate", cache="dynamic", temperature=None)
     static = Sampler(model, pad_id=0, eos_ids=[2], engine="generate", cache="static", temperature=None, cache_len=48)
     assert static(prompts, 12) == dynamic(prompts, 12)
+    kept = static.static[1]
     assert static.fill(prompts, 48) == dynamic.fill(prompts, 48) and static.cache == "static"
+    assert static.static[1] is kept  # the same shape: the cache is reset and reused
     assert len(static.fill(prompts, 48)[0]) == 48 - 16
 
 

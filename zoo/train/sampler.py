@@ -30,6 +30,7 @@ class Sampler:
     generated: int = 0
     calls: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens) per call
     kept: tuple | None = None  # (temperature, max_new_tokens) of the continuous-batching manager kept on the model
+    static: tuple | None = None  # ((rows, slots), StaticCache): reset and reused by the next call of that shape
     log_every: float | None = None  # seconds between progress lines to a log (stderr no terminal: no bar there)
     said: float = field(default_factory=time.time)  # when the last one went out (`sample_chunks`)
 
@@ -88,11 +89,9 @@ class Sampler:
                       eos_token_id=None if fill else self.eos_ids, **self._kwargs())
         if self.cache == "static":
             try:
-                from transformers import StaticCache
                 from transformers.generation.utils import ALL_CACHE_NAMES
 
-                slots = max(self.cache_len or 0, width + max_new_tokens)
-                cache = StaticCache(config=self.model.config, max_cache_len=slots)
+                cache = self._static_cache(len(prompts), max(self.cache_len or 0, width + max_new_tokens))
                 name = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"  # renamed in transformers 5.2x
                 out = self.model.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kwargs)
             except Exception as e:  # noqa: BLE001 - fall back once, say so
@@ -135,11 +134,24 @@ class Sampler:
                                + (f", {len(failed)} failed: {failed[0].error}" if failed else ""))
         return [list(o.generated_tokens) for o in outputs]
 
+    def _static_cache(self, rows: int, slots: int):
+        """The static cache of the last call, emptied, where this call has its shape (as generate()'s own
+        `cache_implementation="static"` reuses its cache): the same tensors for the compiled step; else a new one."""
+        from transformers import StaticCache
+
+        if self.static is not None and self.static[0] == (rows, slots):
+            self.static[1].reset()
+        else:
+            self.static = None  # the old one's memory first
+            self.static = ((rows, slots), StaticCache(config=self.model.config, max_cache_len=slots))
+        return self.static[1]
+
     def close(self) -> None:
-        """Frees the continuous-batching manager kept on the model (its paged cache), if any."""
+        """Frees the continuous-batching manager kept on the model (its paged cache) and the kept static cache."""
         if self.kept is not None:
             self.model.destroy_cached_continuous_batching_manager()
             self.kept = None
+        self.static = None
 
     @property
     def rate(self) -> float:
