@@ -140,6 +140,7 @@ profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16
   ncu --clock-control none --kernel-name "regex:prepare_kernel|attend_kernel|merge_kernel" --launch-skip 3 \
     --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
     "$h" --bench --contexts 32768 --batches 16 --iters 3 > "$OUT/ncu_attend.txt" 2>&1 || true
   grep -E "^  [a-z_]+_kernel|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Stall|Issued Warp" \
     "$OUT/ncu_attend.txt" | head -60 || true

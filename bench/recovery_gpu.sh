@@ -20,7 +20,8 @@
 # no network. Without liger-kernel the fused loss runs in plain torch (kl_impl fused).
 #
 #   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): QUICK_DATA_TOKENS (3.1M) of teacher:chat=0.7+bos=0.3 data
-#           sampled for the run, layer-wise 150 steps + global QUICK_STEPS (400) x 32 x 1024 tokens, then the suite.
+#           sampled for the run, the conversion calibrated on 16k of them, layer-wise 150 steps + global
+#           QUICK_STEPS (400) x 32 x 1024 tokens, then the suite.
 #           Goal: every domain within +15% of the original's perplexity.
 #   release (<= 60 GPU-min per setting): RELEASE_TOKENS (60M) teacher tokens sampled once, shared by
 #           d_kv=32 and d_kv=8; layer-wise 300 + global RELEASE_STEPS (1500) steps each.
@@ -49,11 +50,12 @@ check() {  # the GPU paths against their references: liger vs the fused/fp64 ref
   tail -4 "$OUT/check.log"
 }
 
-convert() {  # convert D: the recipes' conversion (whitened SVD on 16k tokens of data/calib.txt)
-  local d=$1
+convert() {  # convert D CALIB: the recipes' conversion into $W/mlaD, whitened SVD on 16k tokens of CALIB (the
+  # run's own teacher sample: data-free, and one-shot code perplexity 2.8x lower than with data/calib.txt's fiction)
+  local d=$1 calib=$2
   [ -f "$W/mla$d/conversion.json" ] && return 0
   mla-zoo convert smollm2-135m -o "$W/mla$d" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
-    --svd whitened --calib-text data/calib.txt --calib-tokens 16384 --dtype bfloat16 --overwrite --json \
+    --svd whitened --calib-text "$calib" --calib-tokens 16384 --dtype bfloat16 --overwrite --json \
     > "$OUT/convert$d.json" 2> /dev/null
 }
 
@@ -94,11 +96,11 @@ probe() {  # the engines' sampling speed (minutes at worst), before anything lon
 }
 
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
-  convert 32
-  suite oneshot32 "$W/mla32"
   # 3.1M sampled tokens read ~4 times by 400 steps: better on every domain than one pass over 6.6M in 200 steps
   # (the teacher's logits are new supervision each pass; bench/RESULTS.md, 2026-12-06)
   synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
+  convert 32 "$W/quick-data"
+  suite oneshot32 "$W/mla32"
   finetune quick32 "$W/mla32" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
     --max-steps "${QUICK_STEPS:-400}"
   suite quick32 "$W/quick32"
@@ -113,7 +115,7 @@ throughput() {  # synth-data engines and the global stage's loss / precision / c
       --mix "$MIX" --prompt-pool 1024 --overwrite "$@" > "$OUT/synth-$name.log" 2>&1
     cp "$W/tp-$name/synth.json" "$OUT/synth-$name.json"
   done
-  convert 32
+  convert 32 "$W/tp-fill"
   for variant in "chunked --no-compile" "fused --no-compile" "liger --no-compile" "fused --compile" \
                  "fused --no-compile --bf16-weights" "fused --compile --bf16-weights"; do
     # shellcheck disable=SC2086  # the variant's words are the flags
@@ -133,7 +135,7 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
     --overwrite > "$OUT/release-data.log" 2>&1
   cp "$W/release-data/synth.json" "$OUT/release-data.synth.json"
   for d in 32 8; do
-    convert "$d"
+    convert "$d" "$W/release-data"
     [ -f "$W/release$d.suite.json" ] && continue
     finetune "release$d" "$W/mla$d" "$W/release-data" --stages layerwise,global --layerwise-steps 300 \
       --layerwise-lr 1e-3 --max-steps "${RELEASE_STEPS:-1500}"
@@ -150,7 +152,8 @@ plots() {  # per-domain increases of every suite report in $OUT
 }
 
 mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); one per call if needed
-  convert 32
+  synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
+  convert 32 "$W/quick-data"
   for mix in chat=1 bos=1 chat=0.7+bos=0.3 chat=0.7+bos=0.3+onpolicy; do
     local name="mix-${mix//[=+.]/_}"
     [ -f "$W/$name.suite.json" ] && continue

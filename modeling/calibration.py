@@ -3,13 +3,16 @@
 Two statistics are read off the SOURCE model while it runs over calibration tokens:
 * per-pair norms of queries and keys before RoPE (for the 2-norm partial-RoPE strategy);
 * the second moment X X^T of each attention block's input (for activation-aware SVD).
-Without a calibration text the model's own samples are used (data-free), and the report says so;
-sampling needs token ids only, so a source without a tokenizer calibrates that way too.
+The calibration data is a text, or the token ids that `mla-zoo synth-data` sampled from the teacher (data-free,
+and the conversion then loses less far from any one text's domain: bench/RESULTS.md). Without either, a few of
+the model's own samples are drawn here, and the report says so; sampling needs token ids only, so a source
+without a tokenizer calibrates that way too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -36,6 +39,38 @@ def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Ten
     seq_len = min(seq_len, ids.numel())
     rows = ids.numel() // seq_len
     return ids[: rows * seq_len].view(rows, seq_len)
+
+
+def synth_rows(directory: str | Path, n_tokens: int, seq_len: int, vocab_size: int) -> torch.Tensor:
+    """The first n_tokens of a `mla-zoo synth-data` directory (its `shard-*.safetensors`: input_ids and, where
+    rows stopped early, attention_mask), padding dropped, cut into rows of seq_len: [rows, seq_len]."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("shard-*.safetensors"))
+    if not files:
+        raise ConversionError(f"`calib_text` names a directory without `mla-zoo synth-data` shards "
+                              f"(shard-*.safetensors): {directory}")
+    pieces, have = [], 0
+    for f in files:
+        shard = load_file(f)
+        if "input_ids" not in shard:
+            raise ConversionError(f"`calib_text`: {f} is not a synth-data shard (no input_ids tensor)")
+        ids, mask = shard["input_ids"], shard.get("attention_mask")  # [rows, len]
+        for i in range(ids.shape[0]):
+            row = ids[i] if mask is None else ids[i][mask[i].bool()]
+            pieces.append(row)
+            have += row.numel()
+        if have >= n_tokens:
+            break
+    ids = torch.cat(pieces)[:n_tokens]  # [n]
+    if ids.numel() < 2:
+        raise ConversionError(f"`calib_text` gives fewer than 2 tokens: {directory}")
+    if int(ids.max()) >= vocab_size:
+        raise ConversionError(f"`calib_text` {directory} holds token id {int(ids.max())}, beyond this model's "
+                              f"vocabulary of {vocab_size}: it was sampled from another model")
+    seq_len = min(seq_len, ids.numel())
+    rows = ids.numel() // seq_len
+    return ids[: rows * seq_len].view(rows, seq_len).long()
 
 
 def _sampling_prompts(model, tokenizer, batch: int) -> dict:

@@ -215,7 +215,13 @@ def calibrate(model, tokenizer, s: ConvertSettings):
     need_moments = s.svd == "whitened"
     if not (need_norms or need_moments):
         return None, None
-    if s.calib_text:
+    if s.calib_text and Path(s.calib_text).is_dir():  # token ids: no tokenizer needed
+        rows = calibration.synth_rows(s.calib_text, s.calib_tokens, s.calib_seq_len, model.config.vocab_size)
+        kind, file, note = "synth-data", str(s.calib_text), None
+        if rows.numel() < s.calib_tokens:
+            note = f"`calib_text` gives {rows.numel()} tokens in rows of {rows.shape[1]}, fewer than the " \
+                   f"{s.calib_tokens} of `calib_tokens`"
+    elif s.calib_text:
         if tokenizer is None:
             raise tokenizer_needed("calib_text")
         text = read_text(s.calib_text, "calib_text")

@@ -27,10 +27,13 @@ class ConvertSettings(Settings):
     rope_strategy: str = setting("2-norm", choices=partial_rope.STRATEGIES, help="which RoPE pairs each head keeps")
     svd: str = setting("whitened", choices=SVD_METHODS,
                        help="low-rank method: whitened = activation-aware joint SVD (default), joint, split")
-    calib_text: str | None = setting(None, path="file", help="calibration text (2-norm, whitened); default: the "
-                                                             "model's own samples")
-    calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of a text, 1024 "
-                                                         "self-sampled)")
+    calib_text: str | None = setting(None, path="file-or-dir",
+                                     help="calibration data (2-norm, whitened): a UTF-8 text, or a directory written "
+                                          "by `mla-zoo synth-data` (the teacher's own mixed samples: data-free, and "
+                                          "closer to every domain than one text); default: a few of the model's own "
+                                          "samples")
+    calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of `calib_text`, "
+                                                         "1024 self-sampled)")
     calib_seq_len: int = setting(512, min=2, help="calibration row length")
     dtype: str = setting("auto", choices=("auto", *DTYPES), help="dtype of the written weights (auto: the source's; "
                                                                   "bfloat16 for a GGUF source, which is dequantised)")
@@ -53,9 +56,9 @@ class KVCacheSize:
 
 @dataclass
 class CalibrationSource:
-    kind: str  # "text" | "self-samples"
+    kind: str  # "text" | "synth-data" (token ids of `mla-zoo synth-data`) | "self-samples"
     tokens: int
-    file: str | None = None  # kind "text"
+    file: str | None = None  # kinds "text" and "synth-data"
     note: str | None = None
 
 

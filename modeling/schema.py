@@ -6,8 +6,9 @@ construction: the field's type and `choices`, `min` / `max` (inclusive), `gt` / 
 (exclusive), `pattern` (+ `what` it means). The same dataclass is the command line (`mla-zoo`
 generates its flags from it) and the recipe schema (a recipe section is passed to its
 constructor), so the two cannot disagree. More metadata, read by those two:
-`aliases` (extra CLI flags), `positional` (a CLI positional argument), `path="file"` (an input
-file: `check_files` checks that it exists, a recipe resolves it against its own directory) and
+`aliases` (extra CLI flags), `positional` (a CLI positional argument), `path="file"` / `"dir"` /
+`"file-or-dir"` (an input: `check_files` checks that it exists, a recipe resolves it against its own
+directory) and
 `recipe=False` (a run option that a recipe does not set).
 
 Reports. `Report` subclasses are dataclasses written as JSON with a `schema_version`;
@@ -115,6 +116,8 @@ class Settings:
                 raise SettingsError(f"`{f.name}` names {what}: {value}")
             if kind == "dir" and not Path(value).is_dir():
                 raise SettingsError(f"`{f.name}` names a directory that does not exist: {value}")
+            if kind == "file-or-dir" and not Path(value).exists():
+                raise SettingsError(f"`{f.name}` names a path that does not exist: {value}")
 
 
 def recipe_fields(cls) -> list[dataclasses.Field]:

@@ -199,3 +199,48 @@ def test_checkpoints_keep_the_source_dtype(tmp_path, smollm2):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     model, _, info = smollm2
     assert info.dtype == "bfloat16" and next(model.parameters()).dtype == torch.float32
+
+
+def _synth_dir(path, ids: torch.Tensor, mask: torch.Tensor):
+    """A directory as `mla-zoo synth-data` writes it (one shard of input_ids / attention_mask)."""
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({"input_ids": ids, "attention_mask": mask}, str(path / "shard-00000.safetensors"))
+    return path
+
+
+def test_synth_data_calibrates_without_a_tokenizer(tmp_path):
+    """`calib_text` may name a synth-data directory: its token ids, padding dropped, are the calibration
+    rows (no tokenizer needed), and the report names the kind and the exact number of tokens."""
+    import json
+
+    from mla_zoo.zoo.cli import main
+
+    model = tiny_source("llama-gqa")
+    ids = torch.randint(3, model.config.vocab_size, (4, 40))  # [rows, len]
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # a row that stopped early: its last 10 slots are padding
+    data = _synth_dir(tmp_path / "synth", ids, mask)
+    rows = calibration.synth_rows(data, 100, 20, model.config.vocab_size)
+    want = torch.cat([ids[0], ids[1, :30], ids[2], ids[3]])[:100].view(5, 20)
+    assert torch.equal(rows, want)
+
+    src = tmp_path / "weights-only"
+    model.save_pretrained(src)
+    out = tmp_path / "mla"
+    assert main(["convert", str(src), "-o", str(out), "--calib-text", str(data), "--calib-tokens", "100",
+                 "--calib-seq-len", "20", "--rope-pairs", "2", "--json"]) == 0
+    report = json.loads((out / "conversion.json").read_text())
+    assert report["calibration"] == {"kind": "synth-data", "tokens": 100, "file": str(data), "note": None}
+
+
+def test_synth_data_of_another_model_is_refused(tmp_path):
+    model = tiny_source("llama-gqa")
+    vocab = model.config.vocab_size
+    data = _synth_dir(tmp_path / "synth", torch.full((2, 16), vocab + 5), torch.ones(2, 16, dtype=torch.long))
+    with pytest.raises(ConversionError, match="beyond this model's vocabulary"):
+        calibration.synth_rows(data, 32, 8, vocab)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConversionError, match="without `mla-zoo synth-data` shards"):
+        calibration.synth_rows(tmp_path / "empty", 32, 8, vocab)

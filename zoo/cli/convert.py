@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mla_zoo.modeling.convert_schema import ConversionReport, ConvertSettings, OneShotPerplexity
 from mla_zoo.modeling.schema import Settings, setting
@@ -37,7 +38,8 @@ def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
                      inputs={"source": c.source, "tokenizer": c.tokenizer, "calib_text": settings.calib_text,
                              "eval_text": c.eval_text})
     c.check_files()
-    texts = {name: read_text(path, name) for name, path in (("calib_text", settings.calib_text),
+    calib_file = settings.calib_text if settings.calib_text and not Path(settings.calib_text).is_dir() else None
+    texts = {name: read_text(path, name) for name, path in (("calib_text", calib_file),  # a synth-data dir: ids
                                                             ("eval_text", c.eval_text)) if path}
     kind = sources.locate(c.source)
     if c.tokenizer is not None and not sources.has_tokenizer(c.tokenizer):

@@ -313,7 +313,8 @@ def _details(conversion: ConversionReport, calib_data: str | None) -> str:
     calib = conversion.calibration
     calib_text = ("none needed" if calib is None else
                   f"{calib.tokens} tokens of {calib_data or data_name(calib.file, None)}" if calib.kind == "text"
-                  else f"{calib.tokens} tokens of the model's own samples")
+                  else f"{calib.tokens} tokens of the original's own samples (`mla-zoo synth-data`)"
+                  if calib.kind == "synth-data" else f"{calib.tokens} tokens of the model's own samples")
     return "\n".join([
         "## Conversion",
         "",

@@ -178,7 +178,7 @@ class _Reader:
             if f.default is MISSING and f.default_factory is MISSING and f.name not in values:
                 raise RecipeError(f"recipe {self.name}: {section}.{f.name} is required")
             kind, value = f.metadata.get("path"), values.get(f.name)
-            if isinstance(value, str) and kind in ("file", "dir"):
+            if isinstance(value, str) and kind in ("file", "dir", "file-or-dir"):
                 values[f.name] = str(resolve_path(value, self.base_dir))
             elif isinstance(value, str) and kind == "data":
                 values[f.name] = ",".join(p if p.startswith(("hf:", "teacher:"))  # not files

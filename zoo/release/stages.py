@@ -60,8 +60,10 @@ def settings_inputs(settings) -> dict:
     values = asdict(settings)
     for name, value in values.items():
         kind = settings.__dataclass_fields__[name].metadata.get("path")
-        if kind == "file" and value is not None:
+        if kind in ("file", "file-or-dir") and value is not None and Path(value).is_file():
             values[name] = file_identity(value)
+        elif kind == "file-or-dir" and value is not None:  # a synth-data directory: its shards
+            values[name] = [file_identity(f) for f in sorted(Path(value).glob("shard-*.safetensors"))]
         elif kind == "data":
             from mla_zoo.zoo.train.data import resolve_files, split_spec
 
