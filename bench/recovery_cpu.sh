@@ -5,6 +5,10 @@
 #   bash bench/recovery_cpu.sh                 # uniform ranks, the whole suite: oneshot_suite_dkv{32,8}.json
 #   ALLOC=energy CHAT=0 bash bench/recovery_cpu.sh   # per-layer ranks (energy), the domains only:
 #                                              # oneshot_suite_dkv{32,8}_energy.json
+#   CALIB=synth CALIB_TOKENS=16384 DKVS=32 CHAT=0 MAX_TOKENS=4096 bash bench/recovery_cpu.sh
+#                                              # calibrated on 16k tokens of the teacher's own samples
+#                                              # (`mla-zoo synth-data`, ~5 min on 2 cores): *_synthcalib.json
+#   (CALIB=fiction, the default, calibrates on data/calib.txt)
 #
 # Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; on 2 cores 7-30 minutes per setting (by load) for the
 # domains only (CHAT=0), 75 minutes with the chat and behaviour generations (d_kv=32, a loaded machine).
@@ -13,11 +17,20 @@ cd "$(dirname "$0")/.."
 OUT=bench/results/recovery
 TMP=${TMP:-/tmp/mla-zoo-oneshot}
 ALLOC=${ALLOC:-uniform}
+CALIB_TOKENS=${CALIB_TOKENS:-4096}
 SUFFIX=$([ "$ALLOC" = uniform ] || echo "_$ALLOC")
+[ "$CALIB_TOKENS" = 4096 ] || SUFFIX="${SUFFIX}_calib$CALIB_TOKENS"
 mkdir -p "$OUT" "$TMP"
+calib=data/calib.txt
+if [ "${CALIB:-fiction}" = synth ]; then
+  calib=$TMP/calib-synth
+  SUFFIX="${SUFFIX}_synthcalib"
+  [ -f "$calib/synth.json" ] || mla-zoo synth-data smollm2-135m -o "$calib" --tokens "$CALIB_TOKENS" --seq-len 1024 \
+    --overwrite > /dev/null
+fi
 for d in ${DKVS:-32 8}; do
   mla-zoo convert smollm2-135m -o "$TMP/dkv$d$SUFFIX" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
-    --svd whitened --calib-text data/calib.txt --calib-tokens 4096 --dtype float32 --rank-allocation "$ALLOC" \
+    --svd whitened --calib-text "$calib" --calib-tokens "$CALIB_TOKENS" --dtype float32 --rank-allocation "$ALLOC" \
     --overwrite --json > "$TMP/convert$d$SUFFIX.json"
   mla-zoo eval "$TMP/dkv$d$SUFFIX" --teacher smollm2-135m --suite --max-tokens "${MAX_TOKENS:-8192}" \
     --chat-new-tokens "${CHAT:-96}" --behaviour-new-tokens "${BEHAVIOUR:-${CHAT:-48}}" --json \
