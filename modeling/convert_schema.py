@@ -5,8 +5,10 @@ reports (`mla-zoo list`, `info`, `pull`, `publish`, `--help`) import this, not `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import partial_rope, rank_allocation
+from .common import SettingsError
 from .schema import Report, Settings, setting
 from .sources import SourceInfo
 
@@ -41,6 +43,14 @@ class ConvertSettings(Settings):
     rank_allocation: str = setting("uniform", choices=rank_allocation.SCHEMES,
                                    help="uniform: every layer kv_lora_rank; energy: per-layer ranks at the same total, "
                                         "more where the whitened SVD loses most (needs per-layer ranks in the model)")
+
+    def check_files(self) -> None:
+        """As Settings.check_files, and a `calib_text` directory must be one that `mla-zoo synth-data` wrote."""
+        super().check_files()
+        calib = Path(self.calib_text) if self.calib_text else None
+        if calib is not None and calib.is_dir() and not any(calib.glob("shard-*.safetensors")):
+            raise SettingsError(f"`calib_text` names a directory without `mla-zoo synth-data` shards "
+                                f"(shard-*.safetensors): {calib}")
 
 
 @dataclass

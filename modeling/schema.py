@@ -117,7 +117,7 @@ class Settings:
             if kind == "dir" and not Path(value).is_dir():
                 raise SettingsError(f"`{f.name}` names a directory that does not exist: {value}")
             if kind == "file-or-dir" and not Path(value).exists():
-                raise SettingsError(f"`{f.name}` names a path that does not exist: {value}")
+                raise SettingsError(f"`{f.name}` names a file or directory that does not exist: {value}")
 
 
 def recipe_fields(cls) -> list[dataclasses.Field]:

@@ -121,9 +121,10 @@ CONVERT = [
     Case("missing --eval-text", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--eval-text", p(r, "no.txt")],
          "--eval-text names a file that does not exist"),
     Case("missing --calib-text", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--calib-text", p(r, "no.txt")],
-         "--calib-text names a file that does not exist"),
-    Case("--calib-text is a directory", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--calib-text",
-                                                    p(r, "notes")], "--calib-text names a directory, not a file"),
+         "--calib-text names a file or directory that does not exist"),
+    Case("--calib-text is a directory that synth-data did not write",
+         lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--calib-text", p(r, "notes")],
+         "--calib-text names a directory without `mla-zoo synth-data` shards"),
     Case("--eval-seq-len 1", lambda r: ["convert", p(r, "src"), "-o", p(r, "new"), "--eval-seq-len", "1"],
          "--eval-seq-len must be an int >= 2 (got 1)"),
     Case("--eval-seq-len beyond the model, before converting",
@@ -223,7 +224,7 @@ BUILD = [
     Case("a value out of range", lambda r: ["build", p(r, "recipes/rank0.toml"), "-o", p(r, "new")],
          "conversion.kv_rank_per_head must be an int >= 1 (got 0)"),
     Case("a missing input file", lambda r: ["build", p(r, "recipes/nocalib.toml"), "-o", p(r, "new")],
-         "conversion.calib_text names a file that does not exist"),
+         "conversion.calib_text names a file or directory that does not exist"),
 ]
 
 HUB = [

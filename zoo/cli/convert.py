@@ -38,6 +38,7 @@ def convert(c: ConvertCommand, settings: ConvertSettings, out: Output) -> int:
                      inputs={"source": c.source, "tokenizer": c.tokenizer, "calib_text": settings.calib_text,
                              "eval_text": c.eval_text})
     c.check_files()
+    settings.check_files()
     calib_file = settings.calib_text if settings.calib_text and not Path(settings.calib_text).is_dir() else None
     texts = {name: read_text(path, name) for name, path in (("calib_text", calib_file),  # a synth-data dir: ids
                                                             ("eval_text", c.eval_text)) if path}
