@@ -12,13 +12,25 @@
 // A query row within a sequence is m = s*H + h: prefill and decode are the same kernel (decode has H rows).
 //
 // Decode at long context is bound by the cache's bytes (past read + present written) once the fixed
-// cost is small, so: the cache tiles stream in with 16-byte cp.async (a ring of 2 or 3 tiles) and
+// cost is small, so: the cache tiles stream in with 16-byte cp.async (a ring of 2 to 4 tiles) and
 // every address is a per-thread column pointer plus row * stride; the attention_mask slots come with
 // the tile (no synchronous global load per tile); the copying block writes the past rows to the
 // present with 16-byte streaming stores from the tile it already has; the small latency-bound parts
 // (W_uk in prepare, the merge, W_uv) keep several coalesced loads in flight per thread. The launch
 // plan (make_plan) is tunable at run time (Tuning, MLA_ZOO_CUDA_* in mla_attention_cuda.h) and
 // `mla_zoo_cuda_harness --sweep` times every candidate on a GPU.
+//
+// Two attend kernels. "blocks" (attend_kernel: any dims, float32, CUDA cores, prefill's 64-row blocks):
+// the whole block shares each tile, 4 block barriers per tile (scores, softmax, weighted sum, with the
+// fp32 accumulators in shared memory). "warps" (attend_warps_kernel: float16 decode, r + KR <= 128):
+// a block still owns (split, 16 rows, sequence), but each warp streams its own tiles (every warps-th
+// tile of the split, 32 or 64 slots) through its own cp.async ring and keeps its own online softmax
+// and output accumulator in registers: mma.sync m16n8k16 with ldmatrix operands, the queries loaded
+// once as A fragments, the probabilities reused from the score fragments in registers (FlashAttention-
+// 2); a warp only waits for its own copies (+ __syncwarp), and the block meets once, at the split's end,
+// to combine its warps. (The blocks kernel's decode reached ~45% of the copy bandwidth at 32K x 16, the
+// same time on an H100 and an H200: bound by per-tile latency, not bandwidth; independent warps keep
+// more tiles in flight per SM than a block that advances in lockstep.)
 
 #ifdef MLA_ZOO_CUDA_EMULATION
 #include "cuda_emulation.h"  // the same source as plain C++ on the CPU (tests without a GPU)
@@ -729,13 +741,26 @@ __host__ __device__ inline WarpSmemLayout warp_smem_layout(int warps, int slots,
   return L;
 }
 
-constexpr int kMaxWarps = 8;  // per block of the warps kernel
+// A kernel's register cap (__maxnreg__, CUDA >= 12.4; elsewhere the compiler's choice).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define MLA_MAX_REGISTERS(n) __maxnreg__(n)
+#else
+#define MLA_MAX_REGISTERS(n)
+#endif
+
+// a slot's offset from a tile's first slot, clamped to [-1, slots]: the same order against 0..slots - 1
+__device__ __forceinline__ int tile_offset(int64_t n, int slots) {
+  return static_cast<int>(min(max(n, static_cast<int64_t>(-1)), static_cast<int64_t>(slots)));
+}
 
 // kSlots: slots per warp tile (32 or 64); kKSteps >= ldq / 16 (k-steps of the scores); kO16 >= r16 / 16
 // (16-column pairs of n8 tiles of the output). The loops over them are unrolled, so the fragment arrays
-// stay in registers; steps past the call's dims are skipped.
+// stay in registers; steps past the call's dims are skipped. Registers: at most 168 per thread up to
+// r16 = 96 (65536 / (3 blocks x 128 threads), rounded down to 8: three 4-warp blocks per SM; ptxas -v
+// on sm_90: 166 at SmolLM2-MLA's dims without the cap 184, no spills either way), else the compiler's
+// choice (~204 at r16 = 128).
 template <int kSlots, int kKSteps, int kO16>
-__global__ void __launch_bounds__(kMaxWarps* kWarp, 1) attend_warps_kernel(Dims d, AttendArgs<__half> a) {
+__global__ void MLA_MAX_REGISTERS(kO16 <= 6 ? 168 : 255) attend_warps_kernel(Dims d, AttendArgs<__half> a) {
   MLA_DYNAMIC_SMEM(unsigned char, smem);
   constexpr int kN8 = kSlots / 8;  // n8 tiles of a warp tile's scores
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
@@ -825,14 +850,15 @@ __global__ void __launch_bounds__(kMaxWarps* kWarp, 1) attend_warps_kernel(Dims 
 
     // online softmax over this lane's scores: s[j][e] is row g + 8 (e / 2), slot 8j + 2t + e % 2;
     // allowed = (t <= self and mask) or t == self (op_spec.md). The row max over the 4 lanes of a quad.
+    // (32-bit, in tile coordinates: the rows' own slots at n = own[h])
+    const int own[2] = {tile_offset(self[0] - t0, kSlots), tile_offset(self[1] - t0, kSlots)};
     float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int j = 0; j < kN8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int n = 8 * j + 2 * t4 + e % 2;
-        const int64_t t = t0 + n, own = self[e / 2];
-        const bool ok = n < n_valid && (t == own || (t < own && mk[n] != 0));
+        const int n = 8 * j + 2 * t4 + e % 2, self_n = own[e / 2];
+        const bool ok = n < n_valid && (n == self_n || (n < self_n && mk[n] != 0));
         s[j][e] = ok ? s[j][e] : kNegInf;
         mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
       }
@@ -1218,8 +1244,8 @@ bool plan_warps(Plan& plan, const Dims& d, const Device& device, const Tuning& t
   }
   plan.pipelined = plan.ring > 1;
   plan.row_blocks = ceil_div(d.S * d.H, 16);
-  // its registers (ptxas -v: 184 per thread at SmolLM2-MLA's dims) bound the resident blocks before its
-  // shared memory does: the occupancy calculator where there is a GPU
+  // its registers (168 per thread at SmolLM2-MLA's dims) may bound the resident blocks before its shared
+  // memory does: the occupancy calculator where there is a GPU
   const int occupancy = attend_occupancy(plan, Dtype::kFloat16);
   const int64_t resident = occupancy > 0 ? occupancy : smem_resident(plan, device);
   const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;  // per warp
