@@ -137,7 +137,7 @@ profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16
   # gVisor's ncu reads no counters), as text in $OUT/ncu_attend.txt; one call carrying only .ortcuda is enough
   local h
   h=$(harness_path)
-  ncu --clock-control none --kernel-name "regex:prepare_kernel|attend_kernel|merge_kernel" --launch-skip 3 \
+  ncu --clock-control none --kernel-name "regex:prepare_kernel|attend_.*kernel|merge_kernel" --launch-skip 3 \
     --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis \
     --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats \
     --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \

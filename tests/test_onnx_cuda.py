@@ -6,7 +6,8 @@
   provider, run through onnxruntime against the torch reference: node cases in float32 and float16,
   and a tiny exported model over a prefill and 16 decode steps against PyTorch;
 * the standalone harness (cuda_harness.cu), emulated, against its float64 reference, both float16
-  paths (tensor cores and CUDA cores);
+  paths (tensor cores and CUDA cores) and both attend kernels (blocks, warps); the emulation's own
+  tensor-core primitives (ldmatrix, mma.m16n8k16) against the PTX ISA's fragment layouts;
 * with nvcc: the real CUDA build compiles and links into the same library as the CPU kernels, loads
   without a GPU, and its CPU kernels stay exact; without nvcc, a clear build error.
 On the GPU machine tests/test_onnx_cuda_gpu.py runs the real thing (bench/ort_cuda_gpu.sh)."""
@@ -100,7 +101,25 @@ def test_emulated_harness_passes_against_its_float64_reference(emulated):
     assert {(r["dtype"], r["tensor_cores"]) for r in checks} == {
         ("float32", False), ("float16", True), ("float16", False)}
     assert any(r["splits"] > 1 for r in checks) and any(r["row_blocks"] > 1 for r in checks)
-    assert rows[-1] == {"summary": True, "checks": len(checks), "failed": 0}
+    # both attend kernels on float16 decode; the warps kernel with one split (W_uv in its epilogue) and
+    # several, several row blocks, synchronous loads and rings of 2 to 4 tiles, 2 to 8 warps
+    decode = [r for r in checks if r["tensor_cores"] and r["row_blocks"] == 1]
+    assert {r["kernel"] for r in decode} == {"blocks", "warps"}
+    warps = [r for r in checks if r["kernel"] == "warps"]
+    assert {r["splits"] > 1 for r in warps} == {True, False} and any(r["row_blocks"] > 1 for r in warps)
+    assert {r["ring"] for r in warps} == {1, 2, 3, 4} and {r["threads"] for r in warps} == {64, 128, 256}
+    assert {"decode-r112", "decode-past0", "decode-batch1-mqa"} <= {r["case"] for r in warps}
+    assert [r["ok"] for r in rows if r.get("check") == "fragments"] == [True]
+    assert rows[-1] == {"summary": True, "checks": len(checks) + 1, "failed": 0}
+
+
+def test_emulated_tensor_core_primitives_follow_the_ptx_fragment_layouts(emulated):
+    """The emulation of ldmatrix x4 / x4.trans and mma.m16n8k16 (cuda_emulation.h), through the kernel
+    file's own wrappers, against the PTX ISA's fragment layouts and a plain matrix product (the same
+    check on a GPU tests the hardware: `mla_zoo_cuda_harness --fragments`)."""
+    proc = subprocess.run([emulated.harness, "--fragments"], capture_output=True, text=True, timeout=60)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and rows[-1] == {"check": "fragments", "error": "", "ok": True}, proc.stdout
 
 
 def test_emulated_harness_sweep_configurations_pass_their_checks(emulated):
@@ -111,7 +130,9 @@ def test_emulated_harness_sweep_configurations_pass_their_checks(emulated):
     configs = [r for r in rows if r.get("sweep") == "check"]
     assert proc.returncode == 0 and configs and all(r["ok"] for r in configs), [r for r in configs if not r.get("ok")]
     assert rows[-1] == {"summary": "sweep-checks", "configs": len(configs), "failed_checks": 0}
-    assert {r["ring"] for r in rows if "case" in r} == {1, 2, 3}  # synchronous loads, double and triple buffering
+    cases = [r for r in rows if "case" in r]
+    assert {r["ring"] for r in cases} == {1, 2, 3, 4}  # synchronous loads, double, triple, quadruple buffering
+    assert {r["kernel"] for r in cases} == {"blocks", "warps"}
 
 
 def test_emulation_is_never_the_library_onnxruntime_is_given(emulated, tmp_path, monkeypatch):

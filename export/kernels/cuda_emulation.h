@@ -10,7 +10,14 @@
 //   * WMMA (nvcuda::wmma, m16n16k16, half inputs, float accumulators) does the warp-wide operation
 //     once, in lane 0 (the fragments are opaque, only these functions touch them), and checks the
 //     alignment rules of the real API (32-byte pointers, ldm a multiple of 16 bytes) and that shared
-//     memory operands lie inside the block's allocation.
+//     memory operands lie inside the block's allocation;
+//   * the PTX warp collectives (ldmatrix x4 / x4.trans, mma m16n8k16 f16 -> f32) work per lane on the
+//     documented fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16", "ldmatrix"): each lane
+//     deposits its registers or row address, a warp barrier, each lane computes its own outputs, a warp
+//     barrier; all 32 lanes must take part in the same collective (checked), ldmatrix rows must be
+//     16-byte aligned and inside the block's shared memory (checked);
+//   * cp.async copies land when their thread waits for their group (cp.async.wait_group), not
+//     before: a read of a tile before the wait for it sees stale bytes (0xFF at first).
 // Not emulated: timing, memory coalescing, bank conflicts, asynchronous streams (a launch is done
 // when it returns), several devices. Speed: slow (fibers switch at every barrier); small cases only.
 #pragma once
@@ -24,6 +31,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <string>
 #include <vector>
@@ -76,6 +84,15 @@ struct Fiber {
   bool done = false;
 };
 
+// One cp.async copy of a thread, in flight until its thread waits for its group.
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];  // the source, read at issue
+  size_t n;
+};
+
+constexpr unsigned kLaneWords = 8;  // per lane deposit of a warp collective (32-bit words)
+
 // One block in flight on this thread.
 struct Block {
   ucontext_t scheduler;
@@ -85,7 +102,10 @@ struct Block {
   uint64_t block_generation = 0;
   std::vector<unsigned> warp_arrived;
   std::vector<uint64_t> warp_generation;
-  std::vector<uint32_t> exchange;  // warp shuffles: 32 values per warp
+  std::vector<uint32_t> lane_words;        // warp collectives (shuffles, ldmatrix, mma): kLaneWords per thread
+  std::vector<const char*> lane_op;        // the collective each thread is in (all 32 lanes must agree)
+  std::vector<std::vector<AsyncCopy>> async_open;               // per thread: cp.async since the last commit
+  std::vector<std::deque<std::vector<AsyncCopy>>> async_groups;  // per thread: committed groups, oldest first
   std::vector<unsigned char> smem_storage;
   unsigned char* smem = nullptr;  // 128-byte aligned, inside smem_storage
   size_t smem_bytes = 0;
@@ -124,7 +144,11 @@ inline void warp_barrier() {
     ++b.warp_generation[w];
     return;
   }
-  while (b.warp_generation[w] == generation) yield();
+  while (b.warp_generation[w] == generation) {
+    for (unsigned t = w * 32; t < w * 32 + 32; ++t)
+      if (b.fibers[t].done) fail("a warp collective or __syncwarp without all 32 lanes (one has exited)");
+    yield();
+  }
 }
 
 inline void run_fiber(int index) {
@@ -156,7 +180,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t smem_byte
   for (auto& f : b.fibers) f.stack.resize(kStackBytes);
   b.warp_arrived.assign(threads.x / 32, 0);
   b.warp_generation.assign(threads.x / 32, 0);
-  b.exchange.assign(threads.x, 0);
+  b.lane_words.assign(threads.x * kLaneWords, 0);
+  b.lane_op.assign(threads.x, nullptr);
   b.body = [&] { kernel(args...); };
   gridDim = grid;
   blockDim = threads;
@@ -167,6 +192,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t smem_byte
         b.smem = b.smem_storage.data() + (128 - reinterpret_cast<uintptr_t>(b.smem_storage.data()) % 128) % 128;
         b.smem_bytes = smem_bytes;
         b.block_arrived = 0;
+        b.async_open.assign(threads.x, {});
+        b.async_groups.assign(threads.x, {});
         for (unsigned t = 0; t < threads.x; ++t) start_fiber(b, t);
         for (bool running = true; running;) {
           running = false;
@@ -193,6 +220,122 @@ inline void check_smem_range(const void* p, size_t bytes, const char* what) {
     fail(std::string(what) + ": operand runs past the end of shared memory");
 }
 
+// Operands of .shared instructions (ldmatrix, cp.async's destination): wholly inside the block's
+// shared memory, `align`-byte aligned.
+inline void check_in_smem(const void* p, size_t bytes, size_t align, const char* what) {
+  const Block& b = current_block();
+  auto* q = static_cast<const unsigned char*>(p);
+  if (q < b.smem || q + bytes > b.smem + b.smem_bytes) fail(std::string(what) + ": address outside shared memory");
+  if (reinterpret_cast<uintptr_t>(p) % align != 0) fail(std::string(what) + ": address not " + std::to_string(align) +
+                                                        "-byte aligned");
+}
+
+// ---- cp.async: a thread's copies land when it waits for their group
+
+inline void cp_async(void* dst, const void* src, size_t n) {
+  check_in_smem(dst, n, n, "cp.async destination");
+  if (reinterpret_cast<uintptr_t>(src) % n != 0) fail("cp.async: source not aligned to the copy size");
+  AsyncCopy c{dst, {}, n};
+  std::memcpy(c.bytes, src, n);
+  current_block().async_open[threadIdx.x].push_back(c);
+}
+
+inline void cp_async_commit() {
+  Block& b = current_block();
+  b.async_groups[threadIdx.x].push_back(std::move(b.async_open[threadIdx.x]));
+  b.async_open[threadIdx.x].clear();
+}
+
+// cp.async.wait_group pending: every committed group of this thread but the newest `pending` has landed.
+inline void cp_async_wait(size_t pending) {
+  auto& groups = current_block().async_groups[threadIdx.x];
+  while (groups.size() > pending) {
+    for (const AsyncCopy& c : groups.front()) std::memcpy(c.dst, c.bytes, c.n);
+    groups.pop_front();
+  }
+}
+
+// ---- warp collectives: deposit, barrier, compute from the lanes' deposits, barrier
+
+// This lane's words enter the exchange and the warp meets; then every lane of the warp must be in
+// the same collective `op` (a string literal). Returns the warp's 32 deposits, lane-major.
+inline const uint32_t* warp_exchange(const char* op, const uint32_t* words, unsigned n) {
+  Block& b = current_block();
+  const unsigned base = threadIdx.x - threadIdx.x % 32;
+  if (n) std::memcpy(&b.lane_words[threadIdx.x * kLaneWords], words, n * 4);
+  b.lane_op[threadIdx.x] = op;
+  warp_barrier();
+  for (unsigned t = base; t < base + 32; ++t)
+    if (b.lane_op[t] != op && (b.lane_op[t] == nullptr || std::strcmp(b.lane_op[t], op) != 0))
+      fail(std::string(op) + ": lanes of one warp are in different collectives (" +
+           (b.lane_op[t] ? b.lane_op[t] : "none") + ")");
+  return &b.lane_words[base * kLaneWords];
+}
+
+inline uint32_t pack_halves(_Float16 lo, _Float16 hi) {  // .f16x2: the first element in the low 16 bits
+  const _Float16 h[2] = {lo, hi};
+  uint32_t u;
+  std::memcpy(&u, h, 4);
+  return u;
+}
+inline _Float16 half_of(uint32_t u, int i) {
+  _Float16 h[2];
+  std::memcpy(h, &u, 4);
+  return h[i];
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses (8 b16
+// each) of matrix i; lane l receives in r[i] row l/4, elements 2(l%4) and 2(l%4)+1 of matrix i, or
+// with .trans those of its transpose: elements [2(l%4)][l/4] and [2(l%4)+1][l/4].
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  const char* op = trans ? "ldmatrix.x4.trans" : "ldmatrix.x4";
+  check_in_smem(row, 16, 16, op);
+  uint32_t words[2];
+  std::memcpy(words, &row, sizeof(row));
+  const uint32_t* lanes = warp_exchange(op, words, 2);
+  auto row_of = [&](unsigned lane) {
+    const _Float16* p;
+    std::memcpy(&p, &lanes[lane * kLaneWords], sizeof(p));
+    return p;
+  };
+  const unsigned l = threadIdx.x % 32;
+  for (unsigned i = 0; i < 4; ++i) {
+    if (trans) {
+      r[i] = pack_halves(row_of(8 * i + 2 * (l % 4))[l / 4], row_of(8 * i + 2 * (l % 4) + 1)[l / 4]);
+    } else {
+      const _Float16* p = row_of(8 * i + l / 4);
+      r[i] = pack_halves(p[2 * (l % 4)], p[2 * (l % 4) + 1]);
+    }
+  }
+  warp_barrier();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32, d = a . b + d, with g = lane / 4, t = lane % 4:
+//   A [16 x 16]: a[0] = A[g][2t, 2t+1], a[1] = A[g+8][2t, 2t+1], a[2] = A[g][2t+8, +9], a[3] = A[g+8][2t+8, +9]
+//   B [16 x 8]:  b[0] = B[2t, 2t+1][g], b[1] = B[2t+8, 2t+9][g]
+//   C, D [16 x 8] f32: d[0], d[1] = D[g][2t, 2t+1], d[2], d[3] = D[g+8][2t, 2t+1]
+// (products of halves are exact in float; the sum runs in float, k in order).
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const uint32_t words[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+  const uint32_t* lanes = warp_exchange("mma.m16n8k16", words, 6);
+  auto A = [&](unsigned i, unsigned k) {
+    return static_cast<float>(half_of(lanes[((i % 8) * 4 + (k % 8) / 2) * kLaneWords + i / 8 + 2 * (k / 8)], k % 2));
+  };
+  auto B = [&](unsigned k, unsigned j) {
+    return static_cast<float>(half_of(lanes[(j * 4 + (k % 8) / 2) * kLaneWords + 4 + k / 8], k % 2));
+  };
+  const unsigned g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+  float out[4];
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned i = g + 8 * (e / 2), j = 2 * t + e % 2;
+    float acc = 0.f;
+    for (unsigned k = 0; k < 16; ++k) acc += A(i, k) * B(k, j);
+    out[e] = d[e] + acc;
+  }
+  warp_barrier();
+  std::memcpy(d, out, sizeof(out));
+}
+
 }  // namespace emulation
 }  // namespace mla_zoo
 
@@ -208,16 +351,20 @@ inline void __syncthreads() {
   while (b.block_generation == generation) yield();
 }
 
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  mla_zoo::emulation::warp_exchange("__syncwarp", nullptr, 0);
+  mla_zoo::emulation::warp_barrier();
+}
+
 template <typename T>
 T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
   using namespace mla_zoo::emulation;
-  Block& b = current_block();
-  const unsigned lane = threadIdx.x % 32, base = threadIdx.x - lane;
-  std::memcpy(&b.exchange[threadIdx.x], &value, 4);
-  warp_barrier();
+  uint32_t word;
+  std::memcpy(&word, &value, 4);
+  const uint32_t* lanes = warp_exchange("shfl.xor", &word, 1);
   T out;
-  std::memcpy(&out, &b.exchange[base + (lane ^ static_cast<unsigned>(lane_mask))], 4);
+  std::memcpy(&out, &lanes[((threadIdx.x % 32) ^ static_cast<unsigned>(lane_mask)) * kLaneWords], 4);
   warp_barrier();
   return out;
 }

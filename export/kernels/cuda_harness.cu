@@ -3,10 +3,13 @@
 // reference written from export/op_spec.md (not from either kernel). For when onnxruntime-gpu cannot
 // run on the GPU machine, and to test both float16 paths (tensor cores and CUDA cores).
 //
-//   mla_zoo_cuda_harness                 # every case, float32 and float16 (both paths, cp.async double and
-//                                        # triple buffering, 128-slot tiles); exit 1 on failure
+//   mla_zoo_cuda_harness                 # the tensor-core fragment check, then every case, float32 and
+//                                        # float16 (both paths, both attend kernels, cp.async double, triple
+//                                        # and quadruple buffering, several tile sizes); exit 1 on failure
 //   mla_zoo_cuda_harness --case NAME     # one case
 //   mla_zoo_cuda_harness --quick         # the small cases only (the CPU emulation in CI)
+//   mla_zoo_cuda_harness --fragments     # the fragment check only: ldmatrix / mma against the PTX ISA's
+//                                        # layouts and a plain product (a GPU's hardware, or the emulation)
 //   mla_zoo_cuda_harness --bench [--contexts 2048,8192,32768 --batches 1,16 --iters 50]
 //                                        # decode latency at SmolLM2-MLA's dims (float16) + copy bandwidth
 //   mla_zoo_cuda_harness --sweep [--contexts 16384,32768 --batches 1,16 --iters 50]
@@ -37,6 +40,7 @@
 
 using mla_zoo::MlaDims;
 using mla_zoo::cuda::Dtype;
+using mla_zoo::cuda::Kernel;
 using mla_zoo::cuda::Math;
 
 namespace {
@@ -69,6 +73,7 @@ const std::vector<Case>& cases() {
       {"decode-wide", 1, 1, 300, 16, 8, 128, 8, 512, {20}},           // Llama-3-8B's r + KR = 640
       {"decode-64-heads", 1, 1, 2000, 64, 8, 128, 4, 256, {}},
       {"decode-past0", 3, 1, 0, 9, 3, 64, 4, 96, {}},               // first step of a one-token prompt
+      {"decode-r112", 2, 1, 150, 4, 2, 32, 4, 112, {0, 30}},         // warps kernel: r16 = 112 (8 column pairs)
       {"prefill-long", 2, 300, 0, 9, 3, 64, 4, 96, {50, 0}, false},
       {"chunked-prefill-long", 2, 37, 500, 9, 3, 64, 4, 96, {10, 0}, false},
       {"decode-smollm2-16x4k", 16, 1, 4096, 9, 3, 64, 4, 96, {0, 1, 2, 3, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4000},
@@ -310,6 +315,7 @@ Error compare(const std::vector<double>& got, const std::vector<double>& want) {
 }
 
 const char* math_name(Math m) { return m == Math::kTensorCores ? "tensor" : m == Math::kCudaCores ? "cuda" : "auto"; }
+const char* kernel_name(Kernel k) { return k == Kernel::kWarps ? "warps" : k == Kernel::kBlocks ? "blocks" : "auto"; }
 
 bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype dtype, Math math, bool pipeline,
                 const mla_zoo::cuda::Tuning* tuning = nullptr, bool print = true) {
@@ -332,12 +338,13 @@ bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype
                   kr.rel() < rope_tol;
   if (!print) return ok;
   std::printf(
-      "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"pipelined\": %s, "
-      "\"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, "
+      "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"kernel\": \"%s\", "
+      "\"pipelined\": %s, \"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, "
       "\"row_blocks\": %lld, \"splits\": %lld, \"output_rel_err\": %.3e, \"present_latent_max_abs\": %.3e, "
       "\"present_key_rope_rel_err\": %.3e, \"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
       c.name.c_str(), fp16 ? "float16" : "float32", math_name(math), run.plan.tensor_cores ? "true" : "false",
-      run.plan.pipelined ? "true" : "false", run.plan.ring, run.plan.threads, run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
+      kernel_name(run.plan.kernel), run.plan.pipelined ? "true" : "false", run.plan.ring, run.plan.threads,
+      run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
       static_cast<long long>(run.plan.splits), out.rel(), lat.max_abs, kr.rel(), out_tol, err.c_str(),
       ok ? "true" : "false");
   std::fflush(stdout);
@@ -399,9 +406,10 @@ void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& bat
       std::printf(
           "{\"bench\": \"decode\", \"dims\": \"smollm2-mla H=9 n_kv=3 r=96 KR=24 fp16\", \"context\": %lld, "
           "\"batch\": %lld, \"us_median\": %.2f, \"us_min\": %.2f, \"bytes\": %.0f, \"gb_per_s\": %.1f, "
-          "\"splits\": %lld, \"block_m\": %d, \"block_n\": %d}\n",
+          "\"splits\": %lld, \"kernel\": \"%s\", \"block_m\": %d, \"block_n\": %d, \"warps\": %d, \"ring\": %d}\n",
           static_cast<long long>(T), static_cast<long long>(B), us, 1e3 * times.front(), bytes,
-          bytes / (us * 1e-6) / 1e9, static_cast<long long>(run.plan.splits), run.plan.block_m, run.plan.block_n);
+          bytes / (us * 1e-6) / 1e9, static_cast<long long>(run.plan.splits), kernel_name(run.plan.kernel),
+          run.plan.block_m, run.plan.block_n, run.plan.warps, run.plan.ring);
       std::fflush(stdout);
     }
   cudaEventDestroy(start);
@@ -427,8 +435,14 @@ struct Config {
 std::vector<Config> sweep_configs() {
   std::vector<Config> out;
   out.push_back({"default", mla_zoo::cuda::env_tuning()});
+  for (Kernel k : {Kernel::kBlocks, Kernel::kWarps}) {  // each kernel with its built-in plan
+    mla_zoo::cuda::Tuning t;
+    t.kernel = k;
+    out.push_back({std::string(kernel_name(k)) + "-default", t});
+  }
   auto add = [&](int bn, int bps, int threads, int pipeline, int splits, int min_tiles, int ring = 0) {
     mla_zoo::cuda::Tuning t;
+    t.kernel = Kernel::kBlocks;
     t.block_n = bn, t.blocks_per_sm = bps, t.threads = threads, t.pipeline = pipeline, t.splits = splits,
     t.min_split_tiles = min_tiles, t.ring = ring;
     std::ostringstream n;
@@ -449,6 +463,22 @@ std::vector<Config> sweep_configs() {
   for (int bn : {32, 64, 128})  // triple buffering
     for (int bps : {2, 4, 8})
       for (int threads : {128, 256}) add(bn, bps, threads, 1, 0, 0, 3);
+  // the warps kernel: warps per block x slots per warp tile x ring depth x split target (0: built-in)
+  auto add_warps = [&](int warps, int warp_n, int ring, int bps, int min_tiles = 0) {
+    mla_zoo::cuda::Tuning t;
+    t.kernel = Kernel::kWarps;
+    t.warps = warps, t.warp_n = warp_n, t.ring = ring, t.blocks_per_sm = bps, t.min_split_tiles = min_tiles;
+    std::ostringstream n;
+    n << "warps" << warps << "-wn" << warp_n << "-ring" << ring << "-bps" << bps;
+    if (min_tiles) n << "-mt" << min_tiles;
+    out.push_back({n.str(), t});
+  };
+  for (int warps : {2, 4, 8})
+    for (int warp_n : {32, 64})
+      for (int ring : {2, 3, 4})
+        for (int bps : {0, 2, 8})
+          if (warps * warp_n * ring <= 768) add_warps(warps, warp_n, ring, bps);  // rings that fit (<= 215 KB)
+  for (int warps : {4, 8}) add_warps(warps, 32, 2, 0, 1);  // shorter splits
   return out;
 }
 
@@ -457,7 +487,8 @@ std::string env_line(const mla_zoo::cuda::Tuning& t) {
   s << "MLA_ZOO_CUDA_BLOCK_N=" << t.block_n << " MLA_ZOO_CUDA_BLOCKS_PER_SM=" << t.blocks_per_sm
     << " MLA_ZOO_CUDA_SPLITS=" << t.splits << " MLA_ZOO_CUDA_MIN_SPLIT_TILES=" << t.min_split_tiles
     << " MLA_ZOO_CUDA_THREADS=" << t.threads << " MLA_ZOO_CUDA_PIPELINE=" << t.pipeline
-    << " MLA_ZOO_CUDA_RING=" << t.ring;
+    << " MLA_ZOO_CUDA_RING=" << t.ring << " MLA_ZOO_CUDA_KERNEL=" << kernel_name(t.kernel)
+    << " MLA_ZOO_CUDA_WARPS=" << t.warps << " MLA_ZOO_CUDA_WARP_N=" << t.warp_n;
   return s.str();
 }
 
@@ -579,12 +610,13 @@ void sweep(const std::vector<std::pair<int64_t, int64_t>>& shapes, int iters, si
         const double waves = occupancy > 0 ? attend_blocks / (occupancy * device.sm_count) : -1;
         std::printf(
             "{\"sweep\": \"decode\", \"config\": \"%s\", \"check\": \"%s\", \"context\": %lld, \"batch\": %lld, "
-            "\"block_n\": %d, \"threads\": %d, \"ring\": %d, \"splits\": %lld, \"split_len\": %lld, "
+            "\"kernel\": \"%s\", \"block_n\": %d, \"threads\": %d, \"ring\": %d, \"splits\": %lld, "
+            "\"split_len\": %lld, "
             "\"smem_bytes\": %zu, \"occupancy\": %d, \"waves\": %.2f, \"us_median\": %.2f, \"us_min\": %.2f, "
             "\"us_loop\": %.2f, \"us_prepare\": %.2f, \"us_attend\": %.2f, \"us_merge\": %.2f, \"bytes\": %.0f, "
             "\"gb_per_s\": %.1f, \"gb_per_s_loop\": %.1f}\n",
             configs[i].name.c_str(), passed[i] ? "pass" : "fail", static_cast<long long>(T), static_cast<long long>(B),
-            plan.block_n, plan.threads, plan.ring, static_cast<long long>(plan.splits),
+            kernel_name(plan.kernel), plan.block_n, plan.threads, plan.ring, static_cast<long long>(plan.splits),
             static_cast<long long>(plan.split_len), plan.smem_bytes, occupancy, waves, single.first, single.second,
             us_loop, stage_us[0], stage_us[1], stage_us[2], bytes, bytes / (single.first * 1e-6) / 1e9,
             bytes / (us_loop * 1e-6) / 1e9);
@@ -617,7 +649,7 @@ std::vector<int64_t> parse_list(const char* s) {
 
 int main(int argc, char** argv) {
   std::string only;
-  bool do_bench = false, do_sweep = false, sweep_checks = false, quick = false;
+  bool do_bench = false, do_sweep = false, sweep_checks = false, quick = false, fragments_only = false;
   size_t sweep_limit = 0;
   bool contexts_given = false, batches_given = false;
   std::vector<int64_t> contexts{2048, 8192, 32768}, batches{1, 16};
@@ -628,6 +660,8 @@ int main(int argc, char** argv) {
       only = argv[++i];
     } else if (a == "--quick") {
       quick = true;
+    } else if (a == "--fragments") {
+      fragments_only = true;
     } else if (a == "--bench") {
       do_bench = true;
     } else if (a == "--sweep") {
@@ -645,7 +679,8 @@ int main(int argc, char** argv) {
     } else if (a == "--iters" && i + 1 < argc) {
       iters = std::atoi(argv[++i]);
     } else {
-      std::printf("usage: %s [--case NAME] [--quick] | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n"
+      std::printf("usage: %s [--case NAME] [--quick] | --fragments\n"
+                  "       | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n"
                   "       | --sweep [--contexts 16384,32768 --batches 1,16 (+ 2048 x 1)] [--iters 50] [--sweep-limit N]\n"
                   "       | --sweep-checks [--sweep-limit N]\n",
                   argv[0]);
@@ -674,6 +709,14 @@ int main(int argc, char** argv) {
     return 0;
   }
   int failed = 0, run = 0;
+  if (only.empty()) {  // the warps kernel's tensor-core primitives against the PTX ISA's fragment layouts
+    const std::string diff = mla_zoo::cuda::check_tensor_core_fragments();
+    std::printf("{\"check\": \"fragments\", \"error\": \"%s\", \"ok\": %s}\n", diff.c_str(),
+                diff.empty() ? "true" : "false");
+    ++run;
+    failed += !diff.empty();
+    if (fragments_only) return diff.empty() ? 0 : 1;
+  }
   for (const Case& c : cases()) {
     if ((!only.empty() && c.name != only) || (quick && !c.quick)) continue;
     struct Mode {
@@ -682,23 +725,32 @@ int main(int argc, char** argv) {
       bool pipeline;
       const mla_zoo::cuda::Tuning* tuning;  // nullptr: the environment's (MLA_ZOO_CUDA_*), else fixed
     };
-    static const mla_zoo::cuda::Tuning ring3 = [] {
+    auto tuning = [](Kernel kernel, int ring, int block_n, int threads, int warps = 0, int warp_n = 0, int splits = 0) {
       mla_zoo::cuda::Tuning t;
-      t.ring = 3;
+      t.kernel = kernel, t.ring = ring, t.block_n = block_n, t.threads = threads;
+      t.warps = warps, t.warp_n = warp_n, t.splits = splits;
       return t;
-    }();
-    static const mla_zoo::cuda::Tuning wide = [] {  // 128-slot tiles, 256 threads
-      mla_zoo::cuda::Tuning t;
-      t.block_n = 128, t.threads = 256;
-      return t;
-    }();
+    };
+    static const mla_zoo::cuda::Tuning ring3 = tuning(Kernel::kAuto, 3, 0, 0);
+    static const mla_zoo::cuda::Tuning blocks = tuning(Kernel::kBlocks, 0, 0, 0);
+    static const mla_zoo::cuda::Tuning wide = tuning(Kernel::kBlocks, 0, 128, 256);  // 128-slot tiles, 256 threads
+    // the warps kernel wherever it runs (prefill's row blocks too; its built-in plan runs in the modes
+    // above): 2 warps with 4-deep rings; 4 warps of 64-slot tiles, triple buffering; 8 warps over 5 splits
+    // (160 slots: 5 tiles for 8 warps, some warps without a tile; a short last split)
+    static const mla_zoo::cuda::Tuning warps2 = tuning(Kernel::kWarps, 4, 0, 0, 2, 32);
+    static const mla_zoo::cuda::Tuning warps64 = tuning(Kernel::kWarps, 3, 0, 0, 4, 64);
+    static const mla_zoo::cuda::Tuning warps8 = tuning(Kernel::kWarps, 2, 0, 0, 8, 32, 5);
     const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true, nullptr},
                           {Dtype::kFloat32, Math::kAuto, false, nullptr},
                           {Dtype::kFloat16, Math::kTensorCores, true, nullptr},
                           {Dtype::kFloat16, Math::kTensorCores, false, nullptr},
                           {Dtype::kFloat16, Math::kCudaCores, true, nullptr},
                           {Dtype::kFloat16, Math::kTensorCores, true, &ring3},
-                          {Dtype::kFloat16, Math::kTensorCores, true, &wide}};
+                          {Dtype::kFloat16, Math::kTensorCores, true, &blocks},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &wide},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &warps2},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &warps64},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &warps8}};
     const Result want32 = reference(make_inputs(c, Dtype::kFloat32, 1234));
     const Result want16 = reference(make_inputs(c, Dtype::kFloat16, 1234));
     for (const Mode& m : modes) {

@@ -12,13 +12,25 @@
 // A query row within a sequence is m = s*H + h: prefill and decode are the same kernel (decode has H rows).
 //
 // Decode at long context is bound by the cache's bytes (past read + present written) once the fixed
-// cost is small, so: the cache tiles stream in with 16-byte cp.async (a ring of 2 or 3 tiles) and
+// cost is small, so: the cache tiles stream in with 16-byte cp.async (a ring of 2 to 4 tiles) and
 // every address is a per-thread column pointer plus row * stride; the attention_mask slots come with
 // the tile (no synchronous global load per tile); the copying block writes the past rows to the
 // present with 16-byte streaming stores from the tile it already has; the small latency-bound parts
 // (W_uk in prepare, the merge, W_uv) keep several coalesced loads in flight per thread. The launch
 // plan (make_plan) is tunable at run time (Tuning, MLA_ZOO_CUDA_* in mla_attention_cuda.h) and
 // `mla_zoo_cuda_harness --sweep` times every candidate on a GPU.
+//
+// Two attend kernels. "blocks" (attend_kernel: any dims, float32, CUDA cores, prefill's 64-row blocks):
+// the whole block shares each tile, 4 block barriers per tile (scores, softmax, weighted sum, with the
+// fp32 accumulators in shared memory). "warps" (attend_warps_kernel: float16 decode, r + KR <= 128):
+// a block still owns (split, 16 rows, sequence), but each warp streams its own tiles (every warps-th
+// tile of the split, 32 or 64 slots) through its own cp.async ring and keeps its own online softmax
+// and output accumulator in registers: mma.sync m16n8k16 with ldmatrix operands, the queries loaded
+// once as A fragments, the probabilities reused from the score fragments in registers (FlashAttention-
+// 2); a warp only waits for its own copies (+ __syncwarp), and the block meets once, at the split's end,
+// to combine its warps. (The blocks kernel's decode reached ~45% of the copy bandwidth at 32K x 16, the
+// same time on an H100 and an H200: bound by per-tile latency, not bandwidth; independent warps keep
+// more tiles in flight per SM than a block that advances in lockstep.)
 
 #ifdef MLA_ZOO_CUDA_EMULATION
 #include "cuda_emulation.h"  // the same source as plain C++ on the CPU (tests without a GPU)
@@ -227,10 +239,10 @@ struct AttendArgs {
 };
 
 // Asynchronous global -> shared copies (sm_80+), to overlap a tile's loads with the math on the
-// previous one. (Emulation: plain copies; the waits are then no-ops.)
+// previous one. (Emulation: the copies land when their thread waits for their group.)
 __device__ __forceinline__ void cp_async16(void* dst_smem, const void* src) {
 #ifdef MLA_ZOO_CUDA_EMULATION
-  std::memcpy(dst_smem, src, 16);
+  emulation::cp_async(dst_smem, src, 16);
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
@@ -238,30 +250,52 @@ __device__ __forceinline__ void cp_async16(void* dst_smem, const void* src) {
 }
 __device__ __forceinline__ void cp_async8(void* dst_smem, const void* src) {
 #ifdef MLA_ZOO_CUDA_EMULATION
-  std::memcpy(dst_smem, src, 8);
+  emulation::cp_async(dst_smem, src, 8);
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(dst_smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(src) : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef MLA_ZOO_CUDA_EMULATION
+#ifdef MLA_ZOO_CUDA_EMULATION
+  emulation::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-#ifndef MLA_ZOO_CUDA_EMULATION
+#ifdef MLA_ZOO_CUDA_EMULATION
+  emulation::cp_async_wait(kPending);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 #endif
+}
+// cp_async_wait<pending> for a run-time pending count (0..3)
+__device__ __forceinline__ void cp_async_wait_pending(int pending) {
+  switch (pending) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    default: cp_async_wait<3>(); break;
+  }
+}
+
+// The threads that load a cache tile together: the whole block (blocks kernel) or one warp (warps
+// kernel): this thread's index among them, how many they are, and the tile's slots.
+struct Team {
+  int tid, size, bn;
+};
+__device__ __forceinline__ Team block_team(int bn) {
+  return Team{static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x), bn};
 }
 
 // How a thread walks a cache tile [bn, ldq] in 16-byte chunks (vec mode): it keeps ONE chunk column
 // and steps down the rows, so the source address is a pointer plus row * stride (no divisions, no
-// 64-bit index arithmetic per chunk). Threads tid = n0 * lanes + j take chunk column c0 + j and rows
-// n0, n0 + step, ...; one pass over the columns unless a row has more chunks than the block has threads.
-// The same mapping issues the loads and later stores the past rows, so a thread only ever stores chunks
-// it loaded itself (no barrier needed between its cp.async wait and its stores).
+// 64-bit index arithmetic per chunk). Threads tid = n0 * lanes + j of the team take chunk column c0 + j
+// and rows n0, n0 + step, ...; one pass over the columns unless a row has more chunks than the team has
+// threads. The same mapping issues the loads and later stores the past rows, so a thread only ever
+// stores chunks it loaded itself (no barrier needed between its cp.async wait and its stores).
 template <typename T>
 struct ChunkWalk {
   static constexpr int V = 16 / sizeof(T);  // elements per chunk
@@ -271,12 +305,12 @@ struct ChunkWalk {
   const T *past, *pres;        // the column's element in slot 0 of the sequence's past / present
   T* pres_out;                 // same as pres, writable (the copy of past rows)
   int64_t past_ld, pres_ld;    // row strides: r or KR
-  __device__ __forceinline__ ChunkWalk(const Dims& d, const AttendArgs<T>& a, int64_t b, int c0) {
+  __device__ __forceinline__ ChunkWalk(const Dims& d, const AttendArgs<T>& a, int64_t b, const Team& team, int c0) {
     const int chunks = a.ldq / V;
-    const int lanes = min(chunks - c0, static_cast<int>(blockDim.x));
-    step = static_cast<int>(blockDim.x) / lanes;
-    n0 = static_cast<int>(threadIdx.x) / lanes;
-    c = n0 < step ? (c0 + static_cast<int>(threadIdx.x) % lanes) * V : -1;
+    const int lanes = min(chunks - c0, team.size);
+    step = team.size / lanes;
+    n0 = team.tid / lanes;
+    c = n0 < step ? (c0 + team.tid % lanes) * V : -1;
     real = c >= 0 && c < d.r + d.KR;
     const bool lat = c < d.r;
     past_ld = lat ? d.r : d.KR;
@@ -295,13 +329,13 @@ struct ChunkWalk {
 // (pipelined mode): as load_tile, but asynchronous; the copy of past rows to the present happens
 // after the wait, from shared memory (store_past_rows).
 template <typename T>
-__device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0, int n_valid,
-                                           T* kv, int64_t* mk) {
+__device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, const Team& team,
+                                           int64_t t0, int n_valid, T* kv, int64_t* mk) {
   const int chunks = a.ldq / ChunkWalk<T>::V;
-  for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {
-    const ChunkWalk<T> w(d, a, b, c0);
+  for (int c0 = 0; c0 < chunks; c0 += team.size) {
+    const ChunkWalk<T> w(d, a, b, team, c0);
     if (w.c < 0) continue;
-    for (int n = w.n0; n < a.bn; n += w.step) {
+    for (int n = w.n0; n < team.bn; n += w.step) {
       T* dst = kv + n * a.ld + w.c;
       if (n < n_valid && w.real) {
         cp_async16(dst, w.src(d, t0 + n));
@@ -310,7 +344,7 @@ __device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a
       }
     }
   }
-  for (int n = threadIdx.x; n < a.bn; n += blockDim.x) {
+  for (int n = team.tid; n < team.bn; n += team.size) {
     if (n < n_valid) {
       cp_async8(mk + n, a.mask + b * d.T + t0 + n);
     } else {
@@ -323,12 +357,12 @@ __device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a
 // Called by every thread after ITS cp.async groups landed and before the block's barrier: each thread
 // stores the chunks it loaded itself (the same ChunkWalk), 16 bytes at a time, streaming (__stcs).
 template <typename T>
-__device__ __forceinline__ void store_past_rows(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0,
-                                                int n_valid, const T* kv) {
+__device__ __forceinline__ void store_past_rows(const Dims& d, const AttendArgs<T>& a, int64_t b, const Team& team,
+                                                int64_t t0, int n_valid, const T* kv) {
   const int chunks = a.ldq / ChunkWalk<T>::V;
   const int rows = static_cast<int>(min(static_cast<int64_t>(n_valid), d.P - t0));  // past slots of the tile
-  for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {
-    const ChunkWalk<T> w(d, a, b, c0);
+  for (int c0 = 0; c0 < chunks; c0 += team.size) {
+    const ChunkWalk<T> w(d, a, b, team, c0);
     if (!w.real) continue;
     for (int n = w.n0; n < rows; n += w.step)
       __stcs(reinterpret_cast<uint4*>(w.pres_out + (t0 + n) * w.pres_ld),
@@ -340,16 +374,16 @@ __device__ __forceinline__ void store_past_rows(const Dims& d, const AttendArgs<
 // its attention_mask -> mk, synchronously; past slots come from the past inputs (and, for the copying
 // block, go on to the presents), new slots from the presents (written by prepare earlier on the stream).
 template <typename T>
-__device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t t0, int n_valid,
-                                          bool copy_past, T* kv, int64_t* mk) {
-  for (int n = threadIdx.x; n < a.bn; n += blockDim.x) mk[n] = n < n_valid ? a.mask[b * d.T + t0 + n] : 0;
+__device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, const Team& team,
+                                          int64_t t0, int n_valid, bool copy_past, T* kv, int64_t* mk) {
+  for (int n = team.tid; n < team.bn; n += team.size) mk[n] = n < n_valid ? a.mask[b * d.T + t0 + n] : 0;
   if (a.vec) {
     const int chunks = a.ldq / ChunkWalk<T>::V;
     constexpr int kBatch = 4;  // loads in flight per thread before their stores
-    for (int c0 = 0; c0 < chunks; c0 += blockDim.x) {
-      const ChunkWalk<T> w(d, a, b, c0);
+    for (int c0 = 0; c0 < chunks; c0 += team.size) {
+      const ChunkWalk<T> w(d, a, b, team, c0);
       if (w.c < 0) continue;
-      for (int base = w.n0; base < a.bn; base += kBatch * w.step) {
+      for (int base = w.n0; base < team.bn; base += kBatch * w.step) {
         uint4 v[kBatch];
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
@@ -363,7 +397,7 @@ __device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a,
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           const int n = base + u * w.step;
-          if (n >= a.bn) break;
+          if (n >= team.bn) break;
           *reinterpret_cast<uint4*>(kv + n * a.ld + w.c) = v[u];
           const int64_t t = t0 + n;
           if (copy_past && n < n_valid && t < d.P && w.real)
@@ -373,7 +407,7 @@ __device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a,
     }
   } else {
     const int ld16 = a.ldq;
-    for (int idx = threadIdx.x; idx < a.bn * ld16; idx += blockDim.x) {
+    for (int idx = team.tid; idx < team.bn * ld16; idx += team.size) {
       const int n = idx / ld16, c = idx % ld16;
       const int64_t t = t0 + n;
       T v = from_f<T>(0.f);
@@ -458,6 +492,35 @@ __device__ __forceinline__ void tile_weighted_sum(const AttendArgs<T>& a, const 
   }
 }
 
+// The end of an attend block, after a barrier: its rows' unnormalised outputs o [nrows, ldo] fp32, max
+// and sum of the exponentials in shared memory. One split -> output = (o / l) @ W_uv[g]^T; several ->
+// the normalised partial and its log-sum-exp for the merge.
+template <typename T>
+__device__ __forceinline__ void attend_epilogue(const Dims& d, const AttendArgs<T>& a, int64_t b, int64_t split,
+                                                int64_t row0, int nrows, const float* o, const float* row_max,
+                                                const float* row_sum) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int64_t rows = d.S * d.H;
+  if (a.splits == 1) {
+    const int groups = static_cast<int>(ceil_div_dev(d.dv, kProjectOutputs));  // per row
+    for (int item = warp; item < nrows * groups; item += warps) {  // (row m, group of kProjectOutputs outputs)
+      const int m = item / groups;
+      const int64_t row = row0 + m, g = (row % d.H) / d.G;
+      project_group(o + m * a.ldo, a.w_uv + g * d.dv * d.r, static_cast<int64_t>(item % groups) * kProjectOutputs, d.dv,
+                    d.r, row_sum[m], a.out + (b * rows + row) * d.dv, lane);
+    }
+  } else {
+    const int r = static_cast<int>(d.r);
+    for (int idx = threadIdx.x; idx < nrows * r; idx += blockDim.x) {
+      const int m = idx / r, c = idx % r;
+      const float l = row_sum[m];
+      const int64_t prow = (b * rows + row0 + m) * a.splits + split;  // partial row [B*S*H, splits]
+      a.part_o[prow * d.r + c] = l > 0.f ? o[m * a.ldo + c] / l : 0.f;
+      if (c == 0) a.part_lse[prow] = l > 0.f ? row_max[m] + logf(l) : kNegInf;
+    }
+  }
+}
+
 template <typename T, bool kTensorCores>
 __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   MLA_DYNAMIC_SMEM(unsigned char, smem);
@@ -481,12 +544,15 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const Team team = block_team(a.bn);
   // the first ring - 1 tiles start streaming before the prologue (one commit group per tile, empty
   // ones included, so that "tile i landed" is always "at most ring - 1 groups pending")
   if (pipelined) {
     for (int k = 0; k + 1 < a.ring; ++k) {
       const int64_t t = t_begin + static_cast<int64_t>(k) * a.bn;
-      if (t < t_end) issue_tile(d, a, b, t, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t)), kv_buf(k), mk_buf(k));
+      if (t < t_end)
+        issue_tile(d, a, b, team, t, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - t)), kv_buf(k),
+                   mk_buf(k));
       cp_async_commit();
     }
   }
@@ -519,17 +585,17 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
       const int64_t ahead = t0 + static_cast<int64_t>(a.ring - 1) * a.bn;
       const int into = (slot + a.ring - 1) % a.ring;
       if (ahead < t_end)
-        issue_tile(d, a, b, ahead, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - ahead)), kv_buf(into),
-                   mk_buf(into));
+        issue_tile(d, a, b, team, ahead, static_cast<int>(min(static_cast<int64_t>(a.bn), t_end - ahead)),
+                   kv_buf(into), mk_buf(into));
       cp_async_commit();
       if (a.ring == 3) {  // this thread's copies of this tile have landed (the later ones may be in flight)
         cp_async_wait<2>();
       } else {
         cp_async_wait<1>();
       }
-      if (copy_past && t0 < d.P) store_past_rows(d, a, b, t0, n_valid, kv);  // own chunks: no barrier needed
+      if (copy_past && t0 < d.P) store_past_rows(d, a, b, team, t0, n_valid, kv);  // own chunks: no barrier needed
     } else {
-      load_tile(d, a, b, t0, n_valid, copy_past, kv, mk_buf(0));
+      load_tile(d, a, b, team, t0, n_valid, copy_past, kv, mk_buf(0));
     }
     __syncthreads();
     tile_scores<T, kTensorCores>(a, qs, kv, sc);
@@ -584,25 +650,363 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
     __syncthreads();
   }
 
-  // epilogue: one split -> output = (o / l) @ W_uv[g]^T; several -> normalised partial + its lse
-  if (a.splits == 1) {
-    const int groups = static_cast<int>(ceil_div_dev(d.dv, kProjectOutputs));  // per row
-    for (int item = warp; item < nrows * groups; item += warps) {  // (row m, group of kProjectOutputs outputs)
-      const int m = item / groups;
-      const int64_t row = row0 + m, g = (row % d.H) / d.G;
-      project_group(o + m * a.ldo, a.w_uv + g * d.dv * d.r, static_cast<int64_t>(item % groups) * kProjectOutputs, d.dv,
-                    d.r, row_sum[m], a.out + (b * rows + row) * d.dv, lane);
-    }
-  } else {
-    const int r = static_cast<int>(d.r);
-    for (int idx = threadIdx.x; idx < nrows * r; idx += blockDim.x) {
-      const int m = idx / r, c = idx % r;
-      const float l = row_sum[m];
-      const int64_t prow = (b * rows + row0 + m) * a.splits + split;  // partial row [B*S*H, splits]
-      a.part_o[prow * d.r + c] = l > 0.f ? o[m * a.ldo + c] / l : 0.f;
-      if (c == 0) a.part_lse[prow] = l > 0.f ? row_max[m] + logf(l) : kNegInf;
+  attend_epilogue(d, a, b, split, row0, nrows, o, row_max, row_sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2b. attend, warp tiles (float16, tensor cores through mma.sync; r + KR <= 128): one block per
+//     (split, row block of 16 rows, sequence) as above, but each WARP streams its own cache tiles of
+//     kSlots slots (tiles warp, warp + warps, ... of the split) through its own cp.async ring, with its
+//     own online softmax and its own fp32 output accumulator in registers: no block barrier until the
+//     split's end, where the warps' (max, sum, o) are combined through shared memory.
+// ---------------------------------------------------------------------------------------------
+
+// Fragments of mma.m16n8k16 (f16 inputs, f32 accumulators), per lane with g = lane / 4, t = lane % 4
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16"; each uint32_t holds two halves, the first one low):
+//   A [16 x 16] (row):  a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]
+//                       a[2] = A[g][2t+8, +9]   a[3] = A[g+8][2t+8, +9]
+//   B [16 x 8] (col):   b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   C, D [16 x 8] f32:  c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// ldmatrix.x4 loads four 8x8 b16 matrices from shared memory, lanes 8i..8i+7 giving the addresses of
+// matrix i's 8 rows (16 bytes each); lane l gets in r[i] row l/4, elements 2(l%4), 2(l%4)+1 of matrix i
+// (.trans: of its transpose, i.e. column l/4, rows 2(l%4), 2(l%4)+1): exactly a b[] register above when
+// the matrix is stored [n][k] (plain) or [k][n] (.trans).
+
+// d += a . b
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  emulation::mma_m16n8k16(d, a, b);
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// r = four 8x8 matrices; `row`: this lane's row address (shared memory, 16-byte aligned)
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const __half* row) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  emulation::ldmatrix_x4(r, row, false);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const __half* row) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  emulation::ldmatrix_x4(r, row, true);
+#else
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+#endif
+}
+
+// two floats -> one .f16x2 register (lo in the low half)
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+#ifdef MLA_ZOO_CUDA_EMULATION
+  return emulation::pack_halves(__float2half_rn(lo), __float2half_rn(hi));
+#else
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+#endif
+}
+
+// Byte offsets of the warps kernel's shared memory (host and device). The tile rings (per warp: ring
+// tiles [slots, ld] and their attention_mask slots) are dead once every warp is done, and the combine
+// at the split's end reuses the same bytes.
+struct WarpSmemLayout {
+  size_t kv_stride, mask, mask_stride, ring_stride;  // warp w's ring at w * ring_stride: tiles, then masks
+  size_t o, m, l, row_max, row_sum, total;           // the combine
+};
+
+__host__ __device__ inline WarpSmemLayout warp_smem_layout(int warps, int slots, int ld, int ldo, int ring) {
+  WarpSmemLayout L{};
+  L.kv_stride = align128(static_cast<size_t>(slots) * ld * 2);
+  L.mask_stride = align128(static_cast<size_t>(slots) * 8);
+  L.mask = ring * L.kv_stride;
+  L.ring_stride = L.mask + ring * L.mask_stride;
+  const size_t rings = warps * L.ring_stride;
+  size_t at = 0;
+  L.o = at, at = align128(at + static_cast<size_t>(warps) * 16 * ldo * 4);  // per warp o [16, ldo] f32
+  L.m = at, at = align128(at + static_cast<size_t>(warps) * 16 * 4);        // per warp row max, then its weight
+  L.l = at, at = align128(at + static_cast<size_t>(warps) * 16 * 4);        // per warp row sum
+  L.row_max = at, at = align128(at + 16 * 4);                              // the block's
+  L.row_sum = at, at = align128(at + 16 * 4);
+  L.total = max(rings, at);
+  return L;
+}
+
+// A kernel's register cap (__maxnreg__, CUDA >= 12.4; elsewhere the compiler's choice).
+#if defined(__CUDACC_VER_MAJOR__) && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define MLA_MAX_REGISTERS(n) __maxnreg__(n)
+#else
+#define MLA_MAX_REGISTERS(n)
+#endif
+
+// a slot's offset from a tile's first slot, clamped to [-1, slots]: the same order against 0..slots - 1
+__device__ __forceinline__ int tile_offset(int64_t n, int slots) {
+  return static_cast<int>(min(max(n, static_cast<int64_t>(-1)), static_cast<int64_t>(slots)));
+}
+
+// kSlots: slots per warp tile (32 or 64); kKSteps >= ldq / 16 (k-steps of the scores); kO16 >= r16 / 16
+// (16-column pairs of n8 tiles of the output). The loops over them are unrolled, so the fragment arrays
+// stay in registers; steps past the call's dims are skipped. Registers: at most 168 per thread up to
+// r16 = 96 (65536 / (3 blocks x 128 threads), rounded down to 8: three 4-warp blocks per SM; ptxas -v
+// on sm_90: 166 at SmolLM2-MLA's dims without the cap 184, no spills either way), else the compiler's
+// choice (~204 at r16 = 128).
+template <int kSlots, int kKSteps, int kO16>
+__global__ void MLA_MAX_REGISTERS(kO16 <= 6 ? 168 : 255) attend_warps_kernel(Dims d, AttendArgs<__half> a) {
+  MLA_DYNAMIC_SMEM(unsigned char, smem);
+  constexpr int kN8 = kSlots / 8;  // n8 tiles of a warp tile's scores
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int g = lane / 4, t4 = lane % 4;  // the fragment coordinates
+  const WarpSmemLayout L = warp_smem_layout(warps, kSlots, a.ld, a.ldo, a.ring);
+  unsigned char* ring = smem + warp * L.ring_stride;
+  auto kv_buf = [&](int i) { return reinterpret_cast<__half*>(ring + i * L.kv_stride); };
+  auto mk_buf = [&](int i) { return reinterpret_cast<int64_t*>(ring + L.mask + i * L.mask_stride); };
+  const Team team{lane, kWarp, kSlots};
+
+  const int64_t split = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
+  const int64_t rows = d.S * d.H, row0 = rb * 16;
+  const int nrows = static_cast<int>(min(static_cast<int64_t>(16), rows - row0));
+  const int64_t limit = d.P + (row0 + nrows - 1) / d.H + 1;  // causal: no row of the block sees a slot >= limit
+  const int64_t t_begin = split * a.split_len;
+  const int64_t t_end = min(min(d.T, t_begin + a.split_len), limit);
+  const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
+  // this warp's tiles: slots [first + i * stride, + kSlots) for i < n_tiles
+  const int64_t first = t_begin + static_cast<int64_t>(warp) * kSlots, stride = static_cast<int64_t>(warps) * kSlots;
+  const int n_tiles = first < t_end ? static_cast<int>(ceil_div_dev(t_end - first, stride)) : 0;
+  auto tile_valid = [&](int i) {  // slots of tile i before t_end
+    return static_cast<int>(min(static_cast<int64_t>(kSlots), t_end - first - i * stride));
+  };
+
+  const bool pipelined = a.ring > 1;
+  if (pipelined) {  // the first ring - 1 tiles start streaming (one commit group per tile, empty ones included)
+    for (int i = 0; i + 1 < a.ring; ++i) {
+      if (i < n_tiles) issue_tile(d, a, b, team, first + i * stride, tile_valid(i), kv_buf(i), mk_buf(i));
+      cp_async_commit();
     }
   }
+
+  // the block's 16 query rows (zeros past nrows) as A fragments, once: q[k] covers columns [16k, 16k + 16)
+  const int ksteps = a.ldq / 16, o16 = a.r16 / 16;
+  uint32_t q[kKSteps][4];
+  const __half* qrows = a.q + (b * rows + row0) * a.ldq;
+#pragma unroll
+  for (int k = 0; k < kKSteps; ++k)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int m = g + (i % 2) * 8, c = k * 16 + 2 * t4 + (i / 2) * 8;
+      q[k][i] = k < ksteps && m < nrows ? *reinterpret_cast<const uint32_t*>(qrows + m * a.ldq + c) : 0u;
+    }
+  // this warp's state for rows g and g + 8: running max, this lane's part of the sum, o [16, 16 * kO16]
+  float row_m[2] = {kNegInf, kNegInf}, row_l[2] = {0.f, 0.f};
+  float o[2 * kO16][4];
+#pragma unroll
+  for (int j = 0; j < 2 * kO16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  const int64_t self[2] = {d.P + (row0 + g) / d.H, d.P + (row0 + g + 8) / d.H};  // the rows' own slots
+
+  for (int i = 0; i < n_tiles; ++i) {
+    const int64_t t0 = first + i * stride;
+    const int n_valid = tile_valid(i);
+    const int slot = i % a.ring;
+    const __half* kv = kv_buf(slot);
+    const int64_t* mk = mk_buf(slot);
+    __syncwarp();  // every lane is done reading the buffer that is refilled now (tile i - 1's)
+    if (pipelined) {
+      const int ahead = i + a.ring - 1;
+      if (ahead < n_tiles) issue_tile(d, a, b, team, first + ahead * stride, tile_valid(ahead), kv_buf(ahead % a.ring),
+                                      mk_buf(ahead % a.ring));
+      cp_async_commit();
+      cp_async_wait_pending(a.ring - 1);  // this lane's copies of tile i have landed
+      if (copy_past && t0 < d.P) store_past_rows(d, a, b, team, t0, n_valid, kv);  // its own chunks
+    } else {
+      load_tile(d, a, b, team, t0, n_valid, copy_past, kv_buf(0), mk_buf(0));
+    }
+    __syncwarp();  // ... and every lane's: ldmatrix reads chunks other lanes loaded
+
+    // scores s [16, kSlots] = q . kv^T: B = kv^T, stored [n = slot][k = feature], so plain ldmatrix; one x4
+    // covers slots [16p, 16p + 16) x features [16k, 16k + 16): matrices (slots +0, k +0), (+0, +8), (+8, +0),
+    // (+8, +8) = b[0], b[1] of n8 tile 2p, then of 2p + 1
+    float s[kN8][4];
+#pragma unroll
+    for (int j = 0; j < kN8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    const __half* kv_row = kv + (lane % 8 + (lane / 16) * 8) * a.ld + ((lane / 8) % 2) * 8;
+#pragma unroll
+    for (int k = 0; k < kKSteps; ++k) {
+      if (k >= ksteps) break;
+#pragma unroll
+      for (int p = 0; p < kN8 / 2; ++p) {
+        uint32_t f[4];
+        ldmatrix_x4(f, kv_row + p * 16 * a.ld + k * 16);
+        const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
+        mma_16816(s[2 * p], q[k], b0);
+        mma_16816(s[2 * p + 1], q[k], b1);
+      }
+    }
+
+    // online softmax over this lane's scores: s[j][e] is row g + 8 (e / 2), slot 8j + 2t + e % 2;
+    // allowed = (t <= self and mask) or t == self (op_spec.md). The row max over the 4 lanes of a quad.
+    // (32-bit, in tile coordinates: the rows' own slots at n = own[h])
+    const int own[2] = {tile_offset(self[0] - t0, kSlots), tile_offset(self[1] - t0, kSlots)};
+    float mx[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int j = 0; j < kN8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = 8 * j + 2 * t4 + e % 2, self_n = own[e / 2];
+        const bool ok = n < n_valid && (n == self_n || (n < self_n && mk[n] != 0));
+        s[j][e] = ok ? s[j][e] : kNegInf;
+        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+      }
+    float f[2];  // rescale of the old state: exp(old max - new max)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+      const float now = fmaxf(row_m[h], mx[h]);
+      f[h] = now == kNegInf ? 1.f : expf(row_m[h] - now);  // old = -inf: 0 (o is 0 then anyway)
+      row_m[h] = now;
+      row_l[h] *= f[h];
+    }
+#pragma unroll
+    for (int j = 0; j < kN8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float now = row_m[e / 2];
+        s[j][e] = now == kNegInf ? 0.f : expf(s[j][e] - now);  // exp(-inf) = 0 for masked slots
+        row_l[e / 2] += s[j][e];
+      }
+#pragma unroll
+    for (int j = 0; j < 2 * kO16; ++j) {
+      o[j][0] *= f[0], o[j][1] *= f[0];
+      o[j][2] *= f[1], o[j][3] *= f[1];
+    }
+
+    // o += p . v, v = the tile's latent columns [slots, r16]: the C fragments of n8 tiles 2kk, 2kk + 1
+    // are the A fragment of k-step kk (FlashAttention-2's register reuse); B = v stored [k = slot][n =
+    // column], so ldmatrix.trans; one x4 covers slots [16kk, +16) x columns [16c, +16): matrices (slots +0,
+    // columns +0), (+8, +0), (+0, +8), (+8, +8) = b[0], b[1] of n8 tile 2c, then of 2c + 1
+    const __half* v_row = kv + (lane % 8 + ((lane / 8) % 2) * 8) * a.ld + (lane / 16) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kN8 / 2; ++kk) {
+      const uint32_t p[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                             pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int c = 0; c < kO16; ++c) {
+        if (c >= o16) break;
+        uint32_t fv[4];
+        ldmatrix_x4_trans(fv, v_row + kk * 16 * a.ld + c * 16);
+        const uint32_t b0[2] = {fv[0], fv[1]}, b1[2] = {fv[2], fv[3]};
+        mma_16816(o[2 * c], p, b0);
+        mma_16816(o[2 * c + 1], p, b1);
+      }
+    }
+  }
+
+  // combine the warps: the sums over the quads, then every warp's state -> shared memory (over the rings,
+  // once every warp is done with its own), weights exp(m_w - M), o = sum_w weight_w o_w
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    row_l[h] += __shfl_xor_sync(0xffffffffu, row_l[h], 1);
+    row_l[h] += __shfl_xor_sync(0xffffffffu, row_l[h], 2);
+  }
+  float* wo = reinterpret_cast<float*>(smem + L.o);  // [warps, 16, ldo]
+  float* wm = reinterpret_cast<float*>(smem + L.m);  // [warps, 16]
+  float* wl = reinterpret_cast<float*>(smem + L.l);  // [warps, 16]
+  float* row_max = reinterpret_cast<float*>(smem + L.row_max);
+  float* row_sum = reinterpret_cast<float*>(smem + L.row_sum);
+  __syncthreads();
+  float* mine = wo + warp * 16 * a.ldo;
+#pragma unroll
+  for (int j = 0; j < 2 * kO16; ++j) {
+    if (j >= 2 * o16) break;
+    const int c = 8 * j + 2 * t4;
+    mine[g * a.ldo + c] = o[j][0], mine[g * a.ldo + c + 1] = o[j][1];
+    mine[(g + 8) * a.ldo + c] = o[j][2], mine[(g + 8) * a.ldo + c + 1] = o[j][3];
+  }
+  if (t4 == 0) {
+    wm[warp * 16 + g] = row_m[0], wm[warp * 16 + g + 8] = row_m[1];
+    wl[warp * 16 + g] = row_l[0], wl[warp * 16 + g + 8] = row_l[1];
+  }
+  __syncthreads();
+  for (int m = threadIdx.x; m < 16; m += blockDim.x) {
+    float top = kNegInf;
+    for (int w = 0; w < warps; ++w) top = fmaxf(top, wm[w * 16 + m]);
+    float sum = 0.f;
+    for (int w = 0; w < warps; ++w) {
+      const float weight = top == kNegInf ? 0.f : expf(wm[w * 16 + m] - top);  // a warp without slots: 0
+      wm[w * 16 + m] = weight;
+      sum += weight * wl[w * 16 + m];
+    }
+    row_max[m] = top;
+    row_sum[m] = sum;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < nrows * a.r16; idx += blockDim.x) {  // into warp 0's o
+    const int m = idx / a.r16, c = idx % a.r16;
+    float acc = 0.f;
+    for (int w = 0; w < warps; ++w) acc = fmaf(wm[w * 16 + m], wo[(w * 16 + m) * a.ldo + c], acc);
+    wo[m * a.ldo + c] = acc;
+  }
+  __syncthreads();
+  attend_epilogue(d, a, b, split, row0, nrows, wo, row_max, row_sum);
+}
+
+// The warps kernel instantiated for these dims and warp tile, or nullptr (the plan never asks for one).
+using WarpsKernel = void (*)(Dims, AttendArgs<__half>);
+
+template <int kSlots>
+WarpsKernel warps_kernel_for_slots(int ldq, int r16) {
+  if (ldq <= 64) return attend_warps_kernel<kSlots, 4, 4>;
+  if (ldq <= 128 && r16 <= 96) return attend_warps_kernel<kSlots, 8, 6>;  // SmolLM2-MLA: ldq 128, r16 96
+  if (ldq <= 128) return attend_warps_kernel<kSlots, 8, 8>;
+  return nullptr;
+}
+
+WarpsKernel warps_kernel(const Plan& plan) {
+  if (plan.block_n == 32) return warps_kernel_for_slots<32>(plan.ldq, plan.r16);
+  if (plan.block_n == 64) return warps_kernel_for_slots<64>(plan.ldq, plan.r16);
+  return nullptr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// self-check of the tensor-core primitives (check_tensor_core_fragments)
+// ---------------------------------------------------------------------------------------------
+
+// One warp. in: m16 [16, 16] halves; a [16, 16], b [16, 8] (k-major), c [16, 8] f32. out (u32):
+// [0, 128) the 4 registers of each lane after ldmatrix_x4 of m16 (the scores' addressing), [128, 256)
+// after ldmatrix_x4_trans (the weighted sum's), [256, 384) d = a . b + c as floats, the fragments
+// gathered by the documented layout from global memory.
+__global__ void fragments_kernel(const __half* m16, const __half* a, const __half* b, const float* c, uint32_t* out) {
+  MLA_DYNAMIC_SMEM(__half, tile);  // m16 with a padded row stride, as the cache tiles
+  constexpr int ld = 24;
+  const int lane = threadIdx.x, g = lane / 4, t = lane % 4;
+  for (int i = lane; i < 16 * 16; i += kWarp) tile[(i / 16) * ld + i % 16] = m16[i];
+  __syncwarp();
+  uint32_t r[4];
+  ldmatrix_x4(r, tile + (lane % 8 + (lane / 16) * 8) * ld + ((lane / 8) % 2) * 8);
+  for (int i = 0; i < 4; ++i) out[lane * 4 + i] = r[i];
+  ldmatrix_x4_trans(r, tile + (lane % 8 + ((lane / 8) % 2) * 8) * ld + (lane / 16) * 8);
+  for (int i = 0; i < 4; ++i) out[128 + lane * 4 + i] = r[i];
+  auto pair = [](const __half* p, int stride) {  // p[0], p[stride] as one .f16x2
+    return pack_half2(__half2float(p[0]), __half2float(p[stride]));
+  };
+  const uint32_t fa[4] = {pair(a + g * 16 + 2 * t, 1), pair(a + (g + 8) * 16 + 2 * t, 1),
+                          pair(a + g * 16 + 2 * t + 8, 1), pair(a + (g + 8) * 16 + 2 * t + 8, 1)};
+  const uint32_t fb[2] = {pair(b + (2 * t) * 8 + g, 8), pair(b + (2 * t + 8) * 8 + g, 8)};
+  float acc[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  mma_16816(acc, fa, fb);
+  for (int i = 0; i < 4; ++i) reinterpret_cast<float*>(out + 256)[lane * 4 + i] = acc[i];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -713,7 +1117,7 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
   AttendArgs<T> aa{static_cast<const T*>(in.past_latent), static_cast<const T*>(in.past_key_rope), q,
                    static_cast<const T*>(in.w_uv), in.attention_mask, static_cast<T*>(out.present_latent),
                    static_cast<T*>(out.present_key_rope), static_cast<T*>(out.output), part_o, part_lse,
-                   plan.block_m, plan.block_n, plan.ld, plan.ldq, plan.ldo, static_cast<int>((d.r + 15) / 16 * 16),
+                   plan.block_m, plan.block_n, plan.ld, plan.ldq, plan.ldo, plan.r16,
                    plan.splits, plan.split_len, false, false};
   constexpr int V = 16 / sizeof(T);
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
@@ -724,7 +1128,14 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
                   static_cast<unsigned>(d.B));
   void (*attend)(Dims, AttendArgs<T>) = attend_kernel<T, false>;
   if constexpr (std::is_same<T, __half>::value) {
-    if (plan.tensor_cores) attend = attend_kernel<T, true>;
+    if (plan.kernel == Kernel::kWarps) {
+      attend = warps_kernel(plan);
+      if (attend == nullptr) return "MultiHeadLatentAttention: no warps kernel for this plan";
+    } else if (plan.tensor_cores) {
+      attend = attend_kernel<T, true>;
+    }
+  } else if (plan.kernel == Kernel::kWarps) {
+    return "MultiHeadLatentAttention: the warps kernel is float16 only";
   }
   e = allow_smem(reinterpret_cast<const void*>(attend), plan.smem_bytes);
   if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention attend (shared memory)", e);
@@ -783,10 +1194,72 @@ const Tuning& env_tuning() {
     t.threads = get("MLA_ZOO_CUDA_THREADS", 0);
     t.pipeline = get("MLA_ZOO_CUDA_PIPELINE", -1);
     t.ring = get("MLA_ZOO_CUDA_RING", 0);
+    const char* kernel = std::getenv("MLA_ZOO_CUDA_KERNEL");
+    const std::string k = kernel ? kernel : "";
+    t.kernel = k == "warps" ? Kernel::kWarps : k == "blocks" ? Kernel::kBlocks : Kernel::kAuto;
+    t.warps = get("MLA_ZOO_CUDA_WARPS", 0);
+    t.warp_n = get("MLA_ZOO_CUDA_WARP_N", 0);
     return t;
   }();
   return tuning;
 }
+
+// The attend kernel for float16 decode (rows per sequence <= 16) when the tuning leaves it open: the
+// warps kernel where it can run (the lead's GPU numbers decide; the blocks kernel otherwise).
+constexpr bool kWarpsByDefault = false;
+
+namespace {
+
+// Attend blocks of this plan that fit in an SM's shared memory (1 KB of it reserved per block).
+int64_t smem_resident(const Plan& plan, const Device& device) {
+  return std::max<int64_t>(1, static_cast<int64_t>(device.smem_per_sm) / static_cast<int64_t>(plan.smem_bytes + 1024));
+}
+
+// Split-K (both kernels): enough blocks to fill the GPU (blocks_per_sm per SM over the grid), no split
+// shorter than min_len slots; or a fixed count. Built-in blocks_per_sm: 4, or fewer where fewer blocks
+// are resident per SM (`resident`), so that the grid is about one full wave.
+// Sets plan.splits and plan.split_len (a multiple of `granule` slots).
+void plan_splits(Plan& plan, const Dims& d, const Device& device, const Tuning& tune, int64_t resident,
+                 int64_t min_len, int64_t granule) {
+  const int64_t blocks = d.B * plan.row_blocks;
+  const int64_t per_sm = tune.blocks_per_sm > 0 ? tune.blocks_per_sm : std::min<int64_t>(4, resident);
+  const int64_t want = tune.splits > 0 ? tune.splits  // rounded down: at most one wave of per_sm blocks per SM
+                                       : std::max<int64_t>(1, per_sm * std::max(1, device.sm_count) / blocks);
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(1024, d.T / min_len));
+  const int64_t splits = std::min(want, most);
+  plan.split_len = ceil_div(ceil_div(std::max<int64_t>(d.T, 1), splits), granule) * granule;
+  plan.splits = std::max<int64_t>(1, ceil_div(d.T, plan.split_len));
+}
+
+// The warps kernel's plan (float16 tensor cores, ldq <= 128): 16-row blocks, warps x warp tiles, a
+// cp.async ring per warp (2 tiles built-in; 2..4), the tuned sizes where the kernel takes them.
+// false (plan unusable) if not even synchronous loads fit in shared memory.
+bool plan_warps(Plan& plan, const Dims& d, const Device& device, const Tuning& tune, bool pipelined) {
+  plan.kernel = Kernel::kWarps;
+  plan.block_m = 16;
+  plan.warps = tune.warps == 2 || tune.warps == 4 || tune.warps == 8 ? tune.warps : 4;
+  plan.threads = plan.warps * 32;
+  plan.block_n = tune.warp_n == 64 ? 64 : 32;
+  plan.ring = pipelined ? (tune.ring >= 2 && tune.ring <= 4 ? tune.ring : 2) : 1;
+  const int smem_cap = std::max(48 * 1024, device.max_smem_per_block);
+  for (;; plan.ring = plan.ring > 2 ? plan.ring - 1 : 1) {  // the deepest ring up to the tuned one that fits
+    plan.smem_bytes = warp_smem_layout(plan.warps, plan.block_n, plan.ld, plan.ldo, plan.ring).total;
+    if (plan.smem_bytes <= static_cast<size_t>(smem_cap)) break;
+    if (plan.ring == 1) return false;
+  }
+  plan.pipelined = plan.ring > 1;
+  plan.row_blocks = ceil_div(d.S * d.H, 16);
+  // its registers (168 per thread at SmolLM2-MLA's dims) may bound the resident blocks before its shared
+  // memory does: the occupancy calculator where there is a GPU
+  const int occupancy = attend_occupancy(plan, Dtype::kFloat16);
+  const int64_t resident = occupancy > 0 ? occupancy : smem_resident(plan, device);
+  const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;  // per warp
+  plan_splits(plan, d, device, tune, resident, min_tiles * plan.warps * plan.block_n, plan.block_n);
+  plan.part_bytes = plan.splits > 1 ? align256(static_cast<size_t>(d.B * d.S * d.H * plan.splits) * (d.r + 1) * 4) : 0;
+  return true;
+}
+
+}  // namespace
 
 Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, bool pipeline, const Tuning* tuning) {
   const Dims d = to_dims(md);
@@ -803,10 +1276,20 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
     throw ShapeError{"the CUDA kernel's tensor-core path is float16 only"};
   plan.ldq = static_cast<int>(ceil_div(d.r + d.KR, 16) * 16);
   plan.ld = plan.ldq + 8;
-  const int r16 = static_cast<int>(ceil_div(d.r, 16) * 16);
-  plan.ldo = r16 + 4;
+  plan.r16 = static_cast<int>(ceil_div(d.r, 16) * 16);
+  plan.ldo = plan.r16 + 4;
   const int64_t rows = d.S * d.H;
   const bool pipelined = pipeline && tune.pipeline != 0 && d.r % (16 / elem) == 0 && d.KR % (16 / elem) == 0;
+  // the warps kernel: float16 tensor cores, r + KR <= 128 (its fragments in registers), asked for or
+  // the default for decode (kWarpsByDefault); else, or where its tiles do not fit, the blocks kernel
+  const bool warps_can_run = plan.tensor_cores && plan.ldq <= 128;
+  const bool want_warps =
+      tune.kernel == Kernel::kWarps || (tune.kernel == Kernel::kAuto && kWarpsByDefault && rows <= 16);
+  plan.q_bytes = align256(static_cast<size_t>(rows * d.B) * plan.ldq * elem);
+  if (want_warps && warps_can_run) {
+    Plan w = plan;
+    if (plan_warps(w, d, device, tune, pipelined)) return w;
+  }
   const int ring = pipelined ? (tune.ring == 3 ? 3 : 2) : 1;
 
   // the largest tiles that fit: rows per block by the rows of a sequence, then slots per tile (the
@@ -839,23 +1322,8 @@ Plan make_plan(const MlaDims& md, Dtype dtype, const Device& device, Math math, 
   plan.threads = 256;
   if (tune.threads == 128 || tune.threads == 256) plan.threads = tune.threads;
   plan.row_blocks = ceil_div(rows, plan.block_m);
-
-  // split-K: enough blocks to fill the GPU (blocks_per_sm per SM over the grid), no split shorter than
-  // min_split_tiles tiles; or a fixed count. Built-in blocks_per_sm: 4, or fewer where fewer blocks fit
-  // in an SM's shared memory (1 KB of it reserved per block), so that the grid is about one full wave.
-  const int64_t blocks = d.B * plan.row_blocks;
-  const int64_t resident =
-      std::max<int64_t>(1, static_cast<int64_t>(device.smem_per_sm) / static_cast<int64_t>(plan.smem_bytes + 1024));
-  const int64_t per_sm = tune.blocks_per_sm > 0 ? tune.blocks_per_sm : std::min<int64_t>(4, resident);
   const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;
-  const int64_t want = tune.splits > 0 ? tune.splits  // rounded down: at most one wave of per_sm blocks per SM
-                                       : std::max<int64_t>(1, per_sm * std::max(1, device.sm_count) / blocks);
-  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(1024, d.T / (min_tiles * plan.block_n)));
-  int64_t splits = std::min(want, most);
-  plan.split_len = ceil_div(ceil_div(std::max<int64_t>(d.T, 1), splits), plan.block_n) * plan.block_n;
-  plan.splits = std::max<int64_t>(1, ceil_div(d.T, plan.split_len));
-
-  plan.q_bytes = align256(static_cast<size_t>(rows * d.B) * plan.ldq * elem);
+  plan_splits(plan, d, device, tune, smem_resident(plan, device), min_tiles * plan.block_n, plan.block_n);
   plan.part_bytes = plan.splits > 1 ? align256(static_cast<size_t>(d.B * rows * plan.splits) * (d.r + 1) * 4) : 0;
   return plan;
 }
@@ -865,17 +1333,108 @@ int attend_occupancy(const Plan& plan, Dtype dtype) {
   (void)plan, (void)dtype;
   return -1;
 #else
-  const void* kernel = dtype == Dtype::kFloat32 ? reinterpret_cast<const void*>(attend_kernel<float, false>)
-                       : plan.tensor_cores      ? reinterpret_cast<const void*>(attend_kernel<__half, true>)
-                                                : reinterpret_cast<const void*>(attend_kernel<__half, false>);
+  const void* kernel = dtype == Dtype::kFloat32      ? reinterpret_cast<const void*>(attend_kernel<float, false>)
+                       : plan.kernel == Kernel::kWarps ? reinterpret_cast<const void*>(warps_kernel(plan))
+                       : plan.tensor_cores            ? reinterpret_cast<const void*>(attend_kernel<__half, true>)
+                                                      : reinterpret_cast<const void*>(attend_kernel<__half, false>);
+  int device = 0;
+  if (kernel == nullptr || cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  // cached per (kernel, device, threads, shared memory): make_plan asks on every call of the op
+  struct Known {
+    const void* kernel;
+    int device, threads;
+    size_t smem;
+    int blocks;
+  };
+  static std::mutex mutex;
+  static std::vector<Known> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Known& k : known)
+    if (k.kernel == kernel && k.device == device && k.threads == plan.threads && k.smem == plan.smem_bytes)
+      return k.blocks;
   int blocks = -1;
   if (allow_smem(kernel, plan.smem_bytes) != cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, plan.smem_bytes) != cudaSuccess) {
     cudaGetLastError();
     return -1;
   }
+  known.push_back({kernel, device, plan.threads, plan.smem_bytes, blocks});
   return blocks;
 #endif
+}
+
+std::string check_tensor_core_fragments() {
+  // inputs: m16 = 0, 1, ..., 255 (distinct, exact in half); a, b, c small multiples of 1/8 (exact sums)
+  std::vector<__half> m16(256), a(256), b(128);
+  std::vector<float> c(128), ha(256), hb(128);
+  for (int i = 0; i < 256; ++i) m16[i] = __float2half(static_cast<float>(i));
+  for (int i = 0; i < 256; ++i) ha[i] = static_cast<float>((i * 37) % 17 - 8) / 8.f, a[i] = __float2half(ha[i]);
+  for (int i = 0; i < 128; ++i) hb[i] = static_cast<float>((i * 11) % 13 - 6) / 8.f, b[i] = __float2half(hb[i]);
+  for (int i = 0; i < 128; ++i) c[i] = static_cast<float>(i % 7 - 3) / 4.f;
+  const size_t bytes[] = {512, 512, 256, 512, 384 * 4};
+  void* dev[5] = {};
+  std::string error;
+  for (int i = 0; i < 5 && error.empty(); ++i)
+    if (cudaMalloc(&dev[i], bytes[i]) != cudaSuccess) error = "cudaMalloc failed";
+  std::vector<uint32_t> out(384);
+  if (error.empty()) {
+    cudaMemcpy(dev[0], m16.data(), 512, cudaMemcpyHostToDevice);
+    cudaMemcpy(dev[1], a.data(), 512, cudaMemcpyHostToDevice);
+    cudaMemcpy(dev[2], b.data(), 256, cudaMemcpyHostToDevice);
+    cudaMemcpy(dev[3], c.data(), 512, cudaMemcpyHostToDevice);
+    void (*kernel)(const __half*, const __half*, const __half*, const float*, uint32_t*) = fragments_kernel;
+    MLA_LAUNCH(kernel, 1, kWarp, 16 * 24 * sizeof(__half), static_cast<cudaStream_t>(nullptr),
+               static_cast<const __half*>(dev[0]), static_cast<const __half*>(dev[1]),
+               static_cast<const __half*>(dev[2]), static_cast<const float*>(dev[3]), static_cast<uint32_t*>(dev[4]));
+    cudaError_t e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaMemcpy(out.data(), dev[4], 384 * 4, cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) error = cuda_error("fragments kernel", e);
+  }
+  for (void* p : dev)
+    if (p) cudaFree(p);
+  if (!error.empty()) return error;
+  std::ostringstream diff;
+  auto halves = [](uint32_t u, int i) {  // the i-th half of a .f16x2 register (0: the low 16 bits), rounded
+    const uint16_t bits = static_cast<uint16_t>(i ? u >> 16 : u & 0xffff);
+    __half h;
+    std::memcpy(static_cast<void*>(&h), &bits, 2);
+    return static_cast<int>(std::lround(__half2float(h)));
+  };
+  // the PTX ISA's ldmatrix: lane l's register i = row l/4, elements 2(l%4), +1 of matrix i (.trans: of its
+  // transpose); matrix i's rows were given by lanes 8i..8i+7: plain (rows +8 (i/2), columns +8 (i%2)),
+  // .trans (rows +8 (i%2), columns +8 (i/2)) of m16, whose element [row][col] is 16 row + col
+  for (int trans = 0; trans < 2 && diff.str().empty(); ++trans)
+    for (int l = 0; l < 32; ++l)
+      for (int i = 0; i < 4; ++i) {
+        const int r0 = 8 * (trans ? i % 2 : i / 2), c0 = 8 * (trans ? i / 2 : i % 2);
+        int want[2];
+        for (int h = 0; h < 2; ++h)
+          want[h] = trans ? 16 * (r0 + 2 * (l % 4) + h) + c0 + l / 4 : 16 * (r0 + l / 4) + c0 + 2 * (l % 4) + h;
+        const uint32_t got = out[trans * 128 + l * 4 + i];
+        if (halves(got, 0) != want[0] || halves(got, 1) != want[1]) {
+          diff << (trans ? "ldmatrix.x4.trans" : "ldmatrix.x4") << " lane " << l << " register " << i << ": got ("
+               << halves(got, 0) << ", " << halves(got, 1) << "), want (" << want[0] << ", " << want[1] << ")";
+          break;
+        }
+      }
+  // mma: d[e] of lane l = D[g + 8 (e / 2)][2t + e % 2], D = a . b + c (exact here)
+  for (int l = 0; l < 32 && diff.str().empty(); ++l)
+    for (int e = 0; e < 4; ++e) {
+      const int i = l / 4 + 8 * (e / 2), j = 2 * (l % 4) + e % 2;
+      double want = c[i * 8 + j];
+      for (int k = 0; k < 16; ++k) want += static_cast<double>(ha[i * 16 + k]) * hb[k * 8 + j];
+      float got;
+      std::memcpy(&got, &out[256 + l * 4 + e], 4);
+      if (std::fabs(got - want) > 1e-6) {
+        diff << "mma.m16n8k16 lane " << l << " d[" << e << "] = D[" << i << "][" << j << "]: got " << got << ", want "
+             << want;
+        break;
+      }
+    }
+  return diff.str();
 }
 
 std::string launch(const MlaDims& md, const std::vector<int64_t>& rope_pairs, float scale, Dtype dtype,

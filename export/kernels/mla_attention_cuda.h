@@ -11,7 +11,11 @@
 //   2. attend (per sequence, block of query rows, split of the cache): split-K flash attention over
 //      the latent cache; each cache tile is loaded once into shared memory and serves both the scores
 //      and the weighted sum of every row of the block (tensor cores for float16); the block of the
-//      first rows also copies the past rows of its split into the present (the past is read once);
+//      first rows also copies the past rows of its split into the present (the past is read once).
+//      Two kernels: "blocks" (the whole block works on one tile at a time, barriers between the
+//      steps: any dims, float32, CUDA cores, prefill's 64-row blocks) and "warps" (float16 tensor
+//      cores, 16-row blocks, r + KR <= 128: every warp streams its own tiles with its own softmax
+//      state and accumulators in registers, no block barrier until the split's end); make_plan picks;
 //   3. merge (only when the cache was split): the log-sum-exp merge of the splits.
 //   W_uv is applied in the epilogue of 2 (one split) or in 3.
 #pragma once
@@ -30,6 +34,8 @@ enum class Dtype { kFloat32, kFloat16 };
 // How the attention tiles are multiplied: kAuto = tensor cores (WMMA, fp32 accumulation) for
 // float16, CUDA cores for float32 (exact fp32 math for tests); the harness forces either.
 enum class Math { kAuto, kTensorCores, kCudaCores };
+// Which attend kernel (see above): kAuto = the plan's choice (Tuning), else forced where it can run.
+enum class Kernel { kAuto, kBlocks, kWarps };
 
 constexpr int kMaxRopeIndices = 1024;  // n_kv * R: passed by value to the prepare kernel
 
@@ -55,18 +61,22 @@ struct Outputs {
 
 // The launch configuration of one call and the scratch memory it needs.
 struct Plan {
+  Kernel kernel = Kernel::kBlocks;  // the attend kernel: kBlocks or kWarps (never kAuto)
   bool tensor_cores = false;
   bool pipelined = false;   // cp.async buffering of the cache tiles (sm_80+): ring > 1
-  int ring = 1;             // cache tiles in shared memory: 1 = synchronous loads, 2 = double, 3 = triple buffering
+  int ring = 1;             // cache tiles in shared memory (per warp for kWarps): 1 = synchronous loads, 2 = double,
+                            // 3 = triple buffering (kWarps: up to 4)
   int block_m = 16;         // query rows (token, head) per attend block
-  int block_n = 64;         // cache slots per tile
+  int block_n = 64;         // cache slots per tile (kWarps: per warp tile)
+  int warps = 0;            // kWarps: warps per attend block, each with its own tiles (threads = 32 * warps)
   int threads = 128;        // per attend block
   int64_t row_blocks = 1;   // per sequence
   int64_t splits = 1;       // of the cache, per (sequence, row block)
   int64_t split_len = 0;    // slots per split (a multiple of block_n)
   int ldq = 0;              // row stride of the prepared queries in scratch: r + KR rounded up to 16
   int ld = 0;               // shared-memory row stride of query / cache tiles (ldq + 8: fewer bank conflicts)
-  int ldo = 0;              // shared-memory row stride of the fp32 output accumulators
+  int r16 = 0;              // r rounded up to 16: the columns of the output accumulators
+  int ldo = 0;              // shared-memory row stride of the fp32 output accumulators (r16 + 4)
   size_t smem_bytes = 0;    // dynamic shared memory of an attend block
   size_t q_bytes = 0;       // scratch: prepared queries [B*S*H, ldq]
   size_t part_bytes = 0;    // scratch: split partials (output [rows*splits, r] + lse [rows*splits]), 0 if one split
@@ -82,7 +92,14 @@ struct Plan {
 //   MLA_ZOO_CUDA_MIN_SPLIT_TILES  no split shorter than this many tiles (built-in: 2)
 //   MLA_ZOO_CUDA_THREADS          threads per attend block: 128 or 256 (built-in: 256)
 //   MLA_ZOO_CUDA_PIPELINE         0: no cp.async double buffering (the plain synchronous loads)
-//   MLA_ZOO_CUDA_RING             tiles in flight with cp.async: 2 (double buffering, built-in) or 3 (triple)
+//   MLA_ZOO_CUDA_RING             tiles in flight with cp.async: 2 (double buffering, built-in) or 3 (triple);
+//                                 per warp in the warps kernel: 2, 3 or 4
+//   MLA_ZOO_CUDA_KERNEL           blocks | warps: the attend kernel (built-in: kWarpsByDefault in
+//                                 mla_attention_cuda.cu); warps runs where it can (float16 tensor cores,
+//                                 r + KR <= 128), any number of rows (16-row blocks)
+//   MLA_ZOO_CUDA_WARPS            warps kernel: warps per block, 2, 4 or 8 (built-in: 4)
+//   MLA_ZOO_CUDA_WARP_N           warps kernel: cache slots per warp tile, 32 or 64 (built-in: 32)
+// The split-K knobs apply to both kernels; for the warps kernel MIN_SPLIT_TILES counts tiles per warp.
 struct Tuning {
   int block_n = 0;
   int blocks_per_sm = 0;
@@ -91,6 +108,9 @@ struct Tuning {
   int threads = 0;
   int pipeline = -1;
   int ring = 0;
+  Kernel kernel = Kernel::kAuto;
+  int warps = 0;
+  int warp_n = 0;
 };
 
 const Tuning& env_tuning();
@@ -114,6 +134,11 @@ Plan make_plan(const MlaDims& d, Dtype dtype, const Device& device, Math math = 
 // Attend blocks of this plan resident per SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor on the
 // current device; -1 when unknown, e.g. in the CPU emulation). For the harness's sweep.
 int attend_occupancy(const Plan& plan, Dtype dtype);
+
+// Checks the warps kernel's tensor-core primitives (ldmatrix x4 and x4.trans, mma m16n8k16) on the current
+// device against the fragment layouts of the PTX ISA and a plain matrix product: "" or what differs.
+// On a GPU it checks the hardware, in the CPU emulation the emulation (the harness runs it).
+std::string check_tensor_core_fragments();
 
 // Enqueues the op on `stream` (a cudaStream_t; nullptr = the legacy default stream). `scratch` holds
 // plan.scratch_bytes() bytes of device memory, 256-byte aligned, that stay untouched until the
