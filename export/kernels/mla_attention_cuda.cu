@@ -1204,8 +1204,9 @@ const Tuning& env_tuning() {
   return tuning;
 }
 
-// The attend kernel for float16 decode (rows per sequence <= 16) when the tuning leaves it open: the
-// warps kernel where it can run (the lead's GPU numbers decide; the blocks kernel otherwise).
+// The attend kernel for float16 decode (rows per sequence <= 16) when the tuning leaves it open: true =
+// the warps kernel where it can run. Off until a GPU has run it: it is checked in the CPU emulation only
+// (bench/RESULTS.md, 2026-12-07, says what to run); MLA_ZOO_CUDA_KERNEL=warps selects it meanwhile.
 constexpr bool kWarpsByDefault = false;
 
 namespace {
