@@ -109,6 +109,7 @@ def test_emulated_harness_passes_against_its_float64_reference(emulated):
     assert {r["splits"] > 1 for r in warps} == {True, False} and any(r["row_blocks"] > 1 for r in warps)
     assert {r["ring"] for r in warps} == {1, 2, 3, 4} and {r["threads"] for r in warps} == {64, 128, 256}
     assert {"decode-r112", "decode-past0", "decode-batch1-mqa"} <= {r["case"] for r in warps}
+    assert "decode-12-heads-per-group" in {r["case"] for r in checks}  # G > kPrepHeads: prepare's head chunks
     assert [r["ok"] for r in rows if r.get("check") == "fragments"] == [True]
     assert rows[-1] == {"summary": True, "checks": len(checks) + 1, "failed": 0}
 

@@ -74,6 +74,7 @@ const std::vector<Case>& cases() {
       {"decode-64-heads", 1, 1, 2000, 64, 8, 128, 4, 256, {}},
       {"decode-past0", 3, 1, 0, 9, 3, 64, 4, 96, {}},               // first step of a one-token prompt
       {"decode-r112", 2, 1, 150, 4, 2, 32, 4, 112, {0, 30}},         // warps kernel: r16 = 112 (8 column pairs)
+      {"decode-12-heads-per-group", 2, 1, 90, 12, 1, 32, 2, 40, {0, 7}},  // G = 12 > kPrepHeads: prepare's head chunks
       {"prefill-long", 2, 300, 0, 9, 3, 64, 4, 96, {50, 0}, false},
       {"chunked-prefill-long", 2, 37, 500, 9, 3, 64, 4, 96, {10, 0}, false},
       {"decode-smollm2-16x4k", 16, 1, 4096, 9, 3, 64, 4, 96, {0, 1, 2, 3, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4000},

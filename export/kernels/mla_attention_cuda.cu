@@ -113,9 +113,12 @@ struct PrepareArgs {
   int ldq;
 };
 
+constexpr int kPrepHeads = 8;  // heads of a KV group whose W_uk sums a prepare thread runs at once
+
 template <typename T>
 __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
-  MLA_DYNAMIC_SMEM(float, prep_smem);  // [H*dn] scaled q_nope | [n_kv*R] cos | [n_kv*R] sin
+  // [H*dn] scaled q_nope | [n_kv*R] cos | [n_kv*R] sin | [warps, kPrepHeads, 32] partial W_uk sums
+  MLA_DYNAMIC_SMEM(float, prep_smem);
   float* qn = prep_smem;
   float* cs = qn + d.H * d.dn;
   float* sn = cs + d.n_kv * d.R;
@@ -132,15 +135,39 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
   __syncthreads();
   T* qrow = a.q + tok * d.H * a.ldq;  // this token's H prepared rows
 
-  // q_lat[h, :] = W_uk[g]^T (scale * q_nope[h])   (this block's slice of the H*r outputs)
-  for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < d.H * d.r; i += gridDim.y * blockDim.x) {
-    const int64_t h = i / d.r, c = i % d.r;
-    const float* x = qn + h * d.dn;
-    const T* w = a.w_uk + (h / d.G) * d.dn * d.r + c;
-    float acc = 0.f;
-#pragma unroll 8
-    for (int64_t j = 0; j < d.dn; ++j) acc = fmaf(x[j], to_f(w[j * d.r]), acc);  // 8 loads in flight
-    qrow[h * a.ldq + c] = from_f<T>(acc);
+  // q_lat[h, :] = W_uk[g]^T (scale * q_nope[h]). Latency-bound (W_uk is a few KB per group, in L2), so
+  // the dn-long sums are split over the warps: a work item is (group g, 32 columns c0..c0+31); lane = a
+  // column (each load instruction reads a contiguous piece of a W_uk row), warp w = rows j = w, w + warps, ...
+  // (a handful of independent loads per thread, all in flight at once), and every W_uk element is used for
+  // the group's heads (up to kPrepHeads at a time); the warps' partial sums meet in shared memory.
+  float* part = sn + d.n_kv * d.R;  // [warps, kPrepHeads, 32]
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+  const int chunks = static_cast<int>(ceil_div_dev(d.r, kWarp));
+  const int G = static_cast<int>(d.G), dn = static_cast<int>(d.dn), r = static_cast<int>(d.r);
+  for (int item = blockIdx.y; item < d.n_kv * chunks; item += gridDim.y) {
+    const int g = item / chunks, c = (item % chunks) * kWarp + lane;
+    const T* w = a.w_uk + static_cast<int64_t>(g) * dn * r + min(c, r - 1);  // past r: a real column, unused
+    for (int h0 = 0; h0 < G; h0 += kPrepHeads) {
+      float acc[kPrepHeads] = {};
+      const float* x = qn + static_cast<int64_t>(g * G + h0) * dn;
+#pragma unroll 4
+      for (int j = warp; j < dn; j += warps) {
+        const float wv = to_f(w[static_cast<int64_t>(j) * r]);
+#pragma unroll
+        for (int hh = 0; hh < kPrepHeads; ++hh)
+          if (h0 + hh < G) acc[hh] = fmaf(x[hh * dn + j], wv, acc[hh]);
+      }
+#pragma unroll
+      for (int hh = 0; hh < kPrepHeads; ++hh) part[(warp * kPrepHeads + hh) * kWarp + lane] = acc[hh];
+      __syncthreads();
+      for (int i = threadIdx.x; i < kPrepHeads * kWarp; i += blockDim.x) {  // (head hh, column lane l)
+        const int hh = i / kWarp, col = (item % chunks) * kWarp + i % kWarp;
+        float sum = 0.f;
+        for (int v = 0; v < warps; ++v) sum += part[(v * kPrepHeads + hh) * kWarp + i % kWarp];
+        if (h0 + hh < G && col < r) qrow[static_cast<int64_t>(g * G + h0 + hh) * a.ldq + col] = from_f<T>(sum);
+      }
+      __syncthreads();  // part is refilled next
+    }
   }
   if (blockIdx.y != 0) return;
 
@@ -1101,9 +1128,10 @@ std::string launch_typed(const Dims& d, const std::vector<int64_t>& rope_pairs, 
                     static_cast<const T*>(in.w_uk), static_cast<T*>(out.present_latent),
                     static_cast<T*>(out.present_key_rope), q, scale, plan.ldq};
   const int prep_threads = 256;
-  const dim3 prep_grid(static_cast<unsigned>(d.B * d.S),
-                       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(8, ceil_div(d.H * d.r, prep_threads)))));
-  const size_t prep_smem = sizeof(float) * (d.H * d.dn + 2 * d.n_kv * d.R);
+  const dim3 prep_grid(static_cast<unsigned>(d.B * d.S),  // y: the (group, 32 columns) items, at most 64 blocks
+                       static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(64, d.n_kv * ceil_div(d.r, kWarp)))));
+  const size_t prep_smem =
+      sizeof(float) * (d.H * d.dn + 2 * d.n_kv * d.R + (prep_threads / kWarp) * kPrepHeads * kWarp);
   void (*prepare)(Dims, PrepareArgs<T>, RopeIndex) = prepare_kernel<T>;
   cudaError_t e = allow_smem(reinterpret_cast<const void*>(prepare), prep_smem);
   if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention prepare (shared memory)", e);
