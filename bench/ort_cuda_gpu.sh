@@ -21,17 +21,19 @@
 #      call 6:    carry [".ortgpu3"]                               command: bash bench/ort_cuda_gpu.sh stage setup harness test bench
 #    Logs and JSON go to $OUT: harness.jsonl, harness_bench.jsonl, pytest_ort_cuda.log, onnx_cuda.json/.log.
 #
-# Steps: prepare (here) | stage | setup | harness | profile | test | bench  (run in the order given).
-# The harness and profile steps need only .ortcuda (no onnxruntime, no setup): one call carrying [".ortcuda"]
-# with the command `bash bench/ort_cuda_gpu.sh harness profile` measures the kernel alone.
+# Steps: kernels or prepare (here) | stage | setup | harness | compare | profile | test | bench  (run in the order given).
+# The harness, compare and profile steps need only .ortcuda (no onnxruntime, no setup): one call carrying
+# [".ortcuda"] with the command `bash bench/ort_cuda_gpu.sh compare profile` measures the kernels alone
+# (`bash bench/ort_cuda_gpu.sh kernels` here first: .ortcuda without the onnxruntime pieces).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
 export PYTHONPATH=/tmp/ortsite:$PYTHONPATH  # onnxruntime-gpu first
 ORTGPU_VERSION=${ORTGPU_VERSION:-1.31.1}
 
-prepare() {  # HERE: the library (+ harness) and the onnxruntime-gpu pieces
-  local top tmp
+kernels() {  # HERE: .ortcuda/, the library with the CUDA kernels + the harness (all that harness, compare and
+  # profile need; about a minute)
+  local top p
   top=$(git rev-parse --show-toplevel)
   cd "$top"
   for p in '/.ortgpu*/' '/.ortcuda/'; do grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude; done
@@ -48,6 +50,11 @@ for f in (r.library, r.harness):
 (out / "SOURCE_HASH").write_text(r.source_hash + "\n")
 print("library:", r.library)
 EOF
+}
+
+prepare() {  # HERE: kernels, and the onnxruntime-gpu pieces
+  local tmp
+  kernels
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
@@ -131,6 +138,22 @@ harness() {  # THERE: the kernels alone against the float64 reference (no onnxru
   # every launch configuration (MLA_ZOO_CUDA_*): checked, then timed; the best per shape
   "$h" --sweep > "$OUT/harness_sweep.jsonl" 2>&1 || true
   grep -E '"(best|copy_floor)"|"config": "default"|summary' "$OUT/harness_sweep.jsonl" || true
+}
+
+compare() {  # THERE: the warps attend kernel against the blocks one (MLA_ZOO_CUDA_KERNEL), after the hardware's
+  # mma / ldmatrix fragments are checked against the layouts the CPU emulation implements; then flip
+  # kWarpsByDefault in mla_attention_cuda.cu if warps wins and every check passes. Needs only .ortcuda.
+  local h k
+  h=$(harness_path)
+  "$h" --fragments | tee "$OUT/fragments.jsonl"
+  "$h" > "$OUT/harness.jsonl" 2>&1 || true
+  tail -1 "$OUT/harness.jsonl"
+  for k in blocks warps; do
+    MLA_ZOO_CUDA_KERNEL=$k "$h" --bench --contexts 2048,16384,32768 --batches 1,16 > "$OUT/bench_$k.jsonl" 2>&1 || true
+    echo "== $k"; grep decode "$OUT/bench_$k.jsonl" | cut -c60-220 || true
+  done
+  "$h" --sweep --contexts 32768 --batches 16 > "$OUT/sweep_32k.jsonl" 2>&1 || true
+  grep -E '"(best|copy_floor)"|-default' "$OUT/sweep_32k.jsonl" || true
 }
 
 profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16 (Firecracker machines only:
