@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .common import ConversionError, progress_bar
+from .common import ConversionError, progress_bar, synth_shards
 
 CHAT_PROMPTS = [
     "Tell me a short story about a lighthouse keeper.",
@@ -35,7 +35,11 @@ def text_batches(tokenizer, text: str, n_tokens: int, seq_len: int) -> torch.Ten
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < 2:
         raise ConversionError("`calib_text` gives fewer than 2 tokens")
-    ids = ids[:n_tokens]
+    return _cut_rows(ids[:n_tokens], seq_len)
+
+
+def _cut_rows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Token ids [n] -> whole rows of seq_len (at most n long): [rows, seq_len]."""
     seq_len = min(seq_len, ids.numel())
     rows = ids.numel() // seq_len
     return ids[: rows * seq_len].view(rows, seq_len)
@@ -46,7 +50,7 @@ def synth_rows(directory: str | Path, n_tokens: int, seq_len: int, vocab_size: i
     rows stopped early, attention_mask), padding dropped, cut into rows of seq_len: [rows, seq_len]."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(directory).glob("shard-*.safetensors"))
+    files = synth_shards(directory)
     if not files:
         raise ConversionError(f"`calib_text` names a directory without `mla-zoo synth-data` shards "
                               f"(shard-*.safetensors): {directory}")
@@ -68,9 +72,7 @@ def synth_rows(directory: str | Path, n_tokens: int, seq_len: int, vocab_size: i
     if int(ids.max()) >= vocab_size:
         raise ConversionError(f"`calib_text` {directory} holds token id {int(ids.max())}, beyond this model's "
                               f"vocabulary of {vocab_size}: it was sampled from another model")
-    seq_len = min(seq_len, ids.numel())
-    rows = ids.numel() // seq_len
-    return ids[: rows * seq_len].view(rows, seq_len).long()
+    return _cut_rows(ids.long(), seq_len)
 
 
 def _sampling_prompts(model, tokenizer, batch: int) -> dict:

@@ -330,6 +330,14 @@ def read_text(path: str | Path, field: str = "text") -> str:
     return text
 
 
+SYNTH_SHARD_GLOB = "shard-*.safetensors"  # the shards `mla-zoo synth-data` writes (token ids), in order by name
+
+
+def synth_shards(directory: str | Path) -> list[Path]:
+    """The shards of a `mla-zoo synth-data` directory, in order (empty: not such a directory)."""
+    return sorted(Path(directory).glob(SYNTH_SHARD_GLOB))
+
+
 # ----------------------------------------------------------------------------- progress
 
 

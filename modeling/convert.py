@@ -217,16 +217,15 @@ def calibrate(model, tokenizer, s: ConvertSettings):
         return None, None
     if s.calib_text and Path(s.calib_text).is_dir():  # token ids: no tokenizer needed
         rows = calibration.synth_rows(s.calib_text, s.calib_tokens, s.calib_seq_len, model.config.vocab_size)
-        kind, file, note = "synth-data", str(s.calib_text), None
-        if rows.numel() < s.calib_tokens:
-            note = f"`calib_text` gives {rows.numel()} tokens in rows of {rows.shape[1]}, fewer than the " \
-                   f"{s.calib_tokens} of `calib_tokens`"
+        kind = "synth-data"
     elif s.calib_text:
         if tokenizer is None:
             raise tokenizer_needed("calib_text")
         text = read_text(s.calib_text, "calib_text")
         rows = calibration.text_batches(tokenizer, text, s.calib_tokens, s.calib_seq_len)
-        kind, file, note = "text", str(s.calib_text), None
+        kind = "text"
+    if s.calib_text:
+        file, note = str(s.calib_text), None
         if rows.numel() < s.calib_tokens:
             note = f"`calib_text` gives {rows.numel()} tokens in rows of {rows.shape[1]}, fewer than the " \
                    f"{s.calib_tokens} of `calib_tokens`"

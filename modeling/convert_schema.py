@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import partial_rope, rank_allocation
-from .common import SettingsError
+from .common import SettingsError, synth_shards
 from .schema import Report, Settings, setting
 from .sources import SourceInfo
 
@@ -48,7 +48,7 @@ class ConvertSettings(Settings):
         """As Settings.check_files, and a `calib_text` directory must be one that `mla-zoo synth-data` wrote."""
         super().check_files()
         calib = Path(self.calib_text) if self.calib_text else None
-        if calib is not None and calib.is_dir() and not any(calib.glob("shard-*.safetensors")):
+        if calib is not None and calib.is_dir() and not synth_shards(calib):
             raise SettingsError(f"`calib_text` names a directory without `mla-zoo synth-data` shards "
                                 f"(shard-*.safetensors): {calib}")
 

@@ -128,7 +128,7 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
   const T* q = a.query + tok * d.H * d.hd;
   for (int64_t i = threadIdx.x; i < d.H * d.dn; i += blockDim.x)
     qn[i] = a.scale * to_f(q[(i / d.dn) * d.hd + d.E + i % d.dn]);
-  for (int64_t i = threadIdx.x; i < d.n_kv * d.R; i += blockDim.x) {
+  for (int64_t i = threadIdx.x; blockIdx.y == 0 && i < d.n_kv * d.R; i += blockDim.x) {  // RoPE: block y = 0 only
     cs[i] = to_f(a.cos[tok * d.C + pairs.v[i]]);
     sn[i] = to_f(a.sin[tok * d.C + pairs.v[i]]);
   }

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mla_zoo.modeling.common import BuildError, hash_json, hash_tree, sha256_file
+from mla_zoo.modeling.common import BuildError, hash_json, hash_tree, sha256_file, synth_shards
 from mla_zoo.modeling.convert_schema import ConversionReport
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def settings_inputs(settings) -> dict:
         if kind in ("file", "file-or-dir") and value is not None and Path(value).is_file():
             values[name] = file_identity(value)
         elif kind == "file-or-dir" and value is not None:  # a synth-data directory: its shards
-            values[name] = [file_identity(f) for f in sorted(Path(value).glob("shard-*.safetensors"))]
+            values[name] = [file_identity(f) for f in synth_shards(value)]
         elif kind == "data":
             from mla_zoo.zoo.train.data import resolve_files, split_spec
 

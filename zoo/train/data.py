@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from mla_zoo.modeling.common import DataError, progress_bar
+from mla_zoo.modeling.common import DataError, progress_bar, synth_shards
 from mla_zoo.modeling.hub_client import hub_call
 
 from .settings import MIX, SynthSettings
@@ -47,7 +47,7 @@ TEACHER = "teacher:"
 
 
 def is_synth_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / SynthReport.FILE).is_file() or any(path.glob("shard-*.safetensors")))
+    return path.is_dir() and ((path / SynthReport.FILE).is_file() or bool(synth_shards(path)))
 
 
 def resolve_files(spec: str) -> list[Path]:
@@ -58,7 +58,7 @@ def resolve_files(spec: str) -> list[Path]:
         path = Path(spec)
         if path.is_dir():
             if is_synth_dir(path):
-                files = sorted(path.glob("shard-*.safetensors"))
+                files = synth_shards(path)
             else:
                 files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(FILE_SUFFIXES))
         elif path.is_file():
