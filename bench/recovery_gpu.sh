@@ -160,7 +160,7 @@ plots() {  # per-domain increases of every suite report in $OUT
 mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); one per call if needed
   synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
   convert 32 "$W/quick-data"
-  for mix in chat=1 bos=1 chat=0.7+bos=0.3 chat=0.7+bos=0.3+onpolicy; do
+  for mix in ${MIXES:-chat=1 bos=1 text=1 chat=0.7+bos=0.3 chat=0.4+bos=0.2+text=0.4 chat=0.7+bos=0.3+onpolicy}; do
     local name="mix-${mix//[=+.]/_}$ALLOC_TAG"
     [ -f "$W/$name.suite.json" ] && continue
     local extra=()

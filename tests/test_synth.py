@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import tiny_source
 from mla_zoo.zoo.cli import main
-from mla_zoo.zoo.train import data
+from mla_zoo.zoo.train import data, synth
 from mla_zoo.zoo.train.sampler import Sampler
-from mla_zoo.zoo.train.synth import build_prompts, clean_prompt, held_out, parse_mix
+from mla_zoo.zoo.train.synth import build_openings, build_prompts, clean_prompt, held_out, parse_mix
 
 
 def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tokenizer, tmp_path, capsys):
@@ -65,7 +65,28 @@ def test_bos_only_mix_needs_no_prompts(source_dir, tmp_path):
     report = json.loads((out / "synth.json").read_text())
     assert report["tokens_by_source"] == {"bos": report["tokens"]} and report["samples"] >= 100 // 11
     assert report["settings"]["fill_rows"] is False and report["settings"]["max_new_tokens"] == 10
-    assert main(["synth-data", "x", "-o", str(tmp_path / "y"), "--tokens", "1", "--mix", "chat=0.5+text=0.5"]) == 2
+    assert main(["synth-data", "x", "-o", str(tmp_path / "y"), "--tokens", "1", "--mix", "chat=0.5+code=0.5"]) == 2
+
+
+def test_the_text_source_continues_plain_openings(source_dir, tokenizer, tmp_path):
+    """`text`: BOS + an opening, no chat template, continued by the teacher; the openings reach code,
+    documentation, dialogue and news-like prose, not only prose about the topics."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "text"
+    assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "64", "--seq-len", "16",
+                 "--batch-size", "4", "--mix", "text=1", "--seed", "2"]) == 0
+    report = json.loads((out / "synth.json").read_text())
+    assert report["tokens_by_source"] == {"text": report["tokens"]} and report["prompt_count"] == 0
+    stream = load_file(out / "shard-00000.safetensors")["input_ids"].flatten().tolist()  # rows of 16
+    opening = [tokenizer.bos_token_id] + tokenizer(build_openings(2)[0], add_special_tokens=False)["input_ids"]
+    assert stream[: len(opening)] == opening and "user:" not in tokenizer.decode(stream)
+
+    openings = build_openings()
+    assert build_openings(seed=1) != openings and sorted(build_openings(seed=1)) == sorted(openings)
+    for kind in (synth.CODE_OPENINGS, synth.DOC_OPENINGS, synth.TALK_OPENINGS, synth.NEWS_OPENINGS):
+        assert 0.05 < sum(o in kind for o in openings) / len(openings) < 0.3
+    assert all(len(o.split()) <= 8 for o in openings), "an opening is a few words, never a passage of text"
 
 
 def test_filled_rows_run_past_eos_to_the_row_length(source_dir, tmp_path):

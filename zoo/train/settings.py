@@ -69,7 +69,7 @@ class FinetuneSettings(Settings):
 
 
 # synth-data's `mix`, and of finetune's `teacher:MIX` data: SOURCE=SHARE joined by "+"
-MIX = r"(chat|bos)=(\d+(\.\d*)?|\.\d+)(\+(chat|bos)=(\d+(\.\d*)?|\.\d+))*"
+MIX = r"(chat|bos|text)=(\d+(\.\d*)?|\.\d+)(\+(chat|bos|text)=(\d+(\.\d*)?|\.\d+))*"
 
 
 @dataclass
@@ -77,9 +77,10 @@ class SynthSettings(Settings):
     """How distillation data is sampled from the original model (`mla-zoo synth-data`)."""
 
     tokens: int = setting(help="tokens to write (prompts + answers)", min=1)
-    mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos)",
+    mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos, text)",
                        help="shares of the tokens: chat = the teacher's answers to prompts it wrote itself, "
-                            "bos = unconditional samples from BOS")
+                            "bos = unconditional samples from BOS, text = its continuations of plain-text "
+                            "openings (prose, code, documentation, dialogue)")
     prompt_pool: int = setting(2048, min=1, help="distinct prompts the teacher writes for the chat share (at most "
                                                  "one per 128 of its tokens)")
     seq_len: int = setting(512, min=2, help="row length of the packed shards")

@@ -10,6 +10,10 @@ The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`,
   one sample (prompt + answer in chat format). A base model continues short openings instead.
 * `bos`: unconditional samples from BOS (or EOS where the tokenizer has no BOS) at the temperature:
   whatever the model writes when nothing is asked.
+* `text`: the teacher continues short plain-text openings (`OPENINGS`, no chat template) across the kinds
+  of text a user serves: prose on the topics, source code in several languages, documentation, dialogue,
+  encyclopedic and news-like prose. An instruct model's chat answers and BOS samples hardly reach raw
+  source code or manuals; these openings do, still in the teacher's own words.
 
 With `fill_rows` (the default) a sample does not stop at its EOS: the teacher writes on (its next
 turn, or a next document) until prompt + sample fill a row of `seq_len` tokens. That is still the
@@ -96,12 +100,39 @@ REQUESTS = [
     "Write a request for practical advice related to {subject}, as a user would type it. Reply with the request only.",
     "Write one hard question about {subject} that needs a careful explanation. Reply with the question only.",
 ]
-OPENINGS = [
-    "The", "In the beginning,", "Once upon a time,", "Scientists have discovered that", "The history of",
+# Plain-text openings the teacher continues (the `text` source; a base model's `chat` share too). Generic
+# first words of a kind of text, none taken from an evaluation text (tests/test_synth_prompts.py); each
+# prose opening is also crossed with the topics.
+PROSE_OPENINGS = [
+    "The", "The history of", "In the beginning,", "Once upon a time,", "Scientists have discovered that",
     "Here is a recipe for", "Chapter 1", "Dear friend,", "In this article, we", "It was a cold morning when",
     "The most important thing about", "Yesterday,", "According to recent research,", "Step 1:", "A long time ago",
 ]
-SOURCES = ("chat", "bos")
+TOPIC_OPENINGS = ["The", "The history of", "An introduction to", "Frequently asked questions about",
+                  "A conversation about", "Notes on"]
+CODE_OPENINGS = [
+    "import os\n", "import sys\n", "import numpy as np\n", "from typing import", "#!/usr/bin/env python3\n",
+    "# -*- coding: utf-8 -*-\n", '"""', "def main():\n", "class Config:\n", "if __name__ ==", "```python\n",
+    "import unittest\n\n", "from collections import", "import logging\n\nlogger =", "@dataclass\nclass",
+    "#include <stdio.h>\n", "#include <vector>\n", "package main\n\nimport", "public class", "using System;\n",
+    "const express = require(", "function", "import React from", "<!DOCTYPE html>\n<html>", "SELECT", "CREATE TABLE",
+    "#!/bin/bash\n", "fn main() {\n", "<?php\n", "// Copyright", "/*\n * ", "```javascript\n",
+]
+DOC_OPENINGS = [
+    "Installation\n\n", "Usage\n\n", "## Getting started\n\n", "# Overview\n\n", "This module provides",
+    "This document describes", "The following example shows how to", "Note:", "Parameters\n----------\n",
+    "Returns:", "API Reference\n\n", "Troubleshooting\n\n", "Configuration options", "Changelog\n\n",
+    "To install the package, run", "This tutorial explains", "Exceptions\n\n", "Options:\n",
+]
+TALK_OPENINGS = [
+    "A: Hi, how are you?\nB:", "User:", "Q:", "Interviewer:", "\"Where are you going?\" she asked.", "Customer:",
+    "Teacher: Good morning, class.\n", "Alice: Did you see", "Doctor:", "Moderator: Welcome to",
+]
+NEWS_OPENINGS = [
+    "According to", "BREAKING:", "The city of", "In 1923,", "The population of", "The company announced",
+    "Officials said", "(Reuters) -", "Born in", "The river", "The island of", "The election", "Marie Curie was",
+]
+SOURCES = ("chat", "bos", "text")
 SHARD_ROWS = 2048
 
 
@@ -118,13 +149,25 @@ def parse_mix(mix: str) -> dict[str, float]:
 def build_prompts(chat: bool, seed: int = 0) -> list[str]:
     """What the teacher is asked, shuffled: request kinds x (topics + countries) for an instruct model
     (its replies become the user prompts), or text openings for a base model (continued as they are)."""
-    if chat:
-        subjects = TOPICS + [f"the country {c}" for c in COUNTRIES]
-        prompts = [r.format(subject=s) for s, r in itertools.product(subjects, REQUESTS)]
-    else:
-        prompts = list(OPENINGS) + [f"{o} {x}" for o, x in itertools.product(("The", "The history of"), TOPICS)]
+    if not chat:
+        return build_openings(seed)
+    subjects = TOPICS + [f"the country {c}" for c in COUNTRIES]
+    prompts = [r.format(subject=s) for s, r in itertools.product(subjects, REQUESTS)]
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+def build_openings(seed: int = 0) -> list[str]:
+    """The `text` source's openings, shuffled: a third prose on the topics, a quarter source code (the kind of
+    text that chat answers and BOS samples reach least), then documentation, dialogue, news-like prose and
+    other prose openings."""
+    topical = [f"{o} {t}" for o, t in itertools.product(TOPIC_OPENINGS, TOPICS)]
+    total = 3 * len(topical)
+    kinds = ((CODE_OPENINGS, 0.25), (DOC_OPENINGS, 0.15), (TALK_OPENINGS, 0.12), (NEWS_OPENINGS, 0.08),
+             (PROSE_OPENINGS, 0.07))
+    openings = topical + [k[i % len(k)] for k, share in kinds for i in range(round(share * total))]
+    random.Random(seed).shuffle(openings)
+    return openings
 
 
 def clean_prompt(reply: str) -> str | None:
@@ -288,14 +331,16 @@ def write_prompts(sampler: Sampler, tokenizer, requests: list[str], pool: int, b
     return list(found)[:pool]
 
 
-def _encoded(source: str, chat: bool, tokenizer, prompts: list[str]) -> list[list[int]]:
-    """The prompt ids of a source, cycled through by its requests: the chat prompts, or BOS."""
-    if source == "bos":
-        return [[tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]]
-    if chat:
-        return [chat_ids(tokenizer, p) for p in prompts]
+def _encoded(source: str, chat: bool, tokenizer, prompts: list[str], seed: int) -> list[list[int]]:
+    """The prompt ids of a source, cycled through by its requests: the chat prompts (a base model: its
+    openings), BOS, or the text openings."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if source == "bos":
+        return [bos or [tokenizer.eos_token_id]]
+    if source == "chat" and chat:
+        return [chat_ids(tokenizer, p) for p in prompts]
+    openings = prompts if source == "chat" else build_openings(seed)
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in openings]
 
 
 # ----------------------------------------------------------------------------- chunks and processes
@@ -447,7 +492,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         torch.manual_seed(s.seed)  # the prompts; each chunk of samples seeds its own (`chunk_seed`)
 
         batch_size = s.batch_size or (1024 if cuda else 64)
-        prompts = build_prompts(chat, s.seed)
+        prompts = build_prompts(chat, s.seed) if "chat" in shares else []  # the chat share's (text: its own)
         if chat and "chat" in shares:
             if main:
                 pool = min(s.prompt_pool, math.ceil(shares["chat"] * s.tokens / 128))  # no more than the share can use
@@ -473,7 +518,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
             with progress_bar(total=s.tokens, desc="synth-data", unit="tok", unit_scale=True,
                               enabled=progress and main) as bar:
                 for name, target in targets.items():
-                    sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts), name, target, chunks[name],
+                    sample_chunks(sampler, _encoded(name, chat, tokenizer, prompts, s.seed), name, target, chunks[name],
                                   max_new, tokenizer.eos_token_id, s.seed, tmp, rank, world, bar,
                                   fill_to=s.seq_len if s.fill_rows else None)
             first = prompt_calls + 1 if main else 1  # the samples' calls after their first (which compiles)
