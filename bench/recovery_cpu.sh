@@ -8,6 +8,7 @@
 #   CALIB=synth CALIB_TOKENS=16384 DKVS=32 CHAT=0 MAX_TOKENS=4096 bash bench/recovery_cpu.sh
 #                                              # calibrated on 16k tokens of the teacher's own samples
 #                                              # (`mla-zoo synth-data`, ~5 min on 2 cores): *_synthcalib.json
+#   MIX=chat=0.4+bos=0.2+text=0.4 CALIB=synth ...  # another synth-data mix: *_synthcalib_<mix>.json
 #   (CALIB=fiction, the default, calibrates on data/calib.txt)
 #
 # Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; on 2 cores 7-30 minutes per setting (by load) for the
@@ -23,10 +24,11 @@ SUFFIX=$([ "$ALLOC" = uniform ] || echo "_$ALLOC")
 mkdir -p "$OUT" "$TMP"
 calib=data/calib.txt
 if [ "${CALIB:-fiction}" = synth ]; then
-  calib=$TMP/calib-synth
-  SUFFIX="${SUFFIX}_synthcalib"
+  mix_tag=$([ -z "${MIX:-}" ] || echo "_${MIX//[=+.]/_}")
+  calib=$TMP/calib-synth$mix_tag
+  SUFFIX="${SUFFIX}_synthcalib$mix_tag"
   [ -f "$calib/synth.json" ] || mla-zoo synth-data smollm2-135m -o "$calib" --tokens "$CALIB_TOKENS" --seq-len 1024 \
-    --overwrite > /dev/null
+    --mix "${MIX:-chat=0.7+bos=0.3}" --overwrite > /dev/null
 fi
 for d in ${DKVS:-32 8}; do
   mla-zoo convert smollm2-135m -o "$TMP/dkv$d$SUFFIX" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
