@@ -140,9 +140,9 @@ harness() {  # THERE: the kernels alone against the float64 reference (no onnxru
   grep -E '"(best|copy_floor)"|"config": "default"|summary' "$OUT/harness_sweep.jsonl" || true
 }
 
-compare() {  # THERE: the warps attend kernel against the blocks one (MLA_ZOO_CUDA_KERNEL), after the hardware's
-  # mma / ldmatrix fragments are checked against the layouts the CPU emulation implements; then flip
-  # kWarpsByDefault in mla_attention_cuda.cu if warps wins and every check passes. Needs only .ortcuda.
+compare() {  # THERE: the warps attend kernel (the default, kWarpsByDefault in mla_attention_cuda.cu) against the
+  # blocks one (MLA_ZOO_CUDA_KERNEL), after the hardware's mma / ldmatrix fragments are checked against the
+  # layouts the CPU emulation implements; then the 32K x 16 sweep. Needs only .ortcuda (about 110 s on an H100).
   local h k
   h=$(harness_path)
   "$h" --fragments | tee "$OUT/fragments.jsonl"
