@@ -94,7 +94,7 @@ def teacher_mix(spec: str) -> str:
 
     mix = spec[len(TEACHER):]
     if not re.fullmatch(MIX, mix):
-        raise DataError(f"`data` {spec}: expected teacher:SOURCE=SHARE[+SOURCE=SHARE], sources chat and bos "
+        raise DataError(f"`data` {spec}: expected teacher:SOURCE=SHARE[+SOURCE=SHARE], sources chat, bos and text "
                         "(e.g. teacher:chat=0.7+bos=0.3)")
     return mix
 
