@@ -10,7 +10,7 @@ The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`,
   one sample (prompt + answer in chat format). A base model continues short openings instead.
 * `bos`: unconditional samples from BOS (or EOS where the tokenizer has no BOS) at the temperature:
   whatever the model writes when nothing is asked.
-* `text`: the teacher continues short plain-text openings (`OPENINGS`, no chat template) across the kinds
+* `text`: the teacher continues short plain-text openings (`build_openings`, no chat template) across the kinds
   of text a user serves: prose on the topics, source code in several languages, documentation, dialogue,
   encyclopedic and news-like prose. An instruct model's chat answers and BOS samples hardly reach raw
   source code or manuals; these openings do, still in the teacher's own words.
@@ -22,7 +22,7 @@ fixed batch ends early, so every generated token is kept. Without it, answers st
 `max_new_tokens`).
 
 No evaluation prompt enters: the shipped topics and request kinds are held out from data/eval
-(tests/test_synth_prompts.py), and a written prompt that equals or contains an evaluation prompt is
+(tests/test_eval_data.py), and a written prompt that equals or contains an evaluation prompt is
 dropped at run time. Samples are concatenated (EOS after each) and packed into rows of `seq_len`
 tokens, written as `shard-NNNNN.safetensors` (`input_ids` int32 [rows, seq_len], `attention_mask`
 uint8: only the last row may hold padding) plus `synth.json`. `--data DIR` of `mla-zoo finetune`
@@ -63,7 +63,7 @@ from .sampler import Sampler, has_continuous_batching
 from .settings import SynthSettings
 
 # Broad subjects the teacher writes prompts about. Held out from data/eval by name: no evaluation chat
-# prompt names one of them (tests/test_synth_prompts.py), and none is a source of an evaluation text.
+# prompt names one of them (tests/test_eval_data.py), and none is a source of an evaluation text.
 TOPICS = [
     "photosynthesis", "black holes", "the French Revolution", "machine learning", "volcanoes",
     "the human immune system", "climate change", "the Roman Empire", "quantum computing", "honeybees",
@@ -100,9 +100,9 @@ REQUESTS = [
     "Write a request for practical advice related to {subject}, as a user would type it. Reply with the request only.",
     "Write one hard question about {subject} that needs a careful explanation. Reply with the question only.",
 ]
-# Plain-text openings the teacher continues (the `text` source; a base model's `chat` share too). Generic
-# first words of a kind of text, none taken from an evaluation text (tests/test_synth_prompts.py); each
-# prose opening is also crossed with the topics.
+# Plain-text openings the teacher continues (the `text` source; a base model's `chat` share too): generic
+# first words of a kind of text, a few words each, never a passage of an evaluation text (tests/test_synth.py).
+# TOPIC_OPENINGS are crossed with the topics; the others are used as they are (`build_openings`).
 PROSE_OPENINGS = [
     "The", "The history of", "In the beginning,", "Once upon a time,", "Scientists have discovered that",
     "Here is a recipe for", "Chapter 1", "Dear friend,", "In this article, we", "It was a cold morning when",
