@@ -12,14 +12,15 @@
 #   then (same machine):         cmd: bash bench/recovery_gpu.sh throughput
 #   release (60 GPU-min; 10-min calls, same machine):
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
-#   mixes (which data mix generalizes; ~5 min each): cmd: bash bench/recovery_gpu.sh mixes
+#   mixes (which data mix generalizes; ~8 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
+#                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
 # the gguf wheel and liger-kernel's (pip download --no-deps gguf liger-kernel==0.8.5): the GPU image has
 # no network. Without liger-kernel the fused loss runs in plain torch (kl_impl fused).
 #
-#   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): QUICK_DATA_TOKENS (3.1M) of teacher:chat=0.7+bos=0.3 data
+#   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): QUICK_DATA_TOKENS (13.1M, one pass) of teacher:$MIX data
 #           sampled for the run, the conversion calibrated on 16k of them, layer-wise 150 steps + global
 #           QUICK_STEPS (400) x 32 x 1024 tokens, then the suite.
 #           Goal: every domain within +15% of the original's perplexity.
@@ -34,7 +35,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
 W=/tmp/recovery
 mkdir -p "$W"
-MIX=${MIX:-chat=0.7+bos=0.3}
+MIX=${MIX:-chat=0.4+bos=0.2+text=0.4}  # the recipes' mix (mixes, 2026-12-07: the worst domain +84% -> +70%)
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
 ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
 ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
@@ -101,9 +102,9 @@ probe() {  # the engines' sampling speed (minutes at worst), before anything lon
 }
 
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
-  # 3.1M sampled tokens read ~4 times by 400 steps: better on every domain than one pass over 6.6M in 200 steps
-  # (the teacher's logits are new supervision each pass; bench/RESULTS.md, 2026-12-06)
-  synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
+  # one pass over 13.1M fresh tokens in 400 steps: better on every domain than 3.1M read 4 times (2026-12-07,
+  # bench/RESULTS.md), for ~150 s more sampling; the probe and mixes steps sample their own
+  synth quick-data "${QUICK_DATA_TOKENS:-13107200}"
   convert 32 "$W/quick-data"
   [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$ALLOC_TAG" "$W/mla32$ALLOC_TAG"
   finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
@@ -158,9 +159,9 @@ plots() {  # per-domain increases of every suite report in $OUT
 }
 
 mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); one per call if needed
-  synth quick-data "${QUICK_DATA_TOKENS:-3145728}"
-  convert 32 "$W/quick-data"
-  for mix in ${MIXES:-chat=1 bos=1 text=1 chat=0.7+bos=0.3 chat=0.4+bos=0.2+text=0.4 chat=0.7+bos=0.3+onpolicy}; do
+  synth mixes-calib 131072  # only the conversion's 16k calibration tokens: each mix samples its own 13.1M
+  convert 32 "$W/mixes-calib"
+  for mix in ${MIXES:-chat=0.4+bos=0.2+text=0.4 chat=0.2+bos=0.1+text=0.7 chat=0.4+bos=0.2+text=0.4+onpolicy}; do
     local name="mix-${mix//[=+.]/_}$ALLOC_TAG"
     [ -f "$W/$name.suite.json" ] && continue
     local extra=()

@@ -59,7 +59,7 @@ def test_shipped_recipes_validate():
     assert small.source.kind == "bundled" and small.enabled == ()
     assert small.conversion.calib_text == str(REPO / "data" / "calib.txt")
     assert small.finetune.max_steps == 1500  # a budget is recorded even while the stage is off
-    assert small.finetune.data == "teacher:chat=0.7+bos=0.3"  # data-free: the teacher's own samples
+    assert small.finetune.data == "teacher:chat=0.4+bos=0.2+text=0.4"  # data-free: the teacher's own samples
     assert (small.finetune.layerwise_steps, small.finetune.learning_rate) == (300, 3e-4)
     assert small.eval.suite and small.eval.suite_dir == str(REPO / "data" / "eval")
     assert small.gates.suite_gates() == ["max_domain_perplexity_increase"]

@@ -7,8 +7,8 @@ A data SPEC is one of:
 * a directory written by `mla-zoo synth-data` (its `shard-*.safetensors`, already tokenised);
 * `hf:NAME[:CONFIG][:SPLIT]`: a Hugging Face `datasets` dataset, streamed (needs `datasets` and
   a network; split defaults to `train`), field `text` or `messages`;
-* `teacher:MIX` (e.g. `teacher:chat=0.7+bos=0.3`): no corpus at all: `mla-zoo finetune` first samples
-  as many tokens as the run needs from its teacher (`synth.synth_data`, MIX as its `mix`) into
+* `teacher:MIX` (e.g. `teacher:chat=0.4+bos=0.2+text=0.4`, the recipes' mix): no corpus at all: `mla-zoo finetune`
+  first samples as many tokens as the run needs from its teacher (`synth.synth_data`, MIX as its `mix`) into
   OUT/synth/, then reads that directory (`sample_teacher_parts`);
 * several of these joined by commas (`teacher:chat=1,data/train.txt`): a mix with an equal share of
   rows from each (a part that runs short is repeated), e.g. the teacher's own samples to keep its
@@ -95,7 +95,7 @@ def teacher_mix(spec: str) -> str:
     mix = spec[len(TEACHER):]
     if not re.fullmatch(MIX, mix):
         raise DataError(f"`data` {spec}: expected teacher:SOURCE=SHARE[+SOURCE=SHARE], sources chat, bos and text "
-                        "(e.g. teacher:chat=0.7+bos=0.3)")
+                        "(e.g. teacher:chat=0.4+bos=0.2+text=0.4)")
     return mix
 
 

@@ -77,7 +77,8 @@ class SynthSettings(Settings):
     """How distillation data is sampled from the original model (`mla-zoo synth-data`)."""
 
     tokens: int = setting(help="tokens to write (prompts + answers)", min=1)
-    mix: str = setting("chat=0.7+bos=0.3", pattern=MIX, what="SOURCE=SHARE joined by '+' (sources: chat, bos, text)",
+    mix: str = setting("chat=0.4+bos=0.2+text=0.4", pattern=MIX,
+                       what="SOURCE=SHARE joined by '+' (sources: chat, bos, text)",
                        help="shares of the tokens: chat = the teacher's answers to prompts it wrote itself, "
                             "bos = unconditional samples from BOS, text = its continuations of plain-text "
                             "openings (prose, code, documentation, dialogue)")

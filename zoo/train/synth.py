@@ -1,6 +1,6 @@
 """`mla-zoo synth-data`: distillation data sampled from the original model itself (no corpus needed).
 
-The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`, e.g. `chat=0.7+bos=0.3`):
+The data is a MIX of the teacher's own distribution, in shares of tokens (`mix`, default `chat=0.4+bos=0.2+text=0.4`):
 
 * `chat` (an instruct model, i.e. its tokenizer has a chat template): the teacher WRITES the prompts,
   then answers them. It is asked, for each of ~100 broad topics and a few request kinds
