@@ -241,3 +241,29 @@ def test_a_log_gets_a_progress_line_now_and_then(source_dir, tmp_path, monkeypat
     settings = synth.SynthSettings(tokens=60, seq_len=16, batch_size=2, mix="bos=1")
     synth.synth_data(str(source_dir("llama-gqa")), tmp_path / "b", settings, progress=False)  # finetune --no-progress
     assert "synth-data: bos " not in capsys.readouterr().err
+
+
+def test_the_flex_decode_attention_samples_what_the_packed_one_does(source_dir, tmp_path, monkeypatch):
+    """`decode_attention` flex (filled cache slots only) against the packed SDPA default: same seed, same static
+    cache, the same shards (eager on CPU: flex's reference path, exact to float32 rounding), and flex ran."""
+    from mla_zoo.zoo.train import flex_decode
+    from safetensors.torch import load_file
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return flex_attention(*args, **kwargs)
+
+    flex_attention = flex_decode.flex_attention
+    monkeypatch.setattr(flex_decode, "flex_attention", counted)
+    shards = {}
+    for attention in ("packed", "flex"):
+        out = tmp_path / attention
+        assert main(["synth-data", str(source_dir("llama-gqa")), "-o", str(out), "--tokens", "100", "--seq-len", "40",
+                     "--batch-size", "4", "--mix", "bos=1", "--cache", "static", "--decode-attention", attention]) == 0
+        report = json.loads((out / "synth.json").read_text())
+        assert report["settings"]["decode_attention"] == attention
+        shards[attention] = load_file(out / "shard-00000.safetensors")["input_ids"]
+    assert report["attention"] == flex_decode.NAME and len(calls) > 0  # every decode step of the flex run
+    assert torch.equal(shards["packed"], shards["flex"])

@@ -103,6 +103,11 @@ class SynthSettings(Settings):
                               "CUDA")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
                          help="sampling dtype (auto: bf16 on CUDA, fp32 on CPU)")
+    decode_attention: str = setting("packed", choices=("packed", "flex"),
+                                    help="the teacher's decode attention with engine generate: packed = SDPA with a "
+                                         "GQA group's heads as rows, reading the whole static cache each step; flex = "
+                                         "FlexAttention over the filled cache slots only (fast compiled: a static "
+                                         "cache on CUDA)")
     seed: int = setting(0, min=0, help="random seed (prompt order and sampling)")
 
     def __post_init__(self) -> None:

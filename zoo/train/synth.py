@@ -31,7 +31,8 @@ reads such a directory, and `--data teacher:MIX` makes finetune sample one itsel
 Engines (`engine`, `sampler.py`): `continuous` = transformers' continuous batching (`generate_batch`): a finished
 row leaves the batch at once and a waiting one takes its place; `generate` = `generate()` in
 fixed batches (static cache on CUDA, compiled by transformers), every row running to the longest,
-the teacher's GQA decode attention packed instead of repeating K/V (`packed_gqa.py`). `auto` takes
+the teacher's GQA decode attention packed instead of repeating K/V (`packed_gqa.py`), or with
+`decode_attention` flex reading only the filled cache slots (`flex_decode.py`). `auto` takes
 `generate` with `fill_rows`, else continuous batching on CUDA where the installed transformers has it
 (5.17 and 5.24 do), falling back to `generate` (said on stdout) if it fails.
 
@@ -58,7 +59,8 @@ from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_d
 from mla_zoo.modeling.schema import Report
 from mla_zoo.modeling.sources import SourceInfo
 
-from .packed_gqa import NAME, use_packed_gqa
+from .flex_decode import use_flex_decode
+from .packed_gqa import use_packed_gqa
 from .sampler import Sampler, has_continuous_batching
 from .settings import SynthSettings
 
@@ -281,7 +283,7 @@ class SynthReport(Report):
     prompt_seconds: float = 0.0  # writing the prompts (part of generation_seconds)
     example_prompts: list[str] = field(default_factory=list)
     world_size: int = 1  # processes that sampled (torchrun / accelerate launch)
-    attention: str = "sdpa"  # the teacher's attention while sampling (`packed_gqa.NAME` for generate on GQA)
+    attention: str = "sdpa"  # the teacher's attention while sampling (generate: packed_gqa or flex_decode NAME)
     call_seconds: list[float] = field(default_factory=list)  # each generation call of the main process, in order:
     call_tokens: list[int] = field(default_factory=list)  # ... the prompts' calls first (prompt_calls of them)
     prompt_calls: int = 0
@@ -482,7 +484,9 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         print("synth-data: this transformers has no continuous batching (generate_batch); using generate()")
         engine = "generate"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    attention = NAME if engine == "generate" and use_packed_gqa(model) else model.config._attn_implementation
+    if engine == "generate":  # fixed batches: the decode attention (`packed_gqa.py`, `flex_decode.py`)
+        (use_flex_decode if s.decode_attention == "flex" else use_packed_gqa)(model)
+    attention = model.config._attn_implementation
     sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
                       "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature,
                       cache_len=s.seq_len)
