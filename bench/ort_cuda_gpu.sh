@@ -142,7 +142,9 @@ harness() {  # THERE: the kernels alone against the float64 reference (no onnxru
 
 compare() {  # THERE: the warps attend kernel (the default, kWarpsByDefault in mla_attention_cuda.cu) against the
   # blocks one (MLA_ZOO_CUDA_KERNEL), after the hardware's mma / ldmatrix fragments are checked against the
-  # layouts the CPU emulation implements; then the 32K x 16 sweep. Needs only .ortcuda (about 110 s on an H100).
+  # layouts the CPU emulation implements; then the 32K x 16 sweep, every configuration the harness has (16-slot
+  # warp tiles and the register-capped build, "-cap128", included), the fastest per family against the default.
+  # Needs only .ortcuda (about 110 s on an H100 before the 16-slot and capped configurations: expect ~2 min).
   local h k
   h=$(harness_path)
   "$h" --fragments | tee "$OUT/fragments.jsonl"
@@ -153,7 +155,22 @@ compare() {  # THERE: the warps attend kernel (the default, kWarpsByDefault in m
     echo "== $k"; grep decode "$OUT/bench_$k.jsonl" | cut -c60-220 || true
   done
   "$h" --sweep --contexts 32768 --batches 16 > "$OUT/sweep_32k.jsonl" 2>&1 || true
-  grep -E '"(best|copy_floor)"|-default' "$OUT/sweep_32k.jsonl" || true
+  grep -E '"(best|copy_floor)"|-default|summary' "$OUT/sweep_32k.jsonl" || true
+  python3 - "$OUT/sweep_32k.jsonl" <<'PY' || true
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith('{"sweep": "decode"')]
+rows = [r for r in rows if "us_loop" in r]
+base = next((r["us_loop"] for r in rows if r["config"] == "warps-default"), None)
+def family(r):  # blocks | built-in / capped warps kernel per warp tile
+    if r["kernel"] != "warps":
+        return "blocks"
+    return ("capped" if r.get("max_registers") else "built-in") + f" wn{r['block_n']}"
+for fam in sorted({family(r) for r in rows}):  # the 3 fastest of each; x = warps-default's us_loop / this one's
+    for r in sorted((r for r in rows if family(r) == fam), key=lambda r: r["us_loop"])[:3]:
+        print(f"{fam:14s} {r['config']:32s} {r['check']:4s} us_loop {r['us_loop']:8.2f} "
+              f"x{base / r['us_loop'] if base else 0:.3f} occupancy {r['occupancy']} waves {r['waves']:.2f} "
+              f"splits {r['splits']} smem {r['smem_bytes']}")
+PY
 }
 
 profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16 (Firecracker machines only:

@@ -109,6 +109,13 @@ def test_emulated_harness_passes_against_its_float64_reference(emulated):
     assert {r["splits"] > 1 for r in warps} == {True, False} and any(r["row_blocks"] > 1 for r in warps)
     assert {r["ring"] for r in warps} == {1, 2, 3, 4} and {r["threads"] for r in warps} == {64, 128, 256}
     assert {"decode-r112", "decode-past0", "decode-batch1-mqa"} <= {r["case"] for r in warps}
+    # 16-, 32- and 64-slot warp tiles; the register-capped build (queries from shared memory) with 4 and 8
+    # warps, split caches and row blocks; where r16 > 96 it has no capped build and runs the built-in one
+    assert {r["block_n"] for r in warps} == {16, 32, 64}
+    capped = [r for r in warps if r["max_registers"] == 128]
+    assert {r["threads"] for r in capped} == {128, 256} and {r["block_n"] for r in capped} == {16, 32}
+    assert any(r["splits"] > 1 for r in capped) and any(r["row_blocks"] > 1 for r in capped)
+    assert {r["max_registers"] for r in warps if r["case"] == "decode-r112"} == {0}
     assert "decode-12-heads-per-group" in {r["case"] for r in checks}  # G > kPrepHeads: prepare's head chunks
     assert [r["ok"] for r in rows if r.get("check") == "fragments"] == [True]
     assert rows[-1] == {"summary": True, "checks": len(checks) + 1, "failed": 0}
@@ -134,6 +141,11 @@ def test_emulated_harness_sweep_configurations_pass_their_checks(emulated):
     cases = [r for r in rows if "case" in r]
     assert {r["ring"] for r in cases} == {1, 2, 3, 4}  # synchronous loads, double, triple, quadruple buffering
     assert {r["kernel"] for r in cases} == {"blocks", "warps"}
+    # the warps kernel's 16-slot tiles and its register-capped build (4 and 8 warps) are timed on the GPU too
+    warps = [r for r in cases if r["kernel"] == "warps"]
+    assert {r["block_n"] for r in warps} == {16, 32, 64}
+    assert {r["threads"] for r in warps if r["max_registers"] == 128} == {128, 256}
+    assert any(r["config"].endswith("-cap128") for r in configs)
 
 
 def test_emulation_is_never_the_library_onnxruntime_is_given(emulated, tmp_path, monkeypatch):

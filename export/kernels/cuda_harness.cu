@@ -340,12 +340,12 @@ bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype
   if (!print) return ok;
   std::printf(
       "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"kernel\": \"%s\", "
-      "\"pipelined\": %s, \"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, "
+      "\"pipelined\": %s, \"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, \"max_registers\": %d, "
       "\"row_blocks\": %lld, \"splits\": %lld, \"output_rel_err\": %.3e, \"present_latent_max_abs\": %.3e, "
       "\"present_key_rope_rel_err\": %.3e, \"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
       c.name.c_str(), fp16 ? "float16" : "float32", math_name(math), run.plan.tensor_cores ? "true" : "false",
       kernel_name(run.plan.kernel), run.plan.pipelined ? "true" : "false", run.plan.ring, run.plan.threads,
-      run.plan.block_m, run.plan.block_n, static_cast<long long>(run.plan.row_blocks),
+      run.plan.block_m, run.plan.block_n, run.plan.max_registers, static_cast<long long>(run.plan.row_blocks),
       static_cast<long long>(run.plan.splits), out.rel(), lat.max_abs, kr.rel(), out_tol, err.c_str(),
       ok ? "true" : "false");
   std::fflush(stdout);
@@ -407,10 +407,11 @@ void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& bat
       std::printf(
           "{\"bench\": \"decode\", \"dims\": \"smollm2-mla H=9 n_kv=3 r=96 KR=24 fp16\", \"context\": %lld, "
           "\"batch\": %lld, \"us_median\": %.2f, \"us_min\": %.2f, \"bytes\": %.0f, \"gb_per_s\": %.1f, "
-          "\"splits\": %lld, \"kernel\": \"%s\", \"block_m\": %d, \"block_n\": %d, \"warps\": %d, \"ring\": %d}\n",
+          "\"splits\": %lld, \"kernel\": \"%s\", \"block_m\": %d, \"block_n\": %d, \"warps\": %d, \"ring\": %d, "
+          "\"max_registers\": %d}\n",
           static_cast<long long>(T), static_cast<long long>(B), us, 1e3 * times.front(), bytes,
           bytes / (us * 1e-6) / 1e9, static_cast<long long>(run.plan.splits), kernel_name(run.plan.kernel),
-          run.plan.block_m, run.plan.block_n, run.plan.warps, run.plan.ring);
+          run.plan.block_m, run.plan.block_n, run.plan.warps, run.plan.ring, run.plan.max_registers);
       std::fflush(stdout);
     }
   cudaEventDestroy(start);
@@ -465,21 +466,32 @@ std::vector<Config> sweep_configs() {
     for (int bps : {2, 4, 8})
       for (int threads : {128, 256}) add(bn, bps, threads, 1, 0, 0, 3);
   // the warps kernel: warps per block x slots per warp tile x ring depth x split target (0: built-in)
-  auto add_warps = [&](int warps, int warp_n, int ring, int bps, int min_tiles = 0) {
+  // [x its register-capped build]
+  auto add_warps = [&](int warps, int warp_n, int ring, int bps, int min_tiles = 0, int max_registers = 0) {
     mla_zoo::cuda::Tuning t;
     t.kernel = Kernel::kWarps;
     t.warps = warps, t.warp_n = warp_n, t.ring = ring, t.blocks_per_sm = bps, t.min_split_tiles = min_tiles;
+    t.max_registers = max_registers;
     std::ostringstream n;
     n << "warps" << warps << "-wn" << warp_n << "-ring" << ring << "-bps" << bps;
     if (min_tiles) n << "-mt" << min_tiles;
+    if (max_registers) n << "-cap" << max_registers;
     out.push_back({n.str(), t});
   };
   for (int warps : {2, 4, 8})
-    for (int warp_n : {32, 64})
+    for (int warp_n : {16, 32, 64})
       for (int ring : {2, 3, 4})
         for (int bps : {0, 2, 8})
           if (warps * warp_n * ring <= 768) add_warps(warps, warp_n, ring, bps);  // rings that fit (<= 215 KB)
   for (int warps : {4, 8}) add_warps(warps, 32, 2, 0, 1);  // shorter splits
+  constexpr int kCap = mla_zoo::cuda::kMaxRegistersCapped;
+  // the capped build (128 registers: 2 8-warp / 4 4-warp blocks per SM where shared memory allows, e.g.
+  // 16-slot tiles in 2-3 deep rings) against the same configurations of the built-in one above
+  for (int warps : {4, 8})
+    for (int warp_n : {16, 32})
+      for (int ring : {2, 3, 4})
+        for (int bps : {0, 8})
+          if (warps * warp_n * ring <= 768) add_warps(warps, warp_n, ring, bps, 0, kCap);
   return out;
 }
 
@@ -489,7 +501,8 @@ std::string env_line(const mla_zoo::cuda::Tuning& t) {
     << " MLA_ZOO_CUDA_SPLITS=" << t.splits << " MLA_ZOO_CUDA_MIN_SPLIT_TILES=" << t.min_split_tiles
     << " MLA_ZOO_CUDA_THREADS=" << t.threads << " MLA_ZOO_CUDA_PIPELINE=" << t.pipeline
     << " MLA_ZOO_CUDA_RING=" << t.ring << " MLA_ZOO_CUDA_KERNEL=" << kernel_name(t.kernel)
-    << " MLA_ZOO_CUDA_WARPS=" << t.warps << " MLA_ZOO_CUDA_WARP_N=" << t.warp_n;
+    << " MLA_ZOO_CUDA_WARPS=" << t.warps << " MLA_ZOO_CUDA_WARP_N=" << t.warp_n
+    << " MLA_ZOO_CUDA_MAX_REGISTERS=" << t.max_registers;
   return s.str();
 }
 
@@ -611,13 +624,15 @@ void sweep(const std::vector<std::pair<int64_t, int64_t>>& shapes, int iters, si
         const double waves = occupancy > 0 ? attend_blocks / (occupancy * device.sm_count) : -1;
         std::printf(
             "{\"sweep\": \"decode\", \"config\": \"%s\", \"check\": \"%s\", \"context\": %lld, \"batch\": %lld, "
-            "\"kernel\": \"%s\", \"block_n\": %d, \"threads\": %d, \"ring\": %d, \"splits\": %lld, "
+            "\"kernel\": \"%s\", \"block_n\": %d, \"threads\": %d, \"ring\": %d, \"max_registers\": %d, "
+            "\"splits\": %lld, "
             "\"split_len\": %lld, "
             "\"smem_bytes\": %zu, \"occupancy\": %d, \"waves\": %.2f, \"us_median\": %.2f, \"us_min\": %.2f, "
             "\"us_loop\": %.2f, \"us_prepare\": %.2f, \"us_attend\": %.2f, \"us_merge\": %.2f, \"bytes\": %.0f, "
             "\"gb_per_s\": %.1f, \"gb_per_s_loop\": %.1f}\n",
             configs[i].name.c_str(), passed[i] ? "pass" : "fail", static_cast<long long>(T), static_cast<long long>(B),
-            kernel_name(plan.kernel), plan.block_n, plan.threads, plan.ring, static_cast<long long>(plan.splits),
+            kernel_name(plan.kernel), plan.block_n, plan.threads, plan.ring, plan.max_registers,
+            static_cast<long long>(plan.splits),
             static_cast<long long>(plan.split_len), plan.smem_bytes, occupancy, waves, single.first, single.second,
             us_loop, stage_us[0], stage_us[1], stage_us[2], bytes, bytes / (single.first * 1e-6) / 1e9,
             bytes / (us_loop * 1e-6) / 1e9);
@@ -726,10 +741,11 @@ int main(int argc, char** argv) {
       bool pipeline;
       const mla_zoo::cuda::Tuning* tuning;  // nullptr: the environment's (MLA_ZOO_CUDA_*), else fixed
     };
-    auto tuning = [](Kernel kernel, int ring, int block_n, int threads, int warps = 0, int warp_n = 0, int splits = 0) {
+    auto tuning = [](Kernel kernel, int ring, int block_n, int threads, int warps = 0, int warp_n = 0, int splits = 0,
+                     int max_registers = 0) {
       mla_zoo::cuda::Tuning t;
       t.kernel = kernel, t.ring = ring, t.block_n = block_n, t.threads = threads;
-      t.warps = warps, t.warp_n = warp_n, t.splits = splits;
+      t.warps = warps, t.warp_n = warp_n, t.splits = splits, t.max_registers = max_registers;
       return t;
     };
     static const mla_zoo::cuda::Tuning ring3 = tuning(Kernel::kAuto, 3, 0, 0);
@@ -741,6 +757,11 @@ int main(int argc, char** argv) {
     static const mla_zoo::cuda::Tuning warps2 = tuning(Kernel::kWarps, 4, 0, 0, 2, 32);
     static const mla_zoo::cuda::Tuning warps64 = tuning(Kernel::kWarps, 3, 0, 0, 4, 64);
     static const mla_zoo::cuda::Tuning warps8 = tuning(Kernel::kWarps, 2, 0, 0, 8, 32, 5);
+    // its register-capped build (queries from shared memory; the built-in build where r16 > 96): 4 warps of
+    // 16-slot tiles (split caches); 8 warps of 32-slot tiles, triple buffering
+    constexpr int kCap = mla_zoo::cuda::kMaxRegistersCapped;
+    static const mla_zoo::cuda::Tuning capped4 = tuning(Kernel::kWarps, 2, 0, 0, 4, 16, 0, kCap);
+    static const mla_zoo::cuda::Tuning capped8 = tuning(Kernel::kWarps, 3, 0, 0, 8, 32, 0, kCap);
     const Mode modes[] = {{Dtype::kFloat32, Math::kAuto, true, nullptr},
                           {Dtype::kFloat32, Math::kAuto, false, nullptr},
                           {Dtype::kFloat16, Math::kTensorCores, true, nullptr},
@@ -751,7 +772,9 @@ int main(int argc, char** argv) {
                           {Dtype::kFloat16, Math::kTensorCores, true, &wide},
                           {Dtype::kFloat16, Math::kTensorCores, true, &warps2},
                           {Dtype::kFloat16, Math::kTensorCores, true, &warps64},
-                          {Dtype::kFloat16, Math::kTensorCores, true, &warps8}};
+                          {Dtype::kFloat16, Math::kTensorCores, true, &warps8},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &capped4},
+                          {Dtype::kFloat16, Math::kTensorCores, true, &capped8}};
     const Result want32 = reference(make_inputs(c, Dtype::kFloat32, 1234));
     const Result want16 = reference(make_inputs(c, Dtype::kFloat16, 1234));
     for (const Mode& m : modes) {

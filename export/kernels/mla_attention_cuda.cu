@@ -24,13 +24,14 @@
 // the whole block shares each tile, 4 block barriers per tile (scores, softmax, weighted sum, with the
 // fp32 accumulators in shared memory). "warps" (attend_warps_kernel: float16 decode, r + KR <= 128):
 // a block still owns (split, 16 rows, sequence), but each warp streams its own tiles (every warps-th
-// tile of the split, 32 or 64 slots) through its own cp.async ring and keeps its own online softmax
+// tile of the split, 16, 32 or 64 slots) through its own cp.async ring and keeps its own online softmax
 // and output accumulator in registers: mma.sync m16n8k16 with ldmatrix operands, the queries loaded
-// once as A fragments, the probabilities reused from the score fragments in registers (FlashAttention-
-// 2); a warp only waits for its own copies (+ __syncwarp), and the block meets once, at the split's end,
-// to combine its warps. (The blocks kernel's decode reached ~45% of the copy bandwidth at 32K x 16, the
-// same time on an H100 and an H200: bound by per-tile latency, not bandwidth; independent warps keep
-// more tiles in flight per SM than a block that advances in lockstep.)
+// once as A fragments (its register-capped build, Plan::max_registers: from shared memory per tile), the
+// probabilities reused from the score fragments in registers (FlashAttention-2); a warp only waits for
+// its own copies (+ __syncwarp), and the block meets once, at the split's end, to combine its warps.
+// (The blocks kernel's decode reached ~45% of the copy bandwidth at 32K x 16, the same time on an H100
+// and an H200: bound by per-tile latency, not bandwidth; independent warps keep more tiles in flight
+// per SM than a block that advances in lockstep.)
 
 #ifdef MLA_ZOO_CUDA_EMULATION
 #include "cuda_emulation.h"  // the same source as plain C++ on the CPU (tests without a GPU)
@@ -873,6 +874,7 @@ const Tuning& env_tuning() {
     t.kernel = k == "warps" ? Kernel::kWarps : k == "blocks" ? Kernel::kBlocks : Kernel::kAuto;
     t.warps = get("MLA_ZOO_CUDA_WARPS", 0);
     t.warp_n = get("MLA_ZOO_CUDA_WARP_N", 0);
+    t.max_registers = get("MLA_ZOO_CUDA_MAX_REGISTERS", 0);
     return t;
   }();
   return tuning;
@@ -916,18 +918,22 @@ bool plan_warps(Plan& plan, const Dims& d, const Device& device, const Tuning& t
   plan.block_m = 16;
   plan.warps = tune.warps == 2 || tune.warps == 4 || tune.warps == 8 ? tune.warps : 4;
   plan.threads = plan.warps * 32;
-  plan.block_n = tune.warp_n == 64 ? 64 : 32;
+  plan.block_n = tune.warp_n == 16 || tune.warp_n == 64 ? tune.warp_n : 32;
+  // the register-capped build where asked for and built (r16 <= 96)
+  plan.max_registers = tune.max_registers == kCappedRegisters && plan.r16 <= 96 ? kCappedRegisters : 0;
   plan.ring = pipelined ? (tune.ring >= 2 && tune.ring <= 4 ? tune.ring : 2) : 1;
   const int smem_cap = std::max(48 * 1024, device.max_smem_per_block);
+  const bool q_shared = plan.max_registers == kCappedRegisters;  // the capped build's query rows, after the rings
   for (;; plan.ring = plan.ring > 2 ? plan.ring - 1 : 1) {  // the deepest ring up to the tuned one that fits
-    plan.smem_bytes = warp_smem_layout(plan.warps, plan.block_n, plan.ld, plan.ldo, plan.ring).total;
+    plan.smem_bytes = warp_smem_layout(plan.warps, plan.block_n, plan.ld, plan.ldo, plan.ring, q_shared).total;
     if (plan.smem_bytes <= static_cast<size_t>(smem_cap)) break;
     if (plan.ring == 1) return false;
   }
   plan.pipelined = plan.ring > 1;
   plan.row_blocks = ceil_div(d.S * d.H, 16);
-  // its registers (168 per thread at SmolLM2-MLA's dims) may bound the resident blocks before its shared
-  // memory does: the occupancy calculator where there is a GPU
+  // its registers (168 per thread at SmolLM2-MLA's dims, 128 in the capped build) may bound the resident
+  // blocks before its shared memory does: the occupancy calculator, for the build the plan runs
+  // (warps_kernel(plan)), where there is a GPU
   const int occupancy = attend_occupancy(plan, Dtype::kFloat16);
   const int64_t resident = occupancy > 0 ? occupancy : smem_resident(plan, device);
   const int64_t min_tiles = tune.min_split_tiles > 0 ? tune.min_split_tiles : 2;  // per warp

@@ -59,6 +59,9 @@ struct Outputs {
   void* present_key_rope = nullptr;
 };
 
+// Plan::max_registers of the warps kernel's register-capped build (65536 / (2 blocks x 256 threads)).
+constexpr int kMaxRegistersCapped = 128;
+
 // The launch configuration of one call and the scratch memory it needs.
 struct Plan {
   Kernel kernel = Kernel::kBlocks;  // the attend kernel: kBlocks or kWarps (never kAuto)
@@ -69,6 +72,8 @@ struct Plan {
   int block_m = 16;         // query rows (token, head) per attend block
   int block_n = 64;         // cache slots per tile (kWarps: per warp tile)
   int warps = 0;            // kWarps: warps per attend block, each with its own tiles (threads = 32 * warps)
+  int max_registers = 0;    // kWarps: kMaxRegistersCapped = the register-capped build of the kernel (queries
+                            // from shared memory; r16 <= 96 only), 0 = the built-in one (168 per thread at r16 <= 96)
   int threads = 128;        // per attend block
   int64_t row_blocks = 1;   // per sequence
   int64_t splits = 1;       // of the cache, per (sequence, row block)
@@ -98,7 +103,12 @@ struct Plan {
 //                                 mla_attention_cuda.cu); warps runs where it can (float16 tensor cores,
 //                                 r + KR <= 128), any number of rows (16-row blocks)
 //   MLA_ZOO_CUDA_WARPS            warps kernel: warps per block, 2, 4 or 8 (built-in: 4)
-//   MLA_ZOO_CUDA_WARP_N           warps kernel: cache slots per warp tile, 32 or 64 (built-in: 32)
+//   MLA_ZOO_CUDA_WARP_N           warps kernel: cache slots per warp tile, 16, 32 or 64 (built-in: 32)
+//   MLA_ZOO_CUDA_MAX_REGISTERS    warps kernel: 128 = its build capped at 128 registers per thread, so that two
+//                                 8-warp or four 4-warp blocks fit an SM's registers (the built-in build's 166:
+//                                 one or three); shared memory must allow them too (16-slot warp tiles in 2-3
+//                                 deep rings, see export/kernels/README.md). r16 <= 96 only (elsewhere, and
+//                                 for any other value, the built-in build).
 // The split-K knobs apply to both kernels; for the warps kernel MIN_SPLIT_TILES counts tiles per warp.
 struct Tuning {
   int block_n = 0;
@@ -111,6 +121,7 @@ struct Tuning {
   Kernel kernel = Kernel::kAuto;
   int warps = 0;
   int warp_n = 0;
+  int max_registers = 0;
 };
 
 const Tuning& env_tuning();

@@ -72,20 +72,23 @@ __device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
 }
 
 // Byte offsets of the warps kernel's shared memory (host and device). The tile rings (per warp: ring
-// tiles [slots, ld] and their attention_mask slots) are dead once every warp is done, and the combine
-// at the split's end reuses the same bytes.
+// tiles [slots, ld] and their attention_mask slots) and the register-capped build's query rows [16, ld]
+// (after the rings) are dead once every warp is done, and the combine at the split's end reuses the same bytes.
 struct WarpSmemLayout {
   size_t kv_stride, mask, mask_stride, ring_stride;  // warp w's ring at w * ring_stride: tiles, then masks
+  size_t q;                                          // the query rows (q_shared only)
   size_t o, m, l, row_max, row_sum, total;           // the combine
 };
 
-__host__ __device__ inline WarpSmemLayout warp_smem_layout(int warps, int slots, int ld, int ldo, int ring) {
+__host__ __device__ inline WarpSmemLayout warp_smem_layout(int warps, int slots, int ld, int ldo, int ring,
+                                                           bool q_shared) {
   WarpSmemLayout L{};
   L.kv_stride = align128(static_cast<size_t>(slots) * ld * 2);
   L.mask_stride = align128(static_cast<size_t>(slots) * 8);
   L.mask = ring * L.kv_stride;
   L.ring_stride = L.mask + ring * L.mask_stride;
-  const size_t rings = warps * L.ring_stride;
+  L.q = warps * L.ring_stride;
+  const size_t rings = L.q + (q_shared ? static_cast<size_t>(16) * ld * 2 : 0);
   size_t at = 0;
   L.o = at, at = align128(at + static_cast<size_t>(warps) * 16 * ldo * 4);  // per warp o [16, ldo] f32
   L.m = at, at = align128(at + static_cast<size_t>(warps) * 16 * 4);        // per warp row max, then its weight
@@ -105,26 +108,41 @@ __host__ __device__ inline WarpSmemLayout warp_smem_layout(int warps, int slots,
 #endif
 
 // a slot's offset from a tile's first slot, clamped to [-1, slots]: the same order against 0..slots - 1
-__device__ __forceinline__ int tile_offset(int64_t n, int slots) {
-  return static_cast<int>(min(max(n, static_cast<int64_t>(-1)), static_cast<int64_t>(slots)));
+template <typename I>  // int64_t, or int (the capped build's offsets)
+__device__ __forceinline__ int tile_offset(I n, int slots) {
+  return static_cast<int>(min(max(n, static_cast<I>(-1)), static_cast<I>(slots)));
 }
 
-// kSlots: slots per warp tile (32 or 64); kKSteps >= ldq / 16 (k-steps of the scores); kO16 >= r16 / 16
+// Registers per thread of the register-capped build (Plan::max_registers): 65536 / (2 blocks x 256 threads),
+// so that two 8-warp (four 4-warp) blocks can be resident per SM where their shared memory fits (the
+// built-in build's 166 allow one 8-warp block, three 4-warp ones).
+constexpr int kCappedRegisters = kMaxRegistersCapped;
+
+// kSlots: slots per warp tile (16, 32 or 64); kKSteps >= ldq / 16 (k-steps of the scores); kO16 >= r16 / 16
 // (16-column pairs of n8 tiles of the output). The loops over them are unrolled, so the fragment arrays
 // stay in registers; steps past the call's dims are skipped. Registers: at most 168 per thread up to
 // r16 = 96 (65536 / (3 blocks x 128 threads), rounded down to 8: three 4-warp blocks per SM; ptxas -v
 // on sm_90: 166 at SmolLM2-MLA's dims without the cap 184, no spills either way), else the compiler's
-// choice (~204 at r16 = 128).
-template <int kSlots, int kKSteps, int kO16>
-__global__ void MLA_MAX_REGISTERS(kO16 <= 6 ? 168 : 255) attend_warps_kernel(Dims d, AttendArgs<__half> a) {
+// choice (~204 at r16 = 128). kCapped (r16 <= 96 only): at most kCappedRegisters; to get there without
+// spilling, the queries' A fragments (32 registers at ldq = 128) are not held for the whole split but
+// read from shared memory with one ldmatrix per k-step of every tile, and the ring offsets and the rows'
+// own slots are 32-bit (export/kernels/README.md lists ptxas's counts per build).
+template <int kSlots, int kKSteps, int kO16, bool kCapped>
+__global__ void MLA_MAX_REGISTERS(kCapped ? kCappedRegisters : kO16 <= 6 ? 168 : 255)
+    attend_warps_kernel(Dims d, AttendArgs<__half> a) {
   MLA_DYNAMIC_SMEM(unsigned char, smem);
   constexpr int kN8 = kSlots / 8;  // n8 tiles of a warp tile's scores
+  constexpr bool kQShared = kCapped;  // the queries' fragments from shared memory, per tile
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
   const int g = lane / 4, t4 = lane % 4;  // the fragment coordinates
-  const WarpSmemLayout L = warp_smem_layout(warps, kSlots, a.ld, a.ldo, a.ring);
-  unsigned char* ring = smem + warp * L.ring_stride;
-  auto kv_buf = [&](int i) { return reinterpret_cast<__half*>(ring + i * L.kv_stride); };
-  auto mk_buf = [&](int i) { return reinterpret_cast<int64_t*>(ring + L.mask + i * L.mask_stride); };
+  const WarpSmemLayout L = warp_smem_layout(warps, kSlots, a.ld, a.ldo, a.ring, kQShared);
+  // the ring's byte offsets (capped build: in 32 bits, registers it is short of; they are < 228 KB)
+  using Offset = std::conditional_t<kCapped, int, size_t>;
+  const Offset kv_stride = static_cast<Offset>(L.kv_stride), mask_at = static_cast<Offset>(L.mask),
+               mask_stride = static_cast<Offset>(L.mask_stride);
+  unsigned char* ring = smem + warp * static_cast<Offset>(L.ring_stride);
+  auto kv_buf = [&](int i) { return reinterpret_cast<__half*>(ring + i * kv_stride); };
+  auto mk_buf = [&](int i) { return reinterpret_cast<int64_t*>(ring + mask_at + i * mask_stride); };
   const Team team{lane, kWarp, kSlots};
 
   const int64_t split = blockIdx.x, rb = blockIdx.y, b = blockIdx.z;
@@ -149,23 +167,49 @@ __global__ void MLA_MAX_REGISTERS(kO16 <= 6 ? 168 : 255) attend_warps_kernel(Dim
     }
   }
 
-  // the block's 16 query rows (zeros past nrows) as A fragments, once: q[k] covers columns [16k, 16k + 16)
+  // the block's 16 query rows (zeros past nrows) as A fragments, once: q[k] covers columns [16k, 16k + 16);
+  // the capped build copies the rows to shared memory instead (one barrier) and reads q[k] from there
   const int ksteps = a.ldq / 16, o16 = a.r16 / 16;
-  uint32_t q[kKSteps][4];
+  uint32_t q[kQShared ? 1 : kKSteps][4];
   const __half* qrows = a.q + (b * rows + row0) * a.ldq;
-#pragma unroll
-  for (int k = 0; k < kKSteps; ++k)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int m = g + (i % 2) * 8, c = k * 16 + 2 * t4 + (i / 2) * 8;
-      q[k][i] = k < ksteps && m < nrows ? *reinterpret_cast<const uint32_t*>(qrows + m * a.ldq + c) : 0u;
+  // kQShared: this lane's ldmatrix row of k-step 0 (matrix i = A rows +8 (i % 2), columns +8 (i / 2))
+  const __half* q_row = nullptr;
+  if constexpr (kQShared) {
+    __half* qs = reinterpret_cast<__half*>(smem + L.q);
+    const int chunks = a.ldq / 8;  // 16-byte chunks of a row (the prepared rows are 32-byte aligned)
+    for (int idx = threadIdx.x; idx < 16 * chunks; idx += blockDim.x) {
+      const int m = idx / chunks, c = (idx % chunks) * 8;
+      *reinterpret_cast<uint4*>(qs + m * a.ld + c) =
+          m < nrows ? *reinterpret_cast<const uint4*>(qrows + m * a.ldq + c) : make_uint4(0, 0, 0, 0);
     }
+    q_row = qs + (lane % 8 + ((lane / 8) % 2) * 8) * a.ld + (lane / 16) * 8;
+    __syncthreads();
+  } else {
+#pragma unroll
+    for (int k = 0; k < kKSteps; ++k)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = g + (i % 2) * 8, c = k * 16 + 2 * t4 + (i / 2) * 8;
+        q[k][i] = k < ksteps && m < nrows ? *reinterpret_cast<const uint32_t*>(qrows + m * a.ldq + c) : 0u;
+      }
+  }
   // this warp's state for rows g and g + 8: running max, this lane's part of the sum, o [16, 16 * kO16]
   float row_m[2] = {kNegInf, kNegInf}, row_l[2] = {0.f, 0.f};
   float o[2 * kO16][4];
 #pragma unroll
   for (int j = 0; j < 2 * kO16; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
-  const int64_t self[2] = {d.P + (row0 + g) / d.H, d.P + (row0 + g + 8) / d.H};  // the rows' own slots
+  // the rows' own slots; the capped build's from this warp's first slot, clamped to [-1, n_tiles * stride]
+  // (the same order against every one of its tiles' slots, in 32 bits: a split is far below 2^31 slots)
+  using Slot = std::conditional_t<kCapped, int, int64_t>;
+  Slot self[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t own_slot = d.P + (row0 + g + 8 * h) / d.H;
+    if constexpr (kCapped)
+      self[h] = static_cast<int>(min(max(own_slot - first, static_cast<int64_t>(-1)), n_tiles * stride));
+    else
+      self[h] = own_slot;
+  }
 
   for (int i = 0; i < n_tiles; ++i) {
     const int64_t t0 = first + i * stride;
@@ -196,20 +240,28 @@ __global__ void MLA_MAX_REGISTERS(kO16 <= 6 ? 168 : 255) attend_warps_kernel(Dim
 #pragma unroll
     for (int k = 0; k < kKSteps; ++k) {
       if (k >= ksteps) break;
+      uint32_t qk[4];
+      if constexpr (kQShared) {
+        ldmatrix_x4(qk, q_row + k * 16);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) qk[i] = q[k][i];
+      }
 #pragma unroll
       for (int p = 0; p < kN8 / 2; ++p) {
         uint32_t f[4];
         ldmatrix_x4(f, kv_row + p * 16 * a.ld + k * 16);
         const uint32_t b0[2] = {f[0], f[1]}, b1[2] = {f[2], f[3]};
-        mma_16816(s[2 * p], q[k], b0);
-        mma_16816(s[2 * p + 1], q[k], b1);
+        mma_16816(s[2 * p], qk, b0);
+        mma_16816(s[2 * p + 1], qk, b1);
       }
     }
 
     // online softmax over this lane's scores: s[j][e] is row g + 8 (e / 2), slot 8j + 2t + e % 2;
     // allowed = (t <= self and mask) or t == self (op_spec.md). The row max over the 4 lanes of a quad.
     // (32-bit, in tile coordinates: the rows' own slots at n = own[h])
-    const int own[2] = {tile_offset(self[0] - t0, kSlots), tile_offset(self[1] - t0, kSlots)};
+    const Slot from = kCapped ? static_cast<Slot>(i * stride) : static_cast<Slot>(t0);  // self[] is relative to it
+    const int own[2] = {tile_offset(self[0] - from, kSlots), tile_offset(self[1] - from, kSlots)};
     float mx[2] = {kNegInf, kNegInf};
 #pragma unroll
     for (int j = 0; j < kN8; ++j)
@@ -318,18 +370,26 @@ __global__ void MLA_MAX_REGISTERS(kO16 <= 6 ? 168 : 255) attend_warps_kernel(Dim
 // The warps kernel instantiated for these dims and warp tile, or nullptr (the plan never asks for one).
 using WarpsKernel = void (*)(Dims, AttendArgs<__half>);
 
-template <int kSlots>
+template <int kSlots, bool kCapped>
 WarpsKernel warps_kernel_for_slots(int ldq, int r16) {
-  if (ldq <= 64) return attend_warps_kernel<kSlots, 4, 4>;
-  if (ldq <= 128 && r16 <= 96) return attend_warps_kernel<kSlots, 8, 6>;  // SmolLM2-MLA: ldq 128, r16 96
-  if (ldq <= 128) return attend_warps_kernel<kSlots, 8, 8>;
+  if (ldq <= 64) return attend_warps_kernel<kSlots, 4, 4, kCapped>;
+  if (ldq <= 128 && r16 <= 96) return attend_warps_kernel<kSlots, 8, 6, kCapped>;  // SmolLM2-MLA: ldq 128, r16 96
+  if constexpr (!kCapped) {  // no capped build past r16 = 96: its 64 o registers alone would spill under 128
+    if (ldq <= 128) return attend_warps_kernel<kSlots, 8, 8, false>;
+  }
+  return nullptr;
+}
+
+template <bool kCapped>
+WarpsKernel warps_kernel_for(const Plan& plan) {
+  if (plan.block_n == 16) return warps_kernel_for_slots<16, kCapped>(plan.ldq, plan.r16);
+  if (plan.block_n == 32) return warps_kernel_for_slots<32, kCapped>(plan.ldq, plan.r16);
+  if (plan.block_n == 64) return warps_kernel_for_slots<64, kCapped>(plan.ldq, plan.r16);
   return nullptr;
 }
 
 WarpsKernel warps_kernel(const Plan& plan) {
-  if (plan.block_n == 32) return warps_kernel_for_slots<32>(plan.ldq, plan.r16);
-  if (plan.block_n == 64) return warps_kernel_for_slots<64>(plan.ldq, plan.r16);
-  return nullptr;
+  return plan.max_registers == kCappedRegisters ? warps_kernel_for<true>(plan) : warps_kernel_for<false>(plan);
 }
 
 // ---------------------------------------------------------------------------------------------
