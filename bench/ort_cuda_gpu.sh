@@ -8,17 +8,17 @@
 # 1. HERE (nvcc, pip and network), once:   bash bench/ort_cuda_gpu.sh prepare
 #      .ortcuda/    libmla_zoo_ort_ops.so with the CUDA kernels (isa avx2: any x86-64-v3 host) + mla_zoo_cuda_harness
 #      .ortgpu0..3  onnxruntime-gpu (1.31.1, cp312, CUDA 13): the wheel's files as ONE tar.xz (xz -9 of the
-#                   unpacked files: 193.5 MiB against the wheel's 243.7 MiB, 10 min on 2 cores), cut in 58 MiB
-#                   pieces: three of 58 MiB and a last one of 19.5 MiB (`prepare` prints the sizes). A call
-#                   carries the 5.6 MB work tree too, so a 60 MiB piece would be over the 64 MiB limit.
+#                   unpacked files: 193.5 MiB against the wheel's 243.7 MiB, 4-10 min on 2 cores), cut in 52 MiB
+#                   pieces: three of 52 MiB and a last one of 37.5 MiB (`prepare` prints the sizes). A call
+#                   carries the ~6.7 MB work tree too: 58 MiB pieces were over the 64 MiB limit once it grew.
 #      .gg0 .gg1 .whl  the bundled SmolLM2 GGUF halves (50 + 43.8 MiB) and the gguf wheel, as for bench/gpu_decode.sh
 #    (all git-ignored through .git/info/exclude)
 # 2. THERE (device tool, repo root), back-to-back calls on one warm machine (it keeps /tmp while warm);
 #    each call's carry and the work tree stay under 64 MiB together:
 #      call 1..3: carry [".ortgpu0"], [".ortgpu1"], [".ortgpu2"]    command: bash bench/ort_cuda_gpu.sh stage
 #      call 4:    carry [".gg0", ".whl"]                           command: bash bench/ort_cuda_gpu.sh stage
-#      call 5:    carry [".gg1", ".ortcuda"]                       command: bash bench/ort_cuda_gpu.sh stage
-#      call 6:    carry [".ortgpu3"]                               command: bash bench/ort_cuda_gpu.sh stage setup harness test bench
+#      call 5:    carry [".gg1"]                                  command: bash bench/ort_cuda_gpu.sh stage
+#      call 6:    carry [".ortgpu3", ".ortcuda"]                    command: bash bench/ort_cuda_gpu.sh stage setup harness test bench
 #    Logs and JSON go to $OUT: harness.jsonl, harness_bench.jsonl, pytest_ort_cuda.log, onnx_cuda.json/.log.
 #
 # Steps: kernels or prepare (here) | stage | setup | harness | compare | profile | test | bench  (run in the order given).
@@ -67,7 +67,7 @@ prepare() {  # HERE: kernels, and the onnxruntime-gpu pieces
     tar -C "$tmp/files" -cf - . | xz -T0 -9 > "$tmp/ortgpu.tar.xz"
     cp "$tmp/ortgpu.tar.xz" /tmp/ortgpu-"$ORTGPU_VERSION".tar.xz  # reuse: ORTGPU_TARXZ=/tmp/ortgpu-<version>.tar.xz
   fi
-  split -b 58M -d -a 1 "$tmp/ortgpu.tar.xz" "$tmp/ortgpu.tar.xz."  # + the 5.6 MB work tree < 64 MiB
+  split -b 52M -d -a 1 "$tmp/ortgpu.tar.xz" "$tmp/ortgpu.tar.xz."  # + the ~6.7 MB work tree < 64 MiB
   rm -rf .ortgpu?
   local i=0
   for piece in "$tmp"/ortgpu.tar.xz.?; do mkdir ".ortgpu$i" && mv "$piece" ".ortgpu$i/"; i=$((i + 1)); done
