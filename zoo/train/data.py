@@ -126,7 +126,8 @@ def sample_teacher_parts(spec: str, teacher: str, out: Path, rows: int | None, s
     return ",".join(resolved)
 
 
-SAMPLED_ON = ("batch_size", "engine", "cache", "dtype")  # resolved by the machine that samples (auto / None)
+# resolved by the machine that samples (auto / None)
+SAMPLED_ON = ("batch_size", "engine", "cache", "dtype", "decode_attention")
 
 
 def _same_synth(path: Path, settings: SynthSettings) -> bool:

@@ -48,8 +48,9 @@ class FinetuneSettings(Settings):
                                                        "first half of a data row, sampled on), scored by the teacher "
                                                        "(GKD / MiniLLM)")
     kl_impl: str = setting("auto", choices=("auto", "fused", "liger", "chunked"),
-                           help="the global stage's loss: fused linear+KL (liger on CUDA when installed, else "
-                                "plain torch) or checkpointed chunks; auto: the fastest that applies")
+                           help="the global stage's loss: fused linear+KL in plain torch, liger-kernel's fused "
+                                "JSD (CUDA) or checkpointed chunks; auto: fused where it applies (faster than liger "
+                                "on an H100, bench/train_step_gpu.py), else chunked")
     eval_text: str | None = setting(None, path="file", help="measure perplexity on this text during training")
     eval_every: int = setting(100, min=1, help="steps between perplexity measurements")
     eval_tokens: int = setting(16384, min=2, help="tokens of eval_text scored each time")
@@ -103,11 +104,12 @@ class SynthSettings(Settings):
                               "CUDA")
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16"),
                          help="sampling dtype (auto: bf16 on CUDA, fp32 on CPU)")
-    decode_attention: str = setting("packed", choices=("packed", "flex"),
+    decode_attention: str = setting("auto", choices=("auto", "packed", "flex"),
                                     help="the teacher's decode attention with engine generate: packed = SDPA with a "
                                          "GQA group's heads as rows, reading the whole static cache each step; flex = "
-                                         "FlexAttention over the filled cache slots only (fast compiled: a static "
-                                         "cache on CUDA)")
+                                         "FlexAttention over the filled cache slots only (fast only compiled: a static "
+                                         "cache on CUDA; 1.6x packed's tokens/s on an H100); auto = flex there, else "
+                                         "packed")
     seed: int = setting(0, min=0, help="random seed (prompt order and sampling)")
 
     def __post_init__(self) -> None:

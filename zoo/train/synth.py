@@ -484,11 +484,14 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         print("synth-data: this transformers has no continuous batching (generate_batch); using generate()")
         engine = "generate"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampler_cache = "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic"
+    decode = s.decode_attention
     if engine == "generate":  # fixed batches: the decode attention (`packed_gqa.py`, `flex_decode.py`)
-        (use_flex_decode if s.decode_attention == "flex" else use_packed_gqa)(model)
+        if decode == "auto":
+            decode = "flex" if cuda and sampler_cache == "static" else "packed"
+        (use_flex_decode if decode == "flex" else use_packed_gqa)(model)
     attention = model.config._attn_implementation
-    sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine,
-                      "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic", s.temperature,
+    sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine, sampler_cache, s.temperature,
                       cache_len=s.seq_len)
     if progress and main and not sys.stderr.isatty():
         sampler.log_every = LOG_EVERY
@@ -513,6 +516,7 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         chunks = {name: batch_size if sampler.cache == "static" else min(batch_size, math.ceil(target / max_new))
                   for name, target in targets.items()}
         used = replace(s, max_new_tokens=None if s.fill_rows else max_new, engine=sampler.engine, cache=sampler.cache,
+                       decode_attention=decode,
                        dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
         with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
             tmp = _from_main(tmp, world)  # the main process's temporary directory
