@@ -12,7 +12,7 @@
 #   then (same machine):         cmd: bash bench/recovery_gpu.sh throughput
 #   release (60 GPU-min; 10-min calls, same machine):
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
-#   mixes (which data mix generalizes; ~8 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
+#   mixes (which data mix generalizes; ~6 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
