@@ -14,6 +14,8 @@
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
 #   mixes (which data mix generalizes; ~6 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
+#   lrs (the quick recipe at other learning rates, on quick's data and conversion; ~3 min each on an H100):
+#                                cmd: bash bench/recovery_gpu.sh quick lrs  (LRS="1e-3 3e-3" to choose)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
@@ -110,6 +112,16 @@ quick() {  # each part is kept in $W, so a call that runs out of time is continu
   finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
     --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}"
   suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
+}
+
+lrs() {  # the quick recipe's global stage at other learning rates (the recipes' 3e-4 is quick32), same data
+  for lr in ${LRS:-1e-3}; do
+    local name="quick32$ALLOC_TAG-lr$lr"
+    [ -f "$W/$name.suite.json" ] && continue
+    finetune "$name" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
+      --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}" --lr "$lr"
+    suite "$name" "$W/$name"
+  done
 }
 
 throughput() {  # synth-data engines and the global stage's loss / precision / compile options, side by side

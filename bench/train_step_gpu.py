@@ -41,13 +41,14 @@ from mla_zoo.modeling import sources
 from mla_zoo.modeling.convert import convert_model, save_checkpoint
 from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.train import data as data_mod
+from mla_zoo.zoo.train import distill
 from mla_zoo.zoo.train.distill import liger_available
 from mla_zoo.zoo.train.finetune import _load_student
 from mla_zoo.zoo.train.settings import FinetuneSettings
 from transformers import TrainerCallback
 
 PARTS = ("teacher_fwd", "student_fwd", "loss", "backward", "clip", "optimizer", "other")
-VARIANTS = ("liger", "fused", "chunked")
+VARIANTS = ("liger", "fused", "fused-eager", "chunked")  # fused-eager: the fused loss's chunk not compiled on CUDA
 
 
 # ------------------------------------------------------------------------------------------ clock
@@ -227,14 +228,16 @@ def profile_step(trainer, ids: torch.Tensor, clock: Clock, top: int) -> dict:
             "top": [{"name": e.key[:100], "ms": round(us(e) / 1e3, 3), "calls": e.count} for e in rows[:top]]}
 
 
-def run_variant(impl: str, base: FinetuneSettings, student_dir: Path, teacher, ids_rows: torch.Tensor, work: Path,
+def run_variant(variant: str, base: FinetuneSettings, student_dir: Path, teacher, ids_rows: torch.Tensor, work: Path,
                 clock: Clock, a) -> dict:
     if clock.cuda:
         torch.cuda.reset_peak_memory_stats()
+    impl, _, mode = variant.partition("-")
+    distill.COMPILE_KL_CHUNK = mode != "eager"
     s = replace(base, kl_impl=impl)
     student = _load_student(student_dir)
     step_clock = StepClock(clock)
-    trainer = make_trainer(student, teacher, s, ids_rows, work / impl, a.warmup + a.steps + 1, [step_clock])
+    trainer = make_trainer(student, teacher, s, ids_rows, work / variant, a.warmup + a.steps + 1, [step_clock])
     t0 = time.perf_counter()
     trainer.train()
     clock.sync()
@@ -252,6 +255,7 @@ def run_variant(impl: str, base: FinetuneSettings, student_dir: Path, teacher, i
     trainer_ms = statistics.median(periods)
     result = {
         "kl_impl": trainer.kl_impl,  # as GlobalTrainer resolved it
+        "kl_chunk_compiled": distill.COMPILE_KL_CHUNK and clock.cuda and trainer.kl_impl == "fused",
         "parts_ms": {k: round(v, 3) for k, v in gpu.items()},
         "parts_host_ms": {k: round(v, 3) for k, v in host.items()},
         "share": {k: round(gpu[k] / gpu["total"], 4) for k in PARTS},
@@ -296,6 +300,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="Trainer steps before the timed ones")
     p.add_argument("--kl-impl", nargs="+", choices=VARIANTS, default=None,
                    help="variants (default: every one that runs here)")
+    p.add_argument("--kl-chunk", type=int, default=FinetuneSettings.kl_chunk, help="finetune's `kl_chunk`")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher, as finetune's `compile`")
     p.add_argument("--bf16-weights", action="store_true", help="finetune's `bf16_weights`: bf16 student weights")
     p.add_argument("--gradient-checkpointing", action="store_true", help="finetune's `gradient_checkpointing`")
@@ -314,11 +319,13 @@ def main() -> None:
     device = torch.device("cuda" if cuda else "cpu")
     clock = Clock(cuda)
     variants = a.kl_impl or [v for v in VARIANTS if v != "liger" or liger_available(device)]
+    if not cuda:
+        variants = [v for v in variants if v != "fused-eager"]  # the same as fused off CUDA
     # finetune's resolved settings: bf16 on CUDA (`prepare`), global stage only, no save within the run
     base = FinetuneSettings(data="random", seq_len=a.seq_len, batch_size=a.batch_size, stages=("global",),
                             max_steps=a.warmup + a.steps + 1, bf16=cuda, compile=a.compile,
-                            bf16_weights=a.bf16_weights, gradient_checkpointing=a.gradient_checkpointing,
-                            save_steps=10**9)
+                            bf16_weights=a.bf16_weights, kl_chunk=a.kl_chunk,
+                            gradient_checkpointing=a.gradient_checkpointing, save_steps=10**9)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "cuda": torch.version.cuda, "device": torch.cuda.get_device_name() if cuda else "cpu"}
     from importlib.metadata import PackageNotFoundError, version

@@ -3,9 +3,11 @@ Liger-Kernel's against it where CUDA and liger-kernel are there."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from mla_zoo.zoo.train.distill import distill_loss, liger_available, pick_kl_impl
+from mla_zoo.zoo.train.distill import compiled_kl_chunk, distill_loss, kl_chunk, liger_available, pick_kl_impl
 from reference import reference_kl
 
 
@@ -48,6 +50,35 @@ def test_fused_and_chunked_agree_in_float32():
         out[impl] = (loss, *torch.autograd.grad(loss, [s_hidden, s_head.weight]))
     for a, b in zip(out["fused"], out["chunked"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_chunk_equals_the_eager_one():
+    """What CUDA runs (inductor's fused passes) against `kl_chunk` eager, on bf16 logits as under autocast."""
+    g = torch.Generator().manual_seed(3)
+    z_s, z_t = (torch.randn(5, 300, generator=g).mul(4).bfloat16() for _ in range(2))
+    kl, grad = kl_chunk(z_s, z_t, 1.5, 0.1)
+    kl_c, grad_c = compiled_kl_chunk()(z_s, z_t, 1.5, 0.1)
+    assert grad_c.dtype == torch.bfloat16 and kl_c.dtype == torch.float32
+    torch.testing.assert_close(kl_c, kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_c, grad, rtol=1.6e-2, atol=1e-5)  # bf16 rounding of the same fp32 values
+    want = reference_kl(z_s.double(), z_t.double(), 1.5) * 5 / 1.5**2  # a mean * T^2 -> the chunk's sum
+    assert kl.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_the_fused_loss_under_bf16_autocast_stays_near_float64():
+    """The Trainer's setting: fp32 weights, bf16 matmuls, fp32 softmax."""
+    s_hidden, t_hidden, s_head, t_head, mask = problem(torch.float32, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = distill_loss(s_hidden, t_hidden, s_head, t_head, None, mask, 1.0, chunk_size=4, impl="fused")
+    grads = torch.autograd.grad(loss, [s_hidden, s_head.weight])
+    s64, s_head64, t_head64 = s_hidden.detach().double().requires_grad_(), copy.deepcopy(s_head).double(), \
+        copy.deepcopy(t_head).double()
+    want = reference(s64, t_hidden.double(), s_head64, t_head64, mask, 1.0)
+    want_grads = torch.autograd.grad(want, [s64, s_head64.weight])
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want.item(), rel=1e-2)
+    for got, ref in zip(grads, want_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, rtol=5e-2, atol=5e-3)
 
 
 def test_the_implementation_choice():

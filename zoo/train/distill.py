@@ -24,7 +24,7 @@ Two losses, one per fine-tuning stage:
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +49,38 @@ def _chunk_loss(s_h, t_h, targets, student_head, teacher_head, temperature, want
     return kl, ce
 
 
+def kl_chunk(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, scale: float):
+    """One chunk of `FusedLinearKL`: the KL summed over its rows and d loss / d z_s, from both logits.
+
+    z_s, z_t: [c, V] student / teacher logits (the matmuls' dtype). The softmaxes run in fp32 (fp64 for fp64
+    logits). Returns (sum over rows of KL(softmax(z_t / T) || softmax(z_s / T)) [], g [c, V] in z_s's dtype)
+    with g = scale * (softmax(z_s / T) - softmax(z_t / T)). On CUDA `FusedLinearKL` runs it compiled
+    (`compiled_kl_chunk`): one or two fused passes over [c, V] instead of ten (bench/train_step_gpu.py).
+    """
+    acc = torch.promote_types(z_s.dtype, torch.float32)
+    t_logp = F.log_softmax(z_t.to(acc) / temperature, dim=-1)  # [c, V]
+    s_logp = F.log_softmax(z_s.to(acc) / temperature, dim=-1)  # [c, V]
+    t_p = t_logp.exp()
+    kl = (t_p * (t_logp - s_logp)).sum()  # []
+    g = (s_logp.exp() - t_p) * scale  # [c, V]
+    return kl, g.to(z_s.dtype)
+
+
+@cache
+def compiled_kl_chunk():
+    """`kl_chunk` under torch.compile (fixed shapes: every chunk but a last, shorter one has one)."""
+    return torch.compile(kl_chunk, dynamic=False, fullgraph=True)
+
+
+COMPILE_KL_CHUNK = True  # whether CUDA runs use `compiled_kl_chunk` (bench/train_step_gpu.py times both)
+
+
 class FusedLinearKL(torch.autograd.Function):
     """mean over rows of KL(softmax(t_h W_t^T / T) || softmax(s_h W_s^T / T)) * T^2, with the LM
     head fused into the loss: the forward computes, chunk by chunk, the loss and its gradients with
-    respect to s_h and W_s; the backward scales them by the incoming gradient. fp32 softmax; the
-    matmuls in the inputs' dtype. s_h: [n, H], s_w: [V, H], t_h: [n, H'], t_w: [V, H'].
+    respect to s_h and W_s; the backward scales them by the incoming gradient. fp32 softmax
+    (`kl_chunk`); the matmuls in the inputs' dtype, or autocast's (bf16 under the Trainer's bf16).
+    s_h: [n, H], s_w: [V, H], t_h: [n, H'], t_w: [V, H'].
 
     d/dz_s of T^2 * KL at logits z_s = T * (softmax(z_s / T) - softmax(z_t / T)), so with g = that / n:
     grad s_h = g W_s and grad W_s = g^T s_h.
@@ -62,22 +89,20 @@ class FusedLinearKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_h, s_w, t_h, t_w, temperature: float, chunk_size: int):
         n = s_h.shape[0]
-        acc = torch.promote_types(s_h.dtype, torch.float32)  # softmax in fp32 (fp64 for fp64 inputs)
+        acc = torch.promote_types(s_h.dtype, torch.float32)  # loss and grad_w accumulate in fp32 (fp64 for fp64)
         grad_h = torch.empty_like(s_h)
         grad_w = torch.zeros_like(s_w, dtype=acc) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=acc, device=s_h.device)
+        chunk = compiled_kl_chunk() if COMPILE_KL_CHUNK and s_h.is_cuda else kl_chunk
         for start in range(0, n, chunk_size):
             h = s_h[start : start + chunk_size]  # [c, H]
-            z_s = (h @ s_w.T).to(acc) / temperature  # [c, V]
-            z_t = (t_h[start : start + chunk_size] @ t_w.T).to(acc) / temperature
-            t_logp = F.log_softmax(z_t, dim=-1)
-            s_logp = F.log_softmax(z_s, dim=-1)
-            t_p = t_logp.exp()
-            total += (t_p * (t_logp - s_logp)).sum()
-            g = (s_logp.exp() - t_p) * (temperature / n)  # [c, V] d loss / d logits
-            grad_h[start : start + chunk_size] = (g.to(s_w.dtype) @ s_w).to(s_h.dtype)
+            z_s = h @ s_w.T  # [c, V]
+            z_t = t_h[start : start + chunk_size] @ t_w.T  # [c, V]
+            kl, g = chunk(z_s, z_t, temperature, temperature / n)  # [], [c, V] d loss / d logits
+            total += kl
+            grad_h[start : start + chunk_size] = (g @ s_w).to(s_h.dtype)  # [c, H]
             if grad_w is not None:
-                grad_w += g.T @ h.to(acc)
+                grad_w += g.T @ h  # [V, H]
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = s_w.dtype
         return total / n * temperature**2
