@@ -21,7 +21,8 @@
 #      call 6:    carry [".ortgpu3", ".ortcuda"]                    command: bash bench/ort_cuda_gpu.sh stage setup harness test bench
 #    Logs and JSON go to $OUT: harness.jsonl, harness_bench.jsonl, pytest_ort_cuda.log, onnx_cuda.json/.log.
 #
-# Steps: kernels or prepare (here) | stage | setup | harness | compare | profile | test | bench  (run in the order given).
+# Steps: kernels or prepare (here) | stage | setup | harness | compare | profile | test | errors | bench  (run in the order
+# given).
 # The harness, compare and profile steps need only .ortcuda (no onnxruntime, no setup): one call carrying
 # [".ortcuda"] with the command `bash bench/ort_cuda_gpu.sh compare profile` measures the kernels alone
 # (`bash bench/ort_cuda_gpu.sh kernels` here first: .ortcuda without the onnxruntime pieces).
@@ -189,6 +190,16 @@ profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16
 test() {  # THERE: onnxruntime CUDA EP with our kernel: node cases + placement, harness, SmolLM2 fp16 vs PyTorch
   python3 -m pytest -q -rs --tb=short -p no:logging tests/test_onnx_cuda_gpu.py > "$OUT/pytest_ort_cuda.log" 2>&1 || true
   tail -15 "$OUT/pytest_ort_cuda.log"
+}
+
+errors() {  # THERE: where the fp16 export's logits error comes from: our kernel (warps, blocks) and the op's portable
+  # body on the CUDA EP, each against PyTorch float64 / fp32 / fp16 (bench/onnx_fp16_errors.py; ~1 min each)
+  local k
+  for k in warps blocks; do
+    MLA_ZOO_CUDA_KERNEL=$k python3 bench/onnx_fp16_errors.py --ort cuda --out "$OUT/fp16_errors.jsonl" 2>> "$OUT/fp16_errors.log" || true
+  done
+  python3 bench/onnx_fp16_errors.py --ort cuda-body --out "$OUT/fp16_errors.jsonl" 2>> "$OUT/fp16_errors.log" || true
+  cat "$OUT/fp16_errors.jsonl" 2> /dev/null || tail -20 "$OUT/fp16_errors.log"
 }
 
 bench() {  # THERE: decode latency, our op vs the original on the CUDA EP, and the kernel's bandwidth

@@ -63,6 +63,9 @@ def test_the_compiled_chunk_equals_the_eager_one():
     torch.testing.assert_close(grad_c, grad, rtol=1.6e-2, atol=1e-5)  # bf16 rounding of the same fp32 values
     want = reference_kl(z_s.double(), z_t.double(), 1.5) * 5 / 1.5**2  # a mean * T^2 -> the chunk's sum
     assert kl.item() == pytest.approx(want.item(), rel=1e-5)
+    kl3, grad3 = compiled_kl_chunk()(z_s[:3], z_t[:3], 1.5, 0.1)  # a shorter last chunk: compiled again
+    torch.testing.assert_close(grad3, grad[:3], rtol=1.6e-2, atol=1e-5)
+    assert kl3.item() == pytest.approx(kl_chunk(z_s[:3], z_t[:3], 1.5, 0.1)[0].item(), rel=1e-5)
 
 
 def test_the_fused_loss_under_bf16_autocast_stays_near_float64():

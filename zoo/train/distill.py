@@ -68,8 +68,9 @@ def kl_chunk(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, scale: fl
 
 @cache
 def compiled_kl_chunk():
-    """`kl_chunk` under torch.compile (fixed shapes: every chunk but a last, shorter one has one)."""
-    return torch.compile(kl_chunk, dynamic=False, fullgraph=True)
+    """`kl_chunk` under torch.compile (a second chunk length, e.g. a batch's shorter last chunk, compiles it once
+    more with dynamic shapes)."""
+    return torch.compile(kl_chunk, fullgraph=True)
 
 
 COMPILE_KL_CHUNK = True  # whether CUDA runs use `compiled_kl_chunk` (bench/train_step_gpu.py times both)
