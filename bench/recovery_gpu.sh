@@ -14,8 +14,8 @@
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
 #   mixes (which data mix generalizes; ~6 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
-#   lrs (the quick recipe at other learning rates, on quick's data and conversion; ~3 min each on an H100):
-#                                cmd: bash bench/recovery_gpu.sh quick lrs  (LRS="1e-3 3e-3" to choose)
+#   lrs (the quick recipe at other learning rates, on quick's data and conversion; ~3.5 min each on an H100):
+#                                cmd: bash bench/recovery_gpu.sh quick lrs  (LRS="3e-4 2e-3" to choose)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
@@ -39,6 +39,7 @@ W=/tmp/recovery
 mkdir -p "$W"
 MIX=${MIX:-chat=0.4+bos=0.2+text=0.4}  # the recipes' mix (mixes, 2026-12-07: the worst domain +84% -> +70%)
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
+LR=${LR:-1e-3}  # the global stage's peak learning rate (`lrs`, 2026-12-07: 3e-4 / 1e-3 / 2e-3 / 3e-3 -> worst +70/54/65/80%)
 ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
 ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
 
@@ -88,7 +89,7 @@ finetune() {  # finetune NAME CKPT DATA [flags]: resumes a run that a previous c
   local again=--overwrite
   [ -f "$W/$name/run.json" ] && again=--resume
   mla-zoo finetune "$ckpt" -o "$W/$name" --teacher smollm2-135m --data "$data" --seq-len 1024 --batch-size 32 \
-    --lr 3e-4 --warmup-ratio 0.05 --save-steps 100 --logging-steps 10 --no-progress $again "$@" 2>&1 \
+    --lr "$LR" --warmup-ratio 0.05 --save-steps 100 --logging-steps 10 --no-progress $again "$@" 2>&1 \
     | grep -v Warning | tail -8 > "$OUT/$name.log"
   cp "$W/$name/training.json" "$OUT/$name.training.json"
   [ -d "$W/$name/synth" ] && for s in "$W/$name"/synth/part-*/synth.json; do cp "$s" "$OUT/$name.synth.json"; done
@@ -114,8 +115,8 @@ quick() {  # each part is kept in $W, so a call that runs out of time is continu
   suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
 }
 
-lrs() {  # the quick recipe's global stage at other learning rates (the recipes' 3e-4 is quick32), same data
-  for lr in ${LRS:-1e-3}; do
+lrs() {  # the quick recipe at other global-stage learning rates (quick32 has $LR), on quick's data and conversion
+  for lr in ${LRS:-3e-4 2e-3}; do
     local name="quick32$ALLOC_TAG-lr$lr"
     [ -f "$W/$name.suite.json" ] && continue
     finetune "$name" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \

@@ -60,7 +60,7 @@ def test_shipped_recipes_validate():
     assert small.conversion.calib_text == str(REPO / "data" / "calib.txt")
     assert small.finetune.max_steps == 1500  # a budget is recorded even while the stage is off
     assert small.finetune.data == "teacher:chat=0.4+bos=0.2+text=0.4"  # data-free: the teacher's own samples
-    assert (small.finetune.layerwise_steps, small.finetune.learning_rate) == (300, 3e-4)
+    assert (small.finetune.layerwise_steps, small.finetune.learning_rate) == (300, 1e-3)
     assert small.eval.suite and small.eval.suite_dir == str(REPO / "data" / "eval")
     assert small.gates.suite_gates() == ["max_domain_perplexity_increase"]
     big = load_recipe("llama-2-7b-dkv16")
