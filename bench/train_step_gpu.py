@@ -9,7 +9,7 @@ whole step as `transformers.Trainer` runs it, with a CUDA-kernel profile of one 
 The models are built as finetune's global stage builds them: the teacher is `sources.resolve(--teacher)` in
 fp32, then frozen and cast to bf16 on CUDA (`finetune.prepare`); the student is a d_kv=32 conversion of it
 (4 RoPE pairs per head, weight-only SVD: the recipe's shapes, speed does not depend on the weights), saved and
-loaded back in fp32 as finetune loads it (`finetune._load_student`), or `--student DIR`. The Trainer is
+loaded back in fp32 as finetune loads it (`finetune.load_student`), or `--student DIR`. The Trainer is
 `trainers.GlobalTrainer` with `trainers.training_args` (fp32 master weights under bf16 autocast, fused AdamW,
 clip 1.0), so its `compute_loss` and `kl_impl` resolution (`distill.pick_kl_impl`) are the run's own.
 Inputs are random token ids (time does not depend on the text).
@@ -43,7 +43,7 @@ from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.train import data as data_mod
 from mla_zoo.zoo.train import distill
 from mla_zoo.zoo.train.distill import liger_available
-from mla_zoo.zoo.train.finetune import _load_student
+from mla_zoo.zoo.train.finetune import load_student
 from mla_zoo.zoo.train.settings import FinetuneSettings
 from transformers import TrainerCallback
 
@@ -235,7 +235,7 @@ def run_variant(variant: str, base: FinetuneSettings, student_dir: Path, teacher
     impl, _, mode = variant.partition("-")
     distill.COMPILE_KL_CHUNK = mode != "eager"
     s = replace(base, kl_impl=impl)
-    student = _load_student(student_dir)
+    student = load_student(student_dir)
     step_clock = StepClock(clock)
     trainer = make_trainer(student, teacher, s, ids_rows, work / variant, a.warmup + a.steps + 1, [step_clock])
     t0 = time.perf_counter()
@@ -351,7 +351,7 @@ def main() -> None:
         teacher.to(device=device, dtype=torch.bfloat16 if base.bf16 else torch.float32)
         if base.compile:
             teacher.model = torch.compile(teacher.model)
-        probe = _load_student(student_dir)
+        probe = load_student(student_dir)
         flops = flops_per_token(probe, teacher, a.seq_len)
         student_info = {"dir": str(a.student) if a.student else "converted here", "params": sum(
             q.numel() for q in probe.parameters()), "kv_lora_rank": probe.config.kv_lora_rank,

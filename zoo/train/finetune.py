@@ -127,7 +127,8 @@ class FinetuneRun:
         return self.rows_per_step * self.settings.seq_len
 
 
-def _load_student(path):
+def load_student(path):
+    """The MLA checkpoint at `path` as fine-tuning trains it: fp32 weights (the master copy under bf16 autocast)."""
     from mla_zoo.modeling.remote.modeling_llama_mla import LlamaMLAForCausalLM
 
     return LlamaMLAForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -198,7 +199,7 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
         raise FinetuneError(f"`resume`: {out} was trained with another teacher ({previous.teacher}); "
                             "pass the same `teacher`")
     tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=True)  # our own remote code
-    student = _load_student(ckpt)
+    student = load_student(ckpt)
     sources.check_same_tokenizer(tokenizer, teacher_tok, student.config, teacher_model.config)
     if "layerwise" in s.stages:
         for key in ("num_hidden_layers", "hidden_size"):
@@ -368,7 +369,7 @@ def train(r: FinetuneRun, callbacks: list) -> dict[str, StageResult]:
     for i, stage in enumerate(r.settings.stages):
         stage_out = r.out / "stages" / stage
         if stage in r.run.stages_done:
-            r.student = _load_student(stage_out)
+            r.student = load_student(stage_out)
             continue
         results[stage] = train_stage(r, stage, callbacks)
         if not _replicas_in_sync(r.student, r.state.device):

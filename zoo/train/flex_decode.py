@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .packed_gqa import packed_gqa_attention
+from .packed_gqa import NAME as PACKED
+from .packed_gqa import packed_gqa_attention, switch_attention
 
 NAME = "sdpa_flex_decode"
 KV_BLOCK = 128  # slots per KV block of the block mask (flex's default sparse block size)
@@ -80,15 +81,8 @@ def flex_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 def use_flex_decode(model) -> bool:
     """Switch a model that runs transformers' SDPA (or `packed_gqa`) to the flex decode attention; returns
     whether it did."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .packed_gqa import NAME as PACKED
-
     uses_interface = getattr(model, "_supports_attention_backend", False)  # its layers call AttentionInterface
     if not uses_interface or model.config._attn_implementation not in ("sdpa", PACKED, NAME):
         return False
-    AttentionInterface.register(NAME, flex_decode_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    switch_attention(model, NAME, flex_decode_attention)
     return True

@@ -36,17 +36,23 @@ def packed_gqa_attention(module, query: torch.Tensor, key: torch.Tensor, value: 
     return out.reshape(b, h, 1, d).transpose(1, 2).contiguous(), None  # [B, 1, H, D]
 
 
-def use_packed_gqa(model) -> bool:
-    """Switch a GQA model that runs transformers' SDPA to the packed decode attention; returns whether it did."""
+def switch_attention(model, name: str, attention) -> None:
+    """Register `attention` (transformers' attention signature) as `name`, with the SDPA mask, and switch the
+    model to it (its layers must call AttentionInterface: `model._supports_attention_backend`)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+
+
+def use_packed_gqa(model) -> bool:
+    """Switch a GQA model that runs transformers' SDPA to the packed decode attention; returns whether it did."""
     config = model.config
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     uses_interface = getattr(model, "_supports_attention_backend", False)  # its layers call AttentionInterface
     if not uses_interface or config._attn_implementation != "sdpa" or kv_heads == config.num_attention_heads:
         return False
-    AttentionInterface.register(NAME, packed_gqa_attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
-    model.set_attn_implementation(NAME)
+    switch_attention(model, NAME, packed_gqa_attention)
     return True
