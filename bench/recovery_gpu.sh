@@ -14,8 +14,9 @@
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
 #   mixes (which data mix generalizes; ~6 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
-#   lrs (the quick recipe at other learning rates, on quick's data and conversion; ~3.5 min each on an H100):
-#                                cmd: bash bench/recovery_gpu.sh quick lrs  (LRS="3e-4 2e-3" to choose)
+#   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~3.5 min each on an
+#   H100; the learning rates of 2026-12-07 ran as VARIANTS="--lr=1e-3 --lr=3e-3"):
+#                                cmd: bash bench/recovery_gpu.sh quick variants  (VARIANTS="--layerwise-lr=3e-3")
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
@@ -39,7 +40,7 @@ W=/tmp/recovery
 mkdir -p "$W"
 MIX=${MIX:-chat=0.4+bos=0.2+text=0.4}  # the recipes' mix (mixes, 2026-12-07: the worst domain +84% -> +70%)
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
-LR=${LR:-1e-3}  # the global stage's peak learning rate (`lrs`, 2026-12-07: 3e-4 / 1e-3 / 2e-3 / 3e-3 -> worst +70/54/65/80%)
+LR=${LR:-1e-3}  # the global stage's peak learning rate (`variants`, 2026-12-07: 3e-4 / 1e-3 / 2e-3 / 3e-3 -> worst +70/54/65/80%)
 ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
 ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
 
@@ -115,12 +116,17 @@ quick() {  # each part is kept in $W, so a call that runs out of time is continu
   suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
 }
 
-lrs() {  # the quick recipe at other global-stage learning rates (quick32 has $LR), on quick's data and conversion
-  for lr in ${LRS:-3e-4 2e-3}; do
-    local name="quick32$ALLOC_TAG-lr$lr"
+variants() {  # the quick recipe with other fine-tuning flags, on quick's data and conversion: each of VARIANTS
+  # (space-separated; a variant's flags joined by commas, e.g. "--lr=2e-3 --layerwise-lr=3e-3,--layerwise-steps=300")
+  # is added after the recipe's own flags, so it overrides them; named quick32-<flags without dashes and =>
+  local v
+  for v in ${VARIANTS:---lr=3e-4 --lr=2e-3}; do
+    local name flags
+    name="quick32$ALLOC_TAG-$(echo "$v" | sed 's/--//g; s/=//g; s/,/_/g')"
     [ -f "$W/$name.suite.json" ] && continue
+    IFS=, read -r -a flags <<< "$v"
     finetune "$name" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
-      --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}" --lr "$lr"
+      --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}" "${flags[@]}"
     suite "$name" "$W/$name"
   done
 }
