@@ -162,6 +162,31 @@ def test_continuous_batching_gives_generate_s_greedy_answers():
     assert all(0 < len(a) <= 12 for a in answers["generate"])
 
 
+def test_a_failed_continuous_batching_falls_back_to_generate_with_the_decode_attention(capsys):
+    """Continuous batching that fails (here: the model's generate_batch broken) -> generate(), and from then on the
+    model decodes with the sampler's decode attention (packed GQA), as a sampler that started with generate()."""
+    from mla_zoo.zoo.train.packed_gqa import NAME
+
+    model = tiny_source("llama-gqa")
+    reference = tiny_source("llama-gqa")
+    assert model.config._attn_implementation == "sdpa"
+    prompts = [[1, 5, 6, 7], [1, 9]]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no paged cache here")
+
+    model.generate_batch = broken
+    sampler = Sampler(model, pad_id=0, eos_ids=[2], engine="continuous", cache="dynamic", temperature=None,
+                      decode_attention="packed")
+    assert model.config._attn_implementation == "sdpa"  # continuous batching keeps the model's attention
+    expected = Sampler(reference, pad_id=0, eos_ids=[2], engine="generate", cache="dynamic", temperature=None,
+                       decode_attention="packed")
+    assert reference.config._attn_implementation == NAME
+    assert sampler(prompts, 12) == expected(prompts, 12)
+    assert sampler.engine == "generate" and model.config._attn_implementation == NAME
+    assert "continuous batching failed (RuntimeError: no paged cache here); using generate()" in capsys.readouterr().out
+
+
 def test_continuous_batching_keeps_one_manager_per_way_of_sampling():
     """Calls of the same sampling reuse the manager kept on the model (its cache, its warm-up); another
     temperature or length gets a new one; close() frees it. The answers stay generate()'s."""

@@ -26,6 +26,9 @@ class Sampler:
     temperature: float | None  # None: greedy
     cache_len: int | None = None  # static cache slots of every call (the prompts' calls and the samples' share one
     # compiled decode step: a new cache length recompiles, ~30 s on an H100); None: each call's own length
+    decode_attention: str | None = None  # packed | flex: the attention generate() decodes with (`packed_gqa.py`,
+    # `flex_decode.py`), switched on while the engine is generate (from the start, or once continuous batching
+    # failed); None: the model's own
     seconds: float = 0.0
     generated: int = 0
     calls: list[tuple[float, int]] = field(default_factory=list)  # (seconds, tokens) per call
@@ -33,6 +36,18 @@ class Sampler:
     static: tuple | None = None  # ((rows, slots), StaticCache): reset and reused by the next call of that shape
     log_every: float | None = None  # seconds between progress lines to a log (stderr no terminal: no bar there)
     said: float = field(default_factory=time.time)  # when the last one went out (`sample_chunks`)
+
+    def __post_init__(self):
+        if self.engine == "generate":
+            self._use_decode_attention()
+
+    def _use_decode_attention(self) -> None:
+        """The model decodes generate()'s fixed batches with `decode_attention` (continuous batching has its own)."""
+        from .flex_decode import use_flex_decode
+        from .packed_gqa import use_packed_gqa
+
+        if self.decode_attention is not None:
+            {"flex": use_flex_decode, "packed": use_packed_gqa}[self.decode_attention](self.model)
 
     def __call__(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Each prompt's answer, cut after its first EOS."""
@@ -52,6 +67,7 @@ class Sampler:
                 print(f"synth-data: continuous batching failed ({type(e).__name__}: {e}); using generate()")
                 self.close()
                 self.engine = "generate"
+                self._use_decode_attention()
         return self._generate(prompts, max_new_tokens)
 
     def _timed(self, sample) -> list[list[int]]:

@@ -59,8 +59,6 @@ from mla_zoo.modeling.common import SynthError, atomic_directory, check_output_d
 from mla_zoo.modeling.schema import Report
 from mla_zoo.modeling.sources import SourceInfo
 
-from .flex_decode import use_flex_decode
-from .packed_gqa import use_packed_gqa
 from .sampler import Sampler, has_continuous_batching
 from .settings import SynthSettings
 
@@ -485,14 +483,11 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         engine = "generate"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler_cache = "static" if s.cache == "static" or (s.cache == "auto" and cuda) else "dynamic"
-    decode = s.decode_attention
-    if engine == "generate":  # fixed batches: the decode attention (`packed_gqa.py`, `flex_decode.py`)
-        if decode == "auto":
-            decode = "flex" if cuda and sampler_cache == "static" else "packed"
-        (use_flex_decode if decode == "flex" else use_packed_gqa)(model)
-    attention = model.config._attn_implementation
+    decode = s.decode_attention  # generate()'s decode attention (`packed_gqa.py`, `flex_decode.py`)
+    if decode == "auto":
+        decode = "flex" if cuda and sampler_cache == "static" else "packed"
     sampler = Sampler(model, pad, _eos_ids(model, tokenizer), engine, sampler_cache, s.temperature,
-                      cache_len=s.seq_len)
+                      cache_len=s.seq_len, decode_attention=decode)
     if progress and main and not sys.stderr.isatty():
         sampler.log_every = LOG_EVERY
     try:  # the sampler's continuous-batching manager holds a paged cache on the GPU: always freed
@@ -515,9 +510,6 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
         # recompiled the decode step (64 s against 25 s on an H100), more than the rows it saves
         chunks = {name: batch_size if sampler.cache == "static" else min(batch_size, math.ceil(target / max_new))
                   for name, target in targets.items()}
-        used = replace(s, max_new_tokens=None if s.fill_rows else max_new, engine=sampler.engine, cache=sampler.cache,
-                       decode_attention=decode,
-                       dtype=str(torch_dtype).replace("torch.", ""), batch_size=batch_size)
         with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
             tmp = _from_main(tmp, world)  # the main process's temporary directory
             if main:
@@ -545,6 +537,9 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                 steady_seconds = max(sum(t for t, _ in calls) for _, _, calls in stats)
                 seconds = time.time() - started
                 written = sum(by_source.values())
+                used = replace(s, max_new_tokens=None if s.fill_rows else max_new, engine=sampler.engine,
+                               cache=sampler.cache, batch_size=batch_size, dtype=str(torch_dtype).replace("torch.", ""),
+                               decode_attention=decode if sampler.engine == "generate" else s.decode_attention)
                 report = SynthReport(
                     model=info.name, source=info, settings=used, tokens=written, generated_tokens=generated,
                     samples=samples, rows=writer.total_rows, shards=writer.shards, prompt_count=len(prompts), chat=chat,
@@ -555,7 +550,8 @@ def synth_data(source: str, out: str | Path, settings: SynthSettings, *, overwri
                     steady_generated_tokens_per_second=round(sum(n for _, n in rest) / steady_seconds, 1) if rest
                     and steady_seconds > 0 else None,
                     tokens_by_source=by_source, prompt_seconds=round(prompt_seconds, 2), example_prompts=prompts[:20],
-                    world_size=world, attention=attention, call_seconds=[round(t, 2) for t, _ in sampler.calls],
+                    world_size=world, attention=model.config._attn_implementation,
+                    call_seconds=[round(t, 2) for t, _ in sampler.calls],
                     call_tokens=[n for _, n in sampler.calls], prompt_calls=prompt_calls,
                 )
                 report.write(tmp)
