@@ -36,7 +36,7 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=gpu_setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_setup.sh"  # the environment, $OUT, setup's pieces
-W=/tmp/recovery
+W=${W:-/tmp/recovery}  # every step's work; another W runs another quick recipe beside (e.g. more tokens and steps)
 mkdir -p "$W"
 MIX=${MIX:-chat=0.4+bos=0.2+text=0.4}  # the recipes' mix (mixes, 2026-12-07: the worst domain +84% -> +70%)
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
