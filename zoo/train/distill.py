@@ -55,7 +55,8 @@ def kl_chunk(z_s: torch.Tensor, z_t: torch.Tensor, temperature: float, scale: fl
     z_s, z_t: [c, V] student / teacher logits (the matmuls' dtype). The softmaxes run in fp32 (fp64 for fp64
     logits). Returns (sum over rows of KL(softmax(z_t / T) || softmax(z_s / T)) [], g [c, V] in z_s's dtype)
     with g = scale * (softmax(z_s / T) - softmax(z_t / T)). On CUDA `FusedLinearKL` runs it compiled
-    (`compiled_kl_chunk`): one or two fused passes over [c, V] instead of ten (bench/train_step_gpu.py).
+    (`compiled_kl_chunk`): inductor's fused kernels instead of ten eager passes over [c, V] (the loss of a
+    32 x 1024 step: 92 -> 26 ms on an H100, bench/RESULTS.md).
     """
     acc = torch.promote_types(z_s.dtype, torch.float32)
     t_logp = F.log_softmax(z_t.to(acc) / temperature, dim=-1)  # [c, V]
