@@ -8,6 +8,7 @@ CPU (the exact model) and PyTorch fp32 on the device (what the GPU test compares
     MLA_ZOO_CUDA_KERNEL=blocks python bench/onnx_fp16_errors.py --ort cuda      # GPU: our CUDA kernel on the CUDA EP
     python bench/onnx_fp16_errors.py --ort cuda-body           # GPU: the op's portable function body on the CUDA EP
                                                                # (standard ops only: no custom library)
+    python bench/onnx_fp16_errors.py --ort cuda --fp32-residual   # the export with its residual stream in fp32
 
 On a GPU each run also reports PyTorch fp32 and fp16 on CUDA against float64. The tuning is read once per
 process (MLA_ZOO_CUDA_KERNEL), so each kernel is its own run. One JSON line per run (`--out` appends it).
@@ -62,13 +63,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ort", choices=("emulated", "cuda", "cuda-body"), default="emulated")
     p.add_argument("--decode-steps", type=int, default=16)
+    p.add_argument("--fp32-residual", action="store_true", help="export with the residual stream in fp32")
     p.add_argument("--out", help="append the JSON line to this file")
     a = p.parse_args()
     model, tok, info = sources.resolve("smollm2-135m")
     settings = ConvertSettings(svd="whitened", calib_tokens=512, **SMOLLM2_PAPER_SETTING)
     mla, _ = convert_model(model, tok, info, settings, progress=False)
     mla.eval()
-    report = exporter.export_model(copy.deepcopy(mla).half(), Path(f"/tmp/onnx_fp16_errors_{a.ort}"), dtype="fp16")
+    report = exporter.export_model(copy.deepcopy(mla).half(), Path(f"/tmp/onnx_fp16_errors_{a.ort}_{a.fp32_residual}"),
+                                   dtype="fp16", fp32_residual=a.fp32_residual)
     decoder = decoder_for(a.ort, report.output_dir, report.model_path)
 
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -104,6 +107,7 @@ def main() -> None:
                                              / np.abs(exact[keep]).max())
     errors["ort_decode_vs_float64"] = float(np.abs(got - exact)[:, ids.shape[1]:].max() / np.abs(exact[keep]).max())
     line = json.dumps({"ort": a.ort, "kernel": os.environ.get("MLA_ZOO_CUDA_KERNEL", "default"),
+                       "fp32_residual": a.fp32_residual,
                        "onnxruntime": ort.__version__, "torch": torch.__version__,
                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                        "decode_steps": a.decode_steps, **{k: round(v, 6) for k, v in errors.items()},

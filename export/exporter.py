@@ -40,6 +40,9 @@ class ExportSettings(Settings):
                                          "no fused kernel)")
     dtype: str = setting("fp32", choices=tuple(DTYPES), help="fp32 (CPU) or fp16 (GPU); weights and cache "
                                                              "(no bf16: onnxruntime's CPU provider has no bf16 MatMul)")
+    fp32_residual: bool = setting(False, help="fp16 only: keep the residual stream between the blocks in fp32 "
+                                              "(each block reads it cast to fp16 after its norm); in PyTorch it "
+                                              "cuts SmolLM2's fp16 logits error by a third (bench/RESULTS.md)")
     overwrite: bool = setting(False, recipe=False, help="replace an existing output_dir")
 
 
@@ -56,6 +59,7 @@ class ExportReport:
     cache_bytes_per_token: int  # all layers, in dtype
     external_data: bool
     seconds: float
+    fp32_residual: bool = False  # fp16: the residual stream between the blocks in fp32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +69,8 @@ def check_settings(settings: ExportSettings) -> None:
     if settings.dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {settings.dtype!r}: choose one of {', '.join(DTYPES)} "
                           "(onnxruntime's CPU provider has no bfloat16 MatMul)")
+    if settings.fp32_residual and settings.dtype != "fp16":
+        raise ExportError("`fp32_residual` is for fp16 exports (dtype fp16): an fp32 export's residual is fp32")
     ckpt = Path(settings.checkpoint)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt} has no config.json: not a checkpoint directory")
@@ -92,7 +98,7 @@ def load_checkpoint(path: str, dtype: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def export_ir(model):
+def export_ir(model, fp32_residual: bool = False):
     """The decoder-with-past as an onnx_ir.Model with one MultiHeadLatentAttention node per layer
     (the node's function body is NOT attached yet: see attach_body)."""
     import torch
@@ -100,7 +106,7 @@ def export_ir(model):
     from . import op
     from .wrapper import DecoderWithPast
 
-    wrapper = DecoderWithPast(model).eval()
+    wrapper = DecoderWithPast(model, residual_dtype=torch.float32 if fp32_residual else None).eval()
     n = len(wrapper.attns)
     batch, seq, past = 2, 3, 4  # >= 2 each: sizes 0 and 1 get specialised by torch.export
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
@@ -322,7 +328,7 @@ def copy_library(directory: Path) -> str | None:
 
 
 def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bool = False,
-                 checkpoint: str | Path | None = None) -> ExportReport:
+                 checkpoint: str | Path | None = None, fp32_residual: bool = False) -> ExportReport:
     """Exports an in-memory MLA model into `directory` (created; must be empty or absent)."""
     import onnx
     import torch
@@ -334,9 +340,11 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     param_dtype = next(model.parameters()).dtype
     if param_dtype != getattr(torch, DTYPES[dtype]):
         raise ExportError(f"the model is {param_dtype}, but dtype={dtype!r}: cast it first (model.to(...))")
+    if fp32_residual and dtype != "fp16":
+        raise ExportError("`fp32_residual` is for fp16 exports (dtype fp16): an fp32 export's residual is fp32")
     bar = progress_bar(total=3, desc="export", unit="stage")
     bar.set_postfix_str("torch.onnx.export")
-    ir_model = export_ir(model)
+    ir_model = export_ir(model, fp32_residual)
     bar.update()
     n_layers = model.config.num_hidden_layers
     mla_nodes = count_mla_nodes(ir_model)
@@ -371,7 +379,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
         output_dir=str(directory), model_path=str(directory / MODEL_FILE), dtype=dtype, portable=portable,
         num_layers=n_layers, mla_nodes=mla_nodes, latent_dims=latent_dims, key_rope_dim=key_rope_dim,
         cache_bytes_per_token=(sum(latent_dims) + n_layers * key_rope_dim) * itemsize, external_data=external,
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, fp32_residual=fp32_residual,
     )
 
 
@@ -380,4 +388,5 @@ def run_export(settings: ExportSettings) -> ExportReport:
     require("onnx", "onnxscript", "onnx_ir")
     check_settings(settings)
     model = load_checkpoint(settings.checkpoint, settings.dtype)
-    return export_model(model, settings.output_dir, settings.dtype, settings.portable, settings.checkpoint)
+    return export_model(model, settings.output_dir, settings.dtype, settings.portable, settings.checkpoint,
+                        settings.fp32_residual)

@@ -84,9 +84,10 @@ class DecoderWithPast(nn.Module):
     position_ids [B, S].
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, residual_dtype: torch.dtype | None = None):
         super().__init__()
         config = model.config
+        self.residual_dtype = residual_dtype  # the residual stream's dtype (None: the model's)
         check_mla_config(config)
         self.config = config
         inner = model.model
@@ -105,15 +106,24 @@ class DecoderWithPast(nn.Module):
         hidden = self.embed_tokens(input_ids)  # [B, S, hidden]
         cos, sin = self.rotary_emb(hidden, position_ids)  # [B, S, hd]; the second half repeats the first
         cos, sin = cos[..., : self.half_dim], sin[..., : self.half_dim]  # [B, S, hd/2]
+        dtype = hidden.dtype  # the weights'
+        if self.residual_dtype is not None:  # the blocks read it cast back after their norms, add to it in fp32
+            hidden = hidden.to(self.residual_dtype)
         presents = []
         for i, attn in enumerate(self.attns):
             out, present_latent, present_key_rope = attn(
-                self.input_norms[i](hidden), past[2 * i], past[2 * i + 1], attention_mask, cos, sin)
+                self._block_input(self.input_norms[i](hidden), dtype), past[2 * i], past[2 * i + 1], attention_mask,
+                cos, sin)
             hidden = hidden + out
-            hidden = hidden + self.mlps[i](self.post_norms[i](hidden))
+            hidden = hidden + self.mlps[i](self._block_input(self.post_norms[i](hidden), dtype))
             presents += [present_latent, present_key_rope]
-        logits = self.lm_head(self.norm(hidden))  # [B, S, vocab]
+        logits = self.lm_head(self._block_input(self.norm(hidden), dtype))  # [B, S, vocab]
         return logits, presents
+
+    @staticmethod
+    def _block_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A norm's output as its block's input: in the weights' dtype (a cast only with a wider residual)."""
+        return x if x.dtype == dtype else x.to(dtype)
 
     def empty_past(self, batch: int, past_len: int = 0, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
         """Zero past tensors in feed order, each layer at its own latent width."""

@@ -468,3 +468,40 @@ def test_fp16_export_holds_an_fp16_cache_and_tracks_the_fp32_model(tiny_model, t
     worst = three_way_logits(tiny_model, decoders, PROMPTS, decode_steps=4)  # against fp32 torch
     scale = float(np.abs(torch_logits(tiny_model, *left_padded(PROMPTS))).max())
     assert max(worst.values()) / scale < 1e-2, (worst, scale)
+
+
+def test_an_fp16_export_can_keep_its_residual_stream_in_fp32(tiny_model, tmp_path, kernel_library):
+    """`fp32_residual`: the residual adds of every block run in fp32 (the graph's fp32 Adds: the norms' epsilon
+    adds plus two per layer), onnxruntime computes what the wrapper computes that way, the cache stays fp16."""
+    import copy
+
+    from mla_zoo.export.wrapper import DecoderWithPast
+
+    def fp32_adds(ir_model) -> int:
+        return sum(1 for node in ir_model.graph if node.op_type == "Add" and node.outputs[0].dtype.name == "FLOAT")
+
+    half = copy.deepcopy(tiny_model).half()
+    layers = tiny_model.config.num_hidden_layers
+    assert fp32_adds(exporter.export_ir(half, fp32_residual=True)) == fp32_adds(exporter.export_ir(half)) + 2 * layers
+    report = exporter.export_model(half, tmp_path / "fp16", dtype="fp16", fp32_residual=True)
+    assert report.fp32_residual and report.cache_bytes_per_token == 2 * 2 * (20 + 8)
+    decoders = {"kernel": runner.OnnxDecoder(report.output_dir, use_kernels=True),
+                "body": runner.OnnxDecoder(report.output_dir, use_kernels=False)}
+    assert decoders["kernel"].cache.dtype is np.float16
+    ids, mask = left_padded(PROMPTS)
+    wrapper = DecoderWithPast(half, residual_dtype=torch.float32).eval()
+    pos = runner.position_ids_from_mask(mask, ids.shape[1])
+    with torch.no_grad():
+        want, _ = wrapper(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pos), wrapper.empty_past(2))
+    real = mask.astype(bool)
+    for dec in decoders.values():
+        got, _ = dec.step(ids, mask, pos, dec.empty_past(2))
+        np.testing.assert_allclose(got[real], want.float().numpy()[real], rtol=0, atol=2e-2)
+    worst = three_way_logits(tiny_model, decoders, PROMPTS, decode_steps=4)  # against fp32 torch
+    scale = float(np.abs(torch_logits(tiny_model, ids, mask)).max())
+    assert max(worst.values()) / scale < 1e-2, (worst, scale)
+
+
+def test_fp32_residual_is_for_fp16_exports(tiny_model, tmp_path):
+    with pytest.raises(exporter.ExportError, match="`fp32_residual` is for fp16 exports"):
+        exporter.export_model(tiny_model, tmp_path / "o", dtype="fp32", fp32_residual=True)
