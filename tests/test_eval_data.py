@@ -158,7 +158,7 @@ def test_the_overlap_check_finds_a_copied_passage(training):
 def synth_module():
     """The module that builds synth-data's prompt set: imported by name, so that a move fails these tests
     instead of skipping them."""
-    return importlib.import_module("mla_zoo.zoo.train.synth")
+    return importlib.import_module("mla_zoo.zoo.train.prompts")
 
 
 def test_behaviour_prompts_are_well_formed():

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import tiny_source
 from mla_zoo.zoo.cli import main
-from mla_zoo.zoo.train import data, synth
+from mla_zoo.zoo.train import data, prompts
+from mla_zoo.zoo.train.prompts import build_openings, build_prompts, clean_prompt, held_out
 from mla_zoo.zoo.train.sampler import Sampler
-from mla_zoo.zoo.train.synth import build_openings, build_prompts, clean_prompt, held_out, parse_mix
+from mla_zoo.zoo.train.synth import parse_mix
 
 
 def test_synth_data_writes_the_mix_in_shards_that_finetune_reads(source_dir, tokenizer, tmp_path, capsys):
@@ -84,7 +85,7 @@ def test_the_text_source_continues_plain_openings(source_dir, tokenizer, tmp_pat
 
     openings = build_openings()
     assert build_openings(seed=1) != openings and sorted(build_openings(seed=1)) == sorted(openings)
-    for kind in (synth.CODE_OPENINGS, synth.DOC_OPENINGS, synth.TALK_OPENINGS, synth.NEWS_OPENINGS):
+    for kind in (prompts.CODE_OPENINGS, prompts.DOC_OPENINGS, prompts.TALK_OPENINGS, prompts.NEWS_OPENINGS):
         assert 0.05 < sum(o in kind for o in openings) / len(openings) < 0.3
     assert all(len(o.split()) <= 8 for o in openings), "an opening is a few words, never a passage of text"
 
@@ -233,7 +234,7 @@ def test_bad_mixes_are_refused(mix):
 def test_no_evaluation_prompt_survives_the_run_time_filter():
     """The prompts the teacher writes are filtered against every held-out prompt of data/eval."""
     from mla_zoo.zoo.evaluate.reports import DEFAULT_SUITE
-    from mla_zoo.zoo.train.synth import evaluation_prompts
+    from mla_zoo.zoo.train.prompts import evaluation_prompts
 
     found = evaluation_prompts()
     chat = [x for x in (DEFAULT_SUITE / "chat_prompts.txt").read_text().splitlines() if x.strip()]
