@@ -17,16 +17,11 @@ import numpy as np
 import torch
 from mla_zoo.export import runner
 from mla_zoo.export.wrapper import DecoderWithPast
-from mla_zoo.modeling import sources
-from mla_zoo.modeling.convert import convert_model
-from mla_zoo.modeling.convert_schema import ConvertSettings
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import SMOLLM2_PAPER_SETTING  # noqa: E402  (the GPU test's conversion)
-from test_onnx_export import left_padded  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onnx_fp16_errors import smollm2_case  # noqa: E402  (the GPU test's conversion, prompts and tokens)
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea and the wind."]
 PARTS = ("none", "residual", "attention", "mlp", "norms", "head")
 
 
@@ -78,14 +73,7 @@ def decoder(mla, dtype: torch.dtype, part: str = "none") -> DecoderWithPast:
 
 
 def main() -> None:
-    model, tok, info = sources.resolve("smollm2-135m")
-    mla, _ = convert_model(model, tok, info, ConvertSettings(svd="whitened", calib_tokens=512, **SMOLLM2_PAPER_SETTING),
-                           progress=False)
-    mla.eval()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                       return_dict=True)["input_ids"] for q in PROMPTS]
-    ids, mask = left_padded(prompts, pad=tok.pad_token_id or 0)  # [B, P]
-    steps = np.random.default_rng(0).integers(3, mla.config.vocab_size, size=(16, ids.shape[0]))  # [N, B]
+    mla, ids, mask, steps = smollm2_case(16)
     ids, mask = np.concatenate([ids, steps.T], 1), np.concatenate([mask, np.ones_like(steps.T)], 1)  # [B, P + N]
     pos = runner.position_ids_from_mask(mask, ids.shape[1])
     keep = mask.astype(bool)

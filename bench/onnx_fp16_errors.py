@@ -47,6 +47,19 @@ def torch_logits(model, ids: np.ndarray, mask: np.ndarray, device: str) -> np.nd
     return out.logits.double().cpu().numpy()
 
 
+def smollm2_case(decode_steps: int) -> tuple:
+    """The GPU test's case: (SmolLM2-135M-MLA fp32 (whitened SVD, 512 calibration tokens), ids [B, P] and
+    mask [B, P] of two left-padded chat prompts, `decode_steps` random tokens [N, B])."""
+    model, tok, info = sources.resolve("smollm2-135m")
+    settings = ConvertSettings(svd="whitened", calib_tokens=512, **SMOLLM2_PAPER_SETTING)
+    mla, _ = convert_model(model, tok, info, settings, progress=False)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       return_dict=True)["input_ids"] for q in PROMPTS]
+    ids, mask = left_padded(prompts, pad=tok.pad_token_id or 0)  # [B, P]
+    steps = np.random.default_rng(0).integers(3, mla.config.vocab_size, size=(decode_steps, ids.shape[0]))  # [N, B]
+    return mla.eval(), ids, mask, steps
+
+
 def decoder_for(mode: str, output_dir: Path, model_path: str) -> runner.OnnxDecoder:
     if mode == "cuda":
         return runner.OnnxDecoder(output_dir, use_kernels=True, device="cuda")
@@ -66,19 +79,12 @@ def main() -> None:
     p.add_argument("--fp32-residual", action="store_true", help="export with the residual stream in fp32")
     p.add_argument("--out", help="append the JSON line to this file")
     a = p.parse_args()
-    model, tok, info = sources.resolve("smollm2-135m")
-    settings = ConvertSettings(svd="whitened", calib_tokens=512, **SMOLLM2_PAPER_SETTING)
-    mla, _ = convert_model(model, tok, info, settings, progress=False)
-    mla.eval()
+    mla, ids, mask, steps = smollm2_case(a.decode_steps)
     export_dir = Path("/tmp/onnx_fp16_errors" + ("_fp32_residual" if a.fp32_residual else ""))
     if not (export_dir / "model.onnx").is_file():  # the same graph for every --ort: made by the first run
         exporter.export_model(copy.deepcopy(mla).half(), export_dir, dtype="fp16", fp32_residual=a.fp32_residual)
     decoder = decoder_for(a.ort, export_dir, str(export_dir / "model.onnx"))
 
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                       return_dict=True)["input_ids"] for q in PROMPTS]
-    ids, mask = left_padded(prompts, pad=tok.pad_token_id or 0)  # [B, P]
-    steps = np.random.default_rng(0).integers(3, mla.config.vocab_size, size=(a.decode_steps, ids.shape[0]))  # [N, B]
     full_ids = np.concatenate([ids, steps.T], 1)  # [B, P + N]
     full_mask = np.concatenate([mask, np.ones_like(steps.T)], 1)  # [B, P + N]
     refs = {"float64_cpu": torch_logits(copy.deepcopy(mla).double(), full_ids, full_mask, "cpu")}

@@ -41,6 +41,8 @@ mkdir -p "$W"
 MIX=${MIX:-chat=0.4+bos=0.2+text=0.4}  # the recipes' mix (mixes, 2026-12-07: the worst domain +84% -> +70%)
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
 LR=${LR:-1e-3}  # the global stage's peak learning rate (`variants`, 2026-12-07: 3e-4 / 1e-3 / 2e-3 / 3e-3 -> worst +70/54/65/80%)
+# the quick budget's training (quick, variants, mixes): layer-wise 150 steps, then QUICK_STEPS global steps
+QUICK_TRAINING=(--stages "layerwise,global" --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}")
 ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
 ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
 
@@ -111,8 +113,7 @@ quick() {  # each part is kept in $W, so a call that runs out of time is continu
   synth quick-data "${QUICK_DATA_TOKENS:-13107200}"
   convert 32 "$W/quick-data"
   [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$ALLOC_TAG" "$W/mla32$ALLOC_TAG"
-  finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
-    --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}"
+  finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" "${QUICK_TRAINING[@]}"
   suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
 }
 
@@ -125,8 +126,7 @@ variants() {  # the quick recipe with other fine-tuning flags, on quick's data a
     name="quick32$ALLOC_TAG-$(echo "$v" | sed 's/--//g; s/=//g; s/,/_/g')"
     [ -f "$W/$name.suite.json" ] && continue
     IFS=, read -r -a flags <<< "$v"
-    finetune "$name" "$W/mla32$ALLOC_TAG" "$W/quick-data" --stages layerwise,global --layerwise-steps 150 \
-      --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}" "${flags[@]}"
+    finetune "$name" "$W/mla32$ALLOC_TAG" "$W/quick-data" "${QUICK_TRAINING[@]}" "${flags[@]}"
     suite "$name" "$W/$name"
   done
 }
@@ -185,8 +185,7 @@ mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); 
     [ -f "$W/$name.suite.json" ] && continue
     local extra=()
     [[ $mix == *onpolicy ]] && extra=(--on-policy 0.1) && mix=${mix%+onpolicy}
-    finetune "$name" "$W/mla32$ALLOC_TAG" "teacher:$mix" --stages layerwise,global --layerwise-steps 150 --layerwise-lr 1e-3 \
-      --max-steps "${QUICK_STEPS:-400}" "${extra[@]}"
+    finetune "$name" "$W/mla32$ALLOC_TAG" "teacher:$mix" "${QUICK_TRAINING[@]}" "${extra[@]}"
     suite "$name" "$W/$name"
   done
 }

@@ -65,12 +65,16 @@ class ExportReport:
         return asdict(self)
 
 
+def check_fp32_residual(dtype: str, fp32_residual: bool) -> None:
+    if fp32_residual and dtype != "fp16":
+        raise ExportError("`fp32_residual` is for fp16 exports (dtype fp16): an fp32 export's residual is fp32")
+
+
 def check_settings(settings: ExportSettings) -> None:
     if settings.dtype not in DTYPES:
         raise ExportError(f"unsupported dtype {settings.dtype!r}: choose one of {', '.join(DTYPES)} "
                           "(onnxruntime's CPU provider has no bfloat16 MatMul)")
-    if settings.fp32_residual and settings.dtype != "fp16":
-        raise ExportError("`fp32_residual` is for fp16 exports (dtype fp16): an fp32 export's residual is fp32")
+    check_fp32_residual(settings.dtype, settings.fp32_residual)
     ckpt = Path(settings.checkpoint)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt} has no config.json: not a checkpoint directory")
@@ -340,8 +344,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     param_dtype = next(model.parameters()).dtype
     if param_dtype != getattr(torch, DTYPES[dtype]):
         raise ExportError(f"the model is {param_dtype}, but dtype={dtype!r}: cast it first (model.to(...))")
-    if fp32_residual and dtype != "fp16":
-        raise ExportError("`fp32_residual` is for fp16 exports (dtype fp16): an fp32 export's residual is fp32")
+    check_fp32_residual(dtype, fp32_residual)
     bar = progress_bar(total=3, desc="export", unit="stage")
     bar.set_postfix_str("torch.onnx.export")
     ir_model = export_ir(model, fp32_residual)
