@@ -12,7 +12,7 @@
 #   then (same machine):         cmd: bash bench/recovery_gpu.sh throughput
 #   release (60 GPU-min; 10-min calls, same machine):
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
-#   mixes (which data mix generalizes; ~6 min each on an H100: 13.1M sampled tokens, 400 steps, the suite):
+#   mixes (which data mix generalizes; ~8 min each on an H100: QUICK_STEPS x 32 x 1024 sampled tokens, the suite):
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
 #   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~3.5 min each on an
 #   H100; the learning rates of 2026-12-07 ran as VARIANTS="--lr=1e-3 --lr=3e-3"):
@@ -23,9 +23,9 @@
 # the gguf wheel and liger-kernel's (pip download --no-deps gguf liger-kernel==0.8.5): the GPU image has
 # no network. Without liger-kernel the fused loss runs in plain torch (kl_impl fused).
 #
-#   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): QUICK_DATA_TOKENS (13.1M, one pass) of teacher:$MIX data
+#   quick   (<= 10 GPU-min, d_kv=32, -68.75% KV): QUICK_DATA_TOKENS (18.9M, one pass) of teacher:$MIX data
 #           sampled for the run, the conversion calibrated on 16k of them, layer-wise 150 steps + global
-#           QUICK_STEPS (400) x 32 x 1024 tokens, then the suite.
+#           QUICK_STEPS (576) x 32 x 1024 tokens, then the suite (~9.8 H100-minutes in all).
 #           Goal: every domain within +15% of the original's perplexity.
 #           ALLOC=energy: per-layer ranks at the same total (names get "-energy"); QUICK_ONESHOT=0 skips the
 #           one-shot suite.
@@ -42,7 +42,7 @@ MIX=${MIX:-chat=0.4+bos=0.2+text=0.4}  # the recipes' mix (mixes, 2026-12-07: th
 SUITE=(--suite --max-tokens "${SUITE_TOKENS:-16384}" --dtype float32)
 LR=${LR:-1e-3}  # the global stage's peak learning rate (`variants`, 2026-12-07: 3e-4 / 1e-3 / 2e-3 / 3e-3 -> worst +70/54/65/80%)
 # the quick budget's training (quick, variants, mixes): layer-wise 150 steps, then QUICK_STEPS global steps
-QUICK_TRAINING=(--stages "layerwise,global" --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-400}")
+QUICK_TRAINING=(--stages "layerwise,global" --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-576}")
 ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
 ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
 
@@ -108,9 +108,10 @@ probe() {  # the engines' sampling speed (minutes at worst), before anything lon
 }
 
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
-  # one pass over 13.1M fresh tokens in 400 steps: better on every domain than 3.1M read 4 times (2026-12-07,
-  # bench/RESULTS.md), for ~150 s more sampling; the probe and mixes steps sample their own
-  synth quick-data "${QUICK_DATA_TOKENS:-13107200}"
+  # one pass over 18.9M fresh tokens in 576 steps, what fits the 10 minutes (bench/RESULTS.md: 13.1M in 400 steps
+  # left the worst domain at +54%, 18.9M at +46%; fresh tokens beat re-reading 3.1M four times on every domain);
+  # the probe and mixes steps sample their own
+  synth quick-data "${QUICK_DATA_TOKENS:-18874368}"
   convert 32 "$W/quick-data"
   [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$ALLOC_TAG" "$W/mla32$ALLOC_TAG"
   finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" "${QUICK_TRAINING[@]}"
@@ -178,7 +179,7 @@ plots() {  # per-domain increases of every suite report in $OUT
 }
 
 mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); one per call if needed
-  synth mixes-calib 131072  # only the conversion's 16k calibration tokens: each mix samples its own 13.1M
+  synth mixes-calib 131072  # only the conversion's 16k calibration tokens: each mix samples its own QUICK_STEPS x 32 x 1024
   convert 32 "$W/mixes-calib"
   for mix in ${MIXES:-chat=0.4+bos=0.2+text=0.4 chat=0.2+bos=0.1+text=0.7 chat=0.4+bos=0.2+text=0.4+onpolicy}; do
     local name="mix-${mix//[=+.]/_}$ALLOC_TAG"
