@@ -43,7 +43,7 @@ from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.train import data as data_mod
 from mla_zoo.zoo.train import distill
 from mla_zoo.zoo.train.distill import liger_available
-from mla_zoo.zoo.train.finetune import load_student
+from mla_zoo.zoo.train.finetune import compile_layers, load_student
 from mla_zoo.zoo.train.settings import FinetuneSettings
 from transformers import TrainerCallback
 
@@ -141,6 +141,8 @@ def make_trainer(student, teacher, s: FinetuneSettings, rows: torch.Tensor, work
 
     student.to(teacher.device)
     student.train()
+    if s.compile:
+        compile_layers(student)
     student.requires_grad_(True)
     if s.bf16_weights:  # as train_stage: bf16 weights instead of fp32 master weights under autocast
         student.to(torch.bfloat16)
@@ -350,7 +352,7 @@ def main() -> None:
         teacher.requires_grad_(False).eval()
         teacher.to(device=device, dtype=torch.bfloat16 if base.bf16 else torch.float32)
         if base.compile:
-            teacher.model = torch.compile(teacher.model)
+            compile_layers(teacher)
         probe = load_student(student_dir)
         flops = flops_per_token(probe, teacher, a.seq_len)
         student_info = {"dir": str(a.student) if a.student else "converted here", "params": sum(

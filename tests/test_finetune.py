@@ -15,6 +15,7 @@ from conftest import DATA, REPO, convert_tiny, tiny_source
 from mla_zoo.zoo.cli import main
 from mla_zoo.zoo.train.data import pack_rows
 from mla_zoo.zoo.train.distill import LayerwiseStudent, distill_loss, teacher_layer_io
+from mla_zoo.zoo.train.finetune import compile_layers
 from reference import reference_kl
 
 
@@ -51,6 +52,32 @@ def kl_to_teacher(student, teacher, rows) -> float:
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
+
+
+def test_compiled_layers_train_as_the_eager_model_with_one_graph_for_all_layers():
+    """`compile` (finetune.compile_layers, regional compilation): the loss and every gradient as in eager mode
+    (fp32, inductor on the CPU), the state dict's names unchanged, and ONE dynamo graph serving every layer."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    eager, _ = convert_tiny(tiny_source("llama-gqa"), rope_pairs=2, kv_lora_rank=8)
+    eager.train()
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_layers(compiled)
+    ids = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))  # [B, S]
+    losses = []
+    for m in (eager, compiled):
+        loss = m(input_ids=ids, use_cache=False).logits.float().pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert len(eager.model.layers) == 2 and counters["stats"]["unique_graphs"] == 1
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("ce_weight", [0.0, 0.5])

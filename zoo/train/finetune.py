@@ -68,6 +68,15 @@ def checkpoint_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def compile_layers(model) -> None:
+    """`compile`: regional compilation, each decoder layer compiled in place (`nn.Module.compile`). The layers
+    run one code path, so dynamo compiles it once for all of them: SmolLM2-MLA's first forward + backward on a CPU
+    takes 12.7 s instead of the whole model's 69.3 s, for the same step (bench/compile_layers_cpu.py). Names and
+    state dicts stay as they are (no `_orig_mod.` prefix)."""
+    for layer in model.model.layers:
+        layer.compile()
+
+
 def compile_pays(s: FinetuneSettings, cuda: bool) -> bool:
     """Whether compiling pays for a run: on CUDA, from COMPILE_PAYS_TOKENS tokens of global stage on."""
     tokens = s.tokens if s.tokens is not None else s.max_steps and s.max_steps * s.batch_size * s.grad_accum * s.seq_len
@@ -238,8 +247,8 @@ def prepare(checkpoint: str | Path, out: str | Path, teacher: str, settings: Fin
 
     teacher_model.requires_grad_(False).eval()
     teacher_model.to(device=state.device, dtype=torch.bfloat16 if s.bf16 else torch.float32)
-    if s.compile:  # the frozen teacher's body runs every step: compile it too
-        teacher_model.model = torch.compile(teacher_model.model)
+    if s.compile:  # the frozen teacher's layers run every step: compiled too
+        compile_layers(teacher_model)
     return FinetuneRun(checkpoint=ckpt, out=out, teacher=teacher, settings=s, resume=resume, progress=progress,
                        state=state, run=RunState.read(out), student=student, tokenizer=tokenizer,
                        teacher_model=teacher_model, teacher_info=teacher_info, data=data_info, rows=rows, steps=steps,
@@ -272,6 +281,8 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
     s, student = r.settings, r.student
     student.to(r.state.device)
     student.train()
+    if s.compile:
+        compile_layers(student)
     if stage == "layerwise":
         student.requires_grad_(False)
         for layer in student.model.layers:

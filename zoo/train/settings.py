@@ -11,7 +11,9 @@ from mla_zoo.modeling.schema import Settings, setting
 STAGES = ("layerwise", "global")  # in the order they run: layer-wise first measured better (bench/RESULTS.md)
 # torch.compile of the global stage: ~90 s up front for 110k -> 184k tokens/s with the compiled KL chunk (H100,
 # bench/RESULTS.md, 2026-12-07), so it pays from 90 / (1/110k - 1/184k) = 25M tokens on (32M with the eager loss's
-# 130 s for 76.8k -> 111.1k); `compile` unset means on from 32M (CUDA only).
+# 130 s for 76.8k -> 111.1k); `compile` unset means on from 32M (CUDA only). Those 90 s were the whole model's
+# compilation; `compile` now compiles each decoder layer in place (finetune.compile_layers: one graph for all
+# layers, 5.4x less compile time on a CPU), so the threshold is conservative until a GPU measures it.
 COMPILE_PAYS_TOKENS = 32_000_000
 KL_CHUNK = 1024  # positions per chunk of the vocabulary-sized KL: 1024 x vocab logits (100 MB bf16 at 49k vocab)
 
@@ -41,8 +43,8 @@ class FinetuneSettings(Settings):
     save_total_limit: int | None = setting(2, min=1, help="Trainer checkpoints kept per stage")
     bf16: bool | None = setting(None, help="bf16 autocast and a bf16 teacher (default: on CUDA)")
     gradient_checkpointing: bool = setting(False, help="recompute activations in backward (less memory)")
-    compile: bool | None = setting(None, help="torch.compile student and teacher (default: on CUDA when the global "
-                                               "stage has >= COMPILE_PAYS_TOKENS tokens, where its ~90 s pay)")
+    compile: bool | None = setting(None, help="torch.compile the decoder layers of student and teacher (default: on "
+                                               "CUDA when the global stage has >= COMPILE_PAYS_TOKENS tokens)")
     bf16_weights: bool = setting(False, help="the global stage trains bf16 weights (no fp32 master copy, no "
                                              "autocast): less memory and traffic; measure the quality first")
     on_policy: float = setting(0.0, min=0, max=1, help="share of global-stage steps on rows the STUDENT writes (the "

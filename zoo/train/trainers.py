@@ -239,6 +239,5 @@ def training_args(checkpoint_dir: Path, s, steps: int, lr: float, bf16: bool, gr
         dataloader_drop_last=True, dataloader_num_workers=0, remove_unused_columns=False,
         ddp_find_unused_parameters=False, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # lets accelerate run several CPU processes (gloo) under torchrun
-        torch_compile=s.compile,
         **{ckpt: grad_ckpt, f"{ckpt}_kwargs": {"use_reentrant": False} if grad_ckpt else None},
     )
