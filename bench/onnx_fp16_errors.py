@@ -8,7 +8,7 @@ CPU (the exact model) and PyTorch fp32 on the device (what the GPU test compares
     MLA_ZOO_CUDA_KERNEL=blocks python bench/onnx_fp16_errors.py --ort cuda      # GPU: our CUDA kernel on the CUDA EP
     python bench/onnx_fp16_errors.py --ort cuda-body           # GPU: the op's portable function body on the CUDA EP
                                                                # (standard ops only: no custom library)
-    python bench/onnx_fp16_errors.py --ort cuda --fp32-residual   # the export with its residual stream in fp32
+    python bench/onnx_fp16_errors.py --ort cuda --fp16-residual   # an all-fp16 export (`--no-fp32-residual`)
 
 On a GPU each run also reports PyTorch fp32 and fp16 on CUDA against float64. The tuning is read once per
 process (MLA_ZOO_CUDA_KERNEL), so each kernel is its own run. One JSON line per run (`--out` appends it).
@@ -76,13 +76,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ort", choices=("emulated", "cuda", "cuda-body"), default="emulated")
     p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--fp32-residual", action="store_true", help="export with the residual stream in fp32")
+    p.add_argument("--fp16-residual", action="store_true",
+                   help="export all-fp16, the residual stream included (the export's --no-fp32-residual)")
     p.add_argument("--out", help="append the JSON line to this file")
     a = p.parse_args()
     mla, ids, mask, steps = smollm2_case(a.decode_steps)
-    export_dir = Path("/tmp/onnx_fp16_errors" + ("_fp32_residual" if a.fp32_residual else ""))
+    export_dir = Path("/tmp/onnx_fp16_errors" + ("_fp16_residual" if a.fp16_residual else ""))
     if not (export_dir / "model.onnx").is_file():  # the same graph for every --ort: made by the first run
-        exporter.export_model(copy.deepcopy(mla).half(), export_dir, dtype="fp16", fp32_residual=a.fp32_residual)
+        exporter.export_model(copy.deepcopy(mla).half(), export_dir, dtype="fp16",
+                              fp32_residual=not a.fp16_residual)
     decoder = decoder_for(a.ort, export_dir, str(export_dir / "model.onnx"))
 
     full_ids = np.concatenate([ids, steps.T], 1)  # [B, P + N]
@@ -114,7 +116,7 @@ def main() -> None:
                                              / np.abs(exact[keep]).max())
     errors["ort_decode_vs_float64"] = float(np.abs(got - exact)[:, ids.shape[1]:].max() / np.abs(exact[keep]).max())
     line = json.dumps({"ort": a.ort, "kernel": os.environ.get("MLA_ZOO_CUDA_KERNEL", "default"),
-                       "fp32_residual": a.fp32_residual,
+                       "fp32_residual": not a.fp16_residual,
                        "onnxruntime": ort.__version__, "torch": torch.__version__,
                        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                        "decode_steps": a.decode_steps, **{k: round(v, 6) for k, v in errors.items()},

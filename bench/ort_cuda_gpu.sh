@@ -192,20 +192,21 @@ test() {  # THERE: onnxruntime CUDA EP with our kernel: node cases + placement, 
   tail -15 "$OUT/pytest_ort_cuda.log"
 }
 
-errors() {  # THERE: where the fp16 export's logits error comes from: our kernel (warps, blocks), the op's portable
-  # body, and the export with an fp32 residual stream, on the CUDA EP, each against PyTorch float64 / fp32 / fp16
-  # (bench/onnx_fp16_errors.py; ~1 min each)
+errors() {  # THERE: where the fp16 export's logits error comes from, on the CUDA EP, each against PyTorch float64 /
+  # fp32 / fp16 (bench/onnx_fp16_errors.py; ~1 min each): the default export (fp32 residual stream) with our
+  # kernel and with the op's portable body, then all-fp16 exports with each attention kernel (warps, blocks)
   local k log=$OUT/fp16_errors.log
-  for k in warps blocks; do
-    MLA_ZOO_CUDA_KERNEL=$k python3 bench/onnx_fp16_errors.py --ort cuda --out "$OUT/fp16_errors.jsonl" 2>> "$log" || true
-  done
+  python3 bench/onnx_fp16_errors.py --ort cuda --out "$OUT/fp16_errors.jsonl" 2>> "$log" || true
   python3 bench/onnx_fp16_errors.py --ort cuda-body --out "$OUT/fp16_errors.jsonl" 2>> "$log" || true
-  python3 bench/onnx_fp16_errors.py --ort cuda --fp32-residual --out "$OUT/fp16_errors.jsonl" 2>> "$log" || true
+  for k in warps blocks; do
+    MLA_ZOO_CUDA_KERNEL=$k python3 bench/onnx_fp16_errors.py --ort cuda --fp16-residual --out "$OUT/fp16_errors.jsonl" \
+      2>> "$log" || true
+  done
   cat "$OUT/fp16_errors.jsonl" 2> /dev/null || tail -20 "$OUT/fp16_errors.log"
 }
 
 bench() {  # THERE: decode latency, our op vs the original on the CUDA EP, and the kernel's bandwidth
-  # shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. --contexts 2048,16384,32768 --fp32-residual
+  # shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. --contexts 2048,16384,32768 --fp16-residual
   python3 bench/onnx_cuda.py --out "$OUT/onnx_cuda.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/onnx_cuda.log" | tail -14 || true
 }
 

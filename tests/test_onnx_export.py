@@ -457,11 +457,13 @@ def test_onnxruntime_genai_loads_the_export_but_cannot_run_its_cache_layout(tiny
             generator.generate_next_token()
 
 
-def test_fp16_export_holds_an_fp16_cache_and_tracks_the_fp32_model(tiny_model, tmp_path, kernel_library):
+def test_an_all_fp16_export_holds_an_fp16_cache_and_tracks_the_fp32_model(tiny_model, tmp_path, kernel_library):
+    """`fp32_residual=False` (`--no-fp32-residual`): fp16 everywhere, the residual stream included."""
     import copy
 
-    report = exporter.export_model(copy.deepcopy(tiny_model).half(), tmp_path / "fp16", dtype="fp16")
-    assert report.cache_bytes_per_token == 2 * 2 * (20 + 8)
+    report = exporter.export_model(copy.deepcopy(tiny_model).half(), tmp_path / "fp16", dtype="fp16",
+                                   fp32_residual=False)
+    assert report.cache_bytes_per_token == 2 * 2 * (20 + 8) and not report.fp32_residual
     decoders = {"kernel": runner.OnnxDecoder(report.output_dir, use_kernels=True),
                 "body": runner.OnnxDecoder(report.output_dir, use_kernels=False)}
     assert decoders["kernel"].cache.dtype is np.float16
@@ -470,9 +472,10 @@ def test_fp16_export_holds_an_fp16_cache_and_tracks_the_fp32_model(tiny_model, t
     assert max(worst.values()) / scale < 1e-2, (worst, scale)
 
 
-def test_an_fp16_export_can_keep_its_residual_stream_in_fp32(tiny_model, tmp_path, kernel_library):
-    """`fp32_residual`: the residual adds of every block run in fp32 (the graph's fp32 Adds: the norms' epsilon
-    adds plus two per layer), onnxruntime computes what the wrapper computes that way, the cache stays fp16."""
+def test_an_fp16_export_keeps_its_residual_stream_in_fp32_by_default(tiny_model, tmp_path, kernel_library):
+    """`fp32_residual` (the default): the residual adds of every block run in fp32 (the graph's fp32 Adds: the
+    norms' epsilon adds plus two per layer), onnxruntime computes what the wrapper computes that way, the cache
+    stays fp16."""
     import copy
 
     from mla_zoo.export.wrapper import DecoderWithPast
@@ -482,8 +485,8 @@ def test_an_fp16_export_can_keep_its_residual_stream_in_fp32(tiny_model, tmp_pat
 
     half = copy.deepcopy(tiny_model).half()
     layers = tiny_model.config.num_hidden_layers
-    assert fp32_adds(exporter.export_ir(half, fp32_residual=True)) == fp32_adds(exporter.export_ir(half)) + 2 * layers
-    report = exporter.export_model(half, tmp_path / "fp16", dtype="fp16", fp32_residual=True)
+    assert fp32_adds(exporter.export_ir(half)) == fp32_adds(exporter.export_ir(half, fp32_residual=False)) + 2 * layers
+    report = exporter.export_model(half, tmp_path / "fp16", dtype="fp16")
     assert report.fp32_residual and report.cache_bytes_per_token == 2 * 2 * (20 + 8)
     decoders = {"kernel": runner.OnnxDecoder(report.output_dir, use_kernels=True),
                 "body": runner.OnnxDecoder(report.output_dir, use_kernels=False)}
@@ -502,6 +505,9 @@ def test_an_fp16_export_can_keep_its_residual_stream_in_fp32(tiny_model, tmp_pat
     assert max(worst.values()) / scale < 1e-2, (worst, scale)
 
 
-def test_fp32_residual_is_for_fp16_exports(tiny_model, tmp_path):
-    with pytest.raises(exporter.ExportError, match="`fp32_residual` is for fp16 exports"):
-        exporter.export_model(tiny_model, tmp_path / "o", dtype="fp32", fp32_residual=True)
+def test_fp32_residual_changes_nothing_in_an_fp32_export(tiny_model):
+    """An fp32 model's residual is fp32 already: the same graph, node for node, with or without the setting."""
+    def ops(ir_model) -> list[tuple[str, str]]:
+        return [(node.op_type, node.outputs[0].dtype.name) for node in ir_model.graph]
+
+    assert ops(exporter.export_ir(tiny_model)) == ops(exporter.export_ir(tiny_model, fp32_residual=False))
