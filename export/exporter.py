@@ -68,10 +68,7 @@ class ExportReport:
         return asdict(self)
 
 
-def check_settings(settings: ExportSettings) -> None:
-    if settings.dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {settings.dtype!r}: choose one of {', '.join(DTYPES)} "
-                          "(onnxruntime's CPU provider has no bfloat16 MatMul)")
+def check_settings(settings: ExportSettings) -> None:  # (`dtype`: ExportSettings checks its choices)
     ckpt = Path(settings.checkpoint)
     if not (ckpt / "config.json").is_file():
         raise FileNotFoundError(f"{ckpt} has no config.json: not a checkpoint directory")
@@ -338,7 +335,8 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
     start = time.perf_counter()
     directory = Path(directory)
     if dtype not in DTYPES:
-        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise ExportError(f"unsupported dtype {dtype!r}: choose one of {', '.join(DTYPES)} "
+                          "(onnxruntime's CPU provider has no bfloat16 MatMul)")
     param_dtype = next(model.parameters()).dtype
     if param_dtype != getattr(torch, DTYPES[dtype]):
         raise ExportError(f"the model is {param_dtype}, but dtype={dtype!r}: cast it first (model.to(...))")

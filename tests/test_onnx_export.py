@@ -363,11 +363,15 @@ def test_non_mla_checkpoint_is_refused(source_dir, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_unsupported_dtype_is_refused(tmp_path):
+def test_unsupported_dtype_is_refused(tiny_model, tmp_path):
     from mla_zoo.modeling.common import SettingsError
 
     with pytest.raises(SettingsError, match="`dtype` must be one of fp32, fp16 \\(got 'bf16'\\)"):
         exporter.ExportSettings(checkpoint=str(tmp_path), output_dir=str(tmp_path / "o"), dtype="bf16")
+    with pytest.raises(exporter.ExportError, match="unsupported dtype 'bf16': choose one of fp32, fp16 "
+                                                   "\\(onnxruntime's CPU provider has no bfloat16 MatMul\\)"):
+        exporter.export_model(tiny_model, tmp_path / "o", dtype="bf16")
+    assert not (tmp_path / "o").exists()
 
 
 def test_mismatched_cache_shapes_give_clear_errors(decoders, tiny_exports):
