@@ -43,7 +43,7 @@ from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.train import data as data_mod
 from mla_zoo.zoo.train import distill
 from mla_zoo.zoo.train.distill import liger_available
-from mla_zoo.zoo.train.finetune import compile_layers, load_student
+from mla_zoo.zoo.train.finetune import compile_layers, load_student, set_trainable
 from mla_zoo.zoo.train.settings import FinetuneSettings
 from transformers import TrainerCallback
 
@@ -143,7 +143,7 @@ def make_trainer(student, teacher, s: FinetuneSettings, rows: torch.Tensor, work
     student.train()
     if s.compile:
         compile_layers(student)
-    student.requires_grad_(True)
+    set_trainable(student, "global", s.trainable)
     if s.bf16_weights:  # as train_stage: bf16 weights instead of fp32 master weights under autocast
         student.to(torch.bfloat16)
         s = replace(s, bf16=False)
@@ -305,6 +305,7 @@ def main() -> None:
     p.add_argument("--kl-chunk", type=int, default=FinetuneSettings.kl_chunk, help="finetune's `kl_chunk`")
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher, as finetune's `compile`")
     p.add_argument("--bf16-weights", action="store_true", help="finetune's `bf16_weights`: bf16 student weights")
+    p.add_argument("--trainable", choices=("all", "attention"), default="all", help="finetune's `trainable`")
     p.add_argument("--gradient-checkpointing", action="store_true", help="finetune's `gradient_checkpointing`")
     p.add_argument("--teacher", default="smollm2-135m", help="the teacher SOURCE (default: the bundled SmolLM2-135M)")
     p.add_argument("--student", help="an existing conversion of the teacher (default: convert it here, d_kv=32)")
@@ -326,7 +327,7 @@ def main() -> None:
     # finetune's resolved settings: bf16 on CUDA (`prepare`), global stage only, no save within the run
     base = FinetuneSettings(data="random", seq_len=a.seq_len, batch_size=a.batch_size, stages=("global",),
                             max_steps=a.warmup + a.steps + 1, bf16=cuda, compile=a.compile,
-                            bf16_weights=a.bf16_weights, kl_chunk=a.kl_chunk,
+                            bf16_weights=a.bf16_weights, kl_chunk=a.kl_chunk, trainable=a.trainable,
                             gradient_checkpointing=a.gradient_checkpointing, save_steps=10**9)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "cuda": torch.version.cuda, "device": torch.cuda.get_device_name() if cuda else "cpu"}

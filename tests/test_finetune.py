@@ -154,6 +154,27 @@ def test_layerwise_loss_decreases_for_a_lossy_conversion():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_the_global_stage_can_train_the_attention_blocks_alone(dirs):
+    """`trainable` attention: every weight outside the attention blocks (embeddings, MLPs, norms, head) is written
+    back bit for bit, the attention blocks change, and the KL falls."""
+    from safetensors.torch import load_file
+
+    out = dirs["root"] / "attention-only"
+    assert main(["finetune", str(dirs["lossy"]), "-o", str(out), "--teacher", str(dirs["teacher"]), "--data",
+                 str(DATA / "calib.txt"), "--seq-len", "48", "--batch-size", "4", "--max-steps", "6", "--lr", "2e-3",
+                 "--stages", "global", "--trainable", "attention", "--warmup-ratio", "0", "--logging-steps", "1",
+                 "--save-steps", "100", "--no-progress"]) == 0
+    before, after = load_file(dirs["lossy"] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".mlp." in k for k in before) and any("embed" in k for k in before)
+    assert changed and all(".self_attn." in k for k in changed), sorted(changed)
+    report = json.loads((out / "training.json").read_text())
+    assert report["settings"]["trainable"] == "attention"
+    losses = [h["loss"] for h in report["stages"]["global"]["log_history"] if "loss" in h]
+    assert losses[-1] < losses[0]
+
+
 def test_cli_run_both_stages_lowers_kl_and_writes_a_checkpoint(dirs, tokenizer):
     from mla_zoo.zoo.evaluate.evaluation import load_model
 

@@ -77,6 +77,14 @@ def compile_layers(model) -> None:
         layer.compile()
 
 
+def set_trainable(student, stage: str, trainable: str) -> None:
+    """What a stage trains: the layer-wise stage the attention blocks alone; the global stage every weight
+    (`trainable` all) or the attention blocks alone (`trainable` attention)."""
+    student.requires_grad_(stage == "global" and trainable == "all")
+    for layer in student.model.layers:
+        layer.self_attn.requires_grad_(True)
+
+
 def compile_pays(s: FinetuneSettings, cuda: bool) -> bool:
     """Whether compiling pays for a run: on CUDA, from COMPILE_PAYS_TOKENS tokens of global stage on."""
     tokens = s.tokens if s.tokens is not None else s.max_steps and s.max_steps * s.batch_size * s.grad_accum * s.seq_len
@@ -283,14 +291,11 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
     student.train()
     if s.compile:
         compile_layers(student)
+    set_trainable(student, stage, s.trainable)
     if stage == "layerwise":
-        student.requires_grad_(False)
-        for layer in student.model.layers:
-            layer.self_attn.requires_grad_(True)
         model, trainer_cls, grad_ckpt = LayerwiseStudent(student), LayerwiseTrainer, False
         lr = s.layerwise_lr or s.learning_rate
     else:
-        student.requires_grad_(True)
         model, trainer_cls, lr, grad_ckpt = student, GlobalTrainer, s.learning_rate, s.gradient_checkpointing
         if s.bf16_weights:  # bf16 weights instead of fp32 master weights under autocast
             student.to(torch.bfloat16)

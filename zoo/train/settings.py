@@ -39,6 +39,9 @@ class FinetuneSettings(Settings):
                                       help="comma-separated: layerwise,global (layer-wise runs first) or one alone")
     layerwise_steps: int | None = setting(None, min=1, help="default: 10%% of the global stage (all steps when alone)")
     layerwise_lr: float | None = setting(None, gt=0, help="default: learning_rate")
+    trainable: str = setting("all", choices=("all", "attention"),
+                             help="what the global stage trains: every weight, or the attention blocks alone (what "
+                                  "the conversion changed; embeddings, MLPs, norms and head stay the teacher's)")
     save_steps: int = setting(500, min=1, help="steps between Trainer checkpoints")
     save_total_limit: int | None = setting(2, min=1, help="Trainer checkpoints kept per stage")
     bf16: bool | None = setting(None, help="bf16 autocast and a bf16 teacher (default: on CUDA)")
