@@ -14,9 +14,9 @@
 #                                cmd: bash bench/recovery_gpu.sh release      (repeat until release-done.json)
 #   mixes (which data mix generalizes; ~8 min each on an H100: QUICK_STEPS x 32 x 1024 sampled tokens, the suite):
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
-#   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~3.5 min each on an
+#   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~4.5 min each on an
 #   H100; the learning rates of 2026-12-07 ran as VARIANTS="--lr=1e-3 --lr=3e-3"):
-#                                cmd: bash bench/recovery_gpu.sh quick variants  (VARIANTS="--layerwise-lr=3e-3")
+#                                cmd: bash bench/recovery_gpu.sh quick variants  (default: --trainable=attention, --compile)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
@@ -122,7 +122,7 @@ variants() {  # the quick recipe with other fine-tuning flags, on quick's data a
   # (space-separated; a variant's flags joined by commas, e.g. "--lr=2e-3 --layerwise-lr=3e-3,--layerwise-steps=300")
   # is added after the recipe's own flags, so it overrides them; named quick32-<flags without dashes and =>
   local v
-  for v in ${VARIANTS:---lr=3e-4 --lr=2e-3}; do
+  for v in ${VARIANTS:---trainable=attention --compile}; do  # default: the levers built but not measured yet
     local name flags
     name="quick32$ALLOC_TAG-$(echo "$v" | sed 's/--//g; s/=//g; s/,/_/g')"
     [ -f "$W/$name.suite.json" ] && continue

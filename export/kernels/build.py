@@ -30,9 +30,9 @@ from mla_zoo.modeling.common import MlaZooError
 from mla_zoo.modeling.schema import Settings, setting
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("CMakeLists.txt", "mla_attention.cc", "mla_attention_common.h", "mla_attention_cuda.h",
-           "mla_attention_cuda.cc", "mla_attention_cuda.cu", "mla_attention_cuda_warps.cuh", "cuda_harness.cu",
-           "cuda_emulation.h")
+SOURCES = ("CMakeLists.txt", "mla_attention.cc", "mla_attention_common.h", "mla_attention_ort.h",
+           "mla_attention_cuda.h", "mla_attention_cuda.cc", "mla_attention_cuda.cu", "mla_attention_cuda_warps.cuh",
+           "cuda_harness.cu", "cuda_emulation.h")
 LIBRARY_NAME = "libmla_zoo_ort_ops.so"
 HARNESS_NAME = "mla_zoo_cuda_harness"
 VARIANTS = ("cpu", "cuda", "cuda-emulation")  # MlaZooHasCuda() of each: 0, 1, 2

@@ -38,6 +38,7 @@
 #endif
 
 #include "mla_attention_common.h"
+#include "mla_attention_ort.h"
 #include "onnxruntime_lite_custom_op.h"
 
 #ifdef MLA_ZOO_CUDA
@@ -285,18 +286,8 @@ void parallel_for(Ort::KernelContext& ctx, size_t n, F& f) {
 // ---------------------------------------------------------------------------------------------
 
 template <typename T>
-struct MultiHeadLatentAttention {
-  int64_t num_heads = 0, num_kv_heads = 0;
-  std::vector<int64_t> rope_pairs;  // [n_kv, R] row-major
-  float scale = 1.f;
-
-  MultiHeadLatentAttention(const OrtApi*, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo ki(info);
-    num_heads = ki.GetAttribute<int64_t>("num_heads");
-    num_kv_heads = ki.GetAttribute<int64_t>("num_kv_heads");
-    rope_pairs = ki.GetAttributes<int64_t>("rope_pairs");
-    scale = ki.GetAttribute<float>("scale");
-  }
+struct MultiHeadLatentAttention : MlaAttributes {
+  MultiHeadLatentAttention(const OrtApi*, const OrtKernelInfo* info) : MlaAttributes(info) {}
 
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query,
                       const Ort::Custom::Tensor<T>& latent, const Ort::Custom::Tensor<T>& key_rope,

@@ -16,6 +16,7 @@
 
 #include "mla_attention_common.h"
 #include "mla_attention_cuda.h"
+#include "mla_attention_ort.h"
 #include "onnxruntime_lite_custom_op.h"
 
 namespace mla_zoo {
@@ -54,18 +55,8 @@ class Scratch {
 };
 
 template <typename T>
-struct MultiHeadLatentAttentionCuda {
-  int64_t num_heads = 0, num_kv_heads = 0;
-  std::vector<int64_t> rope_pairs;  // [n_kv, R] row-major
-  float scale = 1.f;
-
-  MultiHeadLatentAttentionCuda(const OrtApi*, const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo ki(info);
-    num_heads = ki.GetAttribute<int64_t>("num_heads");
-    num_kv_heads = ki.GetAttribute<int64_t>("num_kv_heads");
-    rope_pairs = ki.GetAttributes<int64_t>("rope_pairs");
-    scale = ki.GetAttribute<float>("scale");
-  }
+struct MultiHeadLatentAttentionCuda : MlaAttributes {
+  MultiHeadLatentAttentionCuda(const OrtApi*, const OrtKernelInfo* info) : MlaAttributes(info) {}
 
   Ort::Status Compute(OrtKernelContext* context, const Ort::Custom::Tensor<T>& query,
                       const Ort::Custom::Tensor<T>& latent, const Ort::Custom::Tensor<T>& key_rope,
