@@ -413,6 +413,22 @@ def test_a_missing_compiler_is_a_clear_build_error(monkeypatch, tmp_path, kernel
         build.build_kernels()
 
 
+def test_the_library_cache_key_covers_every_kernel_source(tmp_path, monkeypatch):
+    """A built library is reused while `source_hash` is unchanged: every source file in export/kernels must be in
+    it, or an edit to the one left out would keep serving the old library."""
+    on_disk = {f.name for f in build.SOURCE_DIR.iterdir()
+               if f.suffix in (".cc", ".cu", ".cuh", ".h") or f.name == "CMakeLists.txt"}
+    assert set(build.SOURCES) == on_disk
+    copy = tmp_path / "kernels"
+    copy.mkdir()
+    for name in build.SOURCES:
+        (copy / name).write_bytes((build.SOURCE_DIR / name).read_bytes())
+    monkeypatch.setattr(build, "SOURCE_DIR", copy)
+    before = build.source_hash("avx2", "cuda")
+    (copy / "mla_attention_ort.h").write_text((copy / "mla_attention_ort.h").read_text() + "\n")
+    assert build.source_hash("avx2", "cuda") != before
+
+
 # ----------------------------------------------------------------------------------------------
 # The commands (settings dataclasses the CLI wires)
 # ----------------------------------------------------------------------------------------------
