@@ -43,7 +43,7 @@ from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.train import data as data_mod
 from mla_zoo.zoo.train import distill
 from mla_zoo.zoo.train.distill import liger_available
-from mla_zoo.zoo.train.finetune import compile_layers, load_student, set_trainable
+from mla_zoo.zoo.train.finetune import compile_layers, load_student, ready_student
 from mla_zoo.zoo.train.settings import FinetuneSettings
 from transformers import TrainerCallback
 
@@ -139,14 +139,7 @@ def make_trainer(student, teacher, s: FinetuneSettings, rows: torch.Tensor, work
     from mla_zoo.zoo.train.trainers import GlobalTrainer, training_args
     from transformers.trainer_callback import PrinterCallback
 
-    student.to(teacher.device)
-    student.train()
-    if s.compile:
-        compile_layers(student)
-    set_trainable(student, "global", s.trainable)
-    if s.bf16_weights:  # as train_stage: bf16 weights instead of fp32 master weights under autocast
-        student.to(torch.bfloat16)
-        s = replace(s, bf16=False)
+    s = ready_student(student, s, "global", teacher.device)
     args = training_args(work / "checkpoints", s, steps, s.learning_rate, s.bf16, s.gradient_checkpointing, False)
     trainer = GlobalTrainer(model=student, args=args, train_dataset=data_mod.PackedDataset(rows),
                             data_collator=data_mod.collate, callbacks=callbacks, teacher=teacher,

@@ -77,12 +77,23 @@ def compile_layers(model) -> None:
         layer.compile()
 
 
-def set_trainable(student, stage: str, trainable: str) -> None:
-    """What a stage trains: the layer-wise stage the attention blocks alone; the global stage every weight
-    (`trainable` all) or the attention blocks alone (`trainable` attention)."""
-    student.requires_grad_(stage == "global" and trainable == "all")
+def ready_student(student, s: FinetuneSettings, stage: str, device) -> FinetuneSettings:
+    """The student as `stage` trains it: on `device`, in train mode, its layers compiled with `compile` (again for
+    each stage: `train` may have reloaded it), and what the stage trains - the layer-wise stage the attention
+    blocks alone, the global stage every weight (`trainable` all) or the attention blocks alone (`trainable`
+    attention). With `bf16_weights` the global stage's weights become bf16: the settings returned then have
+    bf16 autocast off."""
+    student.to(device)
+    student.train()
+    if s.compile:
+        compile_layers(student)
+    student.requires_grad_(stage == "global" and s.trainable == "all")
     for layer in student.model.layers:
         layer.self_attn.requires_grad_(True)
+    if stage == "global" and s.bf16_weights:  # bf16 weights instead of fp32 master weights under autocast
+        student.to(torch.bfloat16)
+        s = replace(s, bf16=False)
+    return s
 
 
 def compile_pays(s: FinetuneSettings, cuda: bool) -> bool:
@@ -286,20 +297,13 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
         training_args,
     )
 
-    s, student = r.settings, r.student
-    student.to(r.state.device)
-    student.train()
-    if s.compile:
-        compile_layers(student)
-    set_trainable(student, stage, s.trainable)
+    student = r.student
+    s = ready_student(student, r.settings, stage, r.state.device)
     if stage == "layerwise":
         model, trainer_cls, grad_ckpt = LayerwiseStudent(student), LayerwiseTrainer, False
         lr = s.layerwise_lr or s.learning_rate
     else:
         model, trainer_cls, lr, grad_ckpt = student, GlobalTrainer, s.learning_rate, s.gradient_checkpointing
-        if s.bf16_weights:  # bf16 weights instead of fp32 master weights under autocast
-            student.to(torch.bfloat16)
-            s = replace(s, bf16=False)
     ckpt_dir = r.out / "checkpoints" / stage
     args = training_args(ckpt_dir, s, r.steps[stage], lr, s.bf16, grad_ckpt, r.progress)
     ppl = None
