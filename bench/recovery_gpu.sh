@@ -17,6 +17,7 @@
 #   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~4.5 min each on an
 #   H100; the learning rates of 2026-12-07 ran as VARIANTS="--lr=1e-3 --lr=3e-3"):
 #                                cmd: bash bench/recovery_gpu.sh quick variants  (default: --trainable=attention, --compile)
+#                                (or `data variants`: quick's sample and conversion without quick's own fine-tuning)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
 # .gg0/.gg1 are the two halves of the bundled GGUF (the whole file is over one call's 64 MiB); .whl holds
@@ -111,12 +112,16 @@ probe() {  # the engines' sampling speed (minutes at worst), before anything lon
   synth probe-stop-continuous 262144 --no-fill-rows --engine continuous --max-new-tokens 512 --prompt-pool 256
 }
 
+data() {  # quick's teacher sample and conversion alone (what `variants` trains on, without quick's own run)
+  synth quick-data "${QUICK_DATA_TOKENS:-18874368}"
+  convert 32 "$W/quick-data"
+}
+
 quick() {  # each part is kept in $W, so a call that runs out of time is continued by the next one
   # one pass over 18.9M fresh tokens in 576 steps, what fits the 10 minutes (bench/RESULTS.md: 13.1M in 400 steps
   # left the worst domain at +54%, 18.9M at +46%; fresh tokens beat re-reading 3.1M four times on every domain);
   # the probe and mixes steps sample their own
-  synth quick-data "${QUICK_DATA_TOKENS:-18874368}"
-  convert 32 "$W/quick-data"
+  data
   [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$ALLOC_TAG" "$W/mla32$ALLOC_TAG"
   finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" "${QUICK_TRAINING[@]}"
   suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
