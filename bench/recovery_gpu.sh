@@ -98,7 +98,7 @@ finetune() {  # finetune NAME CKPT DATA [flags]: resumes a run that a previous c
   [ -f "$W/$name/run.json" ] && again=--resume
   mla-zoo finetune "$ckpt" -o "$W/$name" --teacher smollm2-135m --data "$data" --seq-len 1024 --batch-size 32 \
     --lr "$LR" --warmup-ratio 0.05 --save-steps 100 --logging-steps 10 --no-progress $again "$@" 2>&1 \
-    | grep -v Warning | tail -8 > "$OUT/$name.log"
+    | grep -v Warning | tail -40 > "$OUT/$name.log"  # a traceback whole
   cp "$W/$name/training.json" "$OUT/$name.training.json"
   [ -d "$W/$name/synth" ] && for s in "$W/$name"/synth/part-*/synth.json; do cp "$s" "$OUT/$name.synth.json"; done
   return 0

@@ -80,6 +80,27 @@ def test_compiled_layers_train_as_the_eager_model_with_one_graph_for_all_layers(
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_the_layerwise_targets_of_a_compiled_teacher_are_the_eager_ones_at_every_step():
+    """`teacher_layer_io` on a teacher whose layers `compile` compiled (finetune compiles the teacher before both
+    stages): its hooks see every call's own inputs and attention outputs. On the H100 (torch 2.11) the hooks inside
+    the compiled layers were not called and the layer-wise stage failed on empty targets; it runs eagerly now."""
+    import copy
+
+    from mla_zoo.zoo.train.distill import teacher_layer_io
+
+    eager = tiny_source("llama-gqa").eval()
+    compiled = copy.deepcopy(eager)
+    compile_layers(compiled)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # the second call: hooks registered anew, after the first call compiled
+        ids = torch.randint(0, 384, (2, 16), generator=g)  # [B, S]
+        got, want = teacher_layer_io(compiled, ids), teacher_layer_io(eager, ids)
+        for got_part, want_part in zip(got, want, strict=True):  # layer inputs, then attention outputs
+            assert len(got_part) == len(want_part) == 2
+            for a, b in zip(got_part, want_part, strict=True):
+                torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("ce_weight", [0.0, 0.5])
 def test_chunked_kl_equals_unchunked_with_gradients(ce_weight):
     g = torch.Generator().manual_seed(0)

@@ -266,8 +266,10 @@ def teacher_layer_io(teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
 
         hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(layer.self_attn.register_forward_hook(post))
-    try:
-        teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    try:  # eagerly: a hook inside a compiled layer (`compile`) is traced once or not at all, as dynamo's version
+        # has it (torch 2.11 on CUDA left `targets` empty; 2.13 on the CPU did not)
+        with torch.compiler.set_stance("force_eager"):
+            teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
