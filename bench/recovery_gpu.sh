@@ -16,7 +16,7 @@
 #                                cmd: bash bench/recovery_gpu.sh mixes      (MIXES="MIX MIX..." to choose)
 #   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~4.5 min each on an
 #   H100; the learning rates of 2026-12-07 ran as VARIANTS="--lr=1e-3 --lr=3e-3"):
-#                                cmd: bash bench/recovery_gpu.sh quick variants  (default: --trainable=attention, --compile)
+#                                cmd: bash bench/recovery_gpu.sh quick variants  (default: --compile; --trainable=attention ran 2026-12-07)
 #                                (or `data variants`: quick's sample and conversion without quick's own fine-tuning)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #
@@ -131,7 +131,7 @@ variants() {  # the quick recipe with other fine-tuning flags, on quick's data a
   # (space-separated; a variant's flags joined by commas, e.g. "--lr=2e-3 --layerwise-lr=3e-3,--layerwise-steps=300")
   # is added after the recipe's own flags, so it overrides them; named quick32-<flags without dashes and =>
   local v
-  for v in ${VARIANTS:---trainable=attention --compile}; do  # default: the levers built but not measured yet
+  for v in ${VARIANTS:---compile}; do  # default: the lever built but not measured yet
     local name flags
     name="quick32$ALLOC_TAG-$(echo "$v" | sed 's/--//g; s/=//g; s/,/_/g')"
     [ -f "$W/$name.suite.json" ] && continue
