@@ -118,3 +118,106 @@ def test_kernel_rejects_inconsistent_shapes_with_a_clear_message(kernel_library)
     bad = dict(feed, past_latent=feed["past_latent"][:, :, :, :-1])
     with pytest.raises(Exception, match=r"input 'past_latent' has shape \[2, 1, 11, 39\], expected \[2, 1, 11, 40\]"):
         session.run(None, bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Version 2 (op_spec.md): past and present in one buffer of `capacity` rows, the past's length an input.
+# The CPU kernel only (no function body, exporter or CUDA kernel yet): checked against version 1's reference.
+# ----------------------------------------------------------------------------------------------
+
+
+def shared_cache_model(attrs: dict) -> bytes:
+    """One version-2 node: version 1's inputs and `past_length` (int64 [1])."""
+    helper = onnx.helper
+    ranks = dict(op.RANKS, past_length=1)
+
+    def info(name):
+        elem = TensorProto.INT64 if name in ("attention_mask", "past_length") else TensorProto.FLOAT
+        return helper.make_tensor_value_info(name, elem, [None] * ranks[name])
+
+    inputs = [*op.INPUTS, "past_length"]
+    node = helper.make_node(op.OP_NAME, inputs, list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
+    graph = helper.make_graph([node], "mla-v2", [info(n) for n in inputs], [info(n) for n in op.OUTPUTS])
+    opsets = [helper.make_opsetid("", op.ONNX_OPSET), helper.make_opsetid(op.DOMAIN, 2)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=op.IR_VERSION).SerializeToString()
+
+
+def in_buffer(case: str, spare: int, seed: int = 0):
+    """A version-1 case and the same call in version 2's form: the past and the mask written into buffers
+    of P + S + spare rows, whose rows from P (and mask columns from P + S) hold noise the op must ignore."""
+    inputs, attrs = random_case(*CASES[case], seed=seed)
+    b, s, p = CASES[case][:3]
+    cap = p + s + spare
+    g = torch.Generator().manual_seed(seed + 1)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    for name in ("past_latent", "past_key_rope"):
+        buf = torch.randn(b, 1, cap, inputs[name].shape[-1], generator=g)  # [B, 1, cap, w]
+        buf[:, :, :p] = inputs[name]
+        feed[name] = buf.numpy()
+    mask = torch.randint(0, 2, (b, cap), generator=g)  # [B, cap]: noise past P + S
+    mask[:, : p + s] = inputs["attention_mask"]
+    feed["attention_mask"] = mask.numpy()
+    feed["past_length"] = np.array([p], dtype=np.int64)
+    return inputs, attrs, feed
+
+
+@pytest.mark.parametrize("case", ["decode-long-past", "chunked-prefill", "prefill"])
+def test_shared_cache_version_matches_version_1_with_and_without_one_buffer(case, kernel_library):
+    inputs, attrs, feed = in_buffer(case, spare=5)
+    p, s = CASES[case][2], CASES[case][1]
+    want_out, want_lat, want_kr = (t.numpy() for t in op.reference(*inputs.values(), **attrs))
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    session = ort.InferenceSession(shared_cache_model(attrs), so)
+
+    # a present of its own: the whole buffer copied, the new rows written
+    out, lat, kr = session.run(None, feed)
+    np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=1e-4)
+    for got, want, past in ((lat, want_lat, feed["past_latent"]), (kr, want_kr, feed["past_key_rope"])):
+        assert got.shape == past.shape
+        np.testing.assert_allclose(got[:, :, : p + s], want, atol=1e-6)
+        np.testing.assert_array_equal(got[:, :, p + s:], past[:, :, p + s:])
+
+    # one buffer bound as past and present: written in place, the same results
+    binding = session.io_binding()
+    buffers = {}
+    for name in op.INPUTS + ("past_length",):
+        value = ort.OrtValue.ortvalue_from_numpy(feed[name].copy())
+        binding.bind_ortvalue_input(name, value)
+        buffers[name] = value
+    binding.bind_output("output")  # outputs come back in the order they were bound
+    binding.bind_ortvalue_output("present_latent", buffers["past_latent"])
+    binding.bind_ortvalue_output("present_key_rope", buffers["past_key_rope"])
+    session.run_with_iobinding(binding)
+    np.testing.assert_allclose(binding.copy_outputs_to_cpu()[0], want_out, atol=2e-5, rtol=1e-4)
+    np.testing.assert_array_equal(buffers["past_latent"].numpy(), lat)
+    np.testing.assert_array_equal(buffers["past_key_rope"].numpy(), kr)
+
+
+def test_shared_cache_version_rejects_a_past_that_does_not_fit(kernel_library):
+    _, attrs, feed = in_buffer("chunked-prefill", spare=0)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    session = ort.InferenceSession(shared_cache_model(attrs), so)
+    with pytest.raises(Exception, match=r"input 'past_length' is 12: 12 past \+ 4 new rows do not fit the 15 rows"):
+        session.run(None, dict(feed, past_length=np.array([12], dtype=np.int64)))
+    with pytest.raises(Exception, match=r"input 'past_length' must hold one value >= 0"):
+        session.run(None, dict(feed, past_length=np.array([-1], dtype=np.int64)))
+
+
+def test_shared_cache_version_sees_which_buffers_are_shared(kernel_library):
+    """Sharing is pointer equality (as GroupQueryAttention's): one cache tensor bound to its past's buffer and
+    the other not is refused, which a kernel that copied regardless could not tell."""
+    _, attrs, feed = in_buffer("decode-long-past", spare=3)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    session = ort.InferenceSession(shared_cache_model(attrs), so)
+    binding = session.io_binding()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(feed[name].copy()) for name in op.INPUTS + ("past_length",)}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output("output")
+    binding.bind_ortvalue_output("present_latent", values["past_latent"])
+    binding.bind_output("present_key_rope")
+    with pytest.raises(Exception, match="present_latent and present_key_rope must both share their past's buffer"):
+        session.run_with_iobinding(binding)

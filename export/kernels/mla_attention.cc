@@ -4,7 +4,8 @@
 //   A. per query token (b, s): rotate the new RoPE key and write it and the new latent into the
 //      presents; rotate the query's RoPE dims and absorb W_uk into its NoPE dims (q_lat), pre-scaled;
 //   B. copy the past cache rows into the presents (prefill only: at decode, C copies each chunk
-//      and attends to it while it is in cache, so the past is read once);
+//      and attends to it while it is in cache, so the past is read once). Version 2 (an input
+//      `past_length`): past and present are one buffer, nothing to copy when the caller bound them so;
 //   C. per (b, s, KV chunk): scores of all H heads against the chunk (each latent row loaded once
 //      for a block of 8 heads, accumulators in registers), masked softmax partials (max, sum, weighted
 //      latent): split-K, so one decode token at batch 1 still spreads over every thread;
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -294,11 +296,20 @@ struct MultiHeadLatentAttention : MlaAttributes {
                       const Ort::Custom::Tensor<T>& past_latent, const Ort::Custom::Tensor<T>& past_key_rope,
                       const Ort::Custom::Tensor<int64_t>& attention_mask, const Ort::Custom::Tensor<T>& cos,
                       const Ort::Custom::Tensor<T>& sin, const Ort::Custom::Tensor<T>& w_uk,
-                      const Ort::Custom::Tensor<T>& w_uv, Ort::Custom::Tensor<T>& output,
-                      Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope) {
+                      const Ort::Custom::Tensor<T>& w_uv,
+                      std::optional<const Ort::Custom::Tensor<int64_t>*> past_length,  // version 2 (op_spec.md)
+                      Ort::Custom::Tensor<T>& output, Ort::Custom::Tensor<T>& present_latent,
+                      Ort::Custom::Tensor<T>& present_key_rope) {
     try {
+      int64_t shared_length = -1;  // version 1: the past is its whole tensor
+      if (past_length.has_value() && *past_length != nullptr) {
+        const auto& n = **past_length;
+        mla_zoo::expect(n.NumberOfElement() == 1 && n.Data()[0] >= 0,
+                        "input 'past_length' must hold one value >= 0, got shape " + mla_zoo::shape_str(n.Shape()));
+        shared_length = n.Data()[0];
+      }
       Run(context, query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
-          output, present_latent, present_key_rope);
+          output, present_latent, present_key_rope, shared_length);
     } catch (const ShapeError& e) {
       return Ort::Status((std::string(kOpName) + ": " + e.message).c_str(), ORT_INVALID_ARGUMENT);
     } catch (const std::exception& e) {
@@ -312,15 +323,19 @@ struct MultiHeadLatentAttention : MlaAttributes {
            const Ort::Custom::Tensor<T>& past_key_rope, const Ort::Custom::Tensor<int64_t>& attention_mask,
            const Ort::Custom::Tensor<T>& cos, const Ort::Custom::Tensor<T>& sin, const Ort::Custom::Tensor<T>& w_uk,
            const Ort::Custom::Tensor<T>& w_uv, Ort::Custom::Tensor<T>& output,
-           Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope) {
+           Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope,
+           int64_t shared_length) {  // version 2: the past's length in the shared buffer; version 1: -1
     // ---- shapes (every mismatch is a clear error, never a crash) ----
     const mla_zoo::MlaDims dims = mla_zoo::check_shapes(
         num_heads, num_kv_heads, rope_pairs,
         {query.Shape(), latent.Shape(), key_rope.Shape(), past_latent.Shape(), past_key_rope.Shape(),
-         attention_mask.Shape(), cos.Shape(), sin.Shape(), w_uk.Shape(), w_uv.Shape()});
+         attention_mask.Shape(), cos.Shape(), sin.Shape(), w_uk.Shape(), w_uv.Shape()},
+        shared_length);
     const int64_t H = dims.H, n_kv = dims.n_kv, R = dims.R, E = dims.E, G = dims.G;
     const int64_t B = dims.B, S = dims.S, hd = dims.hd, dn = dims.dn, r = dims.r, P = dims.P, Tt = dims.T;
     const int64_t dv = dims.dv, C = dims.C, KR = dims.KR;
+    const int64_t PR = dims.past_rows, TR = dims.present_rows, MC = dims.mask_cols;  // rows per batch row
+    const bool v2 = shared_length >= 0;
 
     const T* q_in = query.Data();
     const T* lat_in = latent.Data();
@@ -331,8 +346,17 @@ struct MultiHeadLatentAttention : MlaAttributes {
     const T* cos_in = cos.Data();
     const T* sin_in = sin.Data();
     T* out = output.Allocate({B, S, H * dv});
-    T* lat_out = present_latent.Allocate({B, 1, Tt, r});
-    T* kr_out = present_key_rope.Allocate({B, 1, Tt, KR});
+    T* lat_out = present_latent.Allocate({B, 1, TR, r});
+    T* kr_out = present_key_rope.Allocate({B, 1, TR, KR});
+    // version 2: present bound to the past's buffer (the caller's doing: IOBinding, a preallocated output)
+    // means only the new rows move; otherwise the present starts as a copy of the whole buffer
+    const bool shared = lat_out == plat;
+    mla_zoo::expect(!v2 || shared == (kr_out == pkr),
+                    "present_latent and present_key_rope must both share their past's buffer, or neither");
+    if (v2 && !shared && B > 0) {
+      std::memcpy(lat_out, plat, sizeof(T) * B * PR * r);
+      std::memcpy(kr_out, pkr, sizeof(T) * B * PR * KR);
+    }
     if (B == 0 || S == 0) return;
 
     std::vector<float> wuk_buf, wuv_buf;
@@ -349,7 +373,7 @@ struct MultiHeadLatentAttention : MlaAttributes {
       const T* k = kr_in + (b * S + s) * KR;
       const T* cs_row = cos_in + (b * S + s) * C;
       const T* sn_row = sin_in + (b * S + s) * C;
-      const int64_t row = b * Tt + P + s;
+      const int64_t row = b * TR + P + s;
       std::copy(lat_in + (b * S + s) * r, lat_in + (b * S + s + 1) * r, lat_out + row * r);
       std::vector<float> c(R), sn(R), qn(dn);
       for (int64_t g = 0; g < n_kv; ++g) {
@@ -380,18 +404,18 @@ struct MultiHeadLatentAttention : MlaAttributes {
     };
     parallel_for(ctx, static_cast<size_t>(B * S), phase_a);
 
-    // ---- B (prefill and chunked prefill only). past rows of the presents ----
+    // ---- B (version 1, prefill and chunked prefill only). past rows of the presents ----
     // For one query per row (decode), phase C copies each chunk of the past itself and attends to it
-    // while it is in cache: the past is read once.
-    const bool fused_copy = S == 1;
-    if (!fused_copy) {
+    // while it is in cache: the past is read once. Version 2 copied (or shares) them above.
+    const bool fused_copy = !v2 && S == 1;
+    if (!v2 && !fused_copy) {
       const int64_t copy_rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, r + KR));
       const int64_t copy_chunks = (P + copy_rows - 1) / copy_rows;
       auto phase_b = [&](size_t i) {
         const int64_t b = static_cast<int64_t>(i) / copy_chunks;
         const int64_t t0 = (static_cast<int64_t>(i) % copy_chunks) * copy_rows, t1 = std::min(P, t0 + copy_rows);
-        std::memcpy(lat_out + (b * Tt + t0) * r, plat + (b * P + t0) * r, sizeof(T) * (t1 - t0) * r);
-        std::memcpy(kr_out + (b * Tt + t0) * KR, pkr + (b * P + t0) * KR, sizeof(T) * (t1 - t0) * KR);
+        std::memcpy(lat_out + (b * TR + t0) * r, plat + (b * PR + t0) * r, sizeof(T) * (t1 - t0) * r);
+        std::memcpy(kr_out + (b * TR + t0) * KR, pkr + (b * PR + t0) * KR, sizeof(T) * (t1 - t0) * KR);
       };
       parallel_for(ctx, static_cast<size_t>(B * copy_chunks), phase_b);
     }
@@ -413,8 +437,8 @@ struct MultiHeadLatentAttention : MlaAttributes {
       const int64_t t0 = ci * chunk;
       if (fused_copy && t0 < P) {  // this chunk's past rows -> present (decode: phase B did not run)
         const int64_t c1 = std::min(P, t0 + chunk);
-        std::memcpy(lat_out + (b * Tt + t0) * r, plat + (b * P + t0) * r, sizeof(T) * (c1 - t0) * r);
-        std::memcpy(kr_out + (b * Tt + t0) * KR, pkr + (b * P + t0) * KR, sizeof(T) * (c1 - t0) * KR);
+        std::memcpy(lat_out + (b * TR + t0) * r, plat + (b * PR + t0) * r, sizeof(T) * (c1 - t0) * r);
+        std::memcpy(kr_out + (b * TR + t0) * KR, pkr + (b * PR + t0) * KR, sizeof(T) * (c1 - t0) * KR);
       }
       const int64_t t1 = std::min(self + 1, std::min(Tt, t0 + chunk));  // causal: t <= self
       float* pt = part.data() + i * H * PW;
@@ -426,10 +450,10 @@ struct MultiHeadLatentAttention : MlaAttributes {
       if (t1 <= t0) return;
       const int64_t L = t1 - t0;
       std::vector<float> cbuf, kbuf, sc(static_cast<size_t>(H * L));
-      const float* c = as_float(lat_out + (b * Tt + t0) * r, static_cast<size_t>(L * r), cbuf);
-      const float* k = as_float(kr_out + (b * Tt + t0) * KR, static_cast<size_t>(L * KR), kbuf);
+      const float* c = as_float(lat_out + (b * TR + t0) * r, static_cast<size_t>(L * r), cbuf);
+      const float* k = as_float(kr_out + (b * TR + t0) * KR, static_cast<size_t>(L * KR), kbuf);
       const float* qv = qbuf.data() + qi * H * QW;
-      const int64_t* m = mask + b * Tt;
+      const int64_t* m = mask + b * MC;
       for (int64_t t = 0; t < L; ++t) {
         if (m[t0 + t] == 0 && t0 + t != self) {
           for (int64_t h = 0; h < H; ++h) sc[h * L + t] = neg_inf;

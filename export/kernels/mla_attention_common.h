@@ -15,6 +15,8 @@ namespace mla_zoo {
 constexpr const char* kDomain = "mla_zoo";
 constexpr const char* kOpName = "MultiHeadLatentAttention";
 constexpr int kOpVersion = 1;
+// Version 2 (op_spec.md "Version 2") adds the optional input `past_length`: past and present are then one
+// buffer. The CPU kernel implements it; the CUDA kernels refuse it; the exporter writes version 1.
 
 // Every dimension of one call, derived from the attributes and the input shapes.
 struct MlaDims {
@@ -23,6 +25,9 @@ struct MlaDims {
   int64_t R = 0, E = 0, KR = 0;        // RoPE pairs per KV head, E = 2R, KR = n_kv * E (key_rope width)
   int64_t hd = 0, dn = 0, r = 0, dv = 0;  // head dim, NoPE dims hd - E, latent width r, value dim
   int64_t C = 0;                       // width of cos / sin
+  // rows per batch row of the cache tensors and columns of the mask: version 1: P (past), T (present),
+  // T (mask); version 2: the buffer's capacity for all three
+  int64_t past_rows = 0, present_rows = 0, mask_cols = 0;
 };
 
 struct ShapeError {
@@ -58,8 +63,10 @@ struct MlaShapes {
 };
 
 // Checks every shape against the attributes and the others; throws ShapeError with a clear message.
+// shared_past_length >= 0: version 2, the past is that many rows of a buffer of capacity rows (the
+// past's third dim), and the mask covers the capacity; version 1 (-1): the past is its whole tensor.
 inline MlaDims check_shapes(int64_t num_heads, int64_t num_kv_heads, const std::vector<int64_t>& rope_pairs,
-                            const MlaShapes& in) {
+                            const MlaShapes& in, int64_t shared_past_length = -1) {
   MlaDims d;
   d.H = num_heads;
   d.n_kv = num_kv_heads;
@@ -83,11 +90,21 @@ inline MlaDims check_shapes(int64_t num_heads, int64_t num_kv_heads, const std::
   expect_shape("latent", in.latent, {d.B, d.S, d.r});
   expect_shape("key_rope", in.key_rope, {d.B, d.S, d.KR});
   expect(in.past_latent.size() == 4, "input 'past_latent' must be [B, 1, P, r], got " + shape_str(in.past_latent));
-  d.P = in.past_latent[2];
+  const int64_t rows = in.past_latent[2];
+  d.P = shared_past_length >= 0 ? shared_past_length : rows;
   d.T = d.P + d.S;
-  expect_shape("past_latent", in.past_latent, {d.B, 1, d.P, d.r});
-  expect_shape("past_key_rope", in.past_key_rope, {d.B, 1, d.P, d.KR});
-  expect_shape("attention_mask", in.attention_mask, {d.B, d.T});
+  if (shared_past_length >= 0) {
+    std::ostringstream s;
+    s << "input 'past_length' is " << d.P << ": " << d.P << " past + " << d.S << " new rows do not fit the "
+      << rows << " rows of 'past_latent'";
+    expect(d.T <= rows, s.str());
+  }
+  d.past_rows = rows;
+  d.present_rows = shared_past_length >= 0 ? rows : d.T;
+  d.mask_cols = d.present_rows;
+  expect_shape("past_latent", in.past_latent, {d.B, 1, rows, d.r});
+  expect_shape("past_key_rope", in.past_key_rope, {d.B, 1, rows, d.KR});
+  expect_shape("attention_mask", in.attention_mask, {d.B, d.mask_cols});
   const int64_t half = *std::max_element(rope_pairs.begin(), rope_pairs.end()) + 1;
   const auto& cs = in.cos;
   expect(cs.size() == 3 && cs[0] == d.B && cs[1] == d.S && cs[2] >= half,

@@ -10,6 +10,7 @@
 // Ort::KernelContext::GetAllocator with the memory info of an input (the CUDA EP's allocator).
 
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -63,9 +64,13 @@ struct MultiHeadLatentAttentionCuda : MlaAttributes {
                       const Ort::Custom::Tensor<T>& past_latent, const Ort::Custom::Tensor<T>& past_key_rope,
                       const Ort::Custom::Tensor<int64_t>& attention_mask, const Ort::Custom::Tensor<T>& cos,
                       const Ort::Custom::Tensor<T>& sin, const Ort::Custom::Tensor<T>& w_uk,
-                      const Ort::Custom::Tensor<T>& w_uv, Ort::Custom::Tensor<T>& output,
-                      Ort::Custom::Tensor<T>& present_latent, Ort::Custom::Tensor<T>& present_key_rope) {
+                      const Ort::Custom::Tensor<T>& w_uv,
+                      std::optional<const Ort::Custom::Tensor<int64_t>*> past_length,  // version 2: CPU only yet
+                      Ort::Custom::Tensor<T>& output, Ort::Custom::Tensor<T>& present_latent,
+                      Ort::Custom::Tensor<T>& present_key_rope) {
     try {
+      expect(!(past_length.has_value() && *past_length != nullptr),
+             "input 'past_length' (one buffer for past and present, op version 2) has no CUDA kernel yet");
       const MlaDims d = check_shapes(
           num_heads, num_kv_heads, rope_pairs,
           {query.Shape(), latent.Shape(), key_rope.Shape(), past_latent.Shape(), past_key_rope.Shape(),
