@@ -109,11 +109,13 @@ def op_schema() -> onnx.defs.OpSchema:
     attr = onnx.defs.OpSchema.Attribute
     kinds = onnx.defs.OpSchema.AttrType
     float_t = ("T", ["tensor(float)", "tensor(float16)"], "float32 or float16 activations and weights")
-    mask_t = ("M", ["tensor(int64)"], "the 2D attention mask")
+    mask_t = ("M", ["tensor(int64)"], "the 2D attention mask, and version 2's past_length")
     return onnx.defs.OpSchema(
         OP_NAME, DOMAIN, OP_VERSION,
         doc="Absorbed multi-head latent attention over a latent KV cache (see mla_zoo export/op_spec.md).",
-        inputs=[formal(name, "M" if name == "attention_mask" else "T") for name in INPUTS],
+        inputs=[formal(name, "M" if name == "attention_mask" else "T") for name in INPUTS]
+        + [formal("past_length", "M", "op version 2: the past's rows in a buffer shared with the present",
+                  param_option=onnx.defs.OpSchema.FormalParameterOption.Optional)],
         outputs=[formal(name, "T") for name in OUTPUTS],
         type_constraints=[float_t, mask_t],
         attributes=[
@@ -234,18 +236,24 @@ RANKS = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, atte
              w_uk=3, w_uv=3, output=3, present_latent=4, present_key_rope=4)  # every input's and output's rank
 
 
-def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_body: bool = True) -> onnx.ModelProto:
+def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_body: bool = True,
+               shared_cache: bool = False) -> onnx.ModelProto:
     """A model of ONE MultiHeadLatentAttention node over the op's inputs and outputs (every dim dynamic),
-    with the function body attached unless with_body=False: the kernel tests' and benchmarks' model."""
+    with the function body attached unless with_body=False: the kernel tests' and benchmarks' model.
+    shared_cache: op version 2's form (op_spec.md), input `past_length` added; no body yet (kernel only)."""
     helper = onnx.helper
+    if shared_cache and with_body:
+        raise ValueError("op version 2 (shared_cache) has no function body yet: pass with_body=False")
+    ranks = dict(RANKS, past_length=1)
+    inputs = [*INPUTS, "past_length"] if shared_cache else list(INPUTS)
 
     def info(name):
-        elem = onnx.TensorProto.INT64 if name == "attention_mask" else elem_type
-        return helper.make_tensor_value_info(name, elem, [None] * RANKS[name])
+        elem = onnx.TensorProto.INT64 if name in ("attention_mask", "past_length") else elem_type
+        return helper.make_tensor_value_info(name, elem, [None] * ranks[name])
 
-    node = helper.make_node(OP_NAME, list(INPUTS), list(OUTPUTS), domain=DOMAIN, **attributes)
-    graph = helper.make_graph([node], "mla", [info(n) for n in INPUTS], [info(n) for n in OUTPUTS])
-    opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, OP_VERSION)]
+    node = helper.make_node(OP_NAME, inputs, list(OUTPUTS), domain=DOMAIN, **attributes)
+    graph = helper.make_graph([node], "mla", [info(n) for n in inputs], [info(n) for n in OUTPUTS])
+    opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, 2 if shared_cache else OP_VERSION)]
     model = helper.make_model(graph, functions=function_protos() if with_body else [], opset_imports=opsets,
                               ir_version=IR_VERSION)
     onnx.checker.check_model(model)

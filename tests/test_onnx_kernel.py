@@ -128,18 +128,7 @@ def test_kernel_rejects_inconsistent_shapes_with_a_clear_message(kernel_library)
 
 def shared_cache_model(attrs: dict) -> bytes:
     """One version-2 node: version 1's inputs and `past_length` (int64 [1])."""
-    helper = onnx.helper
-    ranks = dict(op.RANKS, past_length=1)
-
-    def info(name):
-        elem = TensorProto.INT64 if name in ("attention_mask", "past_length") else TensorProto.FLOAT
-        return helper.make_tensor_value_info(name, elem, [None] * ranks[name])
-
-    inputs = [*op.INPUTS, "past_length"]
-    node = helper.make_node(op.OP_NAME, inputs, list(op.OUTPUTS), domain=op.DOMAIN, **attrs)
-    graph = helper.make_graph([node], "mla-v2", [info(n) for n in inputs], [info(n) for n in op.OUTPUTS])
-    opsets = [helper.make_opsetid("", op.ONNX_OPSET), helper.make_opsetid(op.DOMAIN, 2)]
-    return helper.make_model(graph, opset_imports=opsets, ir_version=op.IR_VERSION).SerializeToString()
+    return op.node_model(attrs, with_body=False, shared_cache=True).SerializeToString()
 
 
 def in_buffer(case: str, spare: int, seed: int = 0):
