@@ -46,6 +46,10 @@ class ExportSettings(Settings):
                                              "provider 8.2e-3..1.2e-2 -> 4.7e-3 (bench/RESULTS.md). "
                                              "--no-fp32-residual: an all-fp16 graph. An fp32 export's residual "
                                              "is fp32 either way")
+    shared_cache: bool = setting(False, help="op version 2: each past tensor is a buffer of a capacity the runner "
+                                             "picks, shared with its present (bind both to one OrtValue: only the "
+                                             "new rows are written), plus an input past_length; the CUDA kernels "
+                                             "do not run it yet (export/op_spec.md)")
     overwrite: bool = setting(False, recipe=False, help="replace an existing output_dir")
 
 
@@ -63,6 +67,7 @@ class ExportReport:
     external_data: bool
     seconds: float
     fp32_residual: bool = True  # the residual stream between the blocks is fp32 (always so in an fp32 export)
+    shared_cache: bool = False  # op version 2: past and present share one buffer (input past_length)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,10 +101,11 @@ def load_checkpoint(path: str, dtype: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def export_ir(model, fp32_residual: bool = True):
+def export_ir(model, fp32_residual: bool = True, shared_cache: bool = False):
     """The decoder-with-past as an onnx_ir.Model with one MultiHeadLatentAttention node per layer
     (the node's function body is NOT attached yet: see attach_body). `fp32_residual`: the residual stream
-    between the blocks in fp32 (a no-op for an fp32 model)."""
+    between the blocks in fp32 (a no-op for an fp32 model). `shared_cache`: op version 2 (past buffers of a
+    capacity picked at run time, shared with the presents; an input past_length)."""
     import torch
 
     from . import op
@@ -108,25 +114,30 @@ def export_ir(model, fp32_residual: bool = True):
     wrapper = DecoderWithPast(model, residual_dtype=torch.float32 if fp32_residual else None).eval()
     n = len(wrapper.attns)
     batch, seq, past = 2, 3, 4  # >= 2 each: sizes 0 and 1 get specialised by torch.export
+    rows = past + seq + 2 if shared_cache else past  # version 2: a buffer with spare rows
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
-    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    mask = torch.ones(batch, rows if shared_cache else past + seq, dtype=torch.long)
     pos = torch.arange(past, past + seq)[None].expand(batch, -1).contiguous()
-    past_tensors = wrapper.empty_past(batch, past)
+    past_tensors = wrapper.empty_past(batch, rows)
     b, s, p = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past")
-    total = torch.export.Dim("total")  # = past + sequence; the op checks it at run time
+    total = p if shared_cache else torch.export.Dim("total")  # v1: past + sequence; the op checks it at run time
     dynamic_shapes = {
         "input_ids": {0: b, 1: s},
         "attention_mask": {0: b, 1: total},
         "position_ids": {0: b, 1: s},
         "past": [{0: b, 2: p} for _ in range(2 * n)],
     }
+    args = (ids, mask, pos, past_tensors)
+    if shared_cache:
+        args += (torch.tensor([past]),)
+        dynamic_shapes["past_length"] = None
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
     level = registration.level
     registration.setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            wrapper, (ids, mask, pos, past_tensors), dynamo=True, opset_version=op.ONNX_OPSET,
+            wrapper, args, dynamo=True, opset_version=op.ONNX_OPSET,
             dynamic_shapes=dynamic_shapes,
             custom_translation_table={torch.ops.mla_zoo.multi_head_latent_attention.default: op.translate},
             optimize=True, verbose=False, report=False,
@@ -134,17 +145,22 @@ def export_ir(model, fp32_residual: bool = True):
     registration.setLevel(level)
     ir_model = program.model
     graph = ir_model.graph
-    for value, name in zip(graph.inputs, input_names(n), strict=True):
+    for value, name in zip(graph.inputs, input_names(n) + (["past_length"] if shared_cache else []), strict=True):
         value.name = name
     for value, name in zip(graph.outputs, output_names(n), strict=True):
         value.name = name
-    _name_dims(graph)
+    _name_dims(graph, shared_cache)
+    if shared_cache:  # version 2's nodes pick their own function body (IR 10 overload)
+        for node in graph:
+            if node.domain == op.DOMAIN and node.op_type == op.OP_NAME:
+                node.overload = op.SHARED_CACHE_OVERLOAD
     ir_model.producer_name = "mla-zoo"
     return ir_model
 
 
-def _name_dims(graph) -> None:
-    """Symbolic dim names users expect (batch_size, sequence_length, past/total_sequence_length)."""
+def _name_dims(graph, shared_cache: bool = False) -> None:
+    """Symbolic dim names users expect (batch_size, sequence_length, past/total_sequence_length; a shared
+    cache's buffers and mask: cache_capacity)."""
     import onnx_ir as ir
 
     def rename(value, dims: dict[int, str]):
@@ -160,14 +176,14 @@ def _name_dims(graph) -> None:
         if v.name in ("input_ids", "position_ids"):
             rename(v, {0: "batch_size", 1: "sequence_length"})
         elif v.name == "attention_mask":
-            rename(v, {0: "batch_size", 1: "total_sequence_length"})
-        else:
-            rename(v, {0: "batch_size", 2: "past_sequence_length"})
+            rename(v, {0: "batch_size", 1: "cache_capacity" if shared_cache else "total_sequence_length"})
+        elif v.name != "past_length":
+            rename(v, {0: "batch_size", 2: "cache_capacity" if shared_cache else "past_sequence_length"})
     for v in graph.outputs:
         if v.name == "logits":
             rename(v, {0: "batch_size", 1: "sequence_length"})
         else:
-            rename(v, {0: "batch_size", 2: "total_sequence_length"})
+            rename(v, {0: "batch_size", 2: "cache_capacity" if shared_cache else "total_sequence_length"})
 
 
 def cache_widths(ir_model, num_layers: int) -> tuple[list[int], int]:
@@ -183,7 +199,7 @@ def count_mla_nodes(ir_model) -> int:
     return sum(1 for node in ir_model.graph if node.domain == op.DOMAIN and node.op_type == op.OP_NAME)
 
 
-def attach_body(ir_model) -> None:
+def attach_body(ir_model, shared_cache: bool = False) -> None:
     """Adds the op's function body (and helpers) as model-local functions + the domain's opset import."""
     import onnx_ir as ir
 
@@ -192,7 +208,7 @@ def attach_body(ir_model) -> None:
     for proto in op.function_protos():
         fn = ir.serde.deserialize_function(proto)
         ir_model.functions[fn.identifier()] = fn
-    ir_model.opset_imports[op.DOMAIN] = op.OP_VERSION
+    ir_model.opset_imports[op.DOMAIN] = 2 if shared_cache else op.OP_VERSION
 
 
 def inline_body(ir_model) -> None:
@@ -327,7 +343,8 @@ def copy_library(directory: Path) -> str | None:
 
 
 def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bool = False,
-                 checkpoint: str | Path | None = None, fp32_residual: bool = True) -> ExportReport:
+                 checkpoint: str | Path | None = None, fp32_residual: bool = True,
+                 shared_cache: bool = False) -> ExportReport:
     """Exports an in-memory MLA model into `directory` (created; must be empty or absent)."""
     import onnx
     import torch
@@ -342,7 +359,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
         raise ExportError(f"the model is {param_dtype}, but dtype={dtype!r}: cast it first (model.to(...))")
     bar = progress_bar(total=3, desc="export", unit="stage")
     bar.set_postfix_str("torch.onnx.export")
-    ir_model = export_ir(model, fp32_residual)
+    ir_model = export_ir(model, fp32_residual, shared_cache)
     bar.update()
     n_layers = model.config.num_hidden_layers
     mla_nodes = count_mla_nodes(ir_model)
@@ -354,7 +371,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
         inline_body(ir_model)
         mla_nodes = 0
     else:
-        attach_body(ir_model)
+        attach_body(ir_model, shared_cache)
     bar.update()
     bar.set_postfix_str("save + check")
 
@@ -377,7 +394,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
         output_dir=str(directory), model_path=str(directory / MODEL_FILE), dtype=dtype, portable=portable,
         num_layers=n_layers, mla_nodes=mla_nodes, latent_dims=latent_dims, key_rope_dim=key_rope_dim,
         cache_bytes_per_token=(sum(latent_dims) + n_layers * key_rope_dim) * itemsize, external_data=external,
-        seconds=time.perf_counter() - start, fp32_residual=fp32_residual or dtype == "fp32",
+        seconds=time.perf_counter() - start, fp32_residual=fp32_residual or dtype == "fp32", shared_cache=shared_cache,
     )
 
 
@@ -387,4 +404,4 @@ def run_export(settings: ExportSettings) -> ExportReport:
     check_settings(settings)
     model = load_checkpoint(settings.checkpoint, settings.dtype)
     return export_model(model, settings.output_dir, settings.dtype, settings.portable, settings.checkpoint,
-                        settings.fp32_residual)
+                        settings.fp32_residual, settings.shared_cache)

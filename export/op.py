@@ -77,22 +77,40 @@ def reference(query: Tensor, latent: Tensor, key_rope: Tensor, past_latent: Tens
 # ----------------------------------------------------------------------------------------------
 
 
+def reference_shared_cache(query: Tensor, latent: Tensor, key_rope: Tensor, past_latent: Tensor,
+                           past_key_rope: Tensor, attention_mask: Tensor, cos: Tensor, sin: Tensor, w_uk: Tensor,
+                           w_uv: Tensor, num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float,
+                           past_length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Version 2 (op_spec.md) by version 1's reference: the past is the first `past_length` rows of the
+    [B, 1, C, w] buffers and the mask's first P+S columns; the presents are the buffers with the new rows written."""
+    p, s = int(past_length.reshape(-1)[0]), query.shape[1]
+    out, lat, kr = reference(query, latent, key_rope, past_latent[:, :, :p], past_key_rope[:, :, :p],
+                             attention_mask[:, : p + s], cos, sin, w_uk, w_uv, num_heads, num_kv_heads, rope_pairs,
+                             scale)
+    present_latent, present_key_rope = past_latent.clone(), past_key_rope.clone()
+    present_latent[:, :, p : p + s] = lat[:, :, p:]  # [B, 1, C, r]
+    present_key_rope[:, :, p : p + s] = kr[:, :, p:]  # [B, 1, C, n_kv*2R]
+    return out, present_latent, present_key_rope
+
+
 @torch.library.custom_op("mla_zoo::multi_head_latent_attention", mutates_args=())
 def multi_head_latent_attention(query: Tensor, latent: Tensor, key_rope: Tensor, past_latent: Tensor,
                                 past_key_rope: Tensor, attention_mask: Tensor, cos: Tensor, sin: Tensor,
                                 w_uk: Tensor, w_uv: Tensor, num_heads: int, num_kv_heads: int,
-                                rope_pairs: list[int], scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    return reference(  # every output is a fresh tensor (torch.cat), as a custom op must return
-        query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
-        num_heads, num_kv_heads, rope_pairs, scale,
-    )
+                                rope_pairs: list[int], scale: float,
+                                past_length: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    args = (query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv, num_heads,
+            num_kv_heads, rope_pairs, scale)
+    if past_length is not None:  # version 2: one buffer (fresh tensors here: a custom op may not alias)
+        return reference_shared_cache(*args, past_length)
+    return reference(*args)  # every output is a fresh tensor (torch.cat), as a custom op must return
 
 
 @multi_head_latent_attention.register_fake
 def _(query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
-      num_heads, num_kv_heads, rope_pairs, scale):
+      num_heads, num_kv_heads, rope_pairs, scale, past_length=None):
     b, s, _ = query.shape
-    t = past_latent.shape[2] + s
+    t = past_latent.shape[2] + (0 if past_length is not None else s)  # version 2: the buffer's rows
     out = query.new_empty(b, s, num_heads * w_uv.shape[1])
     return (out, past_latent.new_empty(b, 1, t, latent.shape[-1]),
             past_key_rope.new_empty(b, 1, t, key_rope.shape[-1]))
@@ -138,10 +156,12 @@ _node_op = Op(Opset(DOMAIN, OP_VERSION), OP_NAME, op_schema())
 
 
 def translate(query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
-              num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float):
-    """custom_translation_table entry: the torch op -> one MultiHeadLatentAttention node."""
+              num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float, past_length=None):
+    """custom_translation_table entry: the torch op -> one MultiHeadLatentAttention node (version 2's with
+    past_length; the exporter then sets its overload, `mark_shared_cache`)."""
+    extra = () if past_length is None else (past_length,)
     return _node_op(
-        query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+        query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv, *extra,
         num_heads=num_heads, num_kv_heads=num_kv_heads, rope_pairs=list(rope_pairs), scale=scale, _num_outputs=3,
     )
 
@@ -166,31 +186,31 @@ def _rotate_half_body(x, half):
 
 
 @script(_body_domain, default_opset=_op)
-def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
-    query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
-    num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float,
-):
-    zero, two, minus1 = _op.Constant(value_ints=[0]), _op.Constant(value_ints=[2]), _op.Constant(value_ints=[-1])
-    zero2, end = _op.Constant(value_ints=[0, 0]), _op.Constant(value_ints=[9223372036854775807])
-    heads = _op.Reshape(_op.Constant(value_int=num_heads), minus1)
-    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
-    groups = _op.Div(heads, kv)
-    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
-    half = _op.Div(rope, two)  # [R]
-
-    # cos/sin of each KV head's pairs, for rotate_half over 2R dims: [B, S, n_kv, 2R]
+def _rope_tables(cos, sin, kv, rope_pairs: Sequence[int]):
+    """cos / sin of each KV head's pairs, doubled for rotate_half over its 2R dims: [B, S, n_kv, 2R] each."""
+    zero2, minus1 = _op.Constant(value_ints=[0, 0]), _op.Constant(value_ints=[-1])
     pairs = _op.Constant(value_ints=rope_pairs)
     cos_k = _op.Reshape(_op.Gather(cos, pairs, axis=2), _op.Concat(zero2, kv, minus1, axis=0))
     sin_k = _op.Reshape(_op.Gather(sin, pairs, axis=2), _op.Concat(zero2, kv, minus1, axis=0))
-    cos2 = _op.CastLike(_op.Concat(cos_k, cos_k, axis=-1), query)
-    sin2 = _op.CastLike(_op.Concat(sin_k, sin_k, axis=-1), query)
+    return _op.Concat(cos_k, cos_k, axis=-1), _op.Concat(sin_k, sin_k, axis=-1)
 
-    # the cache append: new rows rotated, then present = concat(past, new)
+
+@script(_body_domain, default_opset=_op)
+def _rotated_key_rope(key_rope, kv, half, cos2, sin2):
+    """The new RoPE keys rotated, as cache rows: [B, S, n_kv*2R] -> [B, 1, S, n_kv*2R]."""
+    zero2, minus1 = _op.Constant(value_ints=[0, 0]), _op.Constant(value_ints=[-1])
     k_new = _op.Reshape(key_rope, _op.Concat(zero2, kv, minus1, axis=0))  # [B, S, n_kv, 2R]
     k_new = _op.Add(_op.Mul(k_new, cos2), _op.Mul(_rotate_half_body(k_new, half), sin2))
-    k_new = _op.Unsqueeze(_op.Reshape(k_new, [0, 0, -1]), [1])  # [B, 1, S, n_kv*2R]
-    present_key_rope = _op.Concat(past_key_rope, k_new, axis=2)  # [B, 1, T, n_kv*2R]
-    present_latent = _op.Concat(past_latent, _op.Unsqueeze(latent, [1]), axis=2)  # [B, 1, T, r]
+    return _op.Unsqueeze(_op.Reshape(k_new, [0, 0, -1]), [1])
+
+
+@script(_body_domain, default_opset=_op)
+def _attend(query, present_latent, present_key_rope, attention_mask, past, cos2, sin2, w_uk, w_uv, kv, groups, rope,
+            half, scale: float):
+    """The S queries (cache slots past .. past+S-1) against the presents' T rows, causal and masked
+    (attention_mask [B, T]): [B, S, H*d_v]."""
+    zero, minus1 = _op.Constant(value_ints=[0]), _op.Constant(value_ints=[-1])
+    zero2, end = _op.Constant(value_ints=[0, 0]), _op.Constant(value_ints=[9223372036854775807])
 
     # queries: [B, S, n_kv, G, hd] -> rotated RoPE part and absorbed NoPE part, heads first
     q = _op.Reshape(query, _op.Concat(zero2, kv, groups, minus1, axis=0))
@@ -211,9 +231,9 @@ def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
 
     # causal + padding mask; every query always sees its own slot (no all-masked rows)
     one = _op.Constant(value_int=1)
-    total = _op.Shape(attention_mask, start=1, end=2)  # [T]
-    past = _op.Sub(total, _op.Shape(query, start=1, end=2))  # [P]
-    q_pos = _op.Unsqueeze(_op.Range(_op.Squeeze(past), _op.Squeeze(total), one), [1])  # [S, 1]
+    total = _op.Shape(present_latent, start=2, end=3)  # [T]
+    first = _op.Squeeze(past)
+    q_pos = _op.Unsqueeze(_op.Range(first, _op.Add(first, _op.Squeeze(_op.Shape(query, start=1, end=2))), one), [1])
     k_pos = _op.Range(_op.Constant(value_int=0), _op.Squeeze(total), one)  # [T]
     keep = _op.Unsqueeze(_op.Cast(attention_mask, to=onnx.TensorProto.BOOL), [1, 2, 3])  # [B, 1, 1, 1, T]
     allowed = _op.Or(_op.And(_op.LessOrEqual(k_pos, q_pos), keep), _op.Equal(k_pos, q_pos))  # [B, 1, 1, S, T]
@@ -223,13 +243,72 @@ def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
     # weighted latent, then W_uv: [B, n_kv, G, S, d_v] -> [B, S, H*d_v]
     o_lat = _op.MatMul(probs, c)  # [B, n_kv, G, S, r]
     out = _op.MatMul(o_lat, _op.Unsqueeze(_op.Transpose(w_uv, perm=[0, 2, 1]), [1]))
-    output = _op.Reshape(_op.Transpose(out, perm=[0, 3, 1, 2, 4]), [0, 0, -1])
+    return _op.Reshape(_op.Transpose(out, perm=[0, 3, 1, 2, 4]), [0, 0, -1])
+
+
+@script(_body_domain, default_opset=_op)
+def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
+    query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
+    num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float,
+):
+    """Version 1: present = concat(past, new)."""
+    minus1, two = _op.Constant(value_ints=[-1]), _op.Constant(value_ints=[2])
+    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
+    groups = _op.Div(_op.Reshape(_op.Constant(value_int=num_heads), minus1), kv)
+    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
+    half = _op.Div(rope, two)  # [R]
+    cos2, sin2 = _rope_tables(_op.CastLike(cos, query), _op.CastLike(sin, query), kv, rope_pairs=rope_pairs)
+    present_key_rope = _op.Concat(past_key_rope, _rotated_key_rope(key_rope, kv, half, cos2, sin2), axis=2)
+    present_latent = _op.Concat(past_latent, _op.Unsqueeze(latent, [1]), axis=2)  # [B, 1, P+S, r]
+    past = _op.Shape(past_latent, start=2, end=3)  # [P]
+    output = _attend(query, present_latent, present_key_rope, attention_mask, past, cos2, sin2, w_uk, w_uv, kv,
+                     groups, rope, half, scale=scale)
     return output, present_latent, present_key_rope
 
 
+@script(_body_domain, default_opset=_op)
+def MultiHeadLatentAttentionSharedCache(  # the FunctionProto is renamed to the op's name, overload "shared_cache"
+    query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv, past_length,
+    num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float,
+):
+    """Version 2 (op_spec.md): the new rows written into the buffer at past_length (ScatterND: a copy here; the
+    kernel writes in place), then the queries against all of its rows (causality hides those past the new ones)."""
+    minus1, two = _op.Constant(value_ints=[-1]), _op.Constant(value_ints=[2])
+    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
+    groups = _op.Div(_op.Reshape(_op.Constant(value_int=num_heads), minus1), kv)
+    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
+    half = _op.Div(rope, two)  # [R]
+    cos2, sin2 = _rope_tables(_op.CastLike(cos, query), _op.CastLike(sin, query), kv, rope_pairs=rope_pairs)
+
+    # indices [B, S, 3] of the new rows: (b, 0, past_length + s)
+    one = _op.Constant(value_int=1)
+    zero_i = _op.Constant(value_int=0)
+    batch = _op.Squeeze(_op.Shape(query, start=0, end=1))
+    new = _op.Squeeze(_op.Shape(query, start=1, end=2))
+    first = _op.Squeeze(past_length)
+    b_idx = _op.Unsqueeze(_op.Range(zero_i, batch, one), [1])  # [B, 1]
+    s_idx = _op.Unsqueeze(_op.Range(first, _op.Add(first, new), one), [0])  # [1, S]
+    b_idx, s_idx = _op.Add(b_idx, _op.Mul(s_idx, zero_i)), _op.Add(s_idx, _op.Mul(b_idx, zero_i))  # [B, S] each
+    idx = _op.Concat(_op.Unsqueeze(b_idx, [2]), _op.Unsqueeze(_op.Mul(b_idx, zero_i), [2]), _op.Unsqueeze(s_idx, [2]),
+                     axis=2)  # [B, S, 3]
+    k_new = _op.Squeeze(_rotated_key_rope(key_rope, kv, half, cos2, sin2), [1])  # [B, S, n_kv*2R]
+    present_key_rope = _op.ScatterND(past_key_rope, idx, k_new)  # [B, 1, C, n_kv*2R]
+    present_latent = _op.ScatterND(past_latent, idx, latent)  # [B, 1, C, r]
+    output = _attend(query, present_latent, present_key_rope, attention_mask, past_length, cos2, sin2, w_uk, w_uv,
+                     kv, groups, rope, half, scale=scale)
+    return output, present_latent, present_key_rope
+
+
+SHARED_CACHE_OVERLOAD = "shared_cache"  # the version-2 node's `overload` (IR 10): picks its function body
+
+
 def function_protos() -> list[onnx.FunctionProto]:
-    """The body and its helper as FunctionProtos of the DOMAIN (attach both to the model)."""
-    return [MultiHeadLatentAttention.to_function_proto(), _rotate_half_body.to_function_proto()]
+    """The bodies (version 1, and version 2 as the overload SHARED_CACHE_OVERLOAD) and their helpers, as
+    FunctionProtos of the DOMAIN (attach them all to the model)."""
+    shared = MultiHeadLatentAttentionSharedCache.to_function_proto()
+    shared.name, shared.overload = OP_NAME, SHARED_CACHE_OVERLOAD
+    helpers = (_rotate_half_body, _rope_tables, _rotated_key_rope, _attend)
+    return [MultiHeadLatentAttention.to_function_proto(), shared, *(h.to_function_proto() for h in helpers)]
 
 
 RANKS = dict(query=3, latent=3, key_rope=3, past_latent=4, past_key_rope=4, attention_mask=2, cos=3, sin=3,
@@ -240,10 +319,8 @@ def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_b
                shared_cache: bool = False) -> onnx.ModelProto:
     """A model of ONE MultiHeadLatentAttention node over the op's inputs and outputs (every dim dynamic),
     with the function body attached unless with_body=False: the kernel tests' and benchmarks' model.
-    shared_cache: op version 2's form (op_spec.md), input `past_length` added; no body yet (kernel only)."""
+    shared_cache: op version 2's form (op_spec.md): input `past_length` added, the node's overload set."""
     helper = onnx.helper
-    if shared_cache and with_body:
-        raise ValueError("op version 2 (shared_cache) has no function body yet: pass with_body=False")
     ranks = dict(RANKS, past_length=1)
     inputs = [*INPUTS, "past_length"] if shared_cache else list(INPUTS)
 
@@ -252,6 +329,8 @@ def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_b
         return helper.make_tensor_value_info(name, elem, [None] * ranks[name])
 
     node = helper.make_node(OP_NAME, inputs, list(OUTPUTS), domain=DOMAIN, **attributes)
+    if shared_cache:
+        node.overload = SHARED_CACHE_OVERLOAD
     graph = helper.make_graph([node], "mla", [info(n) for n in inputs], [info(n) for n in OUTPUTS])
     opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, 2 if shared_cache else OP_VERSION)]
     model = helper.make_model(graph, functions=function_protos() if with_body else [], opset_imports=opsets,

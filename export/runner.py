@@ -110,7 +110,10 @@ class OnnxDecoder:
             raise FileNotFoundError(f"{self.model_path} does not exist: export the checkpoint with `mla-zoo export`")
         so, self.uses_kernels = session_options(use_kernels, self.model_path, threads, device)
         self.session = ort.InferenceSession(str(self.model_path), so, providers=PROVIDERS[device])
-        self.cache = CacheSpec.from_inputs({i.name: i for i in self.session.get_inputs()})
+        self.device = device
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        self.cache = CacheSpec.from_inputs(inputs)
+        self.shared_cache = "past_length" in inputs  # `export --shared-cache` (op version 2)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -132,6 +135,9 @@ class OnnxDecoder:
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One forward: logits [B, S, vocab] and the presents (the next step's past)."""
+        if self.shared_cache:
+            raise MlaZooError("this export shares past and present (`export --shared-cache`): use step_in_place "
+                              "with cache_buffers, or generate()")
         batch, seq = input_ids.shape
         past_len = attention_mask.shape[1] - seq
         if attention_mask.shape[0] != batch or past_len < 0:
@@ -143,6 +149,39 @@ class OnnxDecoder:
             feed[past_name(i // 2, "latent" if i % 2 == 0 else "key_rope")] = t
         outputs = self.session.run(self.output_names, feed)
         return outputs[0], outputs[1:]
+
+
+    def cache_buffers(self, batch: int, capacity: int) -> list:
+        """A shared-cache export's cache: zeroed OrtValues [batch, 1, capacity, width] on the session's device, in
+        feed order; each is bound as its layer's past and present, so a step writes only its new rows."""
+        import onnxruntime as ort
+
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, capacity, w), self.cache.dtype), self.device, 0)
+                for w in self.cache.widths()]
+
+    def step_in_place(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                      past_length: int, buffers: list) -> np.ndarray:
+        """One forward of a shared-cache export: rows [past_length, past_length + S) of `buffers` are written;
+        attention_mask [B, capacity] (1 = token; columns from past_length + S on are not read). -> logits."""
+        if not self.shared_cache:
+            raise MlaZooError("this export has a growing cache: use step() (or export with --shared-cache)")
+        batch, seq = input_ids.shape
+        capacity = buffers[0].shape()[2]
+        if attention_mask.shape != (batch, capacity) or past_length < 0 or past_length + seq > capacity:
+            raise CacheShapeError(f"attention_mask {attention_mask.shape} must be [batch, {capacity}] and "
+                                  f"past_length {past_length} + {seq} new tokens at most the buffers' {capacity} rows")
+        binding = self.session.io_binding()
+        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64),
+                "position_ids": position_ids.astype(np.int64), "past_length": np.array([past_length], np.int64)}
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("logits")
+        for i, buffer in enumerate(buffers):
+            kind = "latent" if i % 2 == 0 else "key_rope"
+            binding.bind_ortvalue_input(past_name(i // 2, kind), buffer)
+            binding.bind_ortvalue_output(f"present.{i // 2}.{kind}", buffer)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, seq: int) -> np.ndarray:
@@ -183,11 +222,27 @@ def generate(decoder: OnnxDecoder, input_ids: np.ndarray, attention_mask: np.nda
     mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
     rng = np.random.default_rng(seed) if do_sample else None
-    past = decoder.empty_past(batch)
+    if decoder.shared_cache:  # one buffer per cache tensor, sized for the whole generation
+        capacity = seq + max_new_tokens
+        buffers = decoder.cache_buffers(batch, capacity)
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            full = np.zeros((batch, capacity), dtype=np.int64)  # [B, C]: the mask so far, then unused slots
+            full[:, : mask.shape[1]] = mask
+            return decoder.step_in_place(ids, full, position_ids_from_mask(mask, ids.shape[1]),
+                                         mask.shape[1] - ids.shape[1], buffers)
+    else:
+        past = decoder.empty_past(batch)
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            nonlocal past
+            logits, past = decoder.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), past)
+            return logits
+
     ids, new = input_ids, []
     done = np.zeros(batch, dtype=bool)
     for _ in range(max_new_tokens):
-        logits, past = decoder.step(ids, mask, position_ids_from_mask(mask, ids.shape[1]), past)
+        logits = forward(ids, mask)
         token = sample_next(logits[:, -1], rng, temperature, top_k, top_p)
         if eos:
             token = np.where(done, next(iter(eos)), token)

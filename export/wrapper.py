@@ -63,25 +63,26 @@ class MLAAttentionForExport(nn.Module):
             b_uv = b_uv.repeat_interleave(groups, dim=0).reshape(-1).contiguous()  # [H * d_v]
         self.register_buffer("b_uv", b_uv)
 
-    def forward(self, hidden, past_latent, past_key_rope, attention_mask, cos, sin):
+    def forward(self, hidden, past_latent, past_key_rope, attention_mask, cos, sin, past_length=None):
         query = self.q_proj(hidden)  # [B, S, H*hd]
         latent = F.linear(hidden, self.kv_a_proj.weight)  # [B, S, r]
         key_rope = self.k_rope_proj(hidden)  # [B, S, n_kv*2R]
         out, present_latent, present_key_rope = torch.ops.mla_zoo.multi_head_latent_attention(
             query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, self.w_uk, self.w_uv,
-            self.num_heads, self.num_kv_heads, self.rope_pairs, self.scale,
-        )  # [B, S, H*d_v], [B, 1, T, r], [B, 1, T, n_kv*2R]
+            self.num_heads, self.num_kv_heads, self.rope_pairs, self.scale, past_length,
+        )  # [B, S, H*d_v], [B, 1, T, r], [B, 1, T, n_kv*2R] (version 2: T = the buffer's C rows)
         if self.b_uv is not None:
             out = out + self.b_uv
         return self.o_proj(out), present_latent, present_key_rope
 
 
 class DecoderWithPast(nn.Module):
-    """forward(input_ids, attention_mask, position_ids, past) -> (logits, presents).
+    """forward(input_ids, attention_mask, position_ids, past, past_length=None) -> (logits, presents).
 
     past / presents: flat list [latent_0, key_rope_0, latent_1, ...], latent_i [B, 1, P, r_i] (r_i: layer i's
     latent width) and key_rope_i [B, 1, P, n_kv*2R]; attention_mask [B, P+S] (1 = token, 0 = padding);
-    position_ids [B, S].
+    position_ids [B, S]. With past_length (int64 [1], op version 2): every past tensor is a buffer of C rows
+    whose first past_length hold the past, the mask is [B, C], and each present is its buffer with the new rows.
     """
 
     def __init__(self, model: nn.Module, residual_dtype: torch.dtype | None = None):
@@ -102,7 +103,7 @@ class DecoderWithPast(nn.Module):
             MLAAttentionForExport(layer.self_attn, config, i) for i, layer in enumerate(inner.layers))
         self.half_dim = config.head_dim // 2
 
-    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor]):
+    def forward(self, input_ids, attention_mask, position_ids, past: list[torch.Tensor], past_length=None):
         hidden = self.embed_tokens(input_ids)  # [B, S, hidden]
         cos, sin = self.rotary_emb(hidden, position_ids)  # [B, S, hd]; the second half repeats the first
         cos, sin = cos[..., : self.half_dim], sin[..., : self.half_dim]  # [B, S, hd/2]
@@ -113,7 +114,7 @@ class DecoderWithPast(nn.Module):
         for i, attn in enumerate(self.attns):
             out, present_latent, present_key_rope = attn(
                 self._block_input(self.input_norms[i](hidden), dtype), past[2 * i], past[2 * i + 1], attention_mask,
-                cos, sin)
+                cos, sin, past_length)
             hidden = hidden + out
             hidden = hidden + self.mlps[i](self._block_input(self.post_norms[i](hidden), dtype))
             presents += [present_latent, present_key_rope]

@@ -19,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from mla_zoo.export import exporter, op, runner  # noqa: E402
 from mla_zoo.export.kernels import build  # noqa: E402
+from mla_zoo.modeling.common import MlaZooError  # noqa: E402
 
 # per layer, per KV head: deliberately different, unsorted-looking but valid pair sets
 ROPE_PAIRS = [[[0, 5], [2, 7]], [[1, 3], [4, 6]]]
@@ -216,6 +217,85 @@ def test_sampling_is_seeded_and_respects_top_k(decoders):
     np.testing.assert_array_equal(a, b)
     greedy = runner.generate(dec, ids, mask, 12)
     np.testing.assert_array_equal(runner.generate(dec, ids, mask, 12, do_sample=True, top_k=1, seed=5), greedy)
+
+
+# ----------------------------------------------------------------------------------------------
+# One buffer for past and present (`export --shared-cache`, op version 2)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_exports(tiny_model, tmp_path_factory, kernel_library):
+    root = tmp_path_factory.mktemp("onnx_shared")
+    return {kind: exporter.export_model(tiny_model, root / kind, portable=kind == "portable", shared_cache=True)
+            for kind in ("fused", "portable")}
+
+
+@pytest.fixture(scope="module")
+def shared_decoders(shared_exports):
+    out = three_decoders(shared_exports)
+    assert all(d.shared_cache for d in out.values())
+    return out
+
+
+def test_shared_cache_graph_takes_buffers_and_past_length(shared_exports):
+    report = shared_exports["fused"]
+    model = onnx.load(report.model_path)
+    onnx.checker.check_model(model, full_check=True)
+    assert report.shared_cache and report.mla_nodes == 2
+    nodes = [n for n in model.graph.node if n.op_type == op.OP_NAME]
+    assert [n.overload for n in nodes] == [op.SHARED_CACHE_OVERLOAD] * 2 and all(len(n.input) == 11 for n in nodes)
+    assert {o.domain: o.version for o in model.opset_import}[op.DOMAIN] == 2
+    assert [i.name for i in model.graph.input] == exporter.input_names(2) + ["past_length"]
+    dims = past_dims(model)
+    assert dims["past_key_values.1.latent"] == dims["present.1.latent"] == ["batch_size", 1, "cache_capacity", 20]
+    assert dims["attention_mask"] == ["batch_size", "cache_capacity"] and dims["past_length"] == [1]
+
+
+def test_shared_cache_logits_agree_over_prefill_and_16_decode_steps_batch2_left_padded(tiny_model, shared_decoders):
+    """The kernel (one buffer, written in place), the function body and the inlined body, against PyTorch without
+    a cache, in buffers with 3 spare rows (noise-free zeros) beyond the last step."""
+    ids, mask = left_padded(PROMPTS)
+    rng = np.random.default_rng(0)
+    steps = rng.integers(3, tiny_model.config.vocab_size, size=(16, 2))
+    full_ids = np.concatenate([ids, steps.T], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(steps.T)], axis=1)
+    ref = torch_logits(tiny_model, full_ids, full_mask)  # [B, S + 16, V]
+    capacity = full_ids.shape[1] + 3
+    for name, dec in shared_decoders.items():
+        buffers = dec.cache_buffers(2, capacity)
+        got = []
+        for t in range(17):
+            seq = ids.shape[1] if t == 0 else 1
+            end = ids.shape[1] + t  # columns of the mask so far, this step's included
+            m = np.zeros((2, capacity), dtype=np.int64)
+            m[:, :end] = full_mask[:, :end]
+            step_ids = ids if t == 0 else steps[t - 1][:, None]
+            got.append(dec.step_in_place(step_ids, m, runner.position_ids_from_mask(full_mask[:, :end], seq),
+                                         end - seq, buffers))
+        got = np.concatenate(got, axis=1)
+        assert float(np.abs(got - ref)[full_mask.astype(bool)].max()) < 1e-3, name
+        assert not buffers[0].numpy()[:, :, full_ids.shape[1]:].any()  # the spare rows never written
+
+
+def test_shared_cache_32_greedy_tokens_identical_to_pytorch_generate(tiny_model, shared_decoders):
+    ids, mask = left_padded(PROMPTS)
+    ref = torch_greedy(tiny_model, ids, mask, 32)
+    for name, dec in shared_decoders.items():
+        np.testing.assert_array_equal(runner.generate(dec, ids, mask, max_new_tokens=32), ref, err_msg=name)
+
+
+def test_each_cache_form_refuses_the_other_forms_step(decoders, shared_decoders):
+    ids, mask = left_padded(PROMPTS)
+    pos = runner.position_ids_from_mask(mask, ids.shape[1])
+    shared = shared_decoders["kernel"]
+    with pytest.raises(MlaZooError, match="shares past and present"):
+        shared.step(ids, mask, pos, shared.empty_past(2))
+    with pytest.raises(MlaZooError, match="has a growing cache"):
+        decoders["kernel"].step_in_place(ids, mask, pos, 0, shared.cache_buffers(2, ids.shape[1]))
+    buffers = shared.cache_buffers(2, ids.shape[1])  # no room for one more token
+    with pytest.raises(runner.CacheShapeError, match=r"past_length 7 \+ 1 new tokens at most the buffers' 7 rows"):
+        shared.step_in_place(ids[:, :1], mask, pos[:, :1], ids.shape[1], buffers)
 
 
 # ----------------------------------------------------------------------------------------------

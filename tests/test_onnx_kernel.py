@@ -122,13 +122,13 @@ def test_kernel_rejects_inconsistent_shapes_with_a_clear_message(kernel_library)
 
 # ----------------------------------------------------------------------------------------------
 # Version 2 (op_spec.md): past and present in one buffer of `capacity` rows, the past's length an input.
-# The CPU kernel only (no function body, exporter or CUDA kernel yet): checked against version 1's reference.
+# The CPU kernel and the portable body (no exporter or CUDA kernel yet), checked against version 1's reference.
 # ----------------------------------------------------------------------------------------------
 
 
 def shared_cache_model(attrs: dict) -> bytes:
-    """One version-2 node: version 1's inputs and `past_length` (int64 [1])."""
-    return op.node_model(attrs, with_body=False, shared_cache=True).SerializeToString()
+    """One version-2 node: version 1's inputs and `past_length` (int64 [1]), with its function body."""
+    return op.node_model(attrs, shared_cache=True).SerializeToString()
 
 
 def in_buffer(case: str, spare: int, seed: int = 0):
@@ -159,13 +159,16 @@ def test_shared_cache_version_matches_version_1_with_and_without_one_buffer(case
     so.register_custom_ops_library(kernel_library)
     session = ort.InferenceSession(shared_cache_model(attrs), so)
 
-    # a present of its own: the whole buffer copied, the new rows written
+    # a present of its own: the whole buffer copied, the new rows written; the same from the portable body
+    body = ort.InferenceSession(shared_cache_model(attrs))
+    for name, sess in (("kernel", session), ("body", body)):
+        out, lat, kr = sess.run(None, feed)
+        np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=1e-4, err_msg=name)
+        for got, want, past in ((lat, want_lat, feed["past_latent"]), (kr, want_kr, feed["past_key_rope"])):
+            assert got.shape == past.shape
+            np.testing.assert_allclose(got[:, :, : p + s], want, atol=1e-6, err_msg=name)
+            np.testing.assert_array_equal(got[:, :, p + s:], past[:, :, p + s:])
     out, lat, kr = session.run(None, feed)
-    np.testing.assert_allclose(out, want_out, atol=2e-5, rtol=1e-4)
-    for got, want, past in ((lat, want_lat, feed["past_latent"]), (kr, want_kr, feed["past_key_rope"])):
-        assert got.shape == past.shape
-        np.testing.assert_allclose(got[:, :, : p + s], want, atol=1e-6)
-        np.testing.assert_array_equal(got[:, :, p + s:], past[:, :, p + s:])
 
     # one buffer bound as past and present: written in place, the same results
     binding = session.io_binding()
