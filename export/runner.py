@@ -181,7 +181,7 @@ class OnnxDecoder:
             binding.bind_ortvalue_input(past_name(i // 2, kind), buffer)
             binding.bind_ortvalue_output(f"present.{i // 2}.{kind}", buffer)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.get_outputs()[0].numpy()  # the logits alone (copy_outputs_to_cpu would copy every buffer)
 
 
 def position_ids_from_mask(attention_mask: np.ndarray, seq: int) -> np.ndarray:
