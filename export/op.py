@@ -196,6 +196,18 @@ def _rope_tables(cos, sin, kv, rope_pairs: Sequence[int]):
 
 
 @script(_body_domain, default_opset=_op)
+def _dims_and_tables(query, key_rope, cos, sin, num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int]):
+    """Both bodies' preamble: n_kv, G, 2R, R as [1] tensors, and the RoPE tables in the query's dtype."""
+    minus1, two = _op.Constant(value_ints=[-1]), _op.Constant(value_ints=[2])
+    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
+    groups = _op.Div(_op.Reshape(_op.Constant(value_int=num_heads), minus1), kv)
+    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
+    half = _op.Div(rope, two)  # [R]
+    cos2, sin2 = _rope_tables(_op.CastLike(cos, query), _op.CastLike(sin, query), kv, rope_pairs=rope_pairs)
+    return kv, groups, rope, half, cos2, sin2
+
+
+@script(_body_domain, default_opset=_op)
 def _rotated_key_rope(key_rope, kv, half, cos2, sin2):
     """The new RoPE keys rotated, as cache rows: [B, S, n_kv*2R] -> [B, 1, S, n_kv*2R]."""
     zero2, minus1 = _op.Constant(value_ints=[0, 0]), _op.Constant(value_ints=[-1])
@@ -252,12 +264,8 @@ def MultiHeadLatentAttention(  # noqa: N802 - the ONNX op's name
     num_heads: int, num_kv_heads: int, rope_pairs: Sequence[int], scale: float,
 ):
     """Version 1: present = concat(past, new)."""
-    minus1, two = _op.Constant(value_ints=[-1]), _op.Constant(value_ints=[2])
-    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
-    groups = _op.Div(_op.Reshape(_op.Constant(value_int=num_heads), minus1), kv)
-    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
-    half = _op.Div(rope, two)  # [R]
-    cos2, sin2 = _rope_tables(_op.CastLike(cos, query), _op.CastLike(sin, query), kv, rope_pairs=rope_pairs)
+    kv, groups, rope, half, cos2, sin2 = _dims_and_tables(query, key_rope, cos, sin, num_heads=num_heads,
+                                                          num_kv_heads=num_kv_heads, rope_pairs=rope_pairs)
     present_key_rope = _op.Concat(past_key_rope, _rotated_key_rope(key_rope, kv, half, cos2, sin2), axis=2)
     present_latent = _op.Concat(past_latent, _op.Unsqueeze(latent, [1]), axis=2)  # [B, 1, P+S, r]
     past = _op.Shape(past_latent, start=2, end=3)  # [P]
@@ -273,12 +281,8 @@ def MultiHeadLatentAttentionSharedCache(  # the FunctionProto is renamed to the 
 ):
     """Version 2 (op_spec.md): the new rows written into the buffer at past_length (ScatterND: a copy here; the
     kernel writes in place), then the queries against all of its rows (causality hides those past the new ones)."""
-    minus1, two = _op.Constant(value_ints=[-1]), _op.Constant(value_ints=[2])
-    kv = _op.Reshape(_op.Constant(value_int=num_kv_heads), minus1)
-    groups = _op.Div(_op.Reshape(_op.Constant(value_int=num_heads), minus1), kv)
-    rope = _op.Div(_op.Shape(key_rope, start=2), kv)  # [2R]
-    half = _op.Div(rope, two)  # [R]
-    cos2, sin2 = _rope_tables(_op.CastLike(cos, query), _op.CastLike(sin, query), kv, rope_pairs=rope_pairs)
+    kv, groups, rope, half, cos2, sin2 = _dims_and_tables(query, key_rope, cos, sin, num_heads=num_heads,
+                                                          num_kv_heads=num_kv_heads, rope_pairs=rope_pairs)
 
     # indices [B, S, 3] of the new rows: (b, 0, past_length + s)
     one = _op.Constant(value_int=1)
@@ -307,7 +311,7 @@ def function_protos() -> list[onnx.FunctionProto]:
     FunctionProtos of the DOMAIN (attach them all to the model)."""
     shared = MultiHeadLatentAttentionSharedCache.to_function_proto()
     shared.name, shared.overload = OP_NAME, SHARED_CACHE_OVERLOAD
-    helpers = (_rotate_half_body, _rope_tables, _rotated_key_rope, _attend)
+    helpers = (_rotate_half_body, _rope_tables, _dims_and_tables, _rotated_key_rope, _attend)
     return [MultiHeadLatentAttention.to_function_proto(), shared, *(h.to_function_proto() for h in helpers)]
 
 
