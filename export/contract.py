@@ -4,6 +4,7 @@ running an exported model with onnxruntime needs neither torch nor the exporter.
 DOMAIN = "mla_zoo"
 OP_NAME = "MultiHeadLatentAttention"
 OP_VERSION = 1  # bump with any change of the contract in op_spec.md (and kOpVersion in the kernel)
+SHARED_CACHE_VERSION = 2  # the domain version of an `export --shared-cache` graph (op_spec.md "Version 2")
 ONNX_OPSET = 18  # the torch exporter's native opset (TORCHLIB_OPSET): no version conversion
 IR_VERSION = 10  # written explicitly: onnx 1.23 defaults to IR 14, which onnxruntime 1.31 refuses (max 13)
 OP_INPUTS = (

@@ -208,7 +208,7 @@ def attach_body(ir_model, shared_cache: bool = False) -> None:
     for proto in op.function_protos():
         fn = ir.serde.deserialize_function(proto)
         ir_model.functions[fn.identifier()] = fn
-    ir_model.opset_imports[op.DOMAIN] = 2 if shared_cache else op.OP_VERSION
+    ir_model.opset_imports[op.DOMAIN] = op.SHARED_CACHE_VERSION if shared_cache else op.OP_VERSION
 
 
 def inline_body(ir_model) -> None:

@@ -19,11 +19,11 @@ from onnxscript import FLOAT, script
 from onnxscript.values import Op, Opset
 from torch import Tensor
 
-from .contract import DOMAIN, IR_VERSION, ONNX_OPSET, OP_NAME, OP_VERSION
+from .contract import DOMAIN, IR_VERSION, ONNX_OPSET, OP_NAME, OP_VERSION, SHARED_CACHE_VERSION
 from .contract import OP_INPUTS as INPUTS
 from .contract import OP_OUTPUTS as OUTPUTS
 
-__all__ = ["DOMAIN", "INPUTS", "ONNX_OPSET", "OP_NAME", "OP_VERSION", "OUTPUTS"]
+__all__ = ["DOMAIN", "INPUTS", "ONNX_OPSET", "OP_NAME", "OP_VERSION", "OUTPUTS", "SHARED_CACHE_VERSION"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +336,8 @@ def node_model(attributes: dict, elem_type: int = onnx.TensorProto.FLOAT, with_b
     if shared_cache:
         node.overload = SHARED_CACHE_OVERLOAD
     graph = helper.make_graph([node], "mla", [info(n) for n in inputs], [info(n) for n in OUTPUTS])
-    opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, 2 if shared_cache else OP_VERSION)]
+    version = SHARED_CACHE_VERSION if shared_cache else OP_VERSION
+    opsets = [helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, version)]
     model = helper.make_model(graph, functions=function_protos() if with_body else [], opset_imports=opsets,
                               ir_version=IR_VERSION)
     onnx.checker.check_model(model)

@@ -245,7 +245,7 @@ def test_shared_cache_graph_takes_buffers_and_past_length(shared_exports):
     assert report.shared_cache and report.mla_nodes == 2
     nodes = [n for n in model.graph.node if n.op_type == op.OP_NAME]
     assert [n.overload for n in nodes] == [op.SHARED_CACHE_OVERLOAD] * 2 and all(len(n.input) == 11 for n in nodes)
-    assert {o.domain: o.version for o in model.opset_import}[op.DOMAIN] == 2
+    assert {o.domain: o.version for o in model.opset_import}[op.DOMAIN] == op.SHARED_CACHE_VERSION == 2
     assert [i.name for i in model.graph.input] == exporter.input_names(2) + ["past_length"]
     dims = past_dims(model)
     assert dims["past_key_values.1.latent"] == dims["present.1.latent"] == ["batch_size", 1, "cache_capacity", 20]
