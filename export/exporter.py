@@ -48,8 +48,8 @@ class ExportSettings(Settings):
                                              "is fp32 either way")
     shared_cache: bool = setting(False, help="op version 2: each past tensor is a buffer of a capacity the runner "
                                              "picks, shared with its present (bind both to one OrtValue: only the "
-                                             "new rows are written), plus an input past_length; the CUDA kernels "
-                                             "do not run it yet (export/op_spec.md)")
+                                             "new rows are written), plus an input past_length (export/op_spec.md); "
+                                             "not yet capturable in a CUDA graph")
     overwrite: bool = setting(False, recipe=False, help="replace an existing output_dir")
 
 

@@ -29,7 +29,7 @@ from mla_zoo.export import exporter, op, runner  # noqa: E402
 from mla_zoo.export.kernels import build  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 from test_onnx_export import PROMPTS, left_padded, three_way_logits, tiny_mla, torch_logits  # noqa: E402
-from test_onnx_kernel import CASES, node_model, random_case  # noqa: E402
+from test_onnx_kernel import CASES, in_buffer, node_model, random_case  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,41 @@ def test_emulated_cuda_kernel_matches_the_reference_through_onnxruntime(case, dt
         rel = np.abs(out.astype(np.float32) - ref[0]).max() / np.abs(ref[0]).max()
         assert rel < 1e-2, rel
         np.testing.assert_array_equal(present_key_rope.astype(np.float32), ref[2])  # same fp32 rotation, rounded
+
+
+@pytest.mark.parametrize("case, dtype", [("decode-long-past", "float32"), ("decode-long-past", "float16"),
+                                         ("chunked-prefill", "float32")])
+def test_emulated_cuda_kernel_runs_the_shared_cache_version(case, dtype, emulated):
+    """Op version 2 (one buffer, past_length in CPU memory): a present of its own (the buffer copied on the stream
+    first) and one bound buffer (only the new rows written) give version 1's reference."""
+    inputs, attrs, feed = in_buffer(case, spare=5)
+    p, s = CASES[case][2], CASES[case][1]
+    if dtype == "float16":
+        inputs = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+        feed = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feed.items()}
+    want = [t.float().numpy() for t in op.reference(*inputs.values(), **attrs)]
+    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    session = emulated_session(op.node_model(attrs, elem, shared_cache=True).SerializeToString(), emulated.library)
+
+    def check(out, lat):
+        if dtype == "float32":
+            np.testing.assert_allclose(out, want[0], atol=2e-5, rtol=1e-4)
+        else:
+            assert np.abs(out.astype(np.float32) - want[0]).max() / np.abs(want[0]).max() < 1e-2
+        np.testing.assert_array_equal(lat[:, :, : p + s].astype(np.float32), want[1])
+        np.testing.assert_array_equal(lat[:, :, p + s:], feed["past_latent"][:, :, p + s:])
+
+    out, lat, _ = session.run(None, feed)
+    check(out, lat)
+    binding = session.io_binding()
+    values = {name: ort.OrtValue.ortvalue_from_numpy(v.copy()) for name, v in feed.items()}
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output("output")
+    binding.bind_ortvalue_output("present_latent", values["past_latent"])
+    binding.bind_ortvalue_output("present_key_rope", values["past_key_rope"])
+    session.run_with_iobinding(binding)
+    check(binding.get_outputs()[0].numpy(), values["past_latent"].numpy())
 
 
 def test_emulated_cuda_kernel_reports_bad_shapes_like_the_cpu_kernel(emulated):

@@ -103,6 +103,7 @@ Tensors make_inputs(const Case& c, Dtype dtype, unsigned seed) {
   Tensors t;
   MlaDims& d = t.d;
   d.B = c.B, d.S = c.S, d.P = c.P, d.T = c.P + c.S, d.H = c.H, d.n_kv = c.n_kv, d.G = c.H / c.n_kv;
+  d.past_rows = d.P, d.present_rows = d.T, d.mask_cols = d.T;  // version 1's layout
   d.R = c.R, d.E = 2 * c.R, d.KR = c.n_kv * 2 * c.R, d.hd = c.hd, d.dn = c.hd - 2 * c.R, d.r = c.r, d.dv = c.hd;
   d.C = c.hd / 2;
   t.scale = 1.0 / std::sqrt(static_cast<double>(c.hd));

@@ -16,8 +16,7 @@ constexpr const char* kDomain = "mla_zoo";
 constexpr const char* kOpName = "MultiHeadLatentAttention";
 constexpr int kOpVersion = 1;
 // Version 2 (op_spec.md "Version 2") adds the optional input `past_length`: past and present are then one
-// buffer. The CPU kernel and the function body implement it; the CUDA kernels refuse it; the exporter
-// writes version 1.
+// buffer. The CPU and CUDA kernels and the function body implement it; `export --shared-cache` writes it.
 
 // Every dimension of one call, derived from the attributes and the input shapes.
 struct MlaDims {

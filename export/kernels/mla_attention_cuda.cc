@@ -69,16 +69,25 @@ struct MultiHeadLatentAttentionCuda : MlaAttributes {
                       Ort::Custom::Tensor<T>& output, Ort::Custom::Tensor<T>& present_latent,
                       Ort::Custom::Tensor<T>& present_key_rope) {
     try {
-      expect(!(past_length.has_value() && *past_length != nullptr),
-             "input 'past_length' (one buffer for past and present, op version 2) has no CUDA kernel yet");
+      int64_t shared_length = -1;  // version 2: P, read on the host (the input is in CPU memory: not capturable
+      if (past_length.has_value() && *past_length != nullptr) {  // in a CUDA graph yet, op_spec.md)
+        const auto& n = **past_length;
+        expect(n.NumberOfElement() == 1 && n.Data()[0] >= 0,
+               "input 'past_length' must hold one value >= 0, got shape " + shape_str(n.Shape()));
+        shared_length = n.Data()[0];
+      }
       const MlaDims d = check_shapes(
           num_heads, num_kv_heads, rope_pairs,
           {query.Shape(), latent.Shape(), key_rope.Shape(), past_latent.Shape(), past_key_rope.Shape(),
-           attention_mask.Shape(), cos.Shape(), sin.Shape(), w_uk.Shape(), w_uv.Shape()});
+           attention_mask.Shape(), cos.Shape(), sin.Shape(), w_uk.Shape(), w_uv.Shape()},
+          shared_length);
       cuda::Outputs out;
       out.output = output.Allocate({d.B, d.S, d.H * d.dv});
-      out.present_latent = present_latent.Allocate({d.B, 1, d.T, d.r});
-      out.present_key_rope = present_key_rope.Allocate({d.B, 1, d.T, d.KR});
+      out.present_latent = present_latent.Allocate({d.B, 1, d.present_rows, d.r});
+      out.present_key_rope = present_key_rope.Allocate({d.B, 1, d.present_rows, d.KR});
+      expect(shared_length < 0 || (out.present_latent == past_latent.DataRaw()) ==
+                                      (out.present_key_rope == past_key_rope.DataRaw()),
+             "present_latent and present_key_rope must both share their past's buffer, or neither");
       if (d.B == 0 || d.S == 0) return Ort::Status{nullptr};
 
       Ort::KernelContext ctx(context);
@@ -88,8 +97,8 @@ struct MultiHeadLatentAttentionCuda : MlaAttributes {
       in.query = query.Data();
       in.latent = latent.Data();
       in.key_rope = key_rope.Data();
-      in.past_latent = d.P ? past_latent.Data() : nullptr;
-      in.past_key_rope = d.P ? past_key_rope.Data() : nullptr;
+      in.past_latent = d.past_rows ? past_latent.Data() : nullptr;
+      in.past_key_rope = d.past_rows ? past_key_rope.Data() : nullptr;
       in.attention_mask = attention_mask.Data();
       in.cos = cos.Data();
       in.sin = sin.Data();
@@ -116,12 +125,19 @@ constexpr const char* kProvider = "CUDAExecutionProvider";
 #endif
 
 // Registers the CUDA kernels (float, float16) under the CPU kernels' domain, name and version.
+// version 2's past_length (input 10) in CPU memory: the launch plan needs P on the host
+OrtMemType ORT_API_CALL input_memory(const OrtCustomOp*, size_t index) {
+  return index == 10 ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+}
+
 void add_cuda_kernels(Ort::CustomOpDomain& domain) {
   static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f32{
       Ort::Custom::CreateLiteCustomOp<MultiHeadLatentAttentionCuda<float>>(kOpName, kProvider, kOpVersion)};
   static const std::unique_ptr<Ort::Custom::OrtLiteCustomOp> f16{
       Ort::Custom::CreateLiteCustomOp<MultiHeadLatentAttentionCuda<Ort::Float16_t>>(kOpName, kProvider,
                                                                                     kOpVersion)};
+  f32->GetInputMemoryType = input_memory;
+  f16->GetInputMemoryType = input_memory;
   domain.Add(f32.get());
   domain.Add(f16.get());
 }

@@ -93,13 +93,17 @@ struct RopeIndex {
   uint16_t v[kMaxRopeIndices];  // rope_pairs, row-major [n_kv, R]
 };
 
-// Every dimension as int64 (offsets into [B, T, r] caches overflow 32 bits at long contexts).
+// Every dimension as int64 (offsets into [B, T, r] caches overflow 32 bits at long contexts). PR, TR, MC:
+// rows per batch row of the past, the present and the mask (version 1: P, T, T; version 2: the buffer's C);
+// copy: whether the past's rows go to the present (version 1; version 2 attends in the shared buffer).
 struct Dims {
-  int64_t B, S, P, T, H, n_kv, G, R, E, KR, hd, dn, r, dv, C;
+  int64_t B, S, P, T, H, n_kv, G, R, E, KR, hd, dn, r, dv, C, PR, TR, MC;
+  bool copy;
 };
 
 Dims to_dims(const MlaDims& d) {
-  return Dims{d.B, d.S, d.P, d.T, d.H, d.n_kv, d.G, d.R, d.E, d.KR, d.hd, d.dn, d.r, d.dv, d.C};
+  return Dims{d.B,  d.S,  d.P,  d.T,  d.H,  d.n_kv,       d.G,          d.R,         d.E,
+              d.KR, d.hd, d.dn, d.r,  d.dv, d.C,  d.past_rows, d.present_rows, d.mask_cols, d.past_rows == d.P};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ __global__ void prepare_kernel(Dims d, PrepareArgs<T> a, RopeIndex pairs) {
   float* sn = cs + d.n_kv * d.R;
   const int64_t tok = blockIdx.x;  // b*S + s
   const int64_t b = tok / d.S, s = tok % d.S;
-  const int64_t slot = b * d.T + d.P + s;  // the token's row in the presents
+  const int64_t slot = b * d.TR + d.P + s;  // the token's row in the presents
   const T* q = a.query + tok * d.H * d.hd;
   for (int64_t i = threadIdx.x; i < d.H * d.dn; i += blockDim.x)
     qn[i] = a.scale * to_f(q[(i / d.dn) * d.hd + d.E + i % d.dn]);
@@ -344,8 +348,8 @@ struct ChunkWalk {
     past_ld = lat ? d.r : d.KR;
     pres_ld = past_ld;
     const int64_t off = c < 0 ? 0 : lat ? c : c - d.r;
-    past = (lat ? a.past_latent + b * d.P * d.r : a.past_key_rope + b * d.P * d.KR) + off;
-    pres_out = (lat ? a.present_latent + b * d.T * d.r : a.present_key_rope + b * d.T * d.KR) + off;
+    past = (lat ? a.past_latent + b * d.PR * d.r : a.past_key_rope + b * d.PR * d.KR) + off;
+    pres_out = (lat ? a.present_latent + b * d.TR * d.r : a.present_key_rope + b * d.TR * d.KR) + off;
     pres = pres_out;
   }
   __device__ __forceinline__ const T* src(const Dims& d, int64_t t) const {
@@ -374,7 +378,7 @@ __device__ __forceinline__ void issue_tile(const Dims& d, const AttendArgs<T>& a
   }
   for (int n = team.tid; n < team.bn; n += team.size) {
     if (n < n_valid) {
-      cp_async8(mk + n, a.mask + b * d.T + t0 + n);
+      cp_async8(mk + n, a.mask + b * d.MC + t0 + n);
     } else {
       mk[n] = 0;
     }
@@ -404,7 +408,7 @@ __device__ __forceinline__ void store_past_rows(const Dims& d, const AttendArgs<
 template <typename T>
 __device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a, int64_t b, const Team& team,
                                           int64_t t0, int n_valid, bool copy_past, T* kv, int64_t* mk) {
-  for (int n = team.tid; n < team.bn; n += team.size) mk[n] = n < n_valid ? a.mask[b * d.T + t0 + n] : 0;
+  for (int n = team.tid; n < team.bn; n += team.size) mk[n] = n < n_valid ? a.mask[b * d.MC + t0 + n] : 0;
   if (a.vec) {
     const int chunks = a.ldq / ChunkWalk<T>::V;
     constexpr int kBatch = 4;  // loads in flight per thread before their stores
@@ -442,12 +446,12 @@ __device__ __forceinline__ void load_tile(const Dims& d, const AttendArgs<T>& a,
       if (n < n_valid && c < d.r + d.KR) {
         const bool past = t < d.P;
         if (c < d.r) {
-          v = past ? a.past_latent[(b * d.P + t) * d.r + c] : a.present_latent[(b * d.T + t) * d.r + c];
-          if (past && copy_past) a.present_latent[(b * d.T + t) * d.r + c] = v;
+          v = past ? a.past_latent[(b * d.PR + t) * d.r + c] : a.present_latent[(b * d.TR + t) * d.r + c];
+          if (past && copy_past) a.present_latent[(b * d.TR + t) * d.r + c] = v;
         } else {
           const int64_t e = c - d.r;
-          v = past ? a.past_key_rope[(b * d.P + t) * d.KR + e] : a.present_key_rope[(b * d.T + t) * d.KR + e];
-          if (past && copy_past) a.present_key_rope[(b * d.T + t) * d.KR + e] = v;
+          v = past ? a.past_key_rope[(b * d.PR + t) * d.KR + e] : a.present_key_rope[(b * d.TR + t) * d.KR + e];
+          if (past && copy_past) a.present_key_rope[(b * d.TR + t) * d.KR + e] = v;
         }
       }
       kv[n * a.ld + c] = v;
@@ -569,7 +573,7 @@ __global__ void __launch_bounds__(256) attend_kernel(Dims d, AttendArgs<T> a) {
   const int64_t limit = d.P + (row0 + nrows - 1) / d.H + 1;  // causal: no row of the block sees a slot >= limit
   const int64_t t_begin = split * a.split_len;
   const int64_t t_end = min(min(d.T, t_begin + a.split_len), limit);
-  const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
+  const bool copy_past = d.copy && rb == 0;  // this block's rows include query 0, which sees every past slot
 
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
   const Team team = block_team(a.bn);
@@ -1129,8 +1133,21 @@ std::string launch(const MlaDims& md, const std::vector<int64_t>& rope_pairs, fl
   if (d.B * d.S > 0x7fffffffLL || plan.splits > 0x7fffffffLL || plan.row_blocks > 65535 || d.B > 65535)
     return "MultiHeadLatentAttention: the CUDA grid is too large for these dims";
   auto s = static_cast<cudaStream_t>(stream);
-  if (dtype == Dtype::kFloat32) return launch_typed<float>(d, rope_pairs, scale, plan, in, out, scratch, s);
-  return launch_typed<__half>(d, rope_pairs, scale, plan, in, out, scratch, s);
+  Inputs inputs = in;
+  if (!d.copy && in.past_latent != out.present_latent) {  // version 2 with a present of its own: the whole buffer
+    // first (on the stream, no host wait), then the kernels attend in the present as in a shared buffer
+    const size_t elem = dtype == Dtype::kFloat32 ? 4 : 2;
+    cudaError_t e = cudaMemcpyAsync(out.present_latent, in.past_latent, elem * d.B * d.PR * d.r,
+                                    cudaMemcpyDeviceToDevice, s);
+    if (e == cudaSuccess)
+      e = cudaMemcpyAsync(out.present_key_rope, in.past_key_rope, elem * d.B * d.PR * d.KR, cudaMemcpyDeviceToDevice,
+                          s);
+    if (e != cudaSuccess) return cuda_error("MultiHeadLatentAttention cache copy", e);
+    inputs.past_latent = out.present_latent;
+    inputs.past_key_rope = out.present_key_rope;
+  }
+  if (dtype == Dtype::kFloat32) return launch_typed<float>(d, rope_pairs, scale, plan, inputs, out, scratch, s);
+  return launch_typed<__half>(d, rope_pairs, scale, plan, inputs, out, scratch, s);
 }
 
 }  // namespace cuda

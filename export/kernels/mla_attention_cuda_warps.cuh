@@ -151,7 +151,7 @@ __global__ void MLA_MAX_REGISTERS(kCapped ? kCappedRegisters : kO16 <= 6 ? 168 :
   const int64_t limit = d.P + (row0 + nrows - 1) / d.H + 1;  // causal: no row of the block sees a slot >= limit
   const int64_t t_begin = split * a.split_len;
   const int64_t t_end = min(min(d.T, t_begin + a.split_len), limit);
-  const bool copy_past = rb == 0;  // this block's rows include query 0, which sees every past slot
+  const bool copy_past = d.copy && rb == 0;  // this block's rows include query 0, which sees every past slot
   // this warp's tiles: slots [first + i * stride, + kSlots) for i < n_tiles
   const int64_t first = t_begin + static_cast<int64_t>(warp) * kSlots, stride = static_cast<int64_t>(warps) * kSlots;
   const int n_tiles = first < t_end ? static_cast<int>(ceil_div_dev(t_end - first, stride)) : 0;
