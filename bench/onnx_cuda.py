@@ -26,6 +26,7 @@ import torch  # before onnxruntime (imported where used): torch loads the CUDA l
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+DEVICE = "cuda"  # where the bound tensors live (tests of this script's bindings set "cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,9 +41,10 @@ def export_original_fp16(model, path: Path) -> None:
     export_gqa(model, path, torch.float16)
 
 
-def prepare(workdir: Path, fp16_residual: bool = False) -> dict[str, Path]:
+def prepare(workdir: Path, fp16_residual: bool = False, shared_cache: bool = False) -> dict[str, Path]:
     """Exports (once) SmolLM2-135M-MLA and the original, both fp16 (and, with `fp16_residual`, the MLA export
-    all-fp16: `--no-fp32-residual`)."""
+    all-fp16: `--no-fp32-residual`; with `shared_cache`, the MLA export with one buffer per cache tensor:
+    `--shared-cache`)."""
     from mla_zoo.export.exporter import export_model
     from mla_zoo.modeling import sources
     from mla_zoo.modeling.convert import convert_model
@@ -51,6 +53,7 @@ def prepare(workdir: Path, fp16_residual: bool = False) -> dict[str, Path]:
     mla_dir, gqa_dir = workdir / "smollm2-mla-fp16", workdir / "smollm2-gqa-fp16"
     narrow_dir = workdir / "smollm2-mla-fp16-fp16-residual"
     dirs = {"mla": mla_dir, "gqa": gqa_dir} | ({"mla-fp16-residual": narrow_dir} if fp16_residual else {})
+    dirs |= {"mla-shared": workdir / "smollm2-mla-fp16-shared"} if shared_cache else {}
     if not all((d / "model.onnx").exists() for d in dirs.values()):
         model, tokenizer, info = sources.resolve("smollm2-135m", dtype=torch.float32)
         if not (gqa_dir / "model.onnx").exists():
@@ -59,9 +62,10 @@ def prepare(workdir: Path, fp16_residual: bool = False) -> dict[str, Path]:
         settings = ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="high", svd="joint",
                                    dtype="float32")
         mla, _ = convert_model(model, tokenizer, info, settings, progress=False)
-        for name, wide in (("mla", True), ("mla-fp16-residual", False)):
+        for name, wide, shared in (("mla", True, False), ("mla-fp16-residual", False, False),
+                                   ("mla-shared", True, True)):
             if name in dirs and not (dirs[name] / "model.onnx").exists():
-                export_model(mla.eval().half(), dirs[name], dtype="fp16", fp32_residual=wide)
+                export_model(mla.eval().half(), dirs[name], dtype="fp16", fp32_residual=wide, shared_cache=shared)
     return dirs
 
 
@@ -71,22 +75,31 @@ def prepare(workdir: Path, fp16_residual: bool = False) -> dict[str, Path]:
 
 
 def bound_step(session, feed_shapes: dict, int_feeds: dict[str, np.ndarray], seed: int = 0):
-    """An IOBinding with the int inputs and random fp16 past tensors on the GPU, outputs on the GPU."""
+    """An IOBinding with the int inputs and random fp16 past tensors on the GPU, outputs on the GPU. A shared-cache
+    export (input past_length, kept in host memory as its CUDA kernel reads it) gets each present bound to its
+    past's buffer, as runner.OnnxDecoder.step_in_place binds them."""
     import onnxruntime as ort
 
     binding = session.io_binding()
     rng = np.random.default_rng(seed)
-    keep = []
+    keep, pasts = [], {}
     for name, value in int_feeds.items():
-        v = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+        v = ort.OrtValue.ortvalue_from_numpy(value) if name == "past_length" else \
+            ort.OrtValue.ortvalue_from_numpy(value, DEVICE, 0)
         keep.append(v)
         binding.bind_ortvalue_input(name, v)
     for name, shape in feed_shapes.items():
-        v = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(shape, dtype=np.float32).astype(np.float16), "cuda", 0)
+        v = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(shape, dtype=np.float32).astype(np.float16), DEVICE, 0)
         keep.append(v)
+        pasts[name] = v
         binding.bind_ortvalue_input(name, v)
+    shared = "past_length" in int_feeds
     for out in session.get_outputs():
-        binding.bind_output(out.name, "cuda", 0)
+        past = "past_key_values." + out.name.removeprefix("present.")
+        if shared and past in pasts:
+            binding.bind_ortvalue_output(out.name, pasts[past])
+        else:
+            binding.bind_output(out.name, DEVICE, 0)
     return binding, keep
 
 
@@ -126,9 +139,13 @@ def decode_points(sessions: dict, past: int, batch: int, steps: int, rounds: int
             "position_ids": np.full((batch, 1), past, np.int64)}
     bound, times, results = {}, {}, {}
     for name, session in sessions.items():
-        shapes = {i.name: [batch, i.shape[1], past, i.shape[3]] for i in session.get_inputs()[3:]}
+        shared = any(i.name == "past_length" for i in session.get_inputs())  # buffers of past + 1 rows
+        rows = past + 1 if shared else past
+        shapes = {i.name: [batch, i.shape[1], rows, i.shape[3]] for i in session.get_inputs()
+                  if i.name.startswith("past_key_values.")}
+        feeds = ints | ({"past_length": np.array([past], np.int64)} if shared else {})
         try:
-            bound[name] = (session, *bound_step(session, shapes, ints))
+            bound[name] = (session, *bound_step(session, shapes, feeds))
         except Exception as e:  # e.g. out of memory: the row says so, the others still run
             results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             continue
@@ -144,8 +161,9 @@ def decode_points(sessions: dict, past: int, batch: int, steps: int, rounds: int
         results[name] |= stats(times[name])
         results[name]["tokens_per_s"] = batch / (results[name]["ms_median"] / 1e3)
     del bound
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
     return results
 
 
@@ -215,18 +233,23 @@ def main() -> None:
     p.add_argument("--fp16-residual", action="store_true",
                    help="also the all-fp16 MLA export (`export --no-fp32-residual`), timed in rounds alternating "
                         "with the default's")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="also the MLA export with one buffer per cache tensor (`export --shared-cache`, op version "
+                        "2), timed in rounds alternating with the default's")
     args = p.parse_args()
 
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         sys.exit(f"needs onnxruntime-gpu: this onnxruntime ({ort.__version__}) has {ort.get_available_providers()}")
-    dirs = prepare(Path(args.workdir), args.fp16_residual)
+    dirs = prepare(Path(args.workdir), args.fp16_residual, args.shared_cache)
     contexts = [int(x) for x in args.contexts.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     sessions = {"mla-fused": model_session(dirs["mla"], True)}
     if args.fp16_residual:
         sessions["mla-fused-fp16-residual"] = model_session(dirs["mla-fp16-residual"], True)
+    if args.shared_cache:
+        sessions["mla-fused-shared"] = model_session(dirs["mla-shared"], True)
     sessions["original"] = model_session(dirs["gqa"], False)
     rows = []
     for context in contexts:
@@ -240,6 +263,9 @@ def main() -> None:
             if "ms_median" in row.get("mla-fused-fp16-residual", {}) and "ms_median" in row["mla-fused"]:
                 # the default's step over the all-fp16 graph's
                 row["fp32_residual_cost"] = row["mla-fused"]["ms_median"] / row["mla-fused-fp16-residual"]["ms_median"]
+            if "ms_median" in row.get("mla-fused-shared", {}) and "ms_median" in row["mla-fused"]:
+                # the default's step over the shared-cache graph's (> 1: one buffer is faster)
+                row["shared_cache_speedup"] = row["mla-fused"]["ms_median"] / row["mla-fused-shared"]["ms_median"]
             row["kernel"] = kernel_point(context, batch, args.steps)
             rows.append(row)
             print(json.dumps(row), flush=True)
