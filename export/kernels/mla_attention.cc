@@ -301,15 +301,8 @@ struct MultiHeadLatentAttention : MlaAttributes {
                       Ort::Custom::Tensor<T>& output, Ort::Custom::Tensor<T>& present_latent,
                       Ort::Custom::Tensor<T>& present_key_rope) {
     try {
-      int64_t shared_length = -1;  // version 1: the past is its whole tensor
-      if (past_length.has_value() && *past_length != nullptr) {
-        const auto& n = **past_length;
-        mla_zoo::expect(n.NumberOfElement() == 1 && n.Data()[0] >= 0,
-                        "input 'past_length' must hold one value >= 0, got shape " + mla_zoo::shape_str(n.Shape()));
-        shared_length = n.Data()[0];
-      }
       Run(context, query, latent, key_rope, past_latent, past_key_rope, attention_mask, cos, sin, w_uk, w_uv,
-          output, present_latent, present_key_rope, shared_length);
+          output, present_latent, present_key_rope, read_past_length(past_length));
     } catch (const ShapeError& e) {
       return Ort::Status((std::string(kOpName) + ": " + e.message).c_str(), ORT_INVALID_ARGUMENT);
     } catch (const std::exception& e) {
@@ -335,7 +328,7 @@ struct MultiHeadLatentAttention : MlaAttributes {
     const int64_t B = dims.B, S = dims.S, hd = dims.hd, dn = dims.dn, r = dims.r, P = dims.P, Tt = dims.T;
     const int64_t dv = dims.dv, C = dims.C, KR = dims.KR;
     const int64_t PR = dims.past_rows, TR = dims.present_rows, MC = dims.mask_cols;  // rows per batch row
-    const bool v2 = shared_length >= 0;
+    const bool v2 = dims.shared_buffer;
 
     const T* q_in = query.Data();
     const T* lat_in = latent.Data();
@@ -351,8 +344,7 @@ struct MultiHeadLatentAttention : MlaAttributes {
     // version 2: present bound to the past's buffer (the caller's doing: IOBinding, a preallocated output)
     // means only the new rows move; otherwise the present starts as a copy of the whole buffer
     const bool shared = lat_out == plat;
-    mla_zoo::expect(!v2 || shared == (kr_out == pkr),
-                    "present_latent and present_key_rope must both share their past's buffer, or neither");
+    if (v2) mla_zoo::expect_both_shared_or_neither(shared, kr_out == pkr);
     if (v2 && !shared && B > 0) {
       std::memcpy(lat_out, plat, sizeof(T) * B * PR * r);
       std::memcpy(kr_out, pkr, sizeof(T) * B * PR * KR);

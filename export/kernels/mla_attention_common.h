@@ -28,6 +28,7 @@ struct MlaDims {
   // rows per batch row of the cache tensors and columns of the mask: version 1: P (past), T (present),
   // T (mask); version 2: the buffer's capacity for all three
   int64_t past_rows = 0, present_rows = 0, mask_cols = 0;
+  bool shared_buffer = false;  // version 2: past and present are (copies of) one buffer
 };
 
 struct ShapeError {
@@ -99,6 +100,7 @@ inline MlaDims check_shapes(int64_t num_heads, int64_t num_kv_heads, const std::
       << rows << " rows of 'past_latent'";
     expect(d.T <= rows, s.str());
   }
+  d.shared_buffer = shared_past_length >= 0;
   d.past_rows = rows;
   d.present_rows = shared_past_length >= 0 ? rows : d.T;
   d.mask_cols = d.present_rows;
@@ -116,6 +118,12 @@ inline MlaDims check_shapes(int64_t num_heads, int64_t num_kv_heads, const std::
   d.dv = in.w_uv[1];
   expect_shape("w_uv", in.w_uv, {d.n_kv, d.dv, d.r});
   return d;
+}
+
+// Version 2: both presents bound to their pasts' buffers (only the new rows are written), or neither.
+inline void expect_both_shared_or_neither(bool latent_shared, bool key_rope_shared) {
+  expect(latent_shared == key_rope_shared,
+         "present_latent and present_key_rope must both share their past's buffer, or neither");
 }
 
 }  // namespace mla_zoo

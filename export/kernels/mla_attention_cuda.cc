@@ -65,29 +65,23 @@ struct MultiHeadLatentAttentionCuda : MlaAttributes {
                       const Ort::Custom::Tensor<int64_t>& attention_mask, const Ort::Custom::Tensor<T>& cos,
                       const Ort::Custom::Tensor<T>& sin, const Ort::Custom::Tensor<T>& w_uk,
                       const Ort::Custom::Tensor<T>& w_uv,
-                      std::optional<const Ort::Custom::Tensor<int64_t>*> past_length,  // version 2: CPU only yet
+                      std::optional<const Ort::Custom::Tensor<int64_t>*> past_length,  // version 2, host memory
                       Ort::Custom::Tensor<T>& output, Ort::Custom::Tensor<T>& present_latent,
                       Ort::Custom::Tensor<T>& present_key_rope) {
     try {
-      int64_t shared_length = -1;  // version 2: P, read on the host (the input is in CPU memory: not capturable
-      if (past_length.has_value() && *past_length != nullptr) {  // in a CUDA graph yet, op_spec.md)
-        const auto& n = **past_length;
-        expect(n.NumberOfElement() == 1 && n.Data()[0] >= 0,
-               "input 'past_length' must hold one value >= 0, got shape " + shape_str(n.Shape()));
-        shared_length = n.Data()[0];
-      }
+      // version 2's P is read on the host (the launch plan needs it): not capturable in a CUDA graph yet
       const MlaDims d = check_shapes(
           num_heads, num_kv_heads, rope_pairs,
           {query.Shape(), latent.Shape(), key_rope.Shape(), past_latent.Shape(), past_key_rope.Shape(),
            attention_mask.Shape(), cos.Shape(), sin.Shape(), w_uk.Shape(), w_uv.Shape()},
-          shared_length);
+          read_past_length(past_length));
       cuda::Outputs out;
       out.output = output.Allocate({d.B, d.S, d.H * d.dv});
       out.present_latent = present_latent.Allocate({d.B, 1, d.present_rows, d.r});
       out.present_key_rope = present_key_rope.Allocate({d.B, 1, d.present_rows, d.KR});
-      expect(shared_length < 0 || (out.present_latent == past_latent.DataRaw()) ==
-                                      (out.present_key_rope == past_key_rope.DataRaw()),
-             "present_latent and present_key_rope must both share their past's buffer, or neither");
+      if (d.shared_buffer)
+        expect_both_shared_or_neither(out.present_latent == past_latent.DataRaw(),
+                                      out.present_key_rope == past_key_rope.DataRaw());
       if (d.B == 0 || d.S == 0) return Ort::Status{nullptr};
 
       Ort::KernelContext ctx(context);

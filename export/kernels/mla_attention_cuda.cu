@@ -103,7 +103,7 @@ struct Dims {
 
 Dims to_dims(const MlaDims& d) {
   return Dims{d.B,  d.S,  d.P,  d.T,  d.H,  d.n_kv,       d.G,          d.R,         d.E,
-              d.KR, d.hd, d.dn, d.r,  d.dv, d.C,  d.past_rows, d.present_rows, d.mask_cols, d.past_rows == d.P};
+              d.KR, d.hd, d.dn, d.r,  d.dv, d.C,  d.past_rows, d.present_rows, d.mask_cols, !d.shared_buffer};
 }
 
 // ---------------------------------------------------------------------------------------------
