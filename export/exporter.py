@@ -76,7 +76,7 @@ class ExportReport:
 def check_settings(settings: ExportSettings) -> None:  # (`dtype`: ExportSettings checks its choices)
     ckpt = Path(settings.checkpoint)
     if not (ckpt / "config.json").is_file():
-        raise FileNotFoundError(f"{ckpt} has no config.json: not a checkpoint directory")
+        raise ExportError(f"{ckpt} has no config.json: not a checkpoint directory")
     from .wrapper import check_mla_config
 
     class _Config:  # read the fields the check needs without loading remote code

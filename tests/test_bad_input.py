@@ -211,6 +211,8 @@ EXPORT = [
          ("--output-dir", "is the CHECKPOINT")),
     Case("a directory mla-zoo did not write", lambda r: ["export", p(r, "ckpt"), "-o", p(r, "notes"), "--overwrite"],
          ("--output-dir", "mla-zoo did not write", "genai_config.json")),
+    Case("a missing checkpoint", lambda r: ["export", p(r, "no/ckpt"), "-o", p(r, "new"), "--shared-cache"],
+         "no/ckpt has no config.json: not a checkpoint directory"),
 ]
 
 BUILD = [
