@@ -301,6 +301,9 @@ def run_generate(settings: GenerateSettings) -> GenerateReport:
 
     if settings.backend not in ("onnx", "torch"):
         raise ValueError(f"backend must be 'onnx' or 'torch', got {settings.backend!r}")
+    if not Path(settings.model).is_dir():
+        raise MlaZooError(f"{settings.model} is not a directory: pass a checkpoint (--backend torch) or an "
+                          "`mla-zoo export` directory (--backend onnx)")
     tokenizer = AutoTokenizer.from_pretrained(settings.model, trust_remote_code=True)
     ids = _encode(tokenizer, settings.prompt, settings.chat)
     eos = tokenizer.eos_token_id

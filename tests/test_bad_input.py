@@ -213,6 +213,8 @@ EXPORT = [
          ("--output-dir", "mla-zoo did not write", "genai_config.json")),
     Case("a missing checkpoint", lambda r: ["export", p(r, "no/ckpt"), "-o", p(r, "new"), "--shared-cache"],
          "no/ckpt has no config.json: not a checkpoint directory"),
+    Case("generate: a missing model", lambda r: ["generate", p(r, "no/onnx"), "hi"],
+         "no/onnx is not a directory: pass a checkpoint"),
 ]
 
 BUILD = [
