@@ -3,10 +3,12 @@ MultiHeadLatentAttention in onnxruntime's CUDA execution provider.
 
 * node cases (float32, float16) against the torch reference, and the op placed on the CUDA EP in
   onnxruntime's profiling output (no fallback to the CPU provider);
+* op version 2 (one past/present buffer, past_length in CPU memory): node cases with a present of its own and
+  with the buffer bound as both (in place, OrtValues on the GPU), against version 1's reference;
 * the standalone harness (all cases, both float16 paths) against its float64 reference;
 * SmolLM2-135M-MLA exported in fp16 (the export's default: its residual stream in fp32), batch 2 with left
   padding: relative logits error < 1e-2 against PyTorch fp32 on CUDA over a prefill and 16 decode steps, and
-  32 identical greedy tokens.
+  32 identical greedy tokens; its `--shared-cache` export decodes the same 32 tokens in place.
 Run by bench/ort_cuda_gpu.sh (which installs onnxruntime-gpu and the library there)."""
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from mla_zoo.export import exporter, op, runner  # noqa: E402
 from mla_zoo.export.kernels import build  # noqa: E402
 from onnx import TensorProto  # noqa: E402
 from test_onnx_export import left_padded  # noqa: E402
-from test_onnx_kernel import CASES, node_model, random_case  # noqa: E402
+from test_onnx_kernel import CASES, in_buffer, node_model, random_case  # noqa: E402
 
 GPU_CASES = dict(CASES, **{  # b, s, p, heads, kv_heads, head_dim, pairs, rank, left padding
     "smollm2-decode-16x4k": (16, 1, 4096, 9, 3, 64, 4, 96, (0, 5, 4000) + (0,) * 13),
@@ -87,6 +89,50 @@ def test_node_on_the_cuda_provider_matches_the_reference(case, dtype, cuda_libra
         rel = np.abs(out.astype(np.float32) - ref[0]).max() / np.abs(ref[0]).max()
         assert rel < 1e-2, rel
         np.testing.assert_allclose(present_key_rope.astype(np.float32), ref[2], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("case, dtype", [("decode-long-past", "float32"), ("decode-long-past", "float16"),
+                                         ("chunked-prefill", "float16"), ("smollm2-decode-16x4k", "float16"),
+                                         ("smollm2-prefill-300", "float16")])
+def test_shared_cache_version_on_the_cuda_provider(case, dtype, cuda_library, tmp_path):
+    """Op version 2 on the CUDA EP: a present of its own (the buffer copied on the stream, then the new rows) and
+    one GPU buffer bound as past and present (only the new rows written) both give version 1's reference; the
+    buffer's rows past P + S keep their noise."""
+    inputs, attrs, feed = in_buffer(case, spare=5, seed=3, cases=GPU_CASES)
+    p, s = GPU_CASES[case][2], GPU_CASES[case][1]
+    if dtype == "float16":
+        inputs = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+        feed = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feed.items()}
+    want = [t.float().cpu().numpy() for t in op.reference(*(v.cuda() for v in inputs.values()), **attrs)]
+    elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+    model = op.node_model(attrs, elem, shared_cache=True).SerializeToString()
+    session = cuda_session(model, cuda_library.library, str(tmp_path / "profile"))
+
+    def check(out, lat, kr):
+        if dtype == "float32":
+            np.testing.assert_allclose(out, want[0], atol=5e-5, rtol=2e-4)
+        else:
+            assert np.abs(out.astype(np.float32) - want[0]).max() / np.abs(want[0]).max() < 1e-2
+        np.testing.assert_array_equal(lat[:, :, : p + s].astype(np.float32), want[1])
+        np.testing.assert_allclose(kr[:, :, : p + s].astype(np.float32), want[2], atol=2e-3, rtol=2e-3)
+        np.testing.assert_array_equal(lat[:, :, p + s:], feed["past_latent"][:, :, p + s:])
+        np.testing.assert_array_equal(kr[:, :, p + s:], feed["past_key_rope"][:, :, p + s:])
+
+    check(*session.run(None, feed))
+    binding = session.io_binding()
+    on_gpu = {name: ort.OrtValue.ortvalue_from_numpy(v.copy(), "cuda", 0) for name, v in feed.items()
+              if name.startswith("past_") and name != "past_length"}
+    for name, value in feed.items():
+        if name in on_gpu:
+            binding.bind_ortvalue_input(name, on_gpu[name])
+        else:
+            binding.bind_cpu_input(name, value)
+    binding.bind_output("output", "cuda")
+    binding.bind_ortvalue_output("present_latent", on_gpu["past_latent"])
+    binding.bind_ortvalue_output("present_key_rope", on_gpu["past_key_rope"])
+    session.run_with_iobinding(binding)
+    check(binding.get_outputs()[0].numpy(), on_gpu["past_latent"].numpy(), on_gpu["past_key_rope"].numpy())
+    assert op_providers(session)[op.OP_NAME] == {"CUDAExecutionProvider"}
 
 
 def test_harness_passes_on_the_gpu(cuda_library):
@@ -188,3 +234,16 @@ def test_smollm2_every_attention_node_runs_on_the_cuda_provider(smollm2_fp16, cu
     placed = op_providers(session)
     assert placed[op.OP_NAME] == {"CUDAExecutionProvider"}, placed
     assert placed.get("MatMul") == {"CUDAExecutionProvider"}, placed
+
+
+def test_smollm2_shared_cache_export_decodes_the_same_tokens_in_place(smollm2_fp16, tmp_path):
+    """`export --shared-cache` (op version 2) on the CUDA EP: runner.generate binds one GPU buffer per cache tensor
+    as past and present; its 32 greedy tokens are the growing-cache export's, and the op runs on the CUDA EP."""
+    model, tokenizer, decoder, _ = smollm2_fp16
+    report = exporter.export_model(copy.deepcopy(model).cpu(), tmp_path / "onnx-shared", dtype="fp16",
+                                   shared_cache=True)
+    shared = runner.OnnxDecoder(report.output_dir, use_kernels=True, device="cuda")
+    assert shared.shared_cache and shared.uses_kernels
+    ids, mask = chat_ids(tokenizer)
+    np.testing.assert_array_equal(runner.generate(shared, ids, mask, max_new_tokens=32),
+                                  runner.generate(decoder, ids, mask, max_new_tokens=32))

@@ -131,11 +131,11 @@ def shared_cache_model(attrs: dict) -> bytes:
     return op.node_model(attrs, shared_cache=True).SerializeToString()
 
 
-def in_buffer(case: str, spare: int, seed: int = 0):
-    """A version-1 case and the same call in version 2's form: the past and the mask written into buffers
-    of P + S + spare rows, whose rows from P (and mask columns from P + S) hold noise the op must ignore."""
-    inputs, attrs = random_case(*CASES[case], seed=seed)
-    b, s, p = CASES[case][:3]
+def in_buffer(case: str, spare: int, seed: int = 0, cases: dict = CASES):
+    """A version-1 case (of `cases`) and the same call in version 2's form: the past and the mask written into
+    buffers of P + S + spare rows, whose rows from P (and mask columns from P + S) hold noise the op must ignore."""
+    inputs, attrs = random_case(*cases[case], seed=seed)
+    b, s, p = cases[case][:3]
     cap = p + s + spare
     g = torch.Generator().manual_seed(seed + 1)
     feed = {k: v.numpy() for k, v in inputs.items()}
