@@ -95,7 +95,8 @@ def bound_step(session, feed_shapes: dict, int_feeds: dict[str, np.ndarray], see
         binding.bind_ortvalue_input(name, v)
     shared = "past_length" in int_feeds
     for out in session.get_outputs():
-        past = "past_key_values." + out.name.removeprefix("present.")
+        past = ("past_key_values." + out.name.removeprefix("present.") if out.name.startswith("present.")
+                else out.name.replace("present_", "past_"))  # the model's names; the node's
         if shared and past in pasts:
             binding.bind_ortvalue_output(out.name, pasts[past])
         else:
@@ -172,32 +173,36 @@ def decode_points(sessions: dict, past: int, batch: int, steps: int, rounds: int
 # ----------------------------------------------------------------------------------------------
 
 
-def node_model(h=9, kv=3, hd=64, pairs=4) -> bytes:
+def node_model(h=9, kv=3, hd=64, pairs=4, shared_cache: bool = False) -> bytes:
     from mla_zoo.export import op
     from onnx import TensorProto
 
     attrs = dict(num_heads=h, num_kv_heads=kv, rope_pairs=[28, 29, 30, 31] * kv, scale=hd**-0.5)
-    return op.node_model(attrs, TensorProto.FLOAT16, with_body=False).SerializeToString()
+    return op.node_model(attrs, TensorProto.FLOAT16, with_body=False, shared_cache=shared_cache).SerializeToString()
 
 
-def kernel_point(past: int, batch: int, steps: int) -> dict:
+def kernel_point(past: int, batch: int, steps: int, shared_cache: bool = False) -> dict:
+    """One node at SmolLM2-MLA's dims, fp16. Version 1 reads the past and writes it into the present (bytes =
+    2 x past); version 2 (`shared_cache`: one buffer of past + 1 rows bound as past and present) reads the past
+    and writes the new row alone (bytes = past + 1 row)."""
     import onnxruntime as ort
     from mla_zoo.export.kernels.build import get_library_path
 
     h, kv, hd, pairs, r = 9, 3, 64, 4, 96
     so = ort.SessionOptions()
     so.register_custom_ops_library(get_library_path(cuda=True))
-    session = ort.InferenceSession(node_model(h, kv, hd, pairs), so, providers=PROVIDERS)
-    rng = np.random.default_rng(0)
+    session = ort.InferenceSession(node_model(h, kv, hd, pairs, shared_cache), so, providers=PROVIDERS)
+    rows = past + 1 if shared_cache else past
     shapes = {"query": [batch, 1, h * hd], "latent": [batch, 1, r], "key_rope": [batch, 1, kv * 2 * pairs],
-              "past_latent": [batch, 1, past, r], "past_key_rope": [batch, 1, past, kv * 2 * pairs],
+              "past_latent": [batch, 1, rows, r], "past_key_rope": [batch, 1, rows, kv * 2 * pairs],
               "cos": [batch, 1, hd // 2], "sin": [batch, 1, hd // 2], "w_uk": [kv, hd - 2 * pairs, r],
               "w_uv": [kv, hd, r]}
-    binding, keep = bound_step(session, shapes, {"attention_mask": np.ones((batch, past + 1), np.int64)}, seed=1)
-    del rng
+    ints = {"attention_mask": np.ones((batch, past + 1), np.int64)}
+    ints |= {"past_length": np.array([past], np.int64)} if shared_cache else {}
+    binding, keep = bound_step(session, shapes, ints, seed=1)
     result = stats(time_binding(session, binding, steps))
-    cache = 2 * batch * past * (r + kv * 2 * pairs)  # bytes of the past (fp16)
-    result["bytes"] = 2 * cache  # the contract: read the past once, write the present once
+    row = 2 * batch * (r + kv * 2 * pairs)  # bytes of one cached token over the batch (fp16)
+    result["bytes"] = past * row + (row if shared_cache else past * row)  # the past read + what is written
     result["gb_per_s"] = result["bytes"] / (result["ms_min"] / 1e3) / 1e9
     del keep
     return result
@@ -267,11 +272,15 @@ def main() -> None:
                 # the default's step over the shared-cache graph's (> 1: one buffer is faster)
                 row["shared_cache_speedup"] = row["mla-fused"]["ms_median"] / row["mla-fused-shared"]["ms_median"]
             row["kernel"] = kernel_point(context, batch, args.steps)
+            if args.shared_cache:
+                row["kernel-shared"] = kernel_point(context, batch, args.steps, shared_cache=True)
             rows.append(row)
             print(json.dumps(row), flush=True)
     bandwidth = copy_bandwidth()
     for row in rows:
-        row["kernel"]["fraction_of_copy"] = row["kernel"]["gb_per_s"] / bandwidth
+        for k in ("kernel", "kernel-shared"):
+            if k in row:
+                row[k]["fraction_of_copy"] = row[k]["gb_per_s"] / bandwidth
     result = {"device": torch.cuda.get_device_name(), "onnxruntime": ort.__version__, "torch": torch.__version__,
               "copy_gb_per_s": bandwidth, "steps": args.steps, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -290,6 +299,15 @@ def table(result: dict) -> str:
                      f"{o.get('ms_median', nan):.2f} | {r.get('speedup', nan):.2f}x | "
                      f"{m.get('tokens_per_s', nan):,.0f} | {o.get('tokens_per_s', nan):,.0f} | "
                      f"{1e3 * k['ms_min']:.1f} | {k['gb_per_s']:.0f} | {k['fraction_of_copy']:.0%} |")
+    if any("kernel-shared" in r for r in result["rows"]):  # op version 2 (export --shared-cache) beside version 1
+        lines += ["", "| context | batch | version 1 ms | shared-cache ms | shared-cache speed-up | kernel v1 µs | "
+                  "kernel v2 µs | v2 GB/s | v2 of copy |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            m, v2, k, k2 = r["mla-fused"], r.get("mla-fused-shared", {}), r["kernel"], r["kernel-shared"]
+            lines.append(f"| {r['context']} | {r['batch']} | {m.get('ms_median', nan):.2f} | "
+                         f"{v2.get('ms_median', nan):.2f} | {r.get('shared_cache_speedup', nan):.2f}x | "
+                         f"{1e3 * k['ms_min']:.1f} | {1e3 * k2['ms_min']:.1f} | {k2['gb_per_s']:.0f} | "
+                         f"{k2['fraction_of_copy']:.0%} |")
     return "\n".join(lines)
 
 
