@@ -168,6 +168,37 @@ def decode_points(sessions: dict, past: int, batch: int, steps: int, rounds: int
     return results
 
 
+def placement(path: Path, fused: bool, past: int = 64, batch: int = 2) -> dict[str, list[str]]:
+    """op type -> the providers its nodes ran on in one decode step, from onnxruntime's profiling output: what
+    a CUDA graph of the whole step (`enable_cuda_graph`: every node on the CUDA provider) would have to change."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path / "placement")
+    if fused:
+        from mla_zoo.export.kernels.build import get_library_path
+
+        so.register_custom_ops_library(get_library_path(cuda=True))
+    session = ort.InferenceSession(str(path / "model.onnx"), so, providers=PROVIDERS)
+    shared = any(i.name == "past_length" for i in session.get_inputs())
+    rows = past + 1 if shared else past
+    shapes = {i.name: [batch, i.shape[1], rows, i.shape[3]] for i in session.get_inputs()
+              if i.name.startswith("past_key_values.")}
+    ints = {"input_ids": np.zeros((batch, 1), np.int64), "attention_mask": np.ones((batch, past + 1), np.int64),
+            "position_ids": np.full((batch, 1), past, np.int64)}
+    ints |= {"past_length": np.array([past], np.int64)} if shared else {}
+    binding, keep = bound_step(session, shapes, ints)
+    session.run_with_iobinding(binding)
+    placed: dict[str, set[str]] = {}
+    for e in json.loads(Path(session.end_profiling()).read_text()):
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "op_name" in args and "provider" in args:
+            placed.setdefault(args["op_name"], set()).add(args["provider"])
+    del keep
+    return {op: sorted(providers) for op, providers in sorted(placed.items())}
+
+
 # ----------------------------------------------------------------------------------------------
 # The kernel alone: one node at SmolLM2-MLA's dims, fp16
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +287,9 @@ def main() -> None:
     if args.shared_cache:
         sessions["mla-fused-shared"] = model_session(dirs["mla-shared"], True)
     sessions["original"] = model_session(dirs["gqa"], False)
+    placed = {name: placement(dirs[key], name != "original") for name, key in
+              (("mla-fused", "mla"), ("mla-fused-shared", "mla-shared"), ("original", "gqa")) if key in dirs}
+    print(json.dumps({"placement": placed}), flush=True)
     rows = []
     for context in contexts:
         for batch in batches:
@@ -282,7 +316,7 @@ def main() -> None:
             if k in row:
                 row[k]["fraction_of_copy"] = row[k]["gb_per_s"] / bandwidth
     result = {"device": torch.cuda.get_device_name(), "onnxruntime": ort.__version__, "torch": torch.__version__,
-              "copy_gb_per_s": bandwidth, "steps": args.steps, "rows": rows}
+              "copy_gb_per_s": bandwidth, "steps": args.steps, "placement": placed, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
