@@ -171,6 +171,19 @@ def test_portable_export_has_only_standard_ops(tiny_exports):
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
 
 
+def test_onnxruntime_fuses_every_norm_into_one_node(tiny_exports, tiny_model, tmp_path, kernel_library):
+    """The exported RMSNorms are written in the pattern onnxruntime's SimplifiedLayerNormFusion matches: the
+    session's optimized graph has one SimplifiedLayerNormalization per norm (two a layer and the final one) and
+    none of the pieces left (the modeling file's rsqrt form kept 7 nodes a norm: a third of a layer's nodes)."""
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(kernel_library)
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(tiny_exports["fused"].model_path, so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 2 * tiny_model.config.num_hidden_layers + 1, ops
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div"} & set(ops), ops
+
+
 # ----------------------------------------------------------------------------------------------
 # Three runs agree
 # ----------------------------------------------------------------------------------------------
