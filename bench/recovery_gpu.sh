@@ -169,7 +169,7 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
   local half=$(( ${RELEASE_TOKENS:-49152000} / 2 ))
   synth release-data-a "$half" --seed 1
   synth release-data-b "$half" --seed 2
-  for d in 32 8; do
+  for d in ${RELEASE_DKV:-32 8}; do  # RELEASE_DKV=32: the -68.75% setting alone (~16 GPU-min with the sample)
     convert "$d" "$W/release-data-a"
     local name="release$d$ALLOC_TAG"
     [ -f "$W/$name.suite.json" ] && continue
