@@ -260,6 +260,7 @@ def run_variant(variant: str, base: FinetuneSettings, student_dir: Path, teacher
         "tokens_per_second": {"parts": round(tokens / gpu["total"] * 1e3, 1),
                               "trainer": round(tokens / trainer_ms * 1e3, 1)},
         "train_seconds": round(train_s, 2),
+        "first_step_ms": round(clock.ms(b[0], b[1]), 1),  # with --compile: the compile of student and teacher
         "profile": prof,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if clock.cuda else None,
     }
@@ -281,7 +282,8 @@ def report(impl: str, r: dict, flops: float, cuda: bool) -> None:
     print(f"{impl:8s} {'sum of parts':12s} {r['parts_ms']['total']:9.2f} ms  = {tps['parts']:,.0f} tokens/s "
           f"({tps['parts'] * flops / 1e12:.1f} model TFLOP/s); Trainer step {r['trainer_step_ms']:.2f} ms = "
           f"{tps['trainer']:,.0f} tokens/s; {unit} kernels {p['kernel_ms']:.1f} ms of a {p['step_ms']:.1f} ms step "
-          f"({p['kernel_calls']} calls); peak {r['peak_memory_gib']} GiB", flush=True)
+          f"({p['kernel_calls']} calls); peak {r['peak_memory_gib']} GiB; first step {r['first_step_ms'] / 1e3:.1f} s",
+          flush=True)
     for row in p["top"]:
         print(f"{impl:8s}   {row['ms']:9.3f} ms {row['calls']:6d}x  {row['name']}", flush=True)
 
