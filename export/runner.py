@@ -276,6 +276,9 @@ class GenerateSettings(Settings):
     use_kernels: bool | None = setting(None, help="onnx: require (--use-kernels) or skip (--no-use-kernels) the "
                                                   "kernel library; default: use it if built")
     threads: int | None = setting(None, min=1, help="onnx: intra-op threads (default: all cores)")
+    device: str = setting("cpu", choices=tuple(PROVIDERS), help="onnx: the execution provider (cuda: onnxruntime-gpu "
+                                                               "and the library built with --cuda); torch: where "
+                                                               "the model runs")
 
 
 @dataclass
@@ -309,7 +312,7 @@ def run_generate(settings: GenerateSettings) -> GenerateReport:
     eos = tokenizer.eos_token_id
     start = time.perf_counter()
     if settings.backend == "onnx":
-        decoder = OnnxDecoder(settings.model, settings.use_kernels, settings.threads)
+        decoder = OnnxDecoder(settings.model, settings.use_kernels, settings.threads, settings.device)
         new = generate(decoder, ids, None, settings.max_new_tokens, settings.do_sample, settings.temperature,
                        settings.top_k, settings.top_p, settings.seed, eos)[0]
         fused = decoder.uses_kernels
@@ -319,15 +322,17 @@ def run_generate(settings: GenerateSettings) -> GenerateReport:
 
         if (Path(settings.model) / MODEL_FILE).exists():
             raise ValueError(f"{settings.model} is an ONNX export: use --backend onnx, or pass the checkpoint")
-        model = AutoModelForCausalLM.from_pretrained(settings.model, trust_remote_code=True).eval()
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise MlaZooError("--device cuda: this torch sees no CUDA device")
+        model = AutoModelForCausalLM.from_pretrained(settings.model, trust_remote_code=True).eval().to(settings.device)
         torch.manual_seed(settings.seed)
         kwargs = dict(do_sample=settings.do_sample, max_new_tokens=settings.max_new_tokens, pad_token_id=eos)
         if settings.do_sample:
             kwargs.update(temperature=settings.temperature, top_k=settings.top_k or None, top_p=settings.top_p)
         with torch.no_grad():
-            out = model.generate(torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)),
-                                 **kwargs)
-        new = out[0, ids.shape[1]:].numpy()
+            input_ids = torch.from_numpy(ids).to(settings.device)  # [1, S]
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+        new = out[0, ids.shape[1]:].cpu().numpy()
         fused = False
     seconds = time.perf_counter() - start
     text = tokenizer.decode(new, skip_special_tokens=True)

@@ -215,6 +215,8 @@ EXPORT = [
          "no/ckpt has no config.json: not a checkpoint directory"),
     Case("generate: a missing model", lambda r: ["generate", p(r, "no/onnx"), "hi"],
          "no/onnx is not a directory: pass a checkpoint"),
+    Case("generate: --device gpu", lambda r: ["generate", p(r, "ckpt"), "hi", "--device", "gpu"],
+         "argument --device: invalid choice: 'gpu'"),
 ]
 
 BUILD = [
