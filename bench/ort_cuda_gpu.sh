@@ -21,9 +21,9 @@
 #      call 6:    carry [".ortgpu3", ".ortcuda"]                    command: bash bench/ort_cuda_gpu.sh stage setup harness test bench
 #    Logs and JSON go to $OUT: harness.jsonl, harness_bench.jsonl, pytest_ort_cuda.log, onnx_cuda.json/.log.
 #
-# Steps: kernels or prepare (here) | stage | setup | harness | compare | profile | test | errors | bench  (run in the order
-# given).
-# The harness, compare and profile steps need only .ortcuda (no onnxruntime, no setup): one call carrying
+# Steps: kernels or prepare (here) | stage | setup | harness | compare | shared | profile | test | errors | bench  (run in
+# the order given).
+# The harness, compare, shared and profile steps need only .ortcuda (no onnxruntime, no setup): one call carrying
 # [".ortcuda"] with the command `bash bench/ort_cuda_gpu.sh compare profile` measures the kernels alone
 # (`bash bench/ort_cuda_gpu.sh kernels` here first: .ortcuda without the onnxruntime pieces).
 set -euo pipefail
@@ -172,6 +172,23 @@ for fam in sorted({family(r) for r in rows}):  # the 3 fastest of each; x = warp
               f"x{base / r['us_loop'] if base else 0:.3f} occupancy {r['occupancy']} waves {r['waves']:.2f} "
               f"splits {r['splits']} smem {r['smem_bytes']}")
 PY
+}
+
+shared() {  # THERE: op version 2 (export --shared-cache) in the harness alone, no onnxruntime (one call carrying only
+  # .ortcuda): every check, version 2's buffers in place and copied among them, then the op's time in place against
+  # version 1's, back to back on the same shapes
+  local h layout
+  h=$(harness_path)
+  "$h" > "$OUT/harness.jsonl" 2>&1 || true
+  echo "version 2 checks passed: $(grep '"layout": "v2' "$OUT/harness.jsonl" | grep -c '"ok": true') of" \
+    "$(grep -c '"layout": "v2' "$OUT/harness.jsonl")"
+  tail -1 "$OUT/harness.jsonl"
+  for layout in v1 shared; do
+    # shellcheck disable=SC2046  # the flag, or none
+    "$h" --bench $([ $layout = shared ] && echo --shared) --contexts 2048,16384,32768 --batches 1,16 \
+      > "$OUT/bench_$layout.jsonl" 2>&1 || true
+    echo "== $layout"; grep decode "$OUT/bench_$layout.jsonl" | cut -c1-200 || true
+  done
 }
 
 profile() {  # THERE: Nsight Compute's counters of the three kernels at 32K x 16 (Firecracker machines only:

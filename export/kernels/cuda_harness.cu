@@ -5,13 +5,15 @@
 //
 //   mla_zoo_cuda_harness                 # the tensor-core fragment check, then every case, float32 and
 //                                        # float16 (both paths, both attend kernels, cp.async double, triple
-//                                        # and quadruple buffering, several tile sizes); exit 1 on failure
+//                                        # and quadruple buffering, several tile sizes), then op version 2's
+//                                        # buffers (in place and copied) with both kernels; exit 1 on failure
 //   mla_zoo_cuda_harness --case NAME     # one case
 //   mla_zoo_cuda_harness --quick         # the small cases only (the CPU emulation in CI)
 //   mla_zoo_cuda_harness --fragments     # the fragment check only: ldmatrix / mma against the PTX ISA's
 //                                        # layouts and a plain product (a GPU's hardware, or the emulation)
-//   mla_zoo_cuda_harness --bench [--contexts 2048,8192,32768 --batches 1,16 --iters 50]
-//                                        # decode latency at SmolLM2-MLA's dims (float16) + copy bandwidth
+//   mla_zoo_cuda_harness --bench [--shared] [--contexts 2048,8192,32768 --batches 1,16 --iters 50]
+//                                        # decode latency at SmolLM2-MLA's dims (float16) + copy bandwidth;
+//                                        # --shared: op version 2 in place (the past read, the new row written)
 //   mla_zoo_cuda_harness --sweep [--contexts 16384,32768 --batches 1,16 --iters 50]
 //                                        # every launch configuration (what MLA_ZOO_CUDA_* set): checked on small
 //                                        # cases, then timed per shape (+ 2048 x 1 by default); see sweep()
@@ -319,42 +321,144 @@ Error compare(const std::vector<double>& got, const std::vector<double>& want) {
 const char* math_name(Math m) { return m == Math::kTensorCores ? "tensor" : m == Math::kCudaCores ? "cuda" : "auto"; }
 const char* kernel_name(Kernel k) { return k == Kernel::kWarps ? "warps" : k == Kernel::kBlocks ? "blocks" : "auto"; }
 
+// How the cache is passed: version 1 (past [B, P] rows in, a present of [B, T] rows out) or version 2
+// (op_spec.md: buffers of `cap` rows whose first P hold the past, mask [B, cap]), either one buffer bound as
+// past and present (in place: only the new rows are written) or a present of its own (launch copies the buffer).
+enum class Layout { kV1, kSharedInPlace, kSharedCopy };
+constexpr int64_t kSpareRows = 5;  // version 2's buffers: T + kSpareRows rows, the rows past T hold noise
+
+const char* layout_name(Layout l) {
+  return l == Layout::kV1 ? "v1" : l == Layout::kSharedInPlace ? "v2-in-place" : "v2-copy";
+}
+
+// Version 2's buffers for a case: the past written into buffers of cap = T + kSpareRows rows and the mask into
+// [B, cap]; rows from P and mask columns from T hold noise that the op must neither read nor overwrite.
+struct SharedBuffers {
+  int64_t cap = 0;
+  std::vector<double> latent, key_rope;  // [B, cap, r], [B, cap, KR]: what the buffers hold before the call
+  std::vector<int64_t> mask;             // [B, cap]
+};
+
+SharedBuffers shared_buffers(const Tensors& t, Dtype dtype, unsigned seed) {
+  const MlaDims& d = t.d;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal;
+  SharedBuffers sb;
+  sb.cap = d.T + kSpareRows;
+  auto into = [&](std::vector<double>& buf, const std::vector<double>& past, int64_t w) {
+    buf.resize(d.B * sb.cap * w);
+    for (int64_t b = 0; b < d.B; ++b)
+      for (int64_t j = 0; j < sb.cap; ++j)
+        for (int64_t c = 0; c < w; ++c)
+          buf[(b * sb.cap + j) * w + c] = j < d.P ? past[(b * d.P + j) * w + c] : round_to(normal(rng), dtype);
+  };
+  into(sb.latent, t.past_latent, d.r);
+  into(sb.key_rope, t.past_key_rope, d.KR);
+  sb.mask.resize(d.B * sb.cap);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t j = 0; j < sb.cap; ++j) sb.mask[b * sb.cap + j] = j < d.T ? t.mask[b * d.T + j] : (rng() & 1);
+  return sb;
+}
+
+// Rebinds `run` (set up for version 1) to version 2's buffers; returns the dims of the version-2 call.
+MlaDims bind_shared(Run& run, const Tensors& t, const SharedBuffers& sb, Dtype dtype, Math math, bool pipeline,
+                    const mla_zoo::cuda::Tuning* tuning, bool in_place) {
+  MlaDims d = t.d;
+  d.past_rows = d.present_rows = d.mask_cols = sb.cap;
+  d.shared_buffer = true;
+  run.past_latent = DeviceBuffer(sb.latent, dtype);
+  run.past_key_rope = DeviceBuffer(sb.key_rope, dtype);
+  run.mask = DeviceBuffer(sb.mask.size() * 8);
+  CHECK_CUDA(cudaMemcpy(run.mask.ptr, sb.mask.data(), run.mask.bytes, cudaMemcpyHostToDevice));
+  if (in_place) {
+    run.present_latent = DeviceBuffer();
+    run.present_key_rope = DeviceBuffer();
+  } else {  // filled with other noise: the launch must copy the whole buffer
+    run.present_latent = DeviceBuffer(std::vector<double>(sb.latent.size(), -3.0), dtype);
+    run.present_key_rope = DeviceBuffer(std::vector<double>(sb.key_rope.size(), -3.0), dtype);
+  }
+  run.in.past_latent = run.past_latent.ptr, run.in.past_key_rope = run.past_key_rope.ptr;
+  run.in.attention_mask = static_cast<const int64_t*>(run.mask.ptr);
+  run.out.present_latent = in_place ? run.past_latent.ptr : run.present_latent.ptr;
+  run.out.present_key_rope = in_place ? run.past_key_rope.ptr : run.present_key_rope.ptr;
+  run.plan = mla_zoo::cuda::make_plan(d, dtype, mla_zoo::cuda::current_device(), math, pipeline, tuning);
+  run.scratch = DeviceBuffer(run.plan.scratch_bytes());
+  return d;
+}
+
+// A present read back from a version-2 buffer: its first T rows per batch row (the version-1 present), and
+// whether the rows past T still hold the noise they held before the call.
+std::vector<double> present_rows(const std::vector<double>& buf, const std::vector<double>& before, int64_t B,
+                                 int64_t T, int64_t cap, int64_t w, bool& spare_kept) {
+  std::vector<double> out(B * T * w);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < cap; ++j)
+      for (int64_t c = 0; c < w; ++c) {
+        const size_t i = (b * cap + j) * w + c;
+        if (j < T)
+          out[(b * T + j) * w + c] = buf[i];
+        else if (buf[i] != before[i])
+          spare_kept = false;
+      }
+  return out;
+}
+
 bool check_case(const Case& c, const Result& want32, const Result& want16, Dtype dtype, Math math, bool pipeline,
-                const mla_zoo::cuda::Tuning* tuning = nullptr, bool print = true) {
+                const mla_zoo::cuda::Tuning* tuning = nullptr, bool print = true, Layout layout = Layout::kV1) {
   const Tensors t = make_inputs(c, dtype, 1234);
   const Result& want = dtype == Dtype::kFloat16 ? want16 : want32;
   Run run;
   setup(run, t, dtype, math, pipeline, tuning);
-  const std::string err = mla_zoo::cuda::launch(t.d, t.pairs, static_cast<float>(t.scale), dtype, run.plan, run.in,
+  SharedBuffers sb;
+  MlaDims call = t.d;
+  if (layout != Layout::kV1) {
+    sb = shared_buffers(t, dtype, 99);
+    call = bind_shared(run, t, sb, dtype, math, pipeline, tuning, layout == Layout::kSharedInPlace);
+  }
+  const std::string err = mla_zoo::cuda::launch(call, t.pairs, static_cast<float>(t.scale), dtype, run.plan, run.in,
                                                 run.out, run.scratch.ptr, nullptr);
   CHECK_CUDA(cudaDeviceSynchronize());
   const MlaDims& d = t.d;
+  std::vector<double> got_lat, got_kr;
+  bool spare_kept = true;
+  if (layout == Layout::kV1) {
+    got_lat = to_host(run.present_latent, d.B * d.T * d.r, dtype);
+    got_kr = to_host(run.present_key_rope, d.B * d.T * d.KR, dtype);
+  } else {
+    const DeviceBuffer& lat_buf = layout == Layout::kSharedInPlace ? run.past_latent : run.present_latent;
+    const DeviceBuffer& kr_buf = layout == Layout::kSharedInPlace ? run.past_key_rope : run.present_key_rope;
+    got_lat = present_rows(to_host(lat_buf, d.B * sb.cap * d.r, dtype), sb.latent, d.B, d.T, sb.cap, d.r, spare_kept);
+    got_kr = present_rows(to_host(kr_buf, d.B * sb.cap * d.KR, dtype), sb.key_rope, d.B, d.T, sb.cap, d.KR,
+                          spare_kept);
+  }
   const Error out = compare(to_host(run.output, d.B * d.S * d.H * d.dv, dtype), want.output);
-  const Error lat = compare(to_host(run.present_latent, d.B * d.T * d.r, dtype), want.present_latent);
-  const Error kr = compare(to_host(run.present_key_rope, d.B * d.T * d.KR, dtype), want.present_key_rope);
+  const Error lat = compare(got_lat, want.present_latent);
+  const Error kr = compare(got_kr, want.present_key_rope);
   // float32: fp32 accumulation against float64; float16: fp16 inputs are exact, the queries and the
   // probabilities are rounded to fp16 for the tensor cores, the outputs on the way out
   const bool fp16 = dtype == Dtype::kFloat16;
   const double out_tol = fp16 ? 1e-2 : 2e-5, rope_tol = fp16 ? 1e-3 : 1e-6;
   const bool ok = err.empty() && out.finite && lat.finite && kr.finite && out.rel() < out_tol && lat.max_abs == 0 &&
-                  kr.rel() < rope_tol;
+                  kr.rel() < rope_tol && spare_kept;
   if (!print) return ok;
   std::printf(
       "{\"case\": \"%s\", \"dtype\": \"%s\", \"math\": \"%s\", \"tensor_cores\": %s, \"kernel\": \"%s\", "
       "\"pipelined\": %s, \"ring\": %d, \"threads\": %d, \"block_m\": %d, \"block_n\": %d, \"max_registers\": %d, "
-      "\"row_blocks\": %lld, \"splits\": %lld, \"output_rel_err\": %.3e, \"present_latent_max_abs\": %.3e, "
-      "\"present_key_rope_rel_err\": %.3e, \"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
+      "\"row_blocks\": %lld, \"splits\": %lld, \"layout\": \"%s\", \"output_rel_err\": %.3e, "
+      "\"present_latent_max_abs\": %.3e, \"present_key_rope_rel_err\": %.3e, \"spare_rows_kept\": %s, "
+      "\"tolerance\": %.0e, \"error\": \"%s\", \"ok\": %s}\n",
       c.name.c_str(), fp16 ? "float16" : "float32", math_name(math), run.plan.tensor_cores ? "true" : "false",
       kernel_name(run.plan.kernel), run.plan.pipelined ? "true" : "false", run.plan.ring, run.plan.threads,
       run.plan.block_m, run.plan.block_n, run.plan.max_registers, static_cast<long long>(run.plan.row_blocks),
-      static_cast<long long>(run.plan.splits), out.rel(), lat.max_abs, kr.rel(), out_tol, err.c_str(),
-      ok ? "true" : "false");
+      static_cast<long long>(run.plan.splits), layout_name(layout), out.rel(), lat.max_abs, kr.rel(),
+      spare_kept ? "true" : "false", out_tol, err.c_str(), ok ? "true" : "false");
   std::fflush(stdout);
   return ok;
 }
 
 // Decode latency of the whole op (3 kernels) at SmolLM2-MLA's dims in float16, and the device's copy bandwidth.
-void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& batches, int iters) {
+// shared: op version 2 in place (one buffer as past and present: the past is read, only the new row written).
+void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& batches, int iters, bool shared) {
   cudaEvent_t start, stop;
   CHECK_CUDA(cudaEventCreate(&start));
   CHECK_CUDA(cudaEventCreate(&stop));
@@ -380,8 +484,12 @@ void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& bat
       const Tensors t = make_inputs(c, Dtype::kFloat16, 7);
       Run run;
       setup(run, t, Dtype::kFloat16, Math::kAuto);
+      MlaDims call = t.d;
+      if (shared)
+        call = bind_shared(run, t, shared_buffers(t, Dtype::kFloat16, 8), Dtype::kFloat16, Math::kAuto, true, nullptr,
+                           true);
       auto once = [&] {
-        const std::string err = mla_zoo::cuda::launch(t.d, t.pairs, static_cast<float>(t.scale), Dtype::kFloat16,
+        const std::string err = mla_zoo::cuda::launch(call, t.pairs, static_cast<float>(t.scale), Dtype::kFloat16,
                                                       run.plan, run.in, run.out, run.scratch.ptr, nullptr);
         if (!err.empty()) {
           std::fprintf(stderr, "%s\n", err.c_str());
@@ -403,14 +511,17 @@ void bench(const std::vector<int64_t>& contexts, const std::vector<int64_t>& bat
       std::sort(times.begin(), times.end());
       const double us = 1e3 * times[times.size() / 2];
       const MlaDims& d = t.d;
-      // the contract's traffic: read the past once, write the present once (+ the small new rows)
-      const double bytes = 2.0 * (d.B * d.P * (d.r + d.KR)) + 2.0 * (d.B * d.T * (d.r + d.KR));
+      // the contract's traffic: read the past once, write the present once (+ the small new rows); in place
+      // (version 2), the past read and the new rows written
+      const double bytes = 2.0 * (d.B * d.P * (d.r + d.KR)) + 2.0 * (d.B * (shared ? d.S : d.T) * (d.r + d.KR));
       std::printf(
-          "{\"bench\": \"decode\", \"dims\": \"smollm2-mla H=9 n_kv=3 r=96 KR=24 fp16\", \"context\": %lld, "
+          "{\"bench\": \"decode\", \"layout\": \"%s\", \"dims\": \"smollm2-mla H=9 n_kv=3 r=96 KR=24 fp16\", "
+          "\"context\": %lld, "
           "\"batch\": %lld, \"us_median\": %.2f, \"us_min\": %.2f, \"bytes\": %.0f, \"gb_per_s\": %.1f, "
           "\"splits\": %lld, \"kernel\": \"%s\", \"block_m\": %d, \"block_n\": %d, \"warps\": %d, \"ring\": %d, "
           "\"max_registers\": %d}\n",
-          static_cast<long long>(T), static_cast<long long>(B), us, 1e3 * times.front(), bytes,
+          layout_name(shared ? Layout::kSharedInPlace : Layout::kV1), static_cast<long long>(T),
+          static_cast<long long>(B), us, 1e3 * times.front(), bytes,
           bytes / (us * 1e-6) / 1e9, static_cast<long long>(run.plan.splits), kernel_name(run.plan.kernel),
           run.plan.block_m, run.plan.block_n, run.plan.warps, run.plan.ring, run.plan.max_registers);
       std::fflush(stdout);
@@ -666,7 +777,7 @@ std::vector<int64_t> parse_list(const char* s) {
 
 int main(int argc, char** argv) {
   std::string only;
-  bool do_bench = false, do_sweep = false, sweep_checks = false, quick = false, fragments_only = false;
+  bool do_bench = false, do_sweep = false, sweep_checks = false, quick = false, fragments_only = false, shared = false;
   size_t sweep_limit = 0;
   bool contexts_given = false, batches_given = false;
   std::vector<int64_t> contexts{2048, 8192, 32768}, batches{1, 16};
@@ -681,6 +792,8 @@ int main(int argc, char** argv) {
       fragments_only = true;
     } else if (a == "--bench") {
       do_bench = true;
+    } else if (a == "--shared") {  // --bench: op version 2 in place
+      shared = true;
     } else if (a == "--sweep") {
       do_sweep = true;
     } else if (a == "--sweep-checks") {  // the sweep's correctness checks only (the CPU emulation in CI)
@@ -697,7 +810,7 @@ int main(int argc, char** argv) {
       iters = std::atoi(argv[++i]);
     } else {
       std::printf("usage: %s [--case NAME] [--quick] | --fragments\n"
-                  "       | --bench [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n"
+                  "       | --bench [--shared] [--contexts 2048,8192,32768] [--batches 1,16] [--iters 50]\n"
                   "       | --sweep [--contexts 16384,32768 --batches 1,16 (+ 2048 x 1)] [--iters 50] [--sweep-limit N]\n"
                   "       | --sweep-checks [--sweep-limit N]\n",
                   argv[0]);
@@ -714,7 +827,7 @@ int main(int argc, char** argv) {
   std::printf("{\"device\": \"%s\", \"sm\": \"%d.%d\", \"sms\": %d}\n", prop.name, prop.major, prop.minor,
               prop.multiProcessorCount);
   if (do_bench) {
-    bench(contexts, batches, iters);
+    bench(contexts, batches, iters, shared);
     return 0;
   }
   if (do_sweep) {
@@ -782,6 +895,12 @@ int main(int argc, char** argv) {
       ++run;
       if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline, m.tuning)) ++failed;
     }
+    // op version 2, both ways of passing the buffer: float32, float16 with each attend kernel (blocks, warps)
+    for (Layout layout : {Layout::kSharedInPlace, Layout::kSharedCopy})
+      for (const Mode& m : {modes[0], modes[6], modes[10]}) {
+        ++run;
+        if (!check_case(c, want32, want16, m.dtype, m.math, m.pipeline, m.tuning, true, layout)) ++failed;
+      }
   }
   std::printf("{\"summary\": true, \"checks\": %d, \"failed\": %d}\n", run, failed);
   return failed || run == 0 ? 1 : 0;
