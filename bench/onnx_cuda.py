@@ -135,7 +135,7 @@ def decode_points(sessions: dict, past: int, batch: int, steps: int, rounds: int
     """Each session's decode step at (past, batch): `steps` timed runs in `rounds` alternating rounds (A B A B ...,
     so a slow phase of the GPU falls on every session alike); a session that fails (e.g. out of memory) gets an
     "error" instead."""
-    ints = {"input_ids": np.random.default_rng(0).integers(0, 1000, (batch, 1)).astype(np.int64),
+    ints = {"input_ids": np.random.default_rng(0).integers(0, 100, (batch, 1)).astype(np.int64),  # in any vocabulary
             "attention_mask": np.ones((batch, past + 1), np.int64),
             "position_ids": np.full((batch, 1), past, np.int64)}
     bound, times, results = {}, {}, {}
