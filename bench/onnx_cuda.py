@@ -212,6 +212,14 @@ def node_model(h=9, kv=3, hd=64, pairs=4, shared_cache: bool = False) -> bytes:
     return op.node_model(attrs, TensorProto.FLOAT16, with_body=False, shared_cache=shared_cache).SerializeToString()
 
 
+def node_shapes(batch: int, rows: int, h=9, kv=3, hd=64, pairs=4, r=96) -> dict[str, list[int]]:
+    """The node's float inputs at SmolLM2-MLA's dims, one new token per row over `rows` cached ones."""
+    return {"query": [batch, 1, h * hd], "latent": [batch, 1, r], "key_rope": [batch, 1, kv * 2 * pairs],
+            "past_latent": [batch, 1, rows, r], "past_key_rope": [batch, 1, rows, kv * 2 * pairs],
+            "cos": [batch, 1, hd // 2], "sin": [batch, 1, hd // 2], "w_uk": [kv, hd - 2 * pairs, r],
+            "w_uv": [kv, hd, r]}
+
+
 def kernel_point(past: int, batch: int, steps: int, shared_cache: bool = False) -> dict:
     """One node at SmolLM2-MLA's dims, fp16. Version 1 reads the past and writes it into the present (bytes =
     2 x past); version 2 (`shared_cache`: one buffer of past + 1 rows bound as past and present) reads the past
@@ -219,20 +227,16 @@ def kernel_point(past: int, batch: int, steps: int, shared_cache: bool = False) 
     import onnxruntime as ort
     from mla_zoo.export.kernels.build import get_library_path
 
-    h, kv, hd, pairs, r = 9, 3, 64, 4, 96
     so = ort.SessionOptions()
     so.register_custom_ops_library(get_library_path(cuda=True))
-    session = ort.InferenceSession(node_model(h, kv, hd, pairs, shared_cache), so, providers=PROVIDERS)
-    rows = past + 1 if shared_cache else past
-    shapes = {"query": [batch, 1, h * hd], "latent": [batch, 1, r], "key_rope": [batch, 1, kv * 2 * pairs],
-              "past_latent": [batch, 1, rows, r], "past_key_rope": [batch, 1, rows, kv * 2 * pairs],
-              "cos": [batch, 1, hd // 2], "sin": [batch, 1, hd // 2], "w_uk": [kv, hd - 2 * pairs, r],
-              "w_uv": [kv, hd, r]}
+    session = ort.InferenceSession(node_model(shared_cache=shared_cache), so, providers=PROVIDERS)
+    shapes = node_shapes(batch, past + 1 if shared_cache else past)
+    r, kr = shapes["latent"][2], shapes["key_rope"][2]
     ints = {"attention_mask": np.ones((batch, past + 1), np.int64)}
     ints |= {"past_length": np.array([past], np.int64)} if shared_cache else {}
     binding, keep = bound_step(session, shapes, ints, seed=1)
     result = stats(time_binding(session, binding, steps))
-    row = 2 * batch * (r + kv * 2 * pairs)  # bytes of one cached token over the batch (fp16)
+    row = 2 * batch * (r + kr)  # bytes of one cached token over the batch (fp16)
     result["bytes"] = past * row + (row if shared_cache else past * row)  # the past read + what is written
     result["gb_per_s"] = result["bytes"] / (result["ms_min"] / 1e3) / 1e9
     del keep

@@ -70,9 +70,7 @@ def test_the_op_alone_counts_its_bytes_and_binds_version_2_in_place(on_cpu):
     so = ort.SessionOptions()
     so.register_custom_ops_library(build.get_library_path())
     session = ort.InferenceSession(on_cpu.node_model(shared_cache=True), so, providers=["CPUExecutionProvider"])
-    shapes = {"query": [2, 1, 9 * 64], "latent": [2, 1, 96], "key_rope": [2, 1, 24], "past_latent": [2, 1, 9, 96],
-              "past_key_rope": [2, 1, 9, 24], "cos": [2, 1, 32], "sin": [2, 1, 32], "w_uk": [3, 56, 96],
-              "w_uv": [3, 64, 96]}
+    shapes = on_cpu.node_shapes(2, 9)
     ints = {"attention_mask": np.ones((2, 9), np.int64), "past_length": np.array([8], np.int64)}
     binding, keep = on_cpu.bound_step(session, shapes, ints)
     past_latent, latent = keep[len(ints) + 3], keep[len(ints) + 1]
