@@ -172,6 +172,7 @@ def placement(path: Path, fused: bool, past: int = 64, batch: int = 2) -> dict[s
     """op type -> the providers its nodes ran on in one decode step, from onnxruntime's profiling output: what
     a CUDA graph of the whole step (`enable_cuda_graph`: every node on the CUDA provider) would have to change."""
     import onnxruntime as ort
+    from mla_zoo.export.runner import providers_by_op
 
     so = ort.SessionOptions()
     so.enable_profiling = True
@@ -190,13 +191,8 @@ def placement(path: Path, fused: bool, past: int = 64, batch: int = 2) -> dict[s
     ints |= {"past_length": np.array([past], np.int64)} if shared else {}
     binding, keep = bound_step(session, shapes, ints)
     session.run_with_iobinding(binding)
-    placed: dict[str, set[str]] = {}
-    for e in json.loads(Path(session.end_profiling()).read_text()):
-        args = e.get("args", {})
-        if e.get("cat") == "Node" and "op_name" in args and "provider" in args:
-            placed.setdefault(args["op_name"], set()).add(args["provider"])
     del keep
-    return {op: sorted(providers) for op, providers in sorted(placed.items())}
+    return providers_by_op(session)
 
 
 # ----------------------------------------------------------------------------------------------

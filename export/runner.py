@@ -5,6 +5,7 @@ decode step with checked cache shapes, and a greedy / sampling generate loop; pl
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -63,6 +64,17 @@ def session_options(use_kernels: bool | None, model_path: str | Path, threads: i
         return so, False
     so.register_custom_ops_library(library)
     return so, True
+
+
+def providers_by_op(session) -> dict[str, list[str]]:
+    """op type -> the providers its nodes ran on, from the profiling output of a session made with
+    `enable_profiling` (ends the profile): which nodes a CUDA session left on the CPU."""
+    placed: dict[str, set[str]] = {}
+    for e in json.loads(Path(session.end_profiling()).read_text()):
+        args = e.get("args", {})
+        if e.get("cat") == "Node" and "op_name" in args and "provider" in args:
+            placed.setdefault(args["op_name"], set()).add(args["provider"])
+    return {op: sorted(providers) for op, providers in sorted(placed.items())}
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,17 +58,6 @@ def cuda_session(model, library: str, profile_prefix: str | None = None):
     return ort.InferenceSession(model, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
-def op_providers(session) -> dict[str, set[str]]:
-    """op type -> the providers its nodes ran on, from onnxruntime's profiling output."""
-    events = json.loads(Path(session.end_profiling()).read_text())
-    placed: dict[str, set[str]] = {}
-    for e in events:
-        args = e.get("args", {})
-        if e.get("cat") == "Node" and "op_name" in args and "provider" in args:
-            placed.setdefault(args["op_name"], set()).add(args["provider"])
-    return placed
-
-
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_node_on_the_cuda_provider_matches_the_reference(case, dtype, cuda_library, tmp_path):
@@ -80,7 +68,7 @@ def test_node_on_the_cuda_provider_matches_the_reference(case, dtype, cuda_libra
     elem = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
     session = cuda_session(node_model(attrs, elem), cuda_library.library, str(tmp_path / "profile"))
     out, present_latent, present_key_rope = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    assert op_providers(session)[op.OP_NAME] == {"CUDAExecutionProvider"}
+    assert runner.providers_by_op(session)[op.OP_NAME] == ["CUDAExecutionProvider"]
     np.testing.assert_array_equal(present_latent.astype(np.float32), ref[1])
     if dtype == "float32":
         np.testing.assert_allclose(out, ref[0], atol=5e-5, rtol=2e-4)
@@ -132,7 +120,7 @@ def test_shared_cache_version_on_the_cuda_provider(case, dtype, cuda_library, tm
     binding.bind_ortvalue_output("present_key_rope", on_gpu["past_key_rope"])
     session.run_with_iobinding(binding)
     check(binding.get_outputs()[0].numpy(), on_gpu["past_latent"].numpy(), on_gpu["past_key_rope"].numpy())
-    assert op_providers(session)[op.OP_NAME] == {"CUDAExecutionProvider"}
+    assert runner.providers_by_op(session)[op.OP_NAME] == ["CUDAExecutionProvider"]
 
 
 def test_harness_passes_on_the_gpu(cuda_library):
@@ -231,9 +219,9 @@ def test_smollm2_every_attention_node_runs_on_the_cuda_provider(smollm2_fp16, cu
     for i, t in enumerate(decoder.empty_past(ids.shape[0])):
         feed[session.get_inputs()[3 + i].name] = t
     session.run(None, feed)
-    placed = op_providers(session)
-    assert placed[op.OP_NAME] == {"CUDAExecutionProvider"}, placed
-    assert placed.get("MatMul") == {"CUDAExecutionProvider"}, placed
+    placed = runner.providers_by_op(session)
+    assert placed[op.OP_NAME] == ["CUDAExecutionProvider"], placed
+    assert placed.get("MatMul") == ["CUDAExecutionProvider"], placed
 
 
 def test_smollm2_shared_cache_export_decodes_the_same_tokens_in_place(smollm2_fp16, tmp_path):
