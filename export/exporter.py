@@ -251,10 +251,13 @@ def genai_head_size(latent_dims: list[int]) -> int | None:
     return latent_dims[0] if len(set(latent_dims)) == 1 else None
 
 
-def genai_config(config, head_size: int | None, library: str | None, context_length: int | None = None) -> dict:
+def genai_config(config, head_size: int | None, library: str | None, context_length: int | None = None,
+                 shared_cache: bool = False) -> dict:
     """onnxruntime-genai's config for this model. genai loads it and our library, but cannot run the
     cache layout: it allocates past key and value with ONE head_size (export/README.md). head_size is
-    the latent width (the RoPE-key cache is narrower); None (per-layer widths) leaves it out."""
+    the latent width (the RoPE-key cache is narrower); None (per-layer widths) leaves it out.
+    shared_cache (op version 2): past and present are one buffer of the context's capacity
+    (`past_present_share_buffer`), and the graph takes the filled length as `past_length`."""
     eos = config.eos_token_id
     decoder = {
         "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -266,6 +269,7 @@ def genai_config(config, head_size: int | None, library: str | None, context_len
             "position_ids": "position_ids",
             "past_key_names": "past_key_values.%d.latent",
             "past_value_names": "past_key_values.%d.key_rope",
+            **({"past_sequence_length": "past_length"} if shared_cache else {}),
         },
         "outputs": {
             "logits": "logits",
@@ -293,7 +297,7 @@ def genai_config(config, head_size: int | None, library: str | None, context_len
         },
         "search": {
             "do_sample": False, "early_stopping": True, "max_length": context_length or config.max_position_embeddings,
-            "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+            "min_length": 0, "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": shared_cache,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }
@@ -382,7 +386,7 @@ def export_model(model, directory: str | Path, dtype: str = "fp32", portable: bo
             library = None
             if not portable:  # genai loads a custom-op library only from inside the model directory
                 library = copy_library(staging)
-            cfg = genai_config(model.config, genai_head_size(latent_dims), library)
+            cfg = genai_config(model.config, genai_head_size(latent_dims), library, shared_cache=shared_cache)
             (staging / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
             if checkpoint is not None:
                 copy_tokenizer(Path(checkpoint), staging)

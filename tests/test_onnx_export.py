@@ -161,6 +161,7 @@ def test_graph_has_one_fused_node_per_layer_and_passes_the_checker(tiny_exports,
         genai = json.load(f)
     assert genai["model"]["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.latent"
     assert genai["model"]["decoder"]["head_size"] == 20  # one latent width for all layers
+    assert genai["search"]["past_present_share_buffer"] is False  # a growing cache (version 1)
 
 
 def test_portable_export_has_only_standard_ops(tiny_exports):
@@ -263,6 +264,10 @@ def test_shared_cache_graph_takes_buffers_and_past_length(shared_exports):
     dims = past_dims(model)
     assert dims["past_key_values.1.latent"] == dims["present.1.latent"] == ["batch_size", 1, "cache_capacity", 20]
     assert dims["attention_mask"] == ["batch_size", "cache_capacity"] and dims["past_length"] == [1]
+    with open(f"{report.output_dir}/genai_config.json") as f:
+        genai = json.load(f)
+    assert genai["search"]["past_present_share_buffer"] is True  # one buffer of the context's capacity
+    assert genai["model"]["decoder"]["inputs"]["past_sequence_length"] == "past_length"
 
 
 def test_shared_cache_logits_agree_over_prefill_and_16_decode_steps_batch2_left_padded(tiny_model, shared_decoders):
