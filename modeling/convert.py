@@ -125,9 +125,48 @@ def layer_kv_matrix(attn, layer_pairs: list[list[int]], head_dim: int) -> torch.
     return stacked_kv(attn.k_proj.weight.double(), attn.v_proj.weight.double(), nope, d)
 
 
+ACTIVATION_AWARE = ("whitened", "output-aware")  # the SVDs that read the calibration inputs' second moments
+KEY_ROW_SCALE = 0.5  # output-aware: the NoPE key rows' weight (a quarter of their energy; below)
+
+
 def layer_moment(stats, s: ConvertSettings, layer: int) -> torch.Tensor | None:
-    """The input second moment the whitened SVD of `layer` needs (None for the weight-only SVDs)."""
-    return stats.second_moment(layer) if s.svd == "whitened" else None
+    """The input second moment the activation-aware SVDs of `layer` need (None for the weight-only SVDs)."""
+    return stats.second_moment(layer) if s.svd in ACTIVATION_AWARE else None
+
+
+def output_weights(attn, layer_pairs: list[list[int]], second_moment: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, R^{-1}) [rows, rows] for the output-aware SVD (`lowrank.factorize`), block-diagonal per KV head in
+    `stacked_kv`'s row order. A value row's error reaches the residual stream through the output projection
+    of the query heads that read it: its block is M^{1/2}, M = sum over the group's heads of W_o,h^T W_o,h,
+    scaled to keep the block's whitened energy (so only the directions inside it are reweighted). The NoPE key
+    rows are scaled by KEY_ROW_SCALE: at equal energy (the whitened SVD) keys took latent dims that the values
+    needed more. (SmolLM2-135M, d_kv=32, fiction calibration, one-shot perplexity: the key block's share chosen
+    on code, technical and fiction among 1/30..4, a query-weighted key block was no better; bench/RESULTS.md.)"""
+    d, n_kv = head_dim_of(attn.config), attn.config.num_key_value_heads
+    g = attn.config.num_attention_heads // n_kv
+    c, wv, wo = second_moment.double(), attn.v_proj.weight.double(), attn.o_proj.weight.double()
+    blocks, inverses = [], []
+    for kv in range(n_kv):
+        nope = len(head_permutation(layer_pairs[kv], d)[1])
+        blocks.append(torch.eye(nope, dtype=torch.float64) * KEY_ROW_SCALE)
+        inverses.append(torch.eye(nope, dtype=torch.float64) / KEY_ROW_SCALE)
+        wo_group = wo[:, kv * g * d : (kv + 1) * g * d].view(-1, g, d)  # [hidden, g, d]
+        m = torch.einsum("ogi,ogj->ij", wo_group, wo_group)  # sum_h W_o,h^T W_o,h: [d, d]
+        root, inverse = lowrank.psd_root(m)
+        w_v = wv[kv * d : (kv + 1) * d]  # [d, hidden]
+        keep = ((w_v @ c * w_v).sum() / ((root @ w_v) @ c * (root @ w_v)).sum()).sqrt()  # energy before / after
+        blocks.append(root * keep)
+        inverses.append(inverse / keep)
+    return torch.block_diag(*blocks), torch.block_diag(*inverses)
+
+
+def layer_factorization(attn, layer_pairs: list[list[int]], s: ConvertSettings, second_moment
+                        ) -> lowrank.Factorization:
+    """One layer's joint factorisation by `s.svd` (joint, whitened, output-aware), before truncation."""
+    w = layer_kv_matrix(attn, layer_pairs, head_dim_of(attn.config))  # [n_kv * (d - 2R + d), hidden]
+    weights = output_weights(attn, layer_pairs, second_moment) if s.svd == "output-aware" else None
+    return lowrank.factorize(w, second_moment, weights)
 
 
 LatentFactors = tuple[torch.Tensor, torch.Tensor, float]  # (up [rows, r], down [r, hidden], retained energy)
@@ -135,11 +174,11 @@ LatentFactors = tuple[torch.Tensor, torch.Tensor, float]  # (up [rows, r], down 
 
 def layer_latent(attn, layer_pairs: list[list[int]], s: ConvertSettings, second_moment, rank: int) -> LatentFactors:
     """One layer's latent factors at width `rank` by `s.svd` (`lowrank`)."""
-    d, n_kv = head_dim_of(attn.config), attn.config.num_key_value_heads
-    w = layer_kv_matrix(attn, layer_pairs, d)  # [n_kv * (d - 2R + d), hidden]
     if s.svd == "split":
+        d, n_kv = head_dim_of(attn.config), attn.config.num_key_value_heads
+        w = layer_kv_matrix(attn, layer_pairs, d)  # [n_kv * (d - 2R + d), hidden]
         return lowrank.split(w, rank, n_kv, d - 2 * s.rope_pairs, d)
-    return lowrank.factorize(w, second_moment).truncate(rank)
+    return layer_factorization(attn, layer_pairs, s, second_moment).truncate(rank)
 
 
 @torch.no_grad()
@@ -159,9 +198,7 @@ def latent_factors(model, s: ConvertSettings, pairs: list, stats, progress: bool
     bar = progress_bar(range(len(attns)), enabled=progress, desc="factorising layers", unit="layer")
     if s.rank_allocation == "uniform":
         return [layer_latent(attns[i], pairs[i], s, layer_moment(stats, s, i), s.kv_lora_rank) for i in bar], None
-    d = head_dim_of(model.config)
-    factorizations = [lowrank.factorize(layer_kv_matrix(attns[i], pairs[i], d), layer_moment(stats, s, i))
-                      for i in bar]
+    factorizations = [layer_factorization(attns[i], pairs[i], s, layer_moment(stats, s, i)) for i in bar]
     ranks = rank_allocation.allocate([f.s for f in factorizations], s.kv_lora_rank, "energy",
                                      step=math.gcd(s.kv_lora_rank, 8))
     return [f.truncate(r) for f, r in zip(factorizations, ranks, strict=True)], ranks
@@ -212,7 +249,7 @@ def tokenizer_needed(field: str) -> ConversionError:
 def calibrate(model, tokenizer, s: ConvertSettings):
     """Calibration statistics when the settings need them, and where they came from."""
     need_norms = s.rope_strategy == "2-norm"
-    need_moments = s.svd == "whitened"
+    need_moments = s.svd in ACTIVATION_AWARE
     if not (need_norms or need_moments):
         return None, None
     if s.calib_text and Path(s.calib_text).is_dir():  # token ids: no tokenizer needed

@@ -13,7 +13,7 @@ from .schema import Report, Settings, setting
 from .sources import SourceInfo
 
 DTYPES = ("float32", "bfloat16", "float16")  # of the written weights: names of torch dtypes
-SVD_METHODS = ("joint", "split", "whitened")  # lowrank.joint / lowrank.split / lowrank.whitened
+SVD_METHODS = ("joint", "split", "whitened", "output-aware")  # lowrank; output-aware: convert.output_weights
 
 
 @dataclass
@@ -28,7 +28,8 @@ class ConvertSettings(Settings):
     rope_pairs: int | None = setting(None, min=1, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
     rope_strategy: str = setting("2-norm", choices=partial_rope.STRATEGIES, help="which RoPE pairs each head keeps")
     svd: str = setting("whitened", choices=SVD_METHODS,
-                       help="low-rank method: whitened = activation-aware joint SVD (default), joint, split")
+                       help="low-rank method: whitened = activation-aware joint SVD (default), output-aware = whitened "
+                            "with value rows weighted by the output projection that reads them, joint, split")
     calib_text: str | None = setting(None, path="file-or-dir",
                                      help="calibration data (2-norm, whitened): a UTF-8 text, or a directory written "
                                           "by `mla-zoo synth-data` (the teacher's own mixed samples: data-free, and "

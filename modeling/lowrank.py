@@ -15,6 +15,9 @@ all of S into up, down = V^T.)
   ||(W - W')X||_F^2 = ||(W - W')L||_F^2, so the best rank-r W' factorises W L instead:
   W L = U S V^T, W' = U_r S_r V_r^T L^{-1}; up = U_r sqrt(S_r), down = sqrt(S_r) V_r^T L^{-1}.
   It keeps the directions the inputs actually use rather than those of largest weight norm.
+* output-aware: whitened, and each row block weighted by what reads it: R = blockdiag(R_b), the
+  best rank-r W' under ||R (W - W') L||_F factorises R W L; up = R^{-1} U_r sqrt(S_r). The converter
+  (`convert.output_weights`) weights a KV head's value rows by the output projection that reads them.
 
 joint and whitened are `factorize(W[, C]).truncate(rank)`: the converter keeps a layer's `Factorization`
 when the rank is not known yet (per-layer rank allocation reads its spectrum first).
@@ -39,6 +42,7 @@ class Factorization:
     s: torch.Tensor  # [k], descending
     vh: torch.Tensor  # [k, hidden]
     whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # (Q [hidden, hidden], root [hidden]): L = Q diag(root)
+    unweight: torch.Tensor | None = None  # R^{-1} [rows, rows] of a row-weighted factorisation (output-aware)
 
     def truncate(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(up [rows, rank], down [rank, hidden], retained energy): the best rank-`rank` up @ down ~ W."""
@@ -48,6 +52,8 @@ class Factorization:
         if self.whitening is not None:  # down @ L^{-1} = down diag(1/root) Q^T
             q, l_root = self.whitening
             down = (down / l_root) @ q.T
+        if self.unweight is not None:  # R^{-1} up: the factors of W itself
+            up = self.unweight @ up
         return up, down, energy
 
 
@@ -65,15 +71,29 @@ def _whitening(second_moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.no_grad()
-def factorize(w: torch.Tensor, second_moment: torch.Tensor | None = None) -> Factorization:
+def factorize(w: torch.Tensor, second_moment: torch.Tensor | None = None,
+              row_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> Factorization:
     """The SVD of W [rows, hidden] (float64); with `second_moment` (E[x x^T] of the block's input,
-    [hidden, hidden]) the activation-aware one, of W L."""
+    [hidden, hidden]) the activation-aware one, of W L; with `row_weights` (R, R^{-1}) [rows, rows], of R W L."""
     w = w.double()
+    if row_weights is not None:
+        w = row_weights[0].double() @ w
     if second_moment is None:
-        return Factorization(*torch.linalg.svd(w, full_matrices=False))
-    q, root = _whitening(second_moment)
-    u, s, vh = torch.linalg.svd(w @ (q * root), full_matrices=False)  # W L = U S V^T
-    return Factorization(u, s, vh, (q, root))
+        f = Factorization(*torch.linalg.svd(w, full_matrices=False))
+    else:
+        q, root = _whitening(second_moment)
+        u, s, vh = torch.linalg.svd(w @ (q * root), full_matrices=False)  # (R) W L = U S V^T
+        f = Factorization(u, s, vh, (q, root))
+    f.unweight = None if row_weights is None else row_weights[1].double()
+    return f
+
+
+def psd_root(m: torch.Tensor, floor: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^{1/2}, M^{-1/2}) of a symmetric PSD matrix by eigendecomposition; eigenvalues below `floor` x the
+    largest are raised to it (a direction nothing reads keeps a small weight, and stays invertible)."""
+    e, q = torch.linalg.eigh(m.double())
+    e = e.clamp_min(floor * e.max().clamp_min(1e-300))
+    return (q * e.sqrt()) @ q.T, (q / e.sqrt()) @ q.T
 
 
 def joint(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:

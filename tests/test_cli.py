@@ -47,7 +47,7 @@ def convert(src, out, *extra) -> int:
 
 
 @pytest.mark.parametrize("strategy", ["high", "low", "uniform", "2-norm"])
-@pytest.mark.parametrize("svd", ["joint", "split", "whitened"])
+@pytest.mark.parametrize("svd", ["joint", "split", "whitened", "output-aware"])
 def test_every_strategy_and_svd_gives_a_loadable_checkpoint(source_dir, tmp_path, strategy, svd):
     out = tmp_path / "mla"
     calib = ["--calib-text", str(DATA / "calib.txt"), "--calib-tokens", "512"] if strategy == "2-norm" else []

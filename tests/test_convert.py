@@ -107,6 +107,52 @@ def test_whitened_svd_minimises_output_error_on_the_calibration_inputs():
     assert ((w - up_w @ down_w) @ chol).norm() == pytest.approx(float(tail), rel=1e-6)
 
 
+def test_row_weighted_svd_minimises_the_weighted_error_and_returns_factors_of_w():
+    """output-aware's factorisation: the best rank-r W' under ||R (W - W') L|| (the tail singular values of
+    R W L), better there than the whitened SVD's, and up @ down approximates W itself (R undone)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 32, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 32, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 32, dtype=torch.float64)
+    moment = x.T @ x / len(x)
+    a = torch.randn(40, 40, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+    r, r_inv = lowrank.psd_root(a @ a.T + 1e-3 * torch.eye(40, dtype=torch.float64))
+    assert torch.allclose(r @ r_inv, torch.eye(40, dtype=torch.float64), atol=1e-8)
+    up, down, _ = lowrank.factorize(w, moment, (r, r_inv)).truncate(8)
+    up_w, down_w, _ = lowrank.whitened(w, 8, moment)
+    chol = torch.linalg.cholesky(moment + 1e-6 * moment.diagonal().mean() * torch.eye(32, dtype=torch.float64))
+    err = lambda up, down: (r @ (w - up @ down) @ chol).norm()  # noqa: E731
+    assert float(err(up, down)) == pytest.approx(float(torch.linalg.svdvals(r @ w @ chol)[8:].norm()), rel=1e-6)
+    assert err(up, down) < 0.8 * err(up_w, down_w)
+    full_up, full_down, energy = lowrank.factorize(w, moment, (r, r_inv)).truncate(32)  # full rank: W exactly
+    assert torch.allclose(full_up @ full_down, w, atol=1e-8) and energy == pytest.approx(1.0)
+
+
+@torch.no_grad()
+def test_output_weights_scale_key_rows_and_weigh_value_rows_by_the_output_projection():
+    from mla_zoo.modeling.convert import KEY_ROW_SCALE, layer_kv_matrix, output_weights
+
+    src = tiny_source("llama-gqa")  # head_dim 16, 4 query heads on 2 KV heads, hidden 64
+    attn, d, nope = src.model.layers[0].self_attn, 16, 12
+    pairs = [[0, 1], [2, 3]]  # R = 2 pairs per KV head
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    moment = x.T @ x / len(x)
+    r, r_inv = output_weights(attn, pairs, moment)
+    rows = 2 * (nope + d)
+    assert r.shape == (rows, rows) and torch.allclose(r @ r_inv, torch.eye(rows, dtype=torch.float64), atol=1e-8)
+    w = layer_kv_matrix(attn, pairs, d)
+    wo = attn.o_proj.weight.double()
+    for kv in range(2):
+        k0, v0 = kv * (nope + d), kv * (nope + d) + nope
+        assert torch.allclose(r[k0:v0, k0:v0], KEY_ROW_SCALE * torch.eye(nope, dtype=torch.float64))
+        r_v = r[v0 : v0 + d, v0 : v0 + d]
+        m = sum(wo[:, h * d : (h + 1) * d].T @ wo[:, h * d : (h + 1) * d] for h in (2 * kv, 2 * kv + 1))
+        ratio = (r_v.T @ r_v) / m  # R_v^T R_v = c M: the group's output projection, up to one scale
+        assert torch.allclose(ratio, ratio.mean().expand_as(ratio), rtol=1e-6)
+        w_v = w[v0 : v0 + d]
+        assert float((r_v @ w_v @ moment * (r_v @ w_v)).sum()) == pytest.approx(float((w_v @ moment * w_v).sum()))
+    assert r[: nope + d, nope + d :].abs().max() == 0  # one block per KV head
+
+
 def test_split_svd_keeps_keys_and_values_on_separate_latents():
     n_kv, nope, v = 2, 6, 8
     w = _stacked(rows=n_kv * (nope + v))
