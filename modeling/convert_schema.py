@@ -27,9 +27,10 @@ class ConvertSettings(Settings):
                                                               "(default head_dim/2)")
     rope_pairs: int | None = setting(None, min=1, help="RoPE frequency pairs kept per head, R (default head_dim/16)")
     rope_strategy: str = setting("2-norm", choices=partial_rope.STRATEGIES, help="which RoPE pairs each head keeps")
-    svd: str = setting("whitened", choices=SVD_METHODS,
-                       help="low-rank method: whitened = activation-aware joint SVD (default), output-aware = whitened "
-                            "with value rows weighted by the output projection that reads them, joint, split")
+    svd: str = setting("output-aware", choices=SVD_METHODS,
+                       help="low-rank method: output-aware (default) = whitened, with each KV head's value rows "
+                            "weighted by the output projection that reads them; whitened = activation-aware joint "
+                            "SVD; joint; split")
     calib_text: str | None = setting(None, path="file-or-dir",
                                      help="calibration data (2-norm, whitened): a UTF-8 text, or a directory written "
                                           "by `mla-zoo synth-data` (the teacher's own mixed samples: data-free, and "
