@@ -70,7 +70,7 @@ def resolve_settings(settings: ConvertSettings, config) -> ConvertSettings:
         s.calib_tokens = 4096 if s.calib_text else 1024
     if s.rank_allocation == "energy" and s.svd == "split":
         raise ConversionError("`rank_allocation` energy reads the spectrum of the joint factorisation: use `svd` "
-                              "whitened or joint")
+                              "output-aware, whitened or joint")
     return s
 
 
@@ -142,7 +142,8 @@ def output_weights(attn, layer_pairs: list[list[int]], second_moment: torch.Tens
     scaled to keep the block's whitened energy (so only the directions inside it are reweighted). The NoPE key
     rows are scaled by KEY_ROW_SCALE: at equal energy (the whitened SVD) keys took latent dims that the values
     needed more. (SmolLM2-135M, d_kv=32, fiction calibration, one-shot perplexity: the key block's share chosen
-    on code, technical and fiction among 1/30..4, a query-weighted key block was no better; bench/RESULTS.md.)"""
+    on code, technical and fiction among 1/30..4; weighting the key block by the queries too traded fiction for
+    code; bench/RESULTS.md.)"""
     d, n_kv = head_dim_of(attn.config), attn.config.num_key_value_heads
     g = attn.config.num_attention_heads // n_kv
     c, wv, wo = second_moment.double(), attn.v_proj.weight.double(), attn.o_proj.weight.double()

@@ -32,10 +32,10 @@ class ConvertSettings(Settings):
                             "weighted by the output projection that reads them; whitened = activation-aware joint "
                             "SVD; joint; split")
     calib_text: str | None = setting(None, path="file-or-dir",
-                                     help="calibration data (2-norm, whitened): a UTF-8 text, or a directory written "
-                                          "by `mla-zoo synth-data` (the teacher's own mixed samples: data-free, and "
-                                          "closer to every domain than one text); default: a few of the model's own "
-                                          "samples")
+                                     help="calibration data (2-norm, whitened, output-aware): a UTF-8 text, or a "
+                                          "directory written by `mla-zoo synth-data` (the teacher's own mixed "
+                                          "samples: data-free, and closer to every domain than one text); default: a "
+                                          "few of the model's own samples")
     calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of `calib_text`, "
                                                          "1024 self-sampled)")
     calib_seq_len: int = setting(512, min=2, help="calibration row length")
