@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from mla_zoo.modeling.common import RecipeError
+from mla_zoo.modeling.convert_schema import ConvertSettings
 from mla_zoo.zoo.release.recipe import load_recipe, parse_recipe, semver_key, shipped_recipes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_paths_are_relative_to_the_recipe_file(recipe_dir: Path, monkeypatch: py
     assert recipe.eval.text == str(recipe_dir / "texts" / "heldout.txt")
     assert recipe.conversion.calib_text == str(recipe_dir / "texts" / "calib.txt")
     assert recipe.conversion.kv_rank_per_head == 32
-    assert recipe.conversion.svd == "whitened"  # the converter's own default: one schema
+    assert recipe.conversion.svd == ConvertSettings().svd == "output-aware"  # the converter's own default: one schema
     assert recipe.finetune is None and recipe.enabled == ()  # optional, off by default
     assert recipe.gates.max_perplexity_increase == 0.5 and recipe.gates.max_perplexity is None
 
