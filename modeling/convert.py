@@ -156,7 +156,8 @@ def output_weights(attn, layer_pairs: list[list[int]], second_moment: torch.Tens
         m = torch.einsum("ogi,ogj->ij", wo_group, wo_group)  # sum_h W_o,h^T W_o,h: [d, d]
         root, inverse = lowrank.psd_root(m)
         w_v = wv[kv * d : (kv + 1) * d]  # [d, hidden]
-        keep = ((w_v @ c * w_v).sum() / ((root @ w_v) @ c * (root @ w_v)).sum()).sqrt()  # energy before / after
+        weighted = root @ w_v  # [d, hidden]
+        keep = ((w_v @ c * w_v).sum() / (weighted @ c * weighted).sum()).sqrt()  # whitened energy before / after
         blocks.append(root * keep)
         inverses.append(inverse / keep)
     return torch.block_diag(*blocks), torch.block_diag(*inverses)
