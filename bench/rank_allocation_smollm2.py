@@ -31,7 +31,7 @@ def main() -> None:
     cfg = model.config
     s = resolve_settings(ConvertSettings(kv_rank_per_head=32, rope_pairs=4, rope_strategy="2-norm", svd="whitened",
                                          calib_text=str(ROOT / "data/calib.txt"), calib_tokens=4096), cfg)
-    stats, _ = calibrate(model, tokenizer, s)  # the pairs and moments do not depend on the rank
+    _, stats, _ = calibrate(model, tokenizer, s)  # the pairs and moments do not depend on the rank
     d = head_dim_of(cfg)
     pairs = partial_rope.select_pairs(s.rope_strategy, cfg.num_hidden_layers, cfg.num_key_value_heads, d,
                                       s.rope_pairs, stats.pair_norms())

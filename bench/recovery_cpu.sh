@@ -11,6 +11,7 @@
 #   MIX=chat=0.4+bos=0.2+text=0.4 CALIB=synth ...  # another synth-data mix: *_synthcalib_<mix>.json
 #   (CALIB=fiction, the default, calibrates on data/calib.txt)
 #   SVD=output-aware ...                       # another --svd (default whitened): *_output_aware.json
+#   REFIT=output ...                           # the output refit after the SVD (default none): *_refit.json
 #
 # Writes bench/results/recovery/. MAX_TOKENS (8192) per domain; on 2 cores 7-30 minutes per setting (by load) for the
 # domains only (CHAT=0), 75 minutes with the chat and behaviour generations (d_kv=32, a loaded machine).
@@ -24,6 +25,8 @@ SUFFIX=$([ "$ALLOC" = uniform ] || echo "_$ALLOC")
 [ "$CALIB_TOKENS" = 4096 ] || SUFFIX="${SUFFIX}_calib$CALIB_TOKENS"
 SVD=${SVD:-whitened}
 [ "$SVD" = whitened ] || SUFFIX="${SUFFIX}_${SVD//-/_}"
+REFIT=${REFIT:-none}
+[ "$REFIT" = none ] || SUFFIX="${SUFFIX}_refit"
 mkdir -p "$OUT" "$TMP"
 calib=data/calib.txt
 if [ "${CALIB:-fiction}" = synth ]; then
@@ -35,7 +38,7 @@ if [ "${CALIB:-fiction}" = synth ]; then
 fi
 for d in ${DKVS:-32 8}; do
   mla-zoo convert smollm2-135m -o "$TMP/dkv$d$SUFFIX" --kv-rank-per-head "$d" --rope-pairs 4 --rope-strategy 2-norm \
-    --svd "$SVD" --calib-text "$calib" --calib-tokens "$CALIB_TOKENS" --dtype float32 --rank-allocation "$ALLOC" \
+    --svd "$SVD" --refit "$REFIT" --calib-text "$calib" --calib-tokens "$CALIB_TOKENS" --dtype float32 --rank-allocation "$ALLOC" \
     --overwrite --json > "$TMP/convert$d$SUFFIX.json"
   mla-zoo eval "$TMP/dkv$d$SUFFIX" --teacher smollm2-135m --suite --max-tokens "${MAX_TOKENS:-8192}" \
     --chat-new-tokens "${CHAT:-96}" --behaviour-new-tokens "${BEHAVIOUR:-${CHAT:-48}}" --json \

@@ -6,6 +6,8 @@ Per attention layer (Ji et al. 2025, arXiv 2502.14837):
    [rope pairs' first halves | their second halves | NoPE dims], the layout the model file uses.
 2. low rank: the NoPE key rows and all value rows, stacked per KV head, are factorised into one
    shared latent (`lowrank`): down-projection -> `kv_a_proj` (cached), up -> `kv_b_proj`.
+3. output refit (`refit`, not in the paper): each layer's `o_proj` re-solved by ridge least squares so the
+   converted block reproduces the source block's output on the calibration tokens, layer by layer.
 Everything else (embeddings, MLPs, norms, LM head) is copied unchanged.
 
 `convert_model` works in memory and returns the model with its `ConversionReport`;
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import calibration, lowrank, partial_rope, rank_allocation
+from . import calibration, lowrank, partial_rope, rank_allocation, refit
 from .common import ConversionError, atomic_directory, check_output_dir, progress_bar, read_text
 from .convert_schema import DTYPES, CalibrationSource, ConversionReport, ConvertSettings, KVCacheSize
 from .remote import REMOTE_CODE_DIR, REMOTE_CODE_FILES
@@ -249,11 +251,12 @@ def tokenizer_needed(field: str) -> ConversionError:
 
 
 def calibrate(model, tokenizer, s: ConvertSettings):
-    """Calibration statistics when the settings need them, and where they came from."""
+    """(calibration rows [n, seq_len], their statistics, where they came from) when the settings need them;
+    (None, None, None) when none does. The statistics are None when only the refit reads the rows."""
     need_norms = s.rope_strategy == "2-norm"
     need_moments = s.svd in ACTIVATION_AWARE
-    if not (need_norms or need_moments):
-        return None, None
+    if not (need_norms or need_moments or s.refit != "none"):
+        return None, None, None
     if s.calib_text and Path(s.calib_text).is_dir():  # token ids: no tokenizer needed
         rows = calibration.synth_rows(s.calib_text, s.calib_tokens, s.calib_seq_len, model.config.vocab_size)
         kind = "synth-data"
@@ -271,8 +274,8 @@ def calibrate(model, tokenizer, s: ConvertSettings):
     else:
         rows = calibration.self_samples(model, tokenizer, s.calib_tokens, min(s.calib_seq_len, 128), s.seed)
         kind, file, note = "self-samples", None, "data-free: no `calib_text`, the model's own samples were used"
-    stats = calibration.collect_stats(model, rows, want_moments=need_moments)
-    return stats, CalibrationSource(kind, stats.tokens, file, note)
+    stats = calibration.collect_stats(model, rows, want_moments=need_moments) if need_norms or need_moments else None
+    return rows, stats, CalibrationSource(kind, rows.numel(), file, note)
 
 
 def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSettings, progress: bool = True):
@@ -287,7 +290,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
         sliding = None
     s = resolve_settings(settings, src_cfg)
     torch.manual_seed(s.seed)
-    stats, calib_source = calibrate(model, tokenizer, s)
+    rows, stats, calib_source = calibrate(model, tokenizer, s)
     d = head_dim_of(src_cfg)
     pairs = partial_rope.select_pairs(
         s.rope_strategy, src_cfg.num_hidden_layers, src_cfg.num_key_value_heads, d, s.rope_pairs,
@@ -305,6 +308,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     layers = zip(model.model.layers, mla.model.layers, latents, strict=True)
     for i, (src_layer, dst_layer, latent) in enumerate(layers):
         convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], latent)
+    refits = refit.refit_outputs(model, mla, rows, progress=progress) if s.refit == "output" else None
     energies = [energy for _, _, energy in latents]
     out_dtype = TORCH_DTYPES[s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg)]
     mla = mla.to(out_dtype)
@@ -321,6 +325,7 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
         ),
         svd_retained_energy=energies,
         kv_lora_ranks=ranks,
+        output_refit=refits,
         rope_pairs=pairs,
         calibration=calib_source,
         source=source_info,

@@ -14,6 +14,7 @@ from .sources import SourceInfo
 
 DTYPES = ("float32", "bfloat16", "float16")  # of the written weights: names of torch dtypes
 SVD_METHODS = ("joint", "split", "whitened", "output-aware")  # lowrank; output-aware: convert.output_weights
+REFITS = ("output", "none")  # refit: output = every o_proj re-solved against the source's attention outputs
 
 
 @dataclass
@@ -31,9 +32,13 @@ class ConvertSettings(Settings):
                        help="low-rank method: output-aware (default) = whitened, with each KV head's value rows "
                             "weighted by the output projection that reads them; whitened = activation-aware joint "
                             "SVD; joint; split")
+    refit: str = setting("output", choices=REFITS,
+                         help="after the SVD: output (default) = each layer's output projection re-solved by ridge "
+                              "least squares to reproduce the source's attention outputs on the calibration tokens, "
+                              "layer by layer on the converted model's own inputs; none = the source's")
     calib_text: str | None = setting(None, path="file-or-dir",
-                                     help="calibration data (2-norm, whitened, output-aware): a UTF-8 text, or a "
-                                          "directory written by `mla-zoo synth-data` (the teacher's own mixed "
+                                     help="calibration data (2-norm, whitened, output-aware, refit): a UTF-8 text, "
+                                          "or a directory written by `mla-zoo synth-data` (the teacher's own mixed "
                                           "samples: data-free, and closer to every domain than one text); default: a "
                                           "few of the model's own samples")
     calib_tokens: int | None = setting(None, min=1, help="calibration tokens (default 4096 of `calib_text`, "
@@ -75,6 +80,14 @@ class CalibrationSource:
 
 
 @dataclass
+class LayerRefit:
+    """One layer's output refit (`refit`): ||W_o X - Y||^2 / ||Y||^2 on the calibration tokens, before and after."""
+
+    error_before: float
+    error_after: float
+
+
+@dataclass
 class OneShotPerplexity:
     """Perplexity before and after conversion, without fine-tuning (`mla-zoo convert --eval-text`)."""
 
@@ -89,7 +102,7 @@ class OneShotPerplexity:
 class ConversionReport(Report):
     """conversion.json: what was converted, how, and what it saves."""
 
-    SCHEMA_VERSION = 2
+    SCHEMA_VERSION = 3  # 2: kv_lora_rank alone; 3: refit
     FILE = "conversion.json"
 
     settings: ConvertSettings  # resolved: every default filled in from the source's shape
@@ -103,13 +116,22 @@ class ConversionReport(Report):
     warnings: list[str] = field(default_factory=list)
     one_shot: OneShotPerplexity | None = None
     kv_lora_ranks: list[int] | None = None  # per layer, when `rank_allocation` is not uniform
+    output_refit: list[LayerRefit] | None = None  # per layer, when `refit` is output
+
+    def mean_refit_errors(self) -> tuple[float, float]:
+        """The output refit's relative output errors, means over layers: (before, after)."""
+        n = len(self.output_refit)
+        return (sum(r.error_before for r in self.output_refit) / n, sum(r.error_after for r in self.output_refit) / n)
 
     @classmethod
     def upgrade(cls, data: dict, version: int) -> dict:
-        """Version 1 (unversioned) stored the rank twice, as kv_rank and kv_lora_rank."""
+        """Version 1 (unversioned) stored the rank twice, as kv_rank and kv_lora_rank; versions before 3 had no
+        refit (the output projections are the source's)."""
         settings = dict(data["settings"])
-        settings["kv_lora_rank"] = settings.pop("kv_rank", settings.get("kv_lora_rank"))
-        per_head = settings.get("kv_rank_per_head")
-        if isinstance(per_head, float):  # the rank was not a multiple of the KV heads
-            settings["kv_rank_per_head"] = int(per_head) if per_head.is_integer() else None
+        if version < 2:
+            settings["kv_lora_rank"] = settings.pop("kv_rank", settings.get("kv_lora_rank"))
+            per_head = settings.get("kv_rank_per_head")
+            if isinstance(per_head, float):  # the rank was not a multiple of the KV heads
+                settings["kv_rank_per_head"] = int(per_head) if per_head.is_integer() else None
+        settings.setdefault("refit", "none")
         return {**data, "settings": settings}

@@ -89,8 +89,11 @@ def format_report(report: ConversionReport) -> str:
         f"({s.dtype}, all layers): -{100 * kv.reduction:.2f}%",
         f"SVD energy kept mean {sum(energy) / len(energy):.4f}, "
         f"min {min(energy):.4f} (layer {energy.index(min(energy))})",
-        f"time            {report.seconds:.1f} s",
     ]
+    if report.output_refit:
+        before, after = report.mean_refit_errors()
+        lines.append(f"output refit    relative output error per layer, mean {before:.3f} -> {after:.3f}")
+    lines.append(f"time            {report.seconds:.1f} s")
     if report.one_shot is not None:
         o = report.one_shot
         lines.append(f"perplexity      {o.perplexity_before:.3f} -> {o.perplexity_after:.3f} on {o.text} "

@@ -308,6 +308,14 @@ def _limitations(conversion: ConversionReport, finetune: dict | None, metrics: E
     return "\n".join(lines)
 
 
+def _refit_text(conversion: ConversionReport) -> str:
+    if not conversion.output_refit:
+        return "the source's"
+    before, after = conversion.mean_refit_errors()
+    return (f"re-solved on the calibration tokens to reproduce the source's attention outputs (relative output "
+            f"error per layer, mean: {before:.3f} -> {after:.3f})")
+
+
 def _details(conversion: ConversionReport, calib_data: str | None) -> str:
     s, energy = conversion.settings, conversion.svd_retained_energy
     calib = conversion.calibration
@@ -322,6 +330,7 @@ def _details(conversion: ConversionReport, calib_data: str | None) -> str:
         f"- partial RoPE: {s.rope_pairs} frequency pairs kept per head, strategy `{s.rope_strategy}`",
         f"- low rank: `kv_lora_rank` {s.kv_lora_rank} ({s.kv_rank_per_head} per KV head), SVD `{s.svd}`; "
         f"energy kept per layer: mean {sum(energy) / len(energy):.4f}, min {min(energy):.4f}",
+        f"- output projections: {_refit_text(conversion)}",
         f"- calibration: {calib_text}",
         f"- dtype: {s.dtype}; `conversion.json` in this repo has every detail.",
     ])
