@@ -17,6 +17,8 @@
 #   variants (the quick recipe with other fine-tuning flags, on quick's data and conversion; ~4.5 min each on an
 #   H100; the learning rates of 2026-12-07 ran as VARIANTS="--lr=1e-3 --lr=3e-3"):
 #                                cmd: bash bench/recovery_gpu.sh quick variants  (default: --compile; --trainable=attention ran 2026-12-07)
+#                                (the layer-wise stage on the student's own inputs, CPU proxy 2026-12-08:
+#                                 VARIANTS=--layerwise-inputs=student, with SVD=output-aware REFIT=output)
 #                                (or `data variants`: quick's sample and conversion without quick's own fine-tuning)
 #   last:                        cmd: bash bench/recovery_gpu.sh plots
 #

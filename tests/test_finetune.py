@@ -170,6 +170,30 @@ def test_layerwise_loss_decreases_for_a_lossy_conversion():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_layerwise_on_student_inputs_is_the_stage_fed_the_students_own_hidden_states():
+    """inputs "student" equals the teacher-input stage fed the hidden states of an ordinary student forward
+    (detached): the same loss and the same gradients for every block; the MLPs, run without grad, get none."""
+    teacher = peaked_source()
+    student, _ = convert_tiny(teacher, rope_pairs=1, kv_lora_rank=8)
+    ids = torch.randint(3, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    inputs, targets = teacher_layer_io(teacher, ids)
+    with torch.no_grad():
+        hidden = student(ids, output_hidden_states=True).hidden_states[:-1]  # layer l's input, l < n_layers
+    assert not torch.allclose(hidden[1], inputs[1], atol=1e-3)  # lossy: the two trajectories part
+    attn = [p for layer in student.model.layers for p in layer.self_attn.parameters()]
+    loss, parts = LayerwiseStudent(student, "student")(inputs, targets)
+    grads = torch.autograd.grad(loss, attn)
+    want, want_parts = LayerwiseStudent(student)(list(hidden), targets)
+    want_grads = torch.autograd.grad(want, attn)
+    assert torch.allclose(loss, want, rtol=1e-5) and torch.allclose(parts["per_layer"], want_parts["per_layer"],
+                                                                    rtol=1e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-7)
+    loss, _ = LayerwiseStudent(student, "student")(inputs, targets)
+    loss.backward()
+    assert all(p.grad is None for layer in student.model.layers for p in layer.mlp.parameters())
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------

@@ -279,17 +279,23 @@ def teacher_layer_io(teacher, input_ids: torch.Tensor, attention_mask: torch.Ten
 class LayerwiseStudent(nn.Module):
     """The student's attention blocks (and their input norms) as one module for the layer-wise stage.
 
-    Its forward runs every block on the teacher's layer inputs and returns the normalised loss,
-    so under DDP the whole stage is one ordinary wrapped forward. The submodules are the
-    student's own (shared, not copied): training this trains the student.
+    Its forward runs every block on its layer's input and returns the normalised loss against the teacher's
+    attention outputs, so under DDP the whole stage is one ordinary wrapped forward. The inputs are the teacher's
+    hidden states (`inputs` "teacher") or the student's own (`inputs` "student": what its earlier layers make of the
+    embeddings, detached). The submodules are the student's own (shared, not copied): training this trains the
+    student.
     """
 
-    def __init__(self, student):
+    def __init__(self, student, inputs: str = "teacher"):
         super().__init__()
         base = student.model
         self.attn = nn.ModuleList(layer.self_attn for layer in base.layers)
         self.norms = nn.ModuleList(layer.input_layernorm for layer in base.layers)
         self.rotary = base.rotary_emb
+        # inputs "student": block l reads the student's own hidden state after layers < l (run without grad, so
+        # each block still trains alone), as the output refit does (modeling/refit.py). A tuple, not a ModuleList:
+        # the MLPs are not the stage's parameters.
+        self.trunk = tuple(base.layers) if inputs == "student" else ()
 
     def forward(self, inputs: list, targets: list, attention_mask: torch.Tensor | None = None):
         b, s = inputs[0].shape[:2]
@@ -297,9 +303,17 @@ class LayerwiseStudent(nn.Module):
         cos_sin = self.rotary(inputs[0], position_ids)
         mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         outputs = []
-        for attn, norm, h in zip(self.attn, self.norms, inputs, strict=True):
-            out = attn(norm(h), cos_sin, mask)
-            outputs.append(out[0] if isinstance(out, tuple) else out)  # the remote code v2 returns (output, weights)
+        h = inputs[0]  # the embeddings: the same for both models (the layer-wise stage does not train them)
+        for i, (attn, norm) in enumerate(zip(self.attn, self.norms, strict=True)):
+            x = h if self.trunk else inputs[i]  # [B, S, hidden]
+            out = attn(norm(x), cos_sin, mask)
+            out = out[0] if isinstance(out, tuple) else out  # the remote code v2 returns (output, weights)
+            outputs.append(out)
+            if self.trunk:
+                with torch.no_grad():  # the next block's input, the rest of this decoder layer
+                    layer = self.trunk[i]
+                    h = x + out
+                    h = h + layer.mlp(layer.post_attention_layernorm(h))
         return layerwise_loss(outputs, targets, mask)
 
 

@@ -300,7 +300,7 @@ def train_stage(r: FinetuneRun, stage: str, callbacks: list) -> StageResult:
     student = r.student
     s = ready_student(student, r.settings, stage, r.state.device)
     if stage == "layerwise":
-        model, trainer_cls, grad_ckpt = LayerwiseStudent(student), LayerwiseTrainer, False
+        model, trainer_cls, grad_ckpt = LayerwiseStudent(student, s.layerwise_inputs), LayerwiseTrainer, False
         lr = s.layerwise_lr or s.learning_rate
     else:
         model, trainer_cls, lr, grad_ckpt = student, GlobalTrainer, s.learning_rate, s.gradient_checkpointing

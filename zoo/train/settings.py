@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mla_zoo.modeling.common import SettingsError
 from mla_zoo.modeling.schema import Settings, setting
 
+LAYERWISE_INPUTS = ("teacher", "student")  # distill.LayerwiseStudent
 STAGES = ("layerwise", "global")  # in the order they run: layer-wise first measured better (bench/RESULTS.md)
 # torch.compile of the global stage: ~90 s up front for 110k -> 184k tokens/s with the compiled KL chunk (H100,
 # bench/RESULTS.md, 2026-12-07), so it pays from 90 / (1/110k - 1/184k) = 25M tokens on (32M with the eager loss's
@@ -39,6 +40,10 @@ class FinetuneSettings(Settings):
                                       help="comma-separated: layerwise,global (layer-wise runs first) or one alone")
     layerwise_steps: int | None = setting(None, min=1, help="default: 10%% of the global stage (all steps when alone)")
     layerwise_lr: float | None = setting(None, gt=0, help="default: learning_rate")
+    layerwise_inputs: str = setting("teacher", choices=LAYERWISE_INPUTS,
+                                    help="the layer-wise stage's block inputs: teacher = the original's hidden states "
+                                         "(every block alone); student = the student's own earlier layers' (detached; "
+                                         "the output refit's objective, one more no-grad forward a step)")
     trainable: str = setting("all", choices=("all", "attention"),
                              help="what the global stage trains: every weight, or the attention blocks alone (what "
                                   "the conversion changed; embeddings, MLPs, norms and head stay the teacher's)")
