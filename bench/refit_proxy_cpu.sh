@@ -2,9 +2,11 @@
 # Does the output refit's better start survive training? A 2-core proxy: the output-aware d_kv=32 conversion with
 # --refit none and output, both calibrated on bench/svd_layerwise_cpu.sh's 16k-token own-sample set, each trained by
 # the layer-wise stage (30 steps of 4 x 512 tokens of that set, lr 1e-3) and then the global stage (40 steps, lr 3e-4),
-# with the suite's five domains on 2,048 tokens each after each stage. ~45 min on 2 cores.
+# with the suite's five domains on 2,048 tokens each after each stage; then the refit start's layer-wise stage again
+# with --layerwise-inputs student. ~55 min on 2 cores.
 #
-#   bash bench/refit_proxy_cpu.sh   # bench/results/recovery/refit_{layerwise,proxy}_cpu_{none,output}.json
+#   bash bench/refit_proxy_cpu.sh   # bench/results/recovery/refit_{layerwise,proxy}_cpu_{none,output}.json,
+#                                   # refit_layerwise_student_inputs_cpu_output.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=bench/results/recovery
@@ -28,3 +30,7 @@ for refit in none output; do
     --overwrite > "$TMP/refit-$refit-global.log" 2>&1
   suite "$TMP/refit-$refit-global" "$OUT/refit_proxy_cpu_$refit.json"
 done
+mla-zoo finetune "$TMP/refit-output" -o "$TMP/refit-output-lw-student" --teacher smollm2-135m --data "$DATA" \
+  --seq-len 512 --batch-size 4 --stages layerwise --layerwise-steps 30 --layerwise-lr 1e-3 --layerwise-inputs student \
+  --save-steps 1000 --no-progress --overwrite > "$TMP/refit-output-lw-student.log" 2>&1
+suite "$TMP/refit-output-lw-student" "$OUT/refit_layerwise_student_inputs_cpu_output.json"
