@@ -308,7 +308,12 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     layers = zip(model.model.layers, mla.model.layers, latents, strict=True)
     for i, (src_layer, dst_layer, latent) in enumerate(layers):
         convert_layer(src_layer.self_attn, dst_layer.self_attn, pairs[i], latent)
-    refits = refit.refit_outputs(model, mla, rows, progress=progress) if s.refit == "output" else None
+    refits, refit_note = None, None
+    if s.refit == "output" and (need := refit.enough_tokens(mla, rows.numel())) is not None:
+        refit_note = (f"the output refit was skipped: {rows.numel()} calibration tokens, fewer than the {need} it "
+                      f"needs (fewer made the model worse): raise `calib_tokens`")
+    elif s.refit == "output":
+        refits = refit.refit_outputs(model, mla, rows, progress=progress)
     energies = [energy for _, _, energy in latents]
     out_dtype = TORCH_DTYPES[s.dtype if s.dtype != "auto" else source_info.dtype or source_dtype(src_cfg)]
     mla = mla.to(out_dtype)
@@ -335,6 +340,8 @@ def convert_model(model, tokenizer, source_info: SourceInfo, settings: ConvertSe
     if sliding:
         report.warnings.append(f"the source uses a {sliding}-token sliding window; the MLA model attends to the "
                                "whole context (identical up to that length)")
+    if refit_note:
+        report.warnings.append(refit_note)
     if calib_source is not None and calib_source.kind == "text" and calib_source.note:
         report.warnings.append(calib_source.note)
     if tokenizer is None:

@@ -29,6 +29,15 @@ from .common import progress_bar
 from .convert_schema import LayerRefit
 
 RIDGE = 0.3  # lam / mean(diag(X^T X)); SmolLM2-135M, d_kv=32: chosen on code, technical, fiction (bench/RESULTS.md)
+# the least calibration tokens per o_proj input: SmolLM2 (576 inputs) with 512 fiction tokens came out worse than no
+# refit (prose perplexity 284 -> 348, code 673 -> 1,073); with 2,048 and more it is better (tests/test_real_model.py)
+MIN_TOKENS_PER_INPUT = 2
+
+
+def enough_tokens(mla, tokens: int) -> int | None:
+    """None when `tokens` calibration tokens are enough to refit `mla`'s output projections, else how many are."""
+    need = MIN_TOKENS_PER_INPUT * max(layer.self_attn.o_proj.in_features for layer in mla.model.layers)
+    return None if tokens >= need else need
 
 
 class _Caught(Exception):

@@ -87,3 +87,16 @@ def test_reports_written_before_the_refit_read_as_none():
     report = ConversionReport.read(old)
     assert report.settings.refit == "none" and report.output_refit is None
     assert ConversionReport.from_json(report.to_json()) == report
+
+
+def test_too_few_calibration_tokens_skip_the_refit_with_a_warning():
+    """Fewer than MIN_TOKENS_PER_INPUT tokens per o_proj input made SmolLM2 worse: the converter keeps the source's
+    projection and says so."""
+    source = tiny_source("llama-gqa")
+    few = refit.MIN_TOKENS_PER_INPUT * source.model.layers[0].self_attn.o_proj.in_features - 32
+    mla, report = convert_tiny(source, rope_pairs=2, kv_rank_per_head=4, refit="output", calib_tokens=few,
+                               calib_seq_len=32)  # self-samples: rows of 32 tokens, `few` in all
+    assert report.calibration.tokens == few
+    assert report.output_refit is None and any("output refit was skipped" in w for w in report.warnings)
+    for src, dst in zip(source.model.layers, mla.model.layers, strict=True):
+        assert torch.equal(src.self_attn.o_proj.weight, dst.self_attn.o_proj.weight)
